@@ -1,0 +1,42 @@
+"""The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``.
+
+Each subcommand lives in :mod:`deepforcing_kernels.commands` as a module with ``add_parser(subparsers)`` and
+``run(args) -> int``, imported only when it runs, so ``deepforcing --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "demo": "a short tour: generation demo (or the op on each backend)",
+    "generate": "generate a long video's latents block by block",
+    "trace": "run the cache schedule alone and draw it",
+    "bench": "benchmark the op, the compression step and whole rollouts",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepforcing", description="Deep Forcing kernels and generation driver")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        mod = importlib.import_module(f"deepforcing_kernels.commands.{name}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Subcommands of the ``deepforcing`` command line; each module has ``add_arguments(parser)`` and ``run(args)``."""

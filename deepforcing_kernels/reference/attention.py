@@ -1,0 +1,101 @@
+"""Reference semantics of the fused op, in plain PyTorch (the oracle every backend is tested against).
+
+``sink_attention_reference`` takes arguments already validated and normalised by
+:func:`deepforcing_kernels.sink_attention` and returns ``(out, lse, mass)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..rope import RopeSpec
+from .rope import rephase
+
+# Query rows processed at once: bounds the fp32 score matrix at Q_CHUNK x Lk per head.
+Q_CHUNK = 1024
+
+
+def key_shifts(batch: int, lk: int, *, sink_len: int, sink_shift: int, key_shift: Optional[torch.Tensor],
+               device) -> Optional[torch.Tensor]:
+    """int64 ``[B, Lk]`` per-key temporal shift, or None when no key moves."""
+    if key_shift is not None:
+        return key_shift.to(device=device, dtype=torch.int64).expand(batch, lk)
+    if sink_len == 0 or sink_shift == 0:
+        return None
+    s = torch.zeros(batch, lk, dtype=torch.int64, device=device)
+    s[:, :sink_len] = sink_shift
+    return s
+
+
+def effective_keys(k: torch.Tensor, rope: Optional[RopeSpec], shifts: Optional[torch.Tensor]) -> torch.Tensor:
+    """Keys as attention sees them, in float32: re-phased by ``shifts`` where given."""
+    kf = k.float()
+    if shifts is None:
+        return kf
+    return rephase(kf, rope, shifts)
+
+
+def sink_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: Optional[RopeSpec], sink_len: int,
+    sink_shift: int, key_shift: Optional[torch.Tensor], softmax_scale: float, return_lse: bool,
+    return_mass: bool, mass_q_range: Tuple[int, int],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Attention over re-phased keys; maths in float32, output in ``q.dtype``.
+
+    Returns ``out [B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` (float32, natural log) or None, and
+    ``mass [B, Hkv, Lk]`` (float32) or None.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    shifts = key_shifts(B, Lk, sink_len=sink_len, sink_shift=sink_shift, key_shift=key_shift, device=k.device)
+    kf = effective_keys(k, rope, shifts).transpose(1, 2)  # [B, Hkv, Lk, D]
+    vf = v.float().transpose(1, 2)
+    qf = q.float().transpose(1, 2)  # [B, Hq, Lq, D]
+    out = torch.empty(B, Hq, Lq, D, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    mass = torch.zeros(B, Hkv, Lk, dtype=torch.float32, device=q.device) if return_mass else None
+    m0, m1 = mass_q_range
+    for g in range(Hkv):
+        heads = slice(g * group, (g + 1) * group)
+        kg, vg = kf[:, g, None], vf[:, g, None]  # [B, 1, Lk, D]
+        for s in range(0, Lq, Q_CHUNK):
+            e = min(Lq, s + Q_CHUNK)
+            scores = torch.matmul(qf[:, heads, s:e], kg.transpose(-1, -2)) * softmax_scale  # [B, G, c, Lk]
+            row_lse = torch.logsumexp(scores, dim=-1)
+            p = torch.exp(scores - row_lse[..., None])
+            out[:, heads, s:e] = torch.matmul(p, vg)
+            lse[:, heads, s:e] = row_lse
+            if mass is not None:
+                a, b = max(s, m0), min(e, m1)
+                if a < b:
+                    mass[:, g] += p[:, :, a - s:b - s].sum(dim=(1, 2))
+    return out.transpose(1, 2).to(q.dtype), (lse if return_lse else None), mass
+
+
+def release_logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The release's Participative Compression score: raw logits, no softmax.
+
+    ``score[b, j] = sum_h q_sum[b, h] . k[b, j, h // group]`` with ``q_sum = q_buffer.sum(tokens)``, computed in
+    float32. One score per token, shared by all heads.
+
+    Args:
+        q_buffer: recent queries ``[B, Lb, Hq, D]`` (already RoPE'd).
+        k: keys of the augmented cache ``[B, Lk, Hkv, D]`` (as stored: the release scores before re-phasing).
+
+    Returns:
+        float32 ``[B, Lk]``.
+    """
+    from .._checks import check_tensor
+
+    check_tensor("q_buffer", q_buffer, ndim=4)
+    check_tensor("k", k, ndim=4)
+    if q_buffer.shape[0] != k.shape[0] or q_buffer.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q_buffer {list(q_buffer.shape)} and k {list(k.shape)} disagree on batch or head_dim")
+    Hq, Hkv = q_buffer.shape[2], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"q_buffer heads ({Hq}) must be a multiple of k heads ({Hkv})")
+    q_sum = q_buffer.float().sum(dim=1)  # [B, Hq, D]
+    q_sum = q_sum.view(q_sum.shape[0], Hkv, Hq // Hkv, -1).sum(dim=2)  # heads of a group share their key
+    return torch.einsum("bhd,bjhd->bj", q_sum, k.float())
