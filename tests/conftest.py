@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def cpp_available() -> bool:
+    from deepforcing_kernels import available_backends
+
+    return "cpp" in available_backends("cpu")
+
+
+def require_cpp():
+    """Skip when the C++ kernel is not built, unless the run demands it (make test sets DEEPFORCING_REQUIRE_CPP=1,
+    so a broken build fails CI instead of silently skipping the fast backend)."""
+    if cpp_available():
+        return
+    if os.environ.get("DEEPFORCING_REQUIRE_CPP") == "1":
+        pytest.fail("the C++ extension is required (DEEPFORCING_REQUIRE_CPP=1) but is not built")
+    pytest.skip("C++ extension not built")
