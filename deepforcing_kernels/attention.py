@@ -125,8 +125,10 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
         if not (tuple(key_shift.shape) == (Lk,) or tuple(key_shift.shape) == (B, Lk)):
             raise ValueError(f"key_shift must have shape [{Lk}] or [{B}, {Lk}], got {list(key_shift.shape)}")
         key_shift = key_shift.to(torch.int64).expand(B, Lk).contiguous()
-        if rope is None and bool((key_shift != 0).any()):
-            raise ValueError("key_shift re-phases keys, so rope must be given")
+        if rope is None:
+            if bool((key_shift != 0).any()):
+                raise ValueError("key_shift re-phases keys, so rope must be given")
+            key_shift = None  # all zeros: nothing moves
     elif sink_len > 0 and sink_shift != 0 and rope is None:
         raise ValueError("sink_shift re-phases the sink keys, so rope must be given")
     elif sink_shift != 0 and rope is None:
