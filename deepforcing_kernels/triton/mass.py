@@ -1,0 +1,119 @@
+"""Per-key attention mass: the softmax probability each key receives, summed over a range of query rows and the
+query heads of its KV group. ``mass[b, g, j] = sum_{h in group g} sum_{i in [m0, m1)} P[b, h, i, j]``.
+
+Two-pass design. The forward kernel (:mod:`.attention`) stores the log-sum-exp of every query row; this kernel then
+recomputes ``P = exp(s - lse)`` tile by tile. One program owns one tile of keys of one (batch, KV head): it loads
+and re-phases its K tile once, loops over the query heads of the group and the query tiles of ``[m0, m1)``, and sums
+``P`` over the query axis in registers. Each key is written by exactly one program, in a fixed loop order: no
+atomics, bit-for-bit deterministic. Cost: one more ``Q K^T`` over the counted rows (``2 * Hq * (m1 - m0) * Lk * D``
+FLOPs), no ``P V``.
+
+Layout (FlagAttention style): the host function :func:`attention_mass`, its heuristic :func:`mass_config`, then the
+``@triton.jit`` kernel, which reuses the key loader of :mod:`.attention`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (FwdConfig, LOG2E, _dot_in_f32, _load_rotated_keys, _load_sink_angles, _scores,
+                        device_arch)
+
+
+def attention_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   stride_cb: int, stride_cn: int, *, mode: int, interleaved: bool, n_temporal: int, sink_len: int,
+                   softmax_scale: float, mass_q_range: Tuple[int, int],
+                   config: Optional[FwdConfig] = None) -> torch.Tensor:
+    """Attention mass ``[B, Hkv, Lk]`` (fp32) from the forward's natural-log ``lse [B, Hq, Lq]`` (contiguous).
+
+    ``cos, sin, stride_cb, stride_cn, mode`` are the re-phasing tables of
+    :func:`deepforcing_kernels.triton.attention.rephase_tables` (the same ones the forward used, so both passes
+    see identical keys). ``config`` defaults to :func:`mass_config`; its ``BLOCK_N`` is the key tile owned by one
+    program and ``BLOCK_M`` the query tile of the inner loop.
+    """
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    m0, m1 = mass_q_range
+    mass = torch.zeros((B, Hkv, Lk), dtype=torch.float32, device=q.device)
+    if m1 <= m0:
+        return mass
+    cfg = config if config is not None else mass_config(D, q.dtype, device_arch(q.device))
+    grid = (triton.cdiv(Lk, cfg.BLOCK_N), B * Hkv)
+    _mass_kernel[grid](
+        q, k, lse, mass, cos, sin,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        stride_cb, stride_cn,
+        Hq, Hkv, Hq // Hkv, Lq, Lk, m0, m1, sink_len, n_temporal, softmax_scale * LOG2E,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=D,
+        REPHASE=mode, INTERLEAVED=interleaved, SPLIT=q.dtype != torch.float32,
+        DOT_F32=_dot_in_f32(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return mass
+
+
+def mass_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
+    """Mass-kernel launch config for ``(head_dim, dtype, arch)`` (0: interpreter). Replaceable like
+    :func:`deepforcing_kernels.triton.attention.fwd_config`. The K tile stays resident; the Q tile streams."""
+    if arch == 0:
+        return FwdConfig(32, 32, 4, 1)
+    if dtype == torch.float32:
+        return FwdConfig(32, 64, 4, 2)
+    if head_dim <= 64:
+        return FwdConfig(64, 128, 4, 3)
+    return FwdConfig(64, 128, 8, 3)
+
+
+@triton.jit
+def _mass_kernel(
+    Q, K, Lse, Mass, Cos, Sin,
+    stride_qb, stride_qm, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_cb, stride_cn,
+    Hq, Hkv, group, Lq, Lk, m0, m1, sink_len, n_temporal, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One program: ``BLOCK_N`` keys of one (batch, KV head); sums ``P`` over the group's heads and rows
+    ``[m0, m1)``."""
+    pid_n = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    b = (pid_bg // Hkv).to(tl.int64)
+    g = pid_bg % Hkv
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_mask = offs_n < Lk
+
+    K += b * stride_kb + g.to(tl.int64) * stride_kh
+    if REPHASE == 1:
+        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D)
+    else:
+        c_sink = tl.full([1, BLOCK_D // 2], 1.0, dtype=tl.float32)  # unused placeholders
+        s_sink = tl.zeros([1, BLOCK_D // 2], dtype=tl.float32)
+    # Loaded and re-phased once, reused for every query tile and head of the group.
+    k_hi, k_lo = _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin, c_sink, s_sink,
+                                    b * stride_cb, stride_cn, sink_len, n_temporal, BLOCK_N, BLOCK_D, REPHASE,
+                                    INTERLEAVED)
+
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for hh in range(0, group):
+        h = g * group + hh
+        Qh = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+        Lh = Lse + (b * Hq + h) * Lq
+        for start_m in range(m0, m1, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_mask = offs_m < m1
+            q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask[:, None],
+                        other=0.0)
+            # Rows outside [m0, m1) get lse = +inf, hence P = 0; no extra select needed.
+            lse = tl.load(Lh + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+            qk = _scores(q, k_hi, k_lo, REPHASE, SPLIT, DOT_F32) * qk_scale
+            p = tl.math.exp2(qk - lse[:, None])
+            acc += tl.sum(p, 0)
+    tl.store(Mass + pid_bg.to(tl.int64) * Lk + offs_n, acc, mask=n_mask)
