@@ -2,10 +2,23 @@
 #include <torch/extension.h>
 
 #include "../csrc/build_info.h"
+#include "../csrc/sink_attention_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deepforcing_kernels C++ kernels";
   m.def("version", &deepforcing::version, "version the extension was built as");
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");
+  m.def("sink_attention_fwd", &deepforcing::sink_attention_fwd,
+        "Fused sink attention forward on CPU: (out, lse, mass-or-empty). See csrc/sink_attention_cpu.h.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_shift"), py::arg("temporal_freqs"),
+        py::arg("interleaved"), py::arg("sink_len"), py::arg("sink_shift"), py::arg("softmax_scale"),
+        py::arg("return_mass"), py::arg("mass_start"), py::arg("mass_end"));
+  m.def("sink_rephase_keys", &deepforcing::sink_rephase_keys,
+        "Keys as the CPU kernel sees them (fp32, re-phased): a test hook for the re-phase step.", py::arg("k"),
+        py::arg("key_shift"), py::arg("temporal_freqs"), py::arg("interleaved"), py::arg("sink_len"),
+        py::arg("sink_shift"));
+  m.def("sink_attention_set_block_rows", &deepforcing::set_block_rows,
+        "Query rows per task of the CPU kernel (0 = automatic); for tuning and tests.", py::arg("rows"));
+  m.def("sink_attention_get_block_rows", &deepforcing::get_block_rows, "Current forced block rows (0 = automatic).");
 }

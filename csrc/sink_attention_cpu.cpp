@@ -1,0 +1,447 @@
+// CPU kernel of the fused op `sink_attention` (see sink_attention_cpu.h for the contract).
+//
+// Plan of one call:
+//   1. Keys that move (the sink, or every key when per-key shifts are given) are re-phased ONCE per call into an
+//      fp32 buffer [B, Hkv, R, D]: cos/sin of angles formed in fp64 and reduced mod 2*pi (SPEC section 7: fp32
+//      angles are off by |shift| * 1e-7 rad), rotation in fp32, spatial pairs copied. Keys that do not move are
+//      read in place (fp32 inputs) or from one fp32 conversion (bf16 / fp16 inputs).
+//   2. Tasks (batch, query head, block of query rows) run in parallel (at::parallel_for). A task computes the
+//      whole score block S = Q_blk K^T [rows, Lk] with single-threaded BLAS sgemm (two calls: re-phased rows and
+//      resting rows), so the softmax of each row is exact in one pass (max, exp2, sum) and the mass column sums
+//      read the same probabilities with no recomputation; then O = P V (sgemm) and O rows *= 1 / rowsum.
+//   3. Mass: each thread sums its probabilities into a private column vector for the KV head group it works on
+//      and adds it to the shared result under a mutex when the group changes (a few flushes per thread).
+//
+// bf16 / fp16 inputs are converted to fp32 once per call (q, k, v: O(L * D) work against O(Lq * Lk * D) GEMM
+// work) and run the same fp32 GEMMs, which on CPUs without AMX beat PyTorch's bf16 SDPA path.
+#include "sink_attention_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// Fortran BLAS sgemm, exported by libtorch_cpu when PyTorch is built with MKL (or linked to OpenBLAS). Weak, so
+// the extension still loads where it is missing; then gemm_f32 falls back to at::mm.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+
+namespace deepforcing {
+namespace {
+
+constexpr double kTwoPi = 6.283185307179586476925286766559;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+std::atomic<int64_t> g_block_rows{0};
+
+// ------------------------------------------------------------------------------------------------ GEMM
+// Row-major C[M, N] = alpha * A[M, K] . op(B) + beta * C, where op(B) = B^T for B stored [N, K] (trans_b) or
+// B for B stored [K, N]. Single-threaded when called inside at::parallel_for (BLAS sees a parallel region).
+bool blas_ok() {
+  // Checked once: a symbol named sgemm_ with an ILP64 or otherwise unexpected ABI must not be trusted blindly.
+  static const bool ok = [] {
+    if (sgemm_ == nullptr) return false;
+    const float a[6] = {1, 2, 3, 4, 5, 6};   // A [2, 3]
+    const float b[6] = {1, 0, 2, 1, 1, 3};   // B [2, 3] (used transposed)
+    float c[4] = {0, 0, 0, 0};
+    const int m = 2, n = 2, k = 3, lda = 3, ldb = 3, ldc = 2;
+    const float one = 1.f, zero = 0.f;
+    // Column-major view: C^T [N, M] = B [N, K] . A^T [K, M].
+    sgemm_("T", "N", &n, &m, &k, &one, b, &ldb, a, &lda, &zero, c, &ldc);
+    const float want[4] = {1 * 1 + 2 * 0 + 3 * 2, 1 * 1 + 2 * 1 + 3 * 3, 4 * 1 + 5 * 0 + 6 * 2,
+                           4 * 1 + 5 * 1 + 6 * 3};
+    for (int i = 0; i < 4; ++i)
+      if (c[i] != want[i]) return false;
+    return true;
+  }();
+  return ok;
+}
+
+void gemm_f32(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+              const float* B, int64_t ldb, float* C, int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (blas_ok() && std::max({M, N, K, lda, ldb, ldc}) < std::numeric_limits<int>::max()) {
+    // Column-major BLAS computes C^T [N, M] = op(B)^T-ish . A^T: swap operands instead of transposing data.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const float beta = 0.f;
+    sgemm_(trans_b ? "T" : "N", "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+    return;
+  }
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = at::from_blob(const_cast<float*>(A), {M, K}, {lda, 1}, opts);
+  at::Tensor b = trans_b ? at::from_blob(const_cast<float*>(B), {N, K}, {ldb, 1}, opts).t()
+                         : at::from_blob(const_cast<float*>(B), {K, N}, {ldb, 1}, opts);
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  c.copy_(at::mm(a, b).mul_(alpha));
+}
+
+// ------------------------------------------------------------------------------------------------ row maths
+#if defined(__AVX512F__)
+// 2^x for x <= 0 (scores minus their row max): x = n + f, f in [-0.5, 0.5], 2^f by its degree-7 Taylor
+// polynomial in f (truncation 5e-9, below fp32 rounding), scaled by 2^n with vscalefps (exact, denormals too).
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);            // ln2^7 / 7!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f));  // ln2^6 / 6!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));  // ln2^5 / 5!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));  // ln2^4 / 4!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));  // ln2^3 / 3!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));  // ln2^2 / 2!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));  // ln2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
+#endif
+
+// Row max of x[0, n).
+inline float row_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + j));
+  if (j < n) vm = _mm512_mask_max_ps(vm, tail_mask(n - j), vm, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+  m = _mm512_reduce_max_ps(vm);
+  j = n;
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = 2^(x[j] - m) in place; returns the sum.
+inline float exp2_sub_sum(float* x, int64_t n, float m) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  const __m512 vm = _mm512_set1_ps(m);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vm));
+    const __m512 e1 = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), vm));
+    _mm512_storeu_ps(x + j, e0);
+    _mm512_storeu_ps(x + j + 16, e1);
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
+    const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, x + j), vm));
+    _mm512_mask_storeu_ps(x + j, mk, e);
+    acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(mk, e));
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+  for (; j < n; ++j) {
+    x[j] = std::exp2(x[j] - m);
+    s += x[j];
+  }
+  return s;
+}
+
+// col[j] += sum_r w[r] * P[r, j] over `rows` rows of P (leading dimension ld); four rows per sweep so the column
+// vector is loaded and stored a quarter as often.
+void column_sums(float* col, const float* P, int64_t ld, const float* w, int64_t rows, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *p0 = P + r * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
+    const float w0 = w[r], w1 = w[r + 1], w2 = w[r + 2], w3 = w[r + 3];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col[j] += w0 * p0[j] + w1 * p1[j] + w2 * p2[j] + w3 * p3[j];
+  }
+  for (; r < rows; ++r) {
+    const float* p0 = P + r * ld;
+    const float w0 = w[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col[j] += w0 * p0[j];
+  }
+}
+
+template <typename T>
+inline float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// ------------------------------------------------------------------------------------------------ re-phase
+// cos/sin of shift * freqs[t], formed and reduced in fp64, stored as fp32 (c[t], s[t]).
+void phase_table(int64_t shift, const double* freqs, int64_t T, float* c, float* s) {
+  for (int64_t t = 0; t < T; ++t) {
+    const double a = std::fmod(static_cast<double>(shift) * freqs[t], kTwoPi);
+    c[t] = static_cast<float>(std::cos(a));
+    s[t] = static_cast<float>(std::sin(a));
+  }
+}
+
+// dst[0, D) = src converted to fp32, temporal pairs t < T rotated by (c[t], s[t]) in fp32.
+template <typename scalar_t>
+inline void rotate_row(const scalar_t* src, float* dst, int64_t D, int64_t T, bool interleaved, const float* c,
+                       const float* s) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]);
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t i0 = interleaved ? 2 * t : t;
+    const int64_t i1 = interleaved ? 2 * t + 1 : t + half;
+    const float re = dst[i0], im = dst[i1];
+    dst[i0] = re * c[t] - im * s[t];
+    dst[i1] = re * s[t] + im * c[t];
+  }
+}
+
+// Re-phased keys rows [0, R): krot [B, Hkv, R, D] fp32 from k [B, Lk, Hkv, D] (contiguous). Either one shift for
+// all rows (shifts == nullptr) or shifts[b * Lk + j].
+template <typename scalar_t>
+void rephase_rows(const scalar_t* k, float* krot, int64_t B, int64_t Lk, int64_t Hkv, int64_t D, int64_t R,
+                  const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T, bool interleaved) {
+  std::vector<float> c0(T), s0(T);
+  if (shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
+  at::parallel_for(0, B * R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(T), s(T);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / R, j = idx % R;
+      const float *cp = c0.data(), *sp = s0.data();
+      if (shifts != nullptr) {
+        phase_table(shifts[b * Lk + j], freqs, T, c.data(), s.data());
+        cp = c.data();
+        sp = s.data();
+      }
+      for (int64_t g = 0; g < Hkv; ++g) {
+        rotate_row(k + ((b * Lk + j) * Hkv + g) * D, krot + ((b * Hkv + g) * R + j) * D, D, T, interleaved, cp,
+                   sp);
+      }
+    }
+  });
+}
+
+struct KeyPlan {
+  at::Tensor krot;  // [B, Hkv, R, D] fp32 re-phased rows, or undefined when R == 0
+  at::Tensor kf;    // [B, Lk, Hkv, D] fp32 keys for rows [R, Lk) (undefined when R == Lk)
+  int64_t R = 0;
+};
+
+KeyPlan plan_keys(const at::Tensor& k, const c10::optional<at::Tensor>& key_shift,
+                  const c10::optional<at::Tensor>& temporal_freqs, bool interleaved, int64_t sink_len,
+                  int64_t sink_shift) {
+  const int64_t B = k.size(0), Lk = k.size(1), Hkv = k.size(2), D = k.size(3);
+  KeyPlan plan;
+  const bool per_key = key_shift.has_value() && key_shift->defined();
+  plan.R = per_key ? Lk : ((sink_len > 0 && sink_shift != 0) ? sink_len : 0);
+  if (plan.R > 0) {
+    TORCH_CHECK(temporal_freqs.has_value() && temporal_freqs->defined(),
+                "sink_attention_fwd: keys are re-phased but temporal_freqs is None");
+    const at::Tensor& fr = *temporal_freqs;
+    TORCH_CHECK(fr.dim() == 1 && fr.scalar_type() == at::kDouble && fr.device().is_cpu(),
+                "sink_attention_fwd: temporal_freqs must be a 1-D float64 CPU tensor, got ", fr.sizes(), " ",
+                fr.scalar_type());
+    TORCH_CHECK(fr.size(0) <= D / 2, "sink_attention_fwd: temporal_freqs has ", fr.size(0),
+                " pairs but head_dim ", D, " has only ", D / 2);
+    const at::Tensor freqs = fr.contiguous();
+    at::Tensor shifts;
+    if (per_key) {
+      shifts = *key_shift;
+      TORCH_CHECK(shifts.scalar_type() == at::kLong && shifts.dim() == 2 && shifts.size(0) == B &&
+                      shifts.size(1) == Lk && shifts.device().is_cpu(),
+                  "sink_attention_fwd: key_shift must be an int64 CPU tensor [B, Lk] = [", B, ", ", Lk, "], got ",
+                  shifts.sizes(), " ", shifts.scalar_type());
+      shifts = shifts.contiguous();
+    }
+    plan.krot = at::empty({B, Hkv, plan.R, D}, k.options().dtype(at::kFloat));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sink_rephase", [&] {
+      rephase_rows<scalar_t>(k.data_ptr<scalar_t>(), plan.krot.data_ptr<float>(), B, Lk, Hkv, D, plan.R,
+                             per_key ? shifts.data_ptr<int64_t>() : nullptr, sink_shift,
+                             freqs.data_ptr<double>(), freqs.size(0), interleaved);
+    });
+  }
+  if (plan.R < Lk) plan.kf = k.scalar_type() == at::kFloat ? k : k.to(at::kFloat);
+  return plan;
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "sink_attention_fwd: q, k, v must be 4-D [B, L, H, D], got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "sink_attention_fwd: q, k, v must be CPU tensors");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "sink_attention_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "sink_attention_fwd: q, k, v must share one dtype, got ",
+              dt, ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), "sink_attention_fwd: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "sink_attention_fwd: k [B, Lk, Hkv, D] disagrees with q on B or D: ", k.sizes(), " vs ", q.sizes());
+  TORCH_CHECK(q.size(1) >= 1 && k.size(1) >= 1, "sink_attention_fwd: need Lq >= 1 and Lk >= 1");
+  TORCH_CHECK(k.size(2) >= 1 && q.size(2) % k.size(2) == 0, "sink_attention_fwd: Hq (", q.size(2),
+              ") must be a positive multiple of Hkv (", k.size(2), ")");
+  TORCH_CHECK(q.size(3) >= 2 && q.size(3) % 2 == 0, "sink_attention_fwd: head_dim must be even, got ", q.size(3));
+}
+
+int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
+  const int64_t forced = g_block_rows.load();
+  if (forced > 0) return forced;
+  // Keep the fp32 score block within about 1 MiB (a core's L2 on current x86 parts) ...
+  int64_t rows = std::max<int64_t>(16, (int64_t(1) << 20) / (4 * Lk));
+  rows = std::min<int64_t>(rows, 64);
+  // ... and make enough tasks for every thread (at least 4 each) so the last wave is not half idle.
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  while (rows > 16 && B * Hq * ((Lq + rows - 1) / rows) < want) rows /= 2;
+  return std::min(rows, Lq);
+}
+
+}  // namespace
+
+void set_block_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "block rows must be >= 0 (0 = automatic)");
+  g_block_rows.store(rows);
+}
+
+int64_t get_block_rows() { return g_block_rows.load(); }
+
+at::Tensor sink_rephase_keys(const at::Tensor& k_in, const c10::optional<at::Tensor>& key_shift,
+                             const at::Tensor& temporal_freqs, bool interleaved, int64_t sink_len,
+                             int64_t sink_shift) {
+  TORCH_CHECK(k_in.dim() == 4 && k_in.device().is_cpu(), "sink_rephase_keys: k must be a 4-D CPU tensor");
+  TORCH_CHECK(sink_len >= 0 && sink_len <= k_in.size(1), "sink_rephase_keys: sink_len out of range");
+  const at::Tensor k = k_in.contiguous();
+  KeyPlan plan = plan_keys(k, key_shift, temporal_freqs, interleaved, sink_len, sink_shift);
+  at::Tensor out = plan.kf.defined() ? plan.kf.clone() : at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  if (plan.R > 0) out.narrow(1, 0, plan.R).copy_(plan.krot.permute({0, 2, 1, 3}));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const c10::optional<at::Tensor>& key_shift, const c10::optional<at::Tensor>& temporal_freqs, bool interleaved,
+    int64_t sink_len, int64_t sink_shift, double softmax_scale, bool return_mass, int64_t mass_start,
+    int64_t mass_end) {
+  check_inputs(q_in, k_in, v_in);
+  const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
+  const int64_t Lk = k_in.size(1), Hkv = k_in.size(2), G = Hq / Hkv;
+  TORCH_CHECK(sink_len >= 0 && sink_len <= Lk, "sink_attention_fwd: sink_len must be in [0, Lk=", Lk, "], got ",
+              sink_len);
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "sink_attention_fwd: softmax_scale must be > 0");
+  if (return_mass) {
+    TORCH_CHECK(0 <= mass_start && mass_start <= mass_end && mass_end <= Lq,
+                "sink_attention_fwd: mass range [", mass_start, ", ", mass_end, ") is not inside [0, Lq=", Lq, "]");
+  }
+  const auto dt = q_in.scalar_type();
+  const bool f32 = dt == at::kFloat;
+
+  // Inputs in the layout the GEMMs read: [B, L, H, D] with unit stride on D (a no-op when already contiguous).
+  const at::Tensor k = k_in.contiguous();
+  const at::Tensor qf = f32 ? q_in.contiguous() : q_in.to(at::kFloat).contiguous();
+  const at::Tensor vf = f32 ? v_in.contiguous() : v_in.to(at::kFloat).contiguous();
+  KeyPlan plan = plan_keys(k, key_shift, temporal_freqs, interleaved, sink_len, sink_shift);
+  const int64_t R = plan.R;
+  const float* krot = R > 0 ? plan.krot.data_ptr<float>() : nullptr;
+  const float* kf = plan.kf.defined() ? plan.kf.data_ptr<float>() : nullptr;
+  const float* qp = qf.data_ptr<float>();
+  const float* vp = vf.data_ptr<float>();
+
+  at::Tensor out = at::empty({B, Lq, Hq, D}, q_in.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  at::Tensor mass = return_mass ? at::zeros({B, Hkv, Lk}, q_in.options().dtype(at::kFloat))
+                                : at::empty({0}, q_in.options().dtype(at::kFloat));
+  float* lsep = lse.data_ptr<float>();
+  float* massp = return_mass ? mass.data_ptr<float>() : nullptr;
+  float* outf = f32 ? out.data_ptr<float>() : nullptr;
+  void* outraw = out.data_ptr();
+
+  const int64_t rows = choose_block_rows(B, Hq, Lq, Lk);
+  const int64_t nqb = (Lq + rows - 1) / rows;
+  const int64_t ntasks = B * Hq * nqb;
+  const float alpha = static_cast<float>(softmax_scale) * kLog2e;  // scores in log2 units: exp2 in the softmax
+  const int64_t ldq = Hq * D, ldk = Hkv * D, ldo = Hq * D;
+  std::mutex mass_mutex;
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(static_cast<size_t>(rows * Lk));
+    std::vector<float> inv(static_cast<size_t>(rows));
+    std::vector<float> obuf(f32 ? 0 : static_cast<size_t>(rows * D));
+    std::vector<float> col(return_mass ? static_cast<size_t>(Lk) : 0, 0.f);
+    int64_t col_owner = -1;  // b * Hkv + g whose partial mass `col` holds
+    auto flush = [&]() {
+      if (col_owner < 0) return;
+      std::lock_guard<std::mutex> lock(mass_mutex);
+      float* dst = massp + col_owner * Lk;
+      for (int64_t j = 0; j < Lk; ++j) dst[j] += col[j];
+      std::fill(col.begin(), col.end(), 0.f);
+    };
+
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
+      const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
+      const float* qblk = qp + ((b * Lq + i0) * Hq + h) * D;
+
+      // S = alpha * Q_blk K^T: re-phased rows [0, R) from krot, the others in place.
+      if (R > 0) gemm_f32(true, m, R, D, alpha, qblk, ldq, krot + (b * Hkv + g) * R * D, D, S.data(), Lk);
+      if (R < Lk)
+        gemm_f32(true, m, Lk - R, D, alpha, qblk, ldq, kf + ((b * Lk + R) * Hkv + g) * D, ldk, S.data() + R, Lk);
+
+      // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights).
+      for (int64_t r = 0; r < m; ++r) {
+        float* srow = S.data() + r * Lk;
+        const float mx = row_max(srow, Lk);
+        const float sum = exp2_sub_sum(srow, Lk, mx);
+        inv[r] = 1.f / sum;
+        lsep[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
+      }
+
+      if (return_mass) {
+        const int64_t a = std::max(i0, mass_start), e = std::min(i0 + m, mass_end);
+        if (a < e) {
+          if (col_owner != b * Hkv + g) {
+            flush();
+            col_owner = b * Hkv + g;
+          }
+          column_sums(col.data(), S.data() + (a - i0) * Lk, Lk, inv.data() + (a - i0), e - a, Lk);
+        }
+      }
+
+      // O = P V, then rows scaled by 1 / rowsum.
+      float* o = f32 ? outf + ((b * Lq + i0) * Hq + h) * D : obuf.data();
+      const int64_t ld_o = f32 ? ldo : D;
+      gemm_f32(false, m, D, Lk, 1.f, S.data(), Lk, vp + (b * Lk * Hkv + g) * D, ldk, o, ld_o);
+      for (int64_t r = 0; r < m; ++r) {
+        float* orow = o + r * ld_o;
+        const float w = inv[r];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) orow[d] *= w;
+      }
+      if (!f32) {
+        for (int64_t r = 0; r < m; ++r) {
+          const float* orow = o + r * D;
+          const int64_t off = ((b * Lq + i0 + r) * Hq + h) * D;
+          if (dt == at::kBFloat16) {
+            auto* dst = static_cast<c10::BFloat16*>(outraw) + off;
+            for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(orow[d]);
+          } else {
+            auto* dst = static_cast<c10::Half*>(outraw) + off;
+            for (int64_t d = 0; d < D; ++d) dst[d] = c10::Half(orow[d]);
+          }
+        }
+      }
+    }
+    if (return_mass) flush();
+  });
+  return std::make_tuple(out, lse, mass);
+}
+
+}  // namespace deepforcing
