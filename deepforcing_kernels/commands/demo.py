@@ -1,15 +1,28 @@
-"""`deepforcing demo`: call the fused op on every backend available here and print a table."""
+"""`deepforcing demo`: the main job. A tiny Wan causal DiT generates a long stream with Deep Forcing on CPU.
+
+1. A random-init tiny model rolls out 240 latent frames (80 blocks of 3, 5 passes each) with the deep-forcing
+   cache; prints frames/s and the cache size block by block.
+2. The same rollout under every policy, one line each (frames/s, cache frames), to compare.
+3. The cache schedule of deep-forcing drawn to ``out/trace.png`` (see ``deepforcing trace``).
+
+``--ops`` adds the older tour: the fused op on every backend here against the reference.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens-per-frame", type=int, default=64, help="tokens per latent frame (default 64)")
+    parser.add_argument("--frames", type=int, default=240, help="latent frames to generate (default 240)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default="out", help="where the trace picture goes (default out/)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the all-policies comparison")
+    parser.add_argument("--ops", action="store_true", help="also run the op table (each backend vs reference)")
+    parser.add_argument("--tokens-per-frame", type=int, default=64, help="--ops: tokens per latent frame")
 
 
 def op_table(tokens_per_frame: int = 64, seed: int = 0) -> list:
@@ -41,10 +54,68 @@ def op_table(tokens_per_frame: int = 64, seed: int = 0) -> list:
     return rows
 
 
+def rollout_stats(model, text, frames: int, policy, seed: int, progress: bool) -> dict:
+    """Generate ``frames`` latent frames; return frames/s, the cache size after every block and the latents."""
+    from ..driver import generate
+
+    sizes = []
+    ro = generate(model, text, frames, policy, seed, progress=progress)
+    blocks = []
+    for block in ro:
+        blocks.append(block)
+        sizes.append(ro.cache_frames)
+    lat = torch.cat(blocks, dim=1)
+    return {"fps": frames / ro.elapsed_s, "seconds": ro.elapsed_s, "sizes": sizes, "latents": lat,
+            "tokens_per_frame": ro.tokens_per_frame}
+
+
 def run(args: argparse.Namespace) -> int:
-    print(f"sink_attention: q 3 frames x {args.tokens_per_frame} tokens, KV 19 frames (10-frame sink re-phased "
-          f"by 11), 12 heads, D 128, return_mass=True")
-    print(f"{'backend':<10} {'dtype':<9} {'ms':>9} {'max|dout|':>11} {'max|dmass|':>11}")
-    for backend, dtype, ms, err, merr in op_table(args.tokens_per_frame, args.seed):
-        print(f"{backend:<10} {dtype:<9} {ms:9.2f} {err:11.2e} {merr:11.2e}")
+    from .generate import build_model, make_policy, random_text_embeds
+    from .trace import plot, summary, trace_policy
+
+    if args.frames <= 0 or args.frames % 3:
+        raise SystemExit(f"--frames must be a positive multiple of 3, got {args.frames}")
+    t_start = time.perf_counter()
+    model = build_model("tiny", None, args.seed)
+    cfg = model.config
+    text = random_text_embeds(cfg, args.seed)
+    n = cfg.tokens_per_frame()
+    print(f"tiny Wan causal DiT: dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads of {cfg.head_dim}, "
+          f"latents {cfg.in_dim}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({n} tokens/frame), random weights, "
+          f"{torch.get_num_threads()} threads")
+    policy = make_policy("deep-forcing")
+    print(f"1) Deep Forcing rollout: {args.frames} latent frames = {args.frames // 3} blocks x 5 passes")
+    st = rollout_stats(model, text, args.frames, policy, args.seed, progress=True)
+    sizes = st["sizes"]
+    head = ", ".join(f"{s:g}" for s in sizes[:10])
+    kv_bytes = 2 * cfg.num_layers * max(sizes) * n * cfg.dim * 4
+    lat = st["latents"]
+    print(f"   {args.frames} frames in {st['seconds']:.1f} s: {st['fps']:.1f} frames/s")
+    print(f"   cache frames after each block: {head}, ... (max {max(sizes):g}, last {sizes[-1]:g}; "
+          f"{max(sizes) * n:g} tokens/layer, K+V {kv_bytes / 1024:.0f} KiB fp32)")
+    print(f"   latents {list(lat.shape)}, mean {lat.mean().item():+.3f}, std {lat.std().item():.3f}, "
+          f"finite: {bool(torch.isfinite(lat).all())}")
+
+    if not args.no_compare:
+        print(f"2) every policy, {args.frames} frames each:")
+        print(f"   {'policy':<14} {'frames/s':>9} {'cache max':>10} {'cache last':>11}")
+        for name in ("full", "sliding", "frame-sink", "deep-sink", "deep-forcing"):
+            s = rollout_stats(model, text, args.frames, make_policy(name), args.seed, progress=False)
+            print(f"   {name:<14} {s['fps']:9.1f} {max(s['sizes']):10g} {s['sizes'][-1]:11g}")
+
+    path = os.path.join(args.out_dir, "trace.png")
+    print(f"3) cache schedule of deep-forcing (2 tokens/frame, random q/k/v), first {min(args.frames, 90)} frames:")
+    tr = trace_policy(policy, min(args.frames, 90), tokens_per_frame=2, seed=args.seed)
+    for line in summary(tr, 8):
+        print("   " + line)
+    plot(tr, path)
+    print(f"   wrote {path}")
+
+    if args.ops:
+        print(f"4) sink_attention: q 3 frames x {args.tokens_per_frame} tokens, KV 19 frames (10-frame sink "
+              f"re-phased by 11), 12 heads, D 128, return_mass=True")
+        print(f"   {'backend':<10} {'dtype':<9} {'ms':>9} {'max|dout|':>11} {'max|dmass|':>11}")
+        for backend, dtype, ms, err, merr in op_table(args.tokens_per_frame, args.seed):
+            print(f"   {backend:<10} {dtype:<9} {ms:9.2f} {err:11.2e} {merr:11.2e}")
+    print(f"demo done in {time.perf_counter() - t_start:.1f} s")
     return 0

@@ -1,12 +1,236 @@
-"""`deepforcing trace` (not implemented yet)."""
+"""`deepforcing trace`: run a cache policy's schedule alone (no model) and draw the cache over time.
+
+A one-layer :class:`StreamingKVCache` with a tiny geometry is fed random queries, keys and values in the
+driver's call pattern (5 passes per block at the block's start frame), so Participative Compression makes real,
+data-dependent Top-C picks. After the first pass of each block (the cache that the block's other passes attend
+to) it records, per slot: the frame the token came from, the temporal RoPE position it is attended at, and its
+kind (sink / Top-C / recent / the block being generated). The picture has four panels:
+
+1. slot kinds per block (x: the block's start frame f0, y: cache slot);
+2. the source frame of every slot;
+3. the temporal RoPE position minus f0 (the sink re-phased just behind the live context shows as a band
+   that stays at a constant offset);
+4. a Top-C selection-frequency strip: how often each source frame's tokens were kept as Top-C.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from .generate import POLICIES, make_policy
+
+KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4}
+KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy")
+    parser.add_argument("--score", default=None, choices=("mass", "logits"), help="deep-forcing Top-C scoring")
+    parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
+    parser.add_argument("--tokens-per-frame", type=int, default=2, help="tokens per frame (default 2)")
+    parser.add_argument("--plot", default="out/trace.png", help="PNG to write (default out/trace.png)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lines", type=int, default=10, help="blocks to describe in the text summary")
+
+
+@dataclass
+class CacheTrace:
+    """The recorded schedule: one entry per block, each a list over slots (batch element 0)."""
+
+    policy: Any
+    tokens_per_frame: int
+    starts: List[int] = field(default_factory=list)
+    frames: List[List[int]] = field(default_factory=list)
+    positions: List[List[int]] = field(default_factory=list)
+    kinds: List[List[str]] = field(default_factory=list)
+
+    @property
+    def max_slots(self) -> int:
+        return max((len(f) for f in self.frames), default=0)
+
+    def topc_counts(self) -> Counter:
+        """Source frame -> number of Top-C token slots it filled, summed over blocks."""
+        c: Counter = Counter()
+        for fr, kd in zip(self.frames, self.kinds):
+            c.update(f for f, k in zip(fr, kd) if k == "topc")
+        return c
+
+
+def _kinds(layer: Any, policy: Any, n_slots: int, tokens_per_frame: int) -> List[str]:
+    """Slot kinds from the cache (``layer.kinds()``), else from the schedule's layout rule."""
+    if hasattr(layer, "kinds"):
+        k = layer.kinds()
+        k = k[0] if k and isinstance(k[0], (list, tuple)) else k
+        return [str(x) for x in k]
+    from ..schedule import slot_kinds
+
+    frames = n_slots // tokens_per_frame
+    compressed = bool(getattr(policy, "compresses", False)) and frames != n_slots  # pragma: no cover
+    return list(slot_kinds(policy, frames, compressed, tokens_per_frame))
+
+
+def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: int = 0,
+                 passes_per_block: int = 5) -> CacheTrace:
+    """Run ``policy`` on a one-layer cache with random q, k, v and record the layout after each block's first
+    pass. ``num_frames`` is rounded up to whole blocks."""
+    from ..cache import StreamingKVCache
+    from ..rope import RopeSpec
+
+    if tokens_per_frame <= 0 or num_frames <= 0:
+        raise ValueError("tokens_per_frame and num_frames must be positive")
+    H, D = 2, 48
+    rope = RopeSpec.wan(D)
+    cache = StreamingKVCache(policy, num_layers=1, batch_size=1, num_heads=H, head_dim=D,
+                             tokens_per_frame=tokens_per_frame, rope=rope, dtype=torch.float32)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(seed)
+    bf = policy.block_frames
+    L = bf * tokens_per_frame
+    tr = CacheTrace(policy, tokens_per_frame)
+    for f0 in range(0, num_frames, bf):
+        for p in range(passes_per_block):
+            q, k, v = torch.randn(3, 1, L, H, D, generator=g).unbind(0)
+            layer.attend(q, k, v, start_frame=f0)
+            if p == 0:
+                fr = layer.frames()[0].tolist()
+                tr.starts.append(f0)
+                tr.frames.append(fr)
+                tr.positions.append(layer.positions()[0].tolist())
+                kinds = _kinds(layer, policy, len(fr), tokens_per_frame)
+                # the block being generated is "recent" to the cache; draw it apart
+                tr.kinds.append(["block" if f >= f0 else kd for f, kd in zip(fr, kinds)])
+    return tr
+
+
+def _runs(frames: Sequence[int], positions: Sequence[int], kinds: Sequence[str]) -> str:
+    """``0@5..9@14 | topc 4 tok from 10-15 | 17@17..20@20 | block 21@21..23@23`` (first token of each frame)."""
+    parts: List[str] = []
+    i, n = 0, len(frames)
+    while i < n:
+        j = i
+        while j < n and kinds[j] == kinds[i]:
+            j += 1
+        k = kinds[i]
+        if k == "topc":
+            srcs = sorted(set(frames[i:j]))
+            parts.append(f"topc {j - i} tok from {len(srcs)} frames ({srcs[0]}..{srcs[-1]})")
+        else:
+            seen, items = set(), []
+            for f, p in zip(frames[i:j], positions[i:j]):
+                if f not in seen:
+                    seen.add(f)
+                    items.append(f"{f}@{p}")
+            txt = items[0] if len(items) == 1 else f"{items[0]}..{items[-1]}"
+            parts.append(txt if k != "block" else f"[{txt}]")
+        i = j
+    return " | ".join(parts)
+
+
+def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
+    """Short text description of a trace."""
+    n = tr.tokens_per_frame
+    out = [f"policy {tr.policy.kind}: {len(tr.starts)} blocks, {tr.tokens_per_frame} tokens/frame; "
+           f"cache after each block's first pass (frame@position; [the block])"]
+    idx = list(range(len(tr.starts)))
+    show = idx if len(idx) <= lines else idx[: lines - 2] + idx[-2:]
+    for bi in show:
+        if len(show) < len(idx) and bi == idx[-2]:
+            out.append("  ...")
+        out.append(f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
+                   f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi])}")
+    sizes = [len(f) / n for f in tr.frames]
+    out.append(f"cache frames: max {max(sizes):g}, last {sizes[-1]:g}")
+    counts = tr.topc_counts()
+    if counts:
+        top = ", ".join(f"{f}:{c / n:g}" for f, c in counts.most_common(6))
+        out.append(f"Top-C selection frequency (frames' worth, most picked): {top}")
+    return out
+
+
+def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
+    """Draw the trace (see the module docstring) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    nb, ns = len(tr.starts), tr.max_slots
+    kinds = np.zeros((ns, nb), dtype=np.int64)
+    frames = np.full((ns, nb), np.nan)
+    rel = np.full((ns, nb), np.nan)
+    for bi in range(nb):
+        for s, (f, p, k) in enumerate(zip(tr.frames[bi], tr.positions[bi], tr.kinds[bi])):
+            kinds[s, bi] = KIND_CODES.get(k, 3)
+            frames[s, bi] = f
+            rel[s, bi] = p - tr.starts[bi]
+    f0s = np.array(tr.starts)
+    bf = tr.policy.block_frames
+    extent = (f0s[0] - 0.5 * bf, f0s[-1] + 0.5 * bf, -0.5, ns - 0.5)
+    last = max(tr.starts) + bf
+
+    fig, axes = plt.subplots(4, 1, figsize=(13, 13), gridspec_kw={"height_ratios": [3, 3, 3, 1.3]})
+    common = dict(aspect="auto", origin="lower", extent=extent, interpolation="nearest")
+    ax = axes[0]
+    ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=4.5, **common)
+    ax.set_title("slot kind")
+    ax.legend(handles=[Patch(color=KIND_COLORS[KIND_CODES[k]], label=lab) for k, lab in
+                       (("sink", "sink"), ("topc", "Top-C"), ("recent", "recent"), ("block", "current block"))],
+              loc="upper left", ncol=4, fontsize=8, framealpha=0.9)
+    ax = axes[1]
+    im = ax.imshow(np.ma.masked_invalid(frames), cmap="viridis", vmin=0, vmax=last, **common)
+    fig.colorbar(im, ax=ax, pad=0.01).set_label("source frame")
+    ax.set_title("source frame of each slot")
+    ax = axes[2]
+    lim = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
+    im = ax.imshow(np.ma.masked_invalid(rel), cmap="coolwarm", vmin=-lim, vmax=lim, **common)
+    fig.colorbar(im, ax=ax, pad=0.01).set_label("position - f0")
+    ax.set_title("temporal RoPE position relative to the block's start (0 = the block's first frame)")
+    for ax in axes[:3]:
+        ax.set_ylabel(f"cache slot ({tr.tokens_per_frame} per frame)")
+        ax.set_xlabel("block start frame f0")
+    ax = axes[3]
+    counts = tr.topc_counts()
+    xs = np.arange(last)
+    ax.bar(xs, [counts.get(int(x), 0) / tr.tokens_per_frame for x in xs], width=1.0, color=KIND_COLORS[2])
+    ax.set_xlim(-0.5, last - 0.5)
+    ax.set_xlabel("source frame")
+    ax.set_ylabel("Top-C picks\n(frames' worth)")
+    ax.set_title("Top-C selection frequency" if counts else "Top-C selection frequency (this policy keeps no Top-C)")
+    fig.suptitle(title or f"cache schedule: {_policy_label(tr.policy)}", fontsize=12)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _policy_label(policy: Any) -> str:
+    d: Dict[str, Any] = policy.to_dict() if hasattr(policy, "to_dict") else {}
+    keep = ("window_frames", "sink_frames", "budget_frames", "recent_frames", "score")
+    extra = ", ".join(f"{k}={d[k]}" for k in keep if d.get(k) not in (None, 0))
+    return f"{getattr(policy, 'kind', policy)}" + (f" ({extra})" if extra else "")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("deepforcing trace is not implemented yet")
+    if args.frames <= 0 or args.frames % 3:
+        raise SystemExit(f"--frames must be a positive multiple of 3, got {args.frames}")
+    if not 1 <= args.tokens_per_frame <= 64:
+        raise SystemExit("--tokens-per-frame must be in 1..64 (a picture, not a benchmark)")
+    try:
+        policy = make_policy(args.policy, args.score)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    tr = trace_policy(policy, args.frames, args.tokens_per_frame, args.seed)
+    for line in summary(tr, args.lines):
+        print(line)
+    plot(tr, args.plot)
+    print(f"wrote {args.plot}")
+    return 0
