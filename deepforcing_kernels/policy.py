@@ -1,0 +1,204 @@
+"""Cache policies: plain data that drives the one schedule engine (:mod:`deepforcing_kernels.schedule`).
+
+A :class:`CachePolicy` says *what* a streaming KV cache keeps (SPEC.md section 4); it holds no tensors and no code
+paths of its own. Every policy is validated when it is built, so a policy that exists is one the engine can run.
+
+=================  =======================================  =====================================
+policy             keeps                                    RoPE of kept keys
+=================  =======================================  =====================================
+``full``           everything (the cache grows)             absolute
+``sliding``        the last ``window_frames``, FIFO         absolute
+``frame_sink``     first ``sink_frames`` + FIFO             absolute, never moved
+``deep_sink``      first ``sink_frames`` + FIFO             sink re-phased (SPEC section 2)
+``deep_forcing``   sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
+=================  =======================================  =====================================
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")
+SCORES = ("mass", "logits")
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind. It is both a TypeError (the package's convention for the wrong kind of
+    thing) and a ValueError (what the cache promises for every bad configuration or call), so either
+    ``except`` clause catches it."""
+
+
+def _int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """What a :class:`~deepforcing_kernels.StreamingKVCache` keeps. Build it with the class methods.
+
+    All sizes are in latent frames.
+
+    Attributes:
+        kind: ``"full"``, ``"sliding"``, ``"frame_sink"``, ``"deep_sink"`` or ``"deep_forcing"``.
+        block_frames: frames generated per block (each block runs several passes over the same slots).
+        window_frames: the most frames the cache may hold when a pass attends (None for ``full``).
+        sink_frames: leading frames kept forever (0: no sink).
+        rephase_sink: whether the sink's temporal RoPE follows the live context (Deep Sink).
+        sink_gap: empty frame positions between the re-phased sink and where a contiguous cache would start;
+            None is the release placement (one block, ``g = block_frames``). Only with ``rephase_sink``.
+        budget_frames: frames kept after a Participative Compression (``deep_forcing`` only).
+        recent_frames: newest frames always kept by a compression (``deep_forcing`` only).
+        score: Top-C scoring, ``"mass"`` (attention mass, this package's design) or ``"logits"`` (the release).
+        topc_max_reuse: a token chosen as Top-C this many times is only used as a filler; None: no cap.
+        unify_topc_rope: Top-C tokens take the temporal positions right after the sink (Algorithm 1 of the
+            paper); off in the release.
+    """
+
+    kind: str
+    block_frames: int = 3
+    window_frames: Optional[int] = None
+    sink_frames: int = 0
+    rephase_sink: bool = False
+    sink_gap: Optional[int] = None
+    budget_frames: Optional[int] = None
+    recent_frames: Optional[int] = None
+    score: Optional[str] = None
+    topc_max_reuse: Optional[int] = None
+    unify_topc_rope: bool = False
+
+    # ------------------------------------------------------------------ constructors (API.md)
+    @classmethod
+    def full(cls, *, block_frames: int = 3) -> "CachePolicy":
+        """Keep every frame (the cache grows; for short clips and as ground truth)."""
+        return cls("full", block_frames=block_frames)
+
+    @classmethod
+    def sliding(cls, window_frames: int = 21, *, block_frames: int = 3) -> "CachePolicy":
+        """Self-Forcing: the last ``window_frames`` frames, first in first out."""
+        return cls("sliding", block_frames=block_frames, window_frames=window_frames)
+
+    @classmethod
+    def frame_sink(cls, window_frames: int = 21, sink_frames: int = 3, *, block_frames: int = 3) -> "CachePolicy":
+        """LongLive / StreamingLLM: the first ``sink_frames`` frames forever at their own positions, then FIFO."""
+        return cls("frame_sink", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames)
+
+    @classmethod
+    def deep_sink(cls, window_frames: int = 21, sink_frames: int = 14, sink_gap: Optional[int] = None, *,
+                  block_frames: int = 3) -> "CachePolicy":
+        """Deep Sink: the first ``sink_frames`` frames forever, re-phased behind the live context, then FIFO."""
+        return cls("deep_sink", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
+                   rephase_sink=True, sink_gap=sink_gap)
+
+    @classmethod
+    def deep_forcing(cls, window_frames: int = 21, sink_frames: int = 10, budget_frames: int = 16,
+                     recent_frames: int = 4, score: str = "mass", topc_max_reuse: Optional[int] = 7,
+                     unify_topc_rope: bool = False, sink_gap: Optional[int] = None, *,
+                     block_frames: int = 3) -> "CachePolicy":
+        """Deep Sink + Participative Compression (SPEC section 3).
+
+        When a new block would push the cache past ``window_frames``, it is compressed to ``budget_frames``:
+        the sink, ``budget - sink - recent`` frames' worth of individually chosen Top-C tokens, and the last
+        ``recent_frames`` frames.
+        """
+        return cls("deep_forcing", block_frames=block_frames, window_frames=window_frames,
+                   sink_frames=sink_frames, rephase_sink=True, sink_gap=sink_gap, budget_frames=budget_frames,
+                   recent_frames=recent_frames, score=score, topc_max_reuse=topc_max_reuse,
+                   unify_topc_rope=unify_topc_rope)
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        F = _int("block_frames", self.block_frames, minimum=1)
+        if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool):
+            raise ArgumentTypeError("rephase_sink and unify_topc_rope must be bools")
+        if self.kind == "full":
+            self._only(window_frames=None, sink_frames=0)
+        else:
+            W = _int("window_frames", self.window_frames, minimum=1)
+            if W < F:
+                raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
+        if self.kind == "sliding":
+            self._only(sink_frames=0)
+        if self.kind in ("frame_sink", "deep_sink", "deep_forcing"):
+            S = _int("sink_frames", self.sink_frames, minimum=1)
+            if S >= self.window_frames:
+                raise ValueError(f"sink_frames ({S}) must be < window_frames ({self.window_frames})")
+            if S + F > self.window_frames:
+                raise ValueError(f"sink_frames + block_frames ({S} + {F}) must be <= window_frames "
+                                 f"({self.window_frames}): a rolled cache must hold the sink and the new block")
+        if self.kind in ("full", "sliding", "frame_sink"):
+            self._only(rephase_sink=False, sink_gap=None)
+        if self.kind in ("deep_sink", "deep_forcing"):
+            if not self.rephase_sink:
+                raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
+            if self.sink_gap is not None:
+                _int("sink_gap", self.sink_gap, minimum=0)
+        if self.kind != "deep_forcing":
+            self._only(budget_frames=None, recent_frames=None, score=None, topc_max_reuse=None,
+                       unify_topc_rope=False)
+            return
+        S, W = self.sink_frames, self.window_frames
+        N = _int("budget_frames", self.budget_frames, minimum=1)
+        R = _int("recent_frames", self.recent_frames, minimum=1)
+        if R < F:
+            raise ValueError(f"recent_frames ({R}) must be >= block_frames ({F}): the block being generated "
+                             "must survive its own compression")
+        if N < S + R:
+            raise ValueError(f"budget_frames ({N}) must be >= sink_frames + recent_frames ({S} + {R}): "
+                             "no room is left for Top-C")
+        if N > W:
+            raise ValueError(f"budget_frames ({N}) must be <= window_frames ({W}): compression must shrink "
+                             "the cache")
+        if not isinstance(self.score, str) or self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.score == "mass" and R > 2 * F:
+            raise ValueError(f"score='mass' carries the previous pass's last recent_frames - block_frames "
+                             f"frames of queries, so recent_frames ({R}) must be <= 2 * block_frames ({2 * F}); "
+                             "use score='logits' for a longer query buffer")
+        if self.topc_max_reuse is not None:
+            _int("topc_max_reuse", self.topc_max_reuse, minimum=1)
+
+    def _only(self, **defaults: Any) -> None:
+        """Reject fields that mean nothing for this kind (a typo'd policy should fail, not be ignored)."""
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value != default or type(value) is not type(default):
+                raise ValueError(f"{name}={value!r} does not apply to a {self.kind!r} policy")
+
+    # ------------------------------------------------------------------ derived facts
+    @property
+    def compresses(self) -> bool:
+        """Whether the policy runs Participative Compression."""
+        return self.kind == "deep_forcing"
+
+    @property
+    def topc_frames(self) -> int:
+        """C = budget - sink - recent: frames' worth of Top-C tokens after a compression (0 without PC)."""
+        if not self.compresses:
+            return 0
+        return self.budget_frames - self.sink_frames - self.recent_frames
+
+    @property
+    def gap_frames(self) -> int:
+        """The effective sink gap g (``block_frames`` when ``sink_gap`` is None, the release)."""
+        return self.block_frames if self.sink_gap is None else self.sink_gap
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "CachePolicy":
+        """Inverse of :meth:`to_dict`; unknown keys raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a policy dict is expected, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        extra = set(d) - names
+        if extra:
+            raise ValueError(f"unknown policy fields {sorted(extra)}")
+        return cls(**d)

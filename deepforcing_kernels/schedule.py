@@ -1,0 +1,327 @@
+"""The schedule engine: one pure-Python state machine that runs every :class:`CachePolicy`.
+
+The engine works on whole frames and integers only (no tensors, no devices): given a policy, the current
+:class:`ScheduleState` of a layer and the ``start_frame`` of a pass, :func:`plan_pass` decides what the pass does
+and where the sink sits. :class:`~deepforcing_kernels.StreamingKVCache` executes the plan on tensors; the
+``deepforcing trace`` command and the tests run it alone.
+
+What a pass does (SPEC.md sections 1-3):
+
+* ``overwrite`` — ``start_frame`` is the current block's start: passes 2..5 of a block rewrite the block's slots.
+* ``append`` — a new block (``start_frame >= block end``) that fits in the window (``full`` always appends).
+* ``roll`` — a new block that would overflow the window: the oldest frames after the sink are evicted (FIFO)
+  so that exactly ``window_frames`` remain.
+* ``compress`` — ``deep_forcing`` only: a new block that would overflow the window. The augmented cache
+  ``[cache, new block]`` is reduced to ``budget_frames``: sink + Top-C tokens + the last ``recent_frames``.
+  With ``score="logits"`` the compression runs before attention (the release); with ``score="mass"`` the pass
+  attends to the augmented cache (that is where the mass comes from) and compresses after.
+
+Sink placement (Deep Sink, SPEC section 2): re-phasing happens only on the first pass of a block that
+overflows; the sink then encodes temporal positions ``sink_start + i`` with
+``sink_start = f0 + block_frames - frames_in_cache - g`` (``g = sink_gap``, or ``block_frames`` when None),
+where ``frames_in_cache`` is what the pass attends to. Before the first overflow the sink sits at its own
+positions. All other passes reuse the placement.
+
+Running the schedule alone (what ``deepforcing trace`` draws)::
+
+    from deepforcing_kernels import CachePolicy
+    from deepforcing_kernels.schedule import simulate
+
+    for blk in simulate(CachePolicy.deep_forcing(score="logits"), num_frames=45, tokens_per_frame=1):
+        print(blk.start_frame, blk.action, blk.attended.describe())
+        # blk.attended / blk.after: Layout(frames, positions, kinds), one entry per token slot
+
+Top-C picks depend on the data, so :func:`simulate` marks Top-C slots with frame ``-1`` (and position ``-1``
+unless ``unify_topc_rope``). To see real picks, run a tiny cache and read its accessors::
+
+    cache = StreamingKVCache(policy, num_layers=1, batch_size=1, num_heads=1, head_dim=8, tokens_per_frame=1,
+                             rope=RopeSpec.gptj(8), dtype=torch.float32)
+    layer = cache.layers[0]
+    for f0 in range(0, 45, 3):
+        q, k, v = torch.randn(3, 1, 3, 1, 8).unbind(0)
+        layer.attend(q, k, v, start_frame=f0)
+        print(f0, layer.frames()[0].tolist(), layer.positions()[0].tolist(), layer.kinds())
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from .policy import CachePolicy, _int
+
+ACTIONS = ("overwrite", "append", "roll", "compress")
+SINK, TOPC, RECENT = "sink", "topc", "recent"
+UNKNOWN_FRAME = -1  # a Top-C slot in simulate(): which token the data picks is not known without tensors
+
+
+@dataclass(frozen=True)
+class ScheduleState:
+    """Where one layer's stream stands, in whole frames.
+
+    Attributes:
+        frames: frames in the cache now.
+        block_start: start frame of the current (last written) block; None before the first pass.
+        stream_start: start frame of the first block (the sink's first frame); None before the first pass.
+        sink_start: temporal position of sink frame 0; None while the sink sits at its own positions (never
+            re-phased yet, or a policy that does not re-phase).
+        compressed: a Top-C region (``topc_frames`` frames' worth of tokens) follows the sink.
+    """
+
+    frames: int = 0
+    block_start: Optional[int] = None
+    stream_start: Optional[int] = None
+    sink_start: Optional[int] = None
+    compressed: bool = False
+
+    def block_end(self, policy: CachePolicy) -> Optional[int]:
+        return None if self.block_start is None else self.block_start + policy.block_frames
+
+    def sink_shift(self) -> int:
+        """Temporal shift (in frames) that attention applies to the sink keys."""
+        if self.sink_start is None or self.stream_start is None:
+            return 0
+        return self.sink_start - self.stream_start
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "ScheduleState":
+        if not isinstance(d, dict) or set(d) != {"frames", "block_start", "stream_start", "sink_start",
+                                                 "compressed"}:
+            raise ValueError(f"a schedule state dict is expected, got {d!r}")
+        _int("frames", d["frames"], minimum=0)
+        for name in ("block_start", "stream_start", "sink_start"):
+            if d[name] is not None:
+                _int(name, d[name])
+        if not isinstance(d["compressed"], bool):
+            raise ValueError("compressed must be a bool")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """What one pass does; returned by :func:`plan_pass`.
+
+    Attributes:
+        action: ``"overwrite"``, ``"append"``, ``"roll"`` or ``"compress"``.
+        start_frame: the pass's first frame f0.
+        frames_before: frames in the cache before the pass.
+        evict_frames: ``roll``: frames evicted right after the sink.
+        attend_frames: frames the pass attends to (its own block included).
+        attend_sink_start: sink placement for the attention (None: own positions).
+        attend_compressed: a Top-C region is present in the attended cache.
+        compress_after_attend: ``compress`` in mass mode: attend to the augmented cache, then compress.
+        carry_mass: mass mode: the next block compresses, so this pass records the attention mass of its last
+            ``recent - block`` frames of queries (the "previous pass" part of the next compression's score).
+        state: the layer's state after the pass.
+    """
+
+    action: str
+    start_frame: int
+    frames_before: int
+    evict_frames: int
+    attend_frames: int
+    attend_sink_start: Optional[int]
+    attend_compressed: bool
+    compress_after_attend: bool
+    carry_mass: bool
+    state: ScheduleState
+
+    @property
+    def new_block(self) -> bool:
+        return self.action != "overwrite"
+
+    def attend_sink_shift(self) -> int:
+        """Shift (frames) applied to the sink keys by this pass's attention."""
+        if self.attend_sink_start is None:
+            return 0
+        return self.attend_sink_start - self.state.stream_start
+
+
+def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int) -> PassPlan:
+    """Decide what a pass starting at ``start_frame`` does. Pure: nothing is mutated.
+
+    Args:
+        policy: the cache policy.
+        state: the layer's state before the pass.
+        start_frame: f0 of the pass. The current block's start overwrites its slots; anything at or after the
+            current block's end starts a new block; the first pass of a stream may start at any frame >= 0.
+
+    Returns:
+        A :class:`PassPlan` whose ``state`` is the layer's state after the pass.
+
+    Raises:
+        ValueError: ``start_frame`` is negative, inside the current block, or before it.
+    """
+    f0 = _int("start_frame", start_frame, minimum=0)
+    F = policy.block_frames
+    if state.block_start is not None and f0 == state.block_start:
+        carry = _carry_mass(policy, state.frames)
+        return PassPlan("overwrite", f0, state.frames, 0, state.frames, state.sink_start, state.compressed,
+                        False, carry, state)
+    if state.block_start is not None and f0 < state.block_start + F:
+        raise ValueError(f"start_frame {f0} is neither the current block's start ({state.block_start}) nor at "
+                         f"or after its end ({state.block_start + F}): streams only move forward by whole blocks")
+    stream_start = f0 if state.stream_start is None else state.stream_start
+    L, W = state.frames, policy.window_frames
+    if policy.kind == "full" or L + F <= W:
+        after = ScheduleState(L + F, f0, stream_start, state.sink_start, state.compressed)
+        return PassPlan("append", f0, L, 0, L + F, state.sink_start, state.compressed, False,
+                        _carry_mass(policy, L + F), after)
+    g = policy.gap_frames
+    if policy.compresses:
+        N = policy.budget_frames
+        sink_after = f0 + F - N - g
+        after = ScheduleState(N, f0, stream_start, sink_after, True)
+        if policy.score == "mass":
+            # the pass attends to the augmented cache, so that is the cache the placement rule applies to
+            return PassPlan("compress", f0, L, 0, L + F, f0 + F - (L + F) - g, state.compressed, True,
+                            _carry_mass(policy, N), after)
+        return PassPlan("compress", f0, L, 0, N, sink_after, True, False, False, after)
+    sink_after = f0 + F - W - g if policy.rephase_sink else None
+    after = ScheduleState(W, f0, stream_start, sink_after, False)
+    return PassPlan("roll", f0, L, L + F - W, W, sink_after, False, False, False, after)
+
+
+def _carry_mass(policy: CachePolicy, frames_after: int) -> bool:
+    """Mass mode records the tail mass of a pass only when the next block will compress (no wasted work)."""
+    return (policy.compresses and policy.score == "mass" and policy.recent_frames > policy.block_frames
+            and frames_after + policy.block_frames > policy.window_frames)
+
+
+# ---------------------------------------------------------------------------------------------- slot layout
+def slot_kinds(policy: CachePolicy, frames: int, compressed: bool, tokens_per_frame: int) -> Tuple[str, ...]:
+    """Kind of every token slot of a cache holding ``frames`` frames: ``"sink"``, ``"topc"`` or ``"recent"``."""
+    S = min(policy.sink_frames, frames)
+    C = policy.topc_frames if compressed else 0
+    n = tokens_per_frame
+    return (SINK,) * (S * n) + (TOPC,) * (C * n) + (RECENT,) * ((frames - S - C) * n)
+
+
+def topc_positions_unified(sink_start: int, first_slot: int, count: int, tokens_per_frame: int) -> List[int]:
+    """Algorithm 1's Top-C RoPE unification: Top-C slot ``s`` (slot order) sits at ``sink_start + s // n``,
+    i.e. ``sink_start + S + rank // n``: the C frame positions right after the sink."""
+    return [sink_start + s // tokens_per_frame for s in range(first_slot, first_slot + count)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One token slot per entry, in slot (= time) order.
+
+    Attributes:
+        frames: the frame each slot's token came from (``-1``: a Top-C pick, data-dependent).
+        positions: the temporal position each slot is attended at (``-1``: a Top-C pick at its own, unknown
+            position).
+        kinds: ``"sink"``, ``"topc"`` or ``"recent"``.
+    """
+
+    frames: Tuple[int, ...]
+    positions: Tuple[int, ...]
+    kinds: Tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def describe(self) -> str:
+        """Compact ``frame@position`` runs separated by ``|`` at kind changes, e.g. ``0@5..9@14 | 20@20..23@23``
+        (one entry per frame: the first token of each frame)."""
+        parts: List[List[str]] = []
+        prev = None
+        for f, p, k in zip(self.frames, self.positions, self.kinds):
+            if prev is not None and (k, f) == prev[:2] and f != UNKNOWN_FRAME:
+                continue  # further tokens of the same frame
+            if prev is None or k != prev[0]:
+                parts.append([])
+            parts[-1].append("?" if f == UNKNOWN_FRAME else f"{f}@{p}")
+            prev = (k, f)
+        return " | ".join(_runs(p) for p in parts)
+
+
+def _runs(items: List[str]) -> str:
+    if len(items) <= 2 or "?" in items:
+        return ",".join(items) if "?" not in items else f"topc x{len(items)}"
+    return f"{items[0]}..{items[-1]}"
+
+
+@dataclass(frozen=True)
+class BlockTrace:
+    """The schedule of one block, from :func:`simulate`.
+
+    Attributes:
+        start_frame: f0.
+        plan: the first pass's :class:`PassPlan`.
+        attended: the layout the first pass attends to.
+        after: the layout after the first pass (what the block's other passes attend to).
+    """
+
+    start_frame: int
+    plan: PassPlan
+    attended: Layout
+    after: Layout
+
+    @property
+    def action(self) -> str:
+        return self.plan.action
+
+
+def _layout(policy: CachePolicy, slot_frames: List[int], state_frames: int, compressed: bool,
+            sink_start: Optional[int], stream_start: int, n: int) -> Layout:
+    kinds = slot_kinds(policy, state_frames, compressed, n)
+    assert len(kinds) == len(slot_frames)
+    shift = 0 if sink_start is None else sink_start - stream_start
+    pos = []
+    S_tok, C_tok = policy.sink_frames * n, (policy.topc_frames * n if compressed else 0)
+    unified = (topc_positions_unified(sink_start, S_tok, C_tok, n)
+               if policy.unify_topc_rope and compressed and sink_start is not None else None)
+    for s, (f, k) in enumerate(zip(slot_frames, kinds)):
+        if k == SINK:
+            pos.append(f + shift)
+        elif k == TOPC:
+            pos.append(unified[s - S_tok] if unified is not None else f)
+        else:
+            pos.append(f)
+    return Layout(tuple(slot_frames), tuple(pos), kinds)
+
+
+def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
+             start_frame: int = 0) -> List[BlockTrace]:
+    """Run the schedule alone (no tensors) over a stream of ``num_frames`` frames, block after block.
+
+    Args:
+        policy: the cache policy.
+        num_frames: frames to generate; rounded up to whole blocks.
+        tokens_per_frame: slots per frame in the returned layouts.
+        start_frame: the first block's f0.
+
+    Returns:
+        One :class:`BlockTrace` per block. Top-C slots have frame -1 (the data decides which tokens stay).
+    """
+    _int("num_frames", num_frames, minimum=0)
+    n = _int("tokens_per_frame", tokens_per_frame, minimum=1)
+    F = policy.block_frames
+    S_tok, R = policy.sink_frames * n, policy.recent_frames or 0
+    state = ScheduleState()
+    slots: List[int] = []
+    out: List[BlockTrace] = []
+    for f0 in range(start_frame, start_frame + num_frames, F):
+        plan = plan_pass(policy, state, f0)
+        new = [f0 + i for i in range(F) for _ in range(n)]
+        before = ScheduleState() if state.block_start is None else state
+        if plan.action == "roll":
+            del slots[S_tok:S_tok + plan.evict_frames * n]
+        aug = slots + new
+        after_slots = aug
+        if plan.action == "compress":
+            after_slots = aug[:S_tok] + [UNKNOWN_FRAME] * (policy.topc_frames * n) + aug[len(aug) - R * n:]
+        ss = plan.state.stream_start
+        if plan.compress_after_attend:
+            attended = _layout(policy, aug, plan.attend_frames, before.compressed, plan.attend_sink_start, ss, n)
+        else:
+            attended = _layout(policy, after_slots, plan.attend_frames, plan.attend_compressed,
+                               plan.attend_sink_start, ss, n)
+        after = _layout(policy, after_slots, plan.state.frames, plan.state.compressed, plan.state.sink_start,
+                        ss, n)
+        out.append(BlockTrace(f0, plan, attended, after))
+        slots, state = after_slots, plan.state
+    return out
