@@ -2,7 +2,7 @@
 
 Layout of this module (FlagAttention style): the public function :func:`sink_attention_triton`, its launch-config
 heuristic :func:`fwd_config` (replaceable), host helpers that build the re-phasing tables, then the ``@triton.jit``
-kernels (``_fwd_kernel`` calls the inner loop ``_attn_inner``, which calls ``_rotate_temporal``).
+kernels (``_fwd_kernel`` calls the inner loop ``_attn_inner``, which calls ``_load_rotated_keys``).
 
 Re-phasing. A key rotated at temporal position ``p`` and re-phased by ``d`` equals the key rotated at ``p + d``:
 each temporal pair ``(re, im)`` of the key is rotated by the angle ``d * w_j``. The kernel does this to the K tile in
@@ -46,9 +46,10 @@ class FwdConfig(NamedTuple):
     """Launch configuration of the forward kernel (and of the mass kernel, see :mod:`.mass`)."""
 
     BLOCK_M: int  # query rows per program
-    BLOCK_N: int  # keys per inner-loop step
+    BLOCK_N: int  # keys per inner-loop step over keys that are not re-phased
     num_warps: int
     num_stages: int
+    BLOCK_N_ROT: int = 0  # keys per step over re-phased tiles (0: BLOCK_N); the rotation needs registers
 
 
 # ---------------------------------------------------------------------------------------------- public op
@@ -101,7 +102,7 @@ def sink_attention_triton(
         out.stride(0), out.stride(1), out.stride(2),
         stride_cb, stride_cn,
         Hq, Hq // Hkv, Lq, Lk, sink_len, n_temporal, softmax_scale * LOG2E,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=D,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_N_ROT=cfg.BLOCK_N_ROT or cfg.BLOCK_N, BLOCK_D=D,
         REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=need_lse,
         SPLIT=q.dtype != torch.float32, DOT_F32=_dot_in_f32(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -131,9 +132,10 @@ def fwd_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
     if head_dim <= 64:
         return FwdConfig(128, 64, 4, 3)
     if head_dim <= 128:
+        # Re-phased tiles run 32 keys wide: at 64 the fp32 rotation pushes sm_80 / sm_90 past 255 registers.
         if arch >= 90:
-            return FwdConfig(128, 64, 8, 3)
-        return FwdConfig(128, 64, 8, 2)
+            return FwdConfig(128, 64, 8, 3, BLOCK_N_ROT=32)
+        return FwdConfig(128, 64, 8, 2, BLOCK_N_ROT=32)  # 3 stages spill on sm_80
     return FwdConfig(64, 32, 8, 2)
 
 
@@ -214,67 +216,74 @@ def _ensure_kernel_mode() -> None:
 
 # ---------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _rotate_temporal(k, c, s, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Rotate every pair of the ``[BLOCK_N, BLOCK_D]`` tile ``k`` by the angle whose cos / sin are ``c, s``
-    (``[BLOCK_N or 1, BLOCK_D // 2]``; 1 / 0 for pairs that do not move). fp32 maths and fp32 result."""
-    kf = k.to(tl.float32)
-    if INTERLEAVED:  # pair i = channels (2i, 2i+1): the trailing axis of size 2 stays inside a thread
-        pairs = tl.reshape(kf, (BLOCK_N, BLOCK_D // 2, 2))
+def _pair_channels(offs_d, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per channel ``d``: its pair index, its partner channel, and the sign of the partner's sin term.
+
+    A pair ``(re, im)`` rotates as ``re' = re*c - im*s``, ``im' = im*c + re*s``, so every channel is
+    ``x[d] * c[pair(d)] + x[partner(d)] * sign(d) * s[pair(d)]`` with ``sign = -1`` on the real channel.
+    """
+    if INTERLEAVED:  # pair i = channels (2i, 2i+1)
+        pair = offs_d // 2
+        partner = offs_d ^ 1
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
     else:  # pair i = channels (i, i + D/2)
-        pairs = tl.permute(tl.reshape(kf, (BLOCK_N, 2, BLOCK_D // 2)), (0, 2, 1))
-    re, im = tl.split(pairs)
-    rotated = tl.join(re * c - im * s, re * s + im * c)  # [BLOCK_N, BLOCK_D // 2, 2]
-    if INTERLEAVED:
-        kf = tl.reshape(rotated, (BLOCK_N, BLOCK_D))
-    else:
-        kf = tl.reshape(tl.permute(rotated, (0, 2, 1)), (BLOCK_N, BLOCK_D))
-    return kf
+        pair = offs_d % (BLOCK_D // 2)
+        partner = (offs_d + BLOCK_D // 2) % BLOCK_D
+        sign = tl.where(offs_d < BLOCK_D // 2, -1.0, 1.0)
+    return pair, partner, sign
 
 
 @triton.jit
 def _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin, c_sink, s_sink, cs_base,
                        stride_cn, sink_len, n_temporal, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                        ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Load a ``[BLOCK_N, BLOCK_D]`` key tile (rows ``offs_n``; zeros past ``Lk``) and re-phase it.
+    """Load a ``[BLOCK_N, BLOCK_D]`` key tile (rows ``offs_n``; zeros past ``Lk``) and re-phase it in registers.
 
-    ``ROTATE``: 0 none; 1 sink (keys ``< sink_len`` by the ``c_sink, s_sink`` angles; a tile may straddle
-    ``sink_len``); 2 per key (angles from the ``[B, Lk, T]`` tables at ``cs_base``). Shared with :mod:`.mass`.
+    ``ROTATE``: 0 none; 1 sink (keys ``< sink_len`` by the per-channel ``c_sink, s_sink`` of
+    :func:`_load_sink_angles`; a tile may straddle ``sink_len``); 2 per key (angles gathered from the
+    ``[B, Lk, T]`` tables at ``cs_base``). Shared with :mod:`.mass`.
+
+    The pair partner of every channel is loaded as a second, permuted tile (same cache lines, so it hits L1):
+    the rotation is then purely elementwise in fp32, with no register shuffles or layout conversions (an earlier
+    reshape / split / join version spilled on sm_80).
 
     Returns ``(k_hi, k_lo)`` in the input dtype with ``k_hi + k_lo`` = the fp32 rotated keys to ~2^-16 relative
-    (k_lo is unused, and returned as ``k_hi``, when ``ROTATE == 0``). Rounding the rotated keys to bf16 once
-    would cost ~4e-3 relative per key, coherent over every query that reads the key, which does not fit the
-    SPEC section 7 budget for lse / mass; the second, small dot ``q . k_lo`` removes it and only runs on
-    re-phased tiles. For fp32 inputs ``k_lo`` is exactly zero and the callers skip it (``SPLIT``).
+    (``k_lo`` is unused, and returned as ``k_hi``, when ``ROTATE == 0``). Rounding the rotated keys to bf16 once
+    costs ~4e-3 relative per key, coherent over every query that reads the key, which does not fit the
+    SPEC section 7 budget for lse / mass; the second dot ``q . k_lo`` removes it and runs on re-phased tiles only.
+    For fp32 inputs ``k_lo`` is exactly zero and the callers skip it (``SPLIT``).
     """
-    k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=n_mask[:, None], other=0.0)
-    if ROTATE == 1:
-        in_sink = (offs_n < sink_len)[:, None]
-        kf = _rotate_temporal(k, tl.where(in_sink, c_sink, 1.0), tl.where(in_sink, s_sink, 0.0),
-                              BLOCK_N, BLOCK_D, INTERLEAVED)
-        k_hi = kf.to(k.dtype)
-        k_lo = (kf - k_hi.to(tl.float32)).to(k.dtype)
-    elif ROTATE == 2:
-        offs_p = tl.arange(0, BLOCK_D // 2)
-        cs_mask = n_mask[:, None] & (offs_p < n_temporal)[None, :]
-        cs_off = cs_base + offs_n[:, None].to(tl.int64) * stride_cn + offs_p[None, :]
-        c = tl.load(Cos + cs_off, mask=cs_mask, other=1.0)
-        s = tl.load(Sin + cs_off, mask=cs_mask, other=0.0)
-        kf = _rotate_temporal(k, c, s, BLOCK_N, BLOCK_D, INTERLEAVED)
-        k_hi = kf.to(k.dtype)
-        k_lo = (kf - k_hi.to(tl.float32)).to(k.dtype)
-    else:
+    k_ptrs = K + offs_n[:, None] * stride_kn
+    k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=n_mask[:, None], other=0.0)
+    if ROTATE == 0:
         k_hi = k
         k_lo = k
+    else:
+        pair, partner, sign = _pair_channels(offs_d, INTERLEAVED, BLOCK_D)
+        k_partner = tl.load(k_ptrs + partner[None, :] * stride_kd, mask=n_mask[:, None], other=0.0)
+        if ROTATE == 1:
+            in_sink = (offs_n < sink_len)[:, None]
+            c = tl.where(in_sink, c_sink, 1.0)
+            s = tl.where(in_sink, s_sink, 0.0)
+        else:
+            cs_mask = n_mask[:, None] & (pair < n_temporal)[None, :]
+            cs_off = cs_base + offs_n[:, None].to(tl.int64) * stride_cn + pair[None, :]
+            c = tl.load(Cos + cs_off, mask=cs_mask, other=1.0)
+            s = tl.load(Sin + cs_off, mask=cs_mask, other=0.0) * sign[None, :]
+        kf = k.to(tl.float32) * c + k_partner.to(tl.float32) * s
+        k_hi = kf.to(k.dtype)
+        k_lo = (kf - k_hi.to(tl.float32)).to(k.dtype)
     return k_hi, k_lo
 
 
 @triton.jit
-def _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D: tl.constexpr):
-    """``[1, BLOCK_D // 2]`` cos / sin of the sink shift (1 / 0 for the non-temporal pairs)."""
-    offs_p = tl.arange(0, BLOCK_D // 2)
-    p_mask = offs_p < n_temporal
-    c = tl.load(Cos + offs_p, mask=p_mask, other=1.0)[None, :]
-    s = tl.load(Sin + offs_p, mask=p_mask, other=0.0)[None, :]
+def _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Per-channel ``[1, BLOCK_D]`` cos and signed sin of the sink shift (1 / 0 on non-temporal channels)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    pair, partner, sign = _pair_channels(offs_d, INTERLEAVED, BLOCK_D)
+    p_mask = pair < n_temporal
+    c = tl.load(Cos + pair, mask=p_mask, other=1.0)[None, :]
+    s = (tl.load(Sin + pair, mask=p_mask, other=0.0) * sign)[None, :]
     return c, s
 
 
@@ -297,12 +306,13 @@ def _scores(q, k_hi, k_lo, ROTATE: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: t
 
 
 @triton.jit
-def _attn_inner(acc, l_i, m_i, q, K, V, start, end, Lk, offs_n0, offs_d, stride_kn, stride_kd, stride_vn,
+def _attn_inner(acc, l_i, m_i, q, K, V, start, end, Lk, offs_d, stride_kn, stride_kd, stride_vn,
                 stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn, sink_len, n_temporal, qk_scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr,
                 SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
     """Online-softmax loop over keys ``[start, end)`` (exp2 domain: scores are pre-multiplied by
     ``scale * log2(e)``, so ``exp2`` replaces ``exp``)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
         n_mask = offs_n < Lk
@@ -335,7 +345,7 @@ def _fwd_kernel(
     stride_ob, stride_om, stride_oh,
     stride_cb, stride_cn,
     Hq, group, Lq, Lk, sink_len, n_temporal, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_ROT: tl.constexpr, BLOCK_D: tl.constexpr,
     REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, STORE_LSE: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -347,7 +357,6 @@ def _fwd_kernel(
     kv_h = (h // group).to(tl.int64)  # GQA: contiguous groups of query heads share a KV head
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < Lq
 
@@ -362,23 +371,29 @@ def _fwd_kernel(
     cs_base = b * stride_cb
 
     if REPHASE == 1:
-        # Sink tiles [0, ceil(sink_len / BLOCK_N) * BLOCK_N) re-phase on load (the last may straddle sink_len);
-        # the rest run the plain loop, so the common path pays nothing.
-        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D)
-        sink_end = tl.minimum(tl.cdiv(sink_len, BLOCK_N) * BLOCK_N, Lk)
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, sink_end, Lk, offs_n0, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn,
-                                    sink_len, n_temporal, qk_scale, BLOCK_N, BLOCK_D, 1, INTERLEAVED, SPLIT, DOT_F32)
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, sink_end, Lk, Lk, offs_n0, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn,
-                                    sink_len, n_temporal, qk_scale, BLOCK_N, BLOCK_D, 0, INTERLEAVED, SPLIT, DOT_F32)
+        # Sink tiles [0, ceil(sink_len / BLOCK_N_ROT) * BLOCK_N_ROT) re-phase on load (the last may straddle
+        # sink_len); the rest run the plain loop with the wider BLOCK_N, so the common path pays nothing.
+        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D, INTERLEAVED)
+        sink_end = tl.minimum(tl.cdiv(sink_len, BLOCK_N_ROT) * BLOCK_N_ROT, Lk)
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, sink_end, Lk, offs_d, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn, sink_len,
+                                    n_temporal, qk_scale, BLOCK_N_ROT, BLOCK_D, 1, INTERLEAVED, SPLIT, DOT_F32)
+        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, sink_end, Lk, Lk, offs_d, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn, sink_len,
+                                    n_temporal, qk_scale, BLOCK_N, BLOCK_D, 0, INTERLEAVED, SPLIT, DOT_F32)
     else:
-        c_sink = tl.full([1, BLOCK_D // 2], 1.0, dtype=tl.float32)  # unused placeholders
-        s_sink = tl.zeros([1, BLOCK_D // 2], dtype=tl.float32)
-        acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, Lk, Lk, offs_n0, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn,
-                                    sink_len, n_temporal, qk_scale, BLOCK_N, BLOCK_D, REPHASE, INTERLEAVED,
-                                    SPLIT, DOT_F32)
+        c_sink = tl.full([1, BLOCK_D], 1.0, dtype=tl.float32)  # unused placeholders
+        s_sink = tl.zeros([1, BLOCK_D], dtype=tl.float32)
+        if REPHASE == 2:
+            acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, Lk, Lk, offs_d, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn,
+                                        sink_len, n_temporal, qk_scale, BLOCK_N_ROT, BLOCK_D, 2, INTERLEAVED, SPLIT,
+                                        DOT_F32)
+        else:
+            acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, Lk, Lk, offs_d, stride_kn, stride_kd,
+                                        stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn,
+                                        sink_len, n_temporal, qk_scale, BLOCK_N, BLOCK_D, 0, INTERLEAVED, SPLIT,
+                                        DOT_F32)
 
     # Epilogue. Every row saw at least one key (Lk >= 1), so l_i > 0.
     out = acc / l_i[:, None]

@@ -92,10 +92,10 @@ def _mass_kernel(
 
     K += b * stride_kb + g.to(tl.int64) * stride_kh
     if REPHASE == 1:
-        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D)
+        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D, INTERLEAVED)
     else:
-        c_sink = tl.full([1, BLOCK_D // 2], 1.0, dtype=tl.float32)  # unused placeholders
-        s_sink = tl.zeros([1, BLOCK_D // 2], dtype=tl.float32)
+        c_sink = tl.full([1, BLOCK_D], 1.0, dtype=tl.float32)  # unused placeholders
+        s_sink = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     # Loaded and re-phased once, reused for every query tile and head of the group.
     k_hi, k_lo = _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin, c_sink, s_sink,
                                     b * stride_cb, stride_cn, sink_len, n_temporal, BLOCK_N, BLOCK_D, REPHASE,
