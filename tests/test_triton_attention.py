@@ -31,9 +31,10 @@ else:
 
 pytestmark = pytest.mark.triton
 
-# Plain key tiles 32 wide, re-phased ones 16: with Lk = 53 and sink_len = 20 this runs a full re-phased tile, one
-# that straddles sink_len, a plain tile and a plain tail tile.
-SMALL_FWD = FwdConfig(16, 32, 4, 1, BLOCK_N_ROT=16)
+# Query tiles 32 (Lq = 37: a full and a tail tile); plain key tiles 32 wide, re-phased ones 16: with Lk = 53 and
+# sink_len = 20 this runs a full re-phased tile, one that straddles sink_len, a plain tile and a plain tail tile.
+# The mass kernel uses 16 x 16 tiles so its query loop runs more than one tile over the mass range.
+SMALL_FWD = FwdConfig(32, 32, 4, 1, BLOCK_N_ROT=16)
 SMALL_MASS = FwdConfig(16, 16, 4, 1)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REAL_FWD_CONFIG = triton_attention.fwd_config
