@@ -143,6 +143,15 @@ def test_key_shift_1d_equals_sink_form():
     torch.testing.assert_close(a.lse, b.lse, rtol=0, atol=2e-6)
 
 
+def test_zero_key_shift_without_rope():
+    # Validation lets an all-zero key_shift through without a RopeSpec: nothing moves, no table is needed.
+    # (The oracle itself cannot take key_shift without a rope, so compare with the unshifted problem.)
+    q, k, v = _qkv(2, 10, 20, 2, 1, 64, torch.float16)
+    res = sink_attention(q, k, v, key_shift=torch.zeros(2, 20, dtype=torch.int32), return_lse=True,
+                         return_mass=True, backend="triton")
+    assert_within_budget(res, q, k, v)
+
+
 def test_rephasing_changes_the_result():
     # Guard against a kernel that silently ignores the shift: the shifted result must differ from the plain one
     # by far more than the budget.

@@ -155,7 +155,7 @@ def rephase_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, key
     Angles ``shift * w_j`` are formed and reduced mod 2*pi in float64, then cos / sin are stored in fp32.
     Sink mode: ``[T]`` tables (cached). Per-key mode: ``[B, Lk, T]`` tables. No re-phasing: 1-element dummies.
     """
-    if key_shift is not None:
+    if key_shift is not None and rope is not None:  # (rope None: validation proved every shift is 0)
         w = rope.temporal_freqs().to(device=device)  # float64 [T]
         ang = torch.remainder(key_shift.to(torch.float64)[..., None] * w, 2.0 * math.pi)  # [B, Lk, T]
         cos = torch.cos(ang).to(torch.float32).contiguous()
