@@ -12,11 +12,17 @@
 //   3. Mass: each thread sums its probabilities into a private column vector for the KV head group it works on
 //      and adds it to the shared result under a mutex when the group changes (a few flushes per thread).
 //
-// bf16 / fp16 inputs are converted to fp32 once per call (q, k, v: O(L * D) work against O(Lq * Lk * D) GEMM
-// work) and run the same fp32 GEMMs, which on CPUs without AMX beat PyTorch's bf16 SDPA path.
+// bf16 inputs, where oneDNN's bf16 micro-kernel (at::native::cpublas::brgemm: bf16 x bf16 -> fp32 accumulate,
+// avx512_bf16 / AMX) works on this CPU: K and V are packed ONCE per call into the VNNI layout the micro-kernel
+// reads (K^T as [D/2, Lk, 2] with the sink re-phased in fp32 on the way, V as [Lk/2, D, 2]); scores come out in
+// fp32, so the softmax, lse and mass are computed exactly as in the fp32 path, and P is rounded to bf16 only as
+// the operand of the P V product (as any bf16 attention does). Elsewhere (no bf16 micro-kernel, and for fp16)
+// the inputs are converted to fp32 once per call (O(L * D) work against O(Lq * Lk * D) GEMM work) and run the
+// fp32 path.
 #include "sink_attention_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
@@ -157,6 +163,34 @@ inline float exp2_sub_sum(float* x, int64_t n, float m) {
   return s;
 }
 
+// One softmax sweep for the bf16 path: e[j] = 2^(alpha * x[j] - am) where am = alpha * rowmax; e is stored in fp32
+// back into x (when keep_f32: the mass needs it) and rounded to bf16 into p (the operand of P V). Returns the sum
+// of the fp32 values.
+inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha, float am, bool keep_f32) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const __m512 va = _mm512_set1_ps(alpha), vm = _mm512_set1_ps(am);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j < n; j += 16) {
+    const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
+    const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, x + j), va, vm));
+    if (keep_f32) _mm512_mask_storeu_ps(x + j, mk, e);
+    const __m256bh eb = _mm512_cvtneps_pbh(e);
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + j), mk, reinterpret_cast<const __m256i&>(eb));
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mk, e));
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    const float e = std::exp2(alpha * x[j] - am);
+    if (keep_f32) x[j] = e;
+    p[j] = c10::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+
 // col[j] += sum_r w[r] * P[r, j] over `rows` rows of P (leading dimension ld); four rows per sweep so the column
 // vector is loaded and stored a quarter as often.
 void column_sums(float* col, const float* P, int64_t ld, const float* w, int64_t rows, int64_t n) {
@@ -230,43 +264,151 @@ void rephase_rows(const scalar_t* k, float* krot, int64_t B, int64_t Lk, int64_t
   });
 }
 
+// ------------------------------------------------------------------------------------------------ bf16 path
+std::atomic<bool> g_bf16_gemm_enabled{true};
+
+// Whether at::native::cpublas::brgemm computes bf16 x bf16 -> fp32 here (oneDNN micro-kernel for avx512_bf16 or
+// AMX). Probed once on a tiny product: it raises on CPUs without a bf16 kernel, and a wrong answer is not trusted.
+bool bf16_brgemm_available() {
+  static const bool ok = [] {
+    try {
+      constexpr int64_t M = 2, N = 16, K = 4;
+      c10::BFloat16 a[M * K], bv[K * N];
+      float c[M * N];
+      for (int64_t i = 0; i < M * K; ++i) a[i] = c10::BFloat16(static_cast<float>(i % 5) - 2.f);
+      for (int64_t kk = 0; kk < K; ++kk)
+        for (int64_t n = 0; n < N; ++n)  // B[kk, n] = (kk + n) % 3 - 1 stored VNNI [K/2, N, 2]
+          bv[((kk / 2) * N + n) * 2 + kk % 2] = c10::BFloat16(static_cast<float>((kk + n) % 3) - 1.f);
+      at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, bv, c, true);
+      at::native::cpublas::brgemm_release(true);
+      for (int64_t i = 0; i < M; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          float want = 0.f;
+          for (int64_t kk = 0; kk < K; ++kk)
+            want += (static_cast<float>((i * K + kk) % 5) - 2.f) * (static_cast<float>((kk + n) % 3) - 1.f);
+          if (c[i * N + n] != want) return false;
+        }
+      return true;
+    } catch (...) {
+      return false;
+    }
+  }();
+  return ok;
+}
+
+bool use_bf16_gemm(at::ScalarType dt) {
+  return dt == at::kBFloat16 && g_bf16_gemm_enabled.load() && bf16_brgemm_available();
+}
+
+// K^T in the VNNI layout of the bf16 micro-kernel: kv [B, Hkv, D/2, Lk, 2] from k [B, Lk, Hkv, D] (contiguous
+// bf16); rows [0, R) re-phased in fp32 (one shift, or shifts[b * Lk + j]) and rounded to bf16 once.
+void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t B, int64_t Lk, int64_t Hkv, int64_t D,
+                    int64_t R, const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T,
+                    bool interleaved) {
+  const int64_t P = D / 2;
+  constexpr int64_t kRows = 32;  // keys per tile: each pair row of the tile is written as one 128-byte run
+  const int64_t tiles = (Lk + kRows - 1) / kRows;
+  std::vector<float> c0(T), s0(T);
+  if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
+  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(T), s(T), row(D);
+    std::vector<c10::BFloat16> rowb(D);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t tile = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
+      const int64_t j0 = tile * kRows, j1 = std::min(Lk, j0 + kRows);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kv) + bg * P * Lk;
+      for (int64_t j = j0; j < j1; ++j) {
+        const c10::BFloat16* src = k + ((b * Lk + j) * Hkv + g) * D;
+        if (j < R) {
+          const float *cp = c0.data(), *sp = s0.data();
+          if (shifts != nullptr) {
+            phase_table(shifts[b * Lk + j], freqs, T, c.data(), s.data());
+            cp = c.data();
+            sp = s.data();
+          }
+          rotate_row(src, row.data(), D, T, interleaved, cp, sp);
+          for (int64_t d = 0; d < D; ++d) rowb[d] = c10::BFloat16(row[d]);
+          src = rowb.data();
+        }
+        const uint32_t* s32 = reinterpret_cast<const uint32_t*>(src);
+        for (int64_t p = 0; p < P; ++p) dst[p * Lk + j] = s32[p];
+      }
+    }
+  });
+}
+
+// V in the VNNI layout: vv [B, Hkv, Lkp/2, D, 2] with Lkp = Lk rounded up to even (the pad row is zero).
+void pack_values_vnni(const c10::BFloat16* v, c10::BFloat16* vv, int64_t B, int64_t Lk, int64_t Hkv, int64_t D,
+                      int64_t Lkp) {
+  const int64_t pairs = Lkp / 2;
+  at::parallel_for(0, B * Hkv * pairs, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t t = idx % pairs, bg = idx / pairs, g = bg % Hkv, b = bg / Hkv;
+      const int64_t j = 2 * t;
+      const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + ((b * Lk + j) * Hkv + g) * D);
+      const uint16_t* r1 = j + 1 < Lk ? reinterpret_cast<const uint16_t*>(v + ((b * Lk + j + 1) * Hkv + g) * D)
+                                      : nullptr;
+      uint16_t* dst = reinterpret_cast<uint16_t*>(vv) + (bg * pairs + t) * D * 2;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[2 * d] = r0[d];
+        dst[2 * d + 1] = r1 != nullptr ? r1[d] : uint16_t(0);
+      }
+    }
+  });
+}
+
+// Which keys move and by how much: rows [0, R) are re-phased, by `shifts` [B, Lk] (int64) when defined, else all
+// by sink_shift; `freqs` are the fp64 temporal frequencies (defined when R > 0).
+struct ShiftPlan {
+  int64_t R = 0;
+  at::Tensor freqs;
+  at::Tensor shifts;
+  const int64_t* shift_ptr() const { return shifts.defined() ? shifts.data_ptr<int64_t>() : nullptr; }
+};
+
+ShiftPlan plan_shifts(int64_t B, int64_t Lk, int64_t D, const c10::optional<at::Tensor>& key_shift,
+                      const c10::optional<at::Tensor>& temporal_freqs, int64_t sink_len, int64_t sink_shift) {
+  ShiftPlan plan;
+  const bool per_key = key_shift.has_value() && key_shift->defined();
+  plan.R = per_key ? Lk : ((sink_len > 0 && sink_shift != 0) ? sink_len : 0);
+  if (plan.R == 0) return plan;
+  TORCH_CHECK(temporal_freqs.has_value() && temporal_freqs->defined(),
+              "sink_attention_fwd: keys are re-phased but temporal_freqs is None");
+  const at::Tensor& fr = *temporal_freqs;
+  TORCH_CHECK(fr.dim() == 1 && fr.scalar_type() == at::kDouble && fr.device().is_cpu(),
+              "sink_attention_fwd: temporal_freqs must be a 1-D float64 CPU tensor, got ", fr.sizes(), " ",
+              fr.scalar_type());
+  TORCH_CHECK(fr.size(0) <= D / 2, "sink_attention_fwd: temporal_freqs has ", fr.size(0), " pairs but head_dim ",
+              D, " has only ", D / 2);
+  plan.freqs = fr.contiguous();
+  if (per_key) {
+    const at::Tensor& ks = *key_shift;
+    TORCH_CHECK(ks.scalar_type() == at::kLong && ks.dim() == 2 && ks.size(0) == B && ks.size(1) == Lk &&
+                    ks.device().is_cpu(),
+                "sink_attention_fwd: key_shift must be an int64 CPU tensor [B, Lk] = [", B, ", ", Lk, "], got ",
+                ks.sizes(), " ", ks.scalar_type());
+    plan.shifts = ks.contiguous();
+  }
+  return plan;
+}
+
+// fp32 path keys: re-phased rows [0, R) in krot [B, Hkv, R, D]; the resting rows read from kf [B, Lk, Hkv, D].
 struct KeyPlan {
-  at::Tensor krot;  // [B, Hkv, R, D] fp32 re-phased rows, or undefined when R == 0
-  at::Tensor kf;    // [B, Lk, Hkv, D] fp32 keys for rows [R, Lk) (undefined when R == Lk)
+  at::Tensor krot;  // undefined when R == 0
+  at::Tensor kf;    // undefined when R == Lk
   int64_t R = 0;
 };
 
-KeyPlan plan_keys(const at::Tensor& k, const c10::optional<at::Tensor>& key_shift,
-                  const c10::optional<at::Tensor>& temporal_freqs, bool interleaved, int64_t sink_len,
-                  int64_t sink_shift) {
+KeyPlan plan_keys_f32(const at::Tensor& k, const ShiftPlan& sp, bool interleaved, int64_t sink_shift) {
   const int64_t B = k.size(0), Lk = k.size(1), Hkv = k.size(2), D = k.size(3);
   KeyPlan plan;
-  const bool per_key = key_shift.has_value() && key_shift->defined();
-  plan.R = per_key ? Lk : ((sink_len > 0 && sink_shift != 0) ? sink_len : 0);
+  plan.R = sp.R;
   if (plan.R > 0) {
-    TORCH_CHECK(temporal_freqs.has_value() && temporal_freqs->defined(),
-                "sink_attention_fwd: keys are re-phased but temporal_freqs is None");
-    const at::Tensor& fr = *temporal_freqs;
-    TORCH_CHECK(fr.dim() == 1 && fr.scalar_type() == at::kDouble && fr.device().is_cpu(),
-                "sink_attention_fwd: temporal_freqs must be a 1-D float64 CPU tensor, got ", fr.sizes(), " ",
-                fr.scalar_type());
-    TORCH_CHECK(fr.size(0) <= D / 2, "sink_attention_fwd: temporal_freqs has ", fr.size(0),
-                " pairs but head_dim ", D, " has only ", D / 2);
-    const at::Tensor freqs = fr.contiguous();
-    at::Tensor shifts;
-    if (per_key) {
-      shifts = *key_shift;
-      TORCH_CHECK(shifts.scalar_type() == at::kLong && shifts.dim() == 2 && shifts.size(0) == B &&
-                      shifts.size(1) == Lk && shifts.device().is_cpu(),
-                  "sink_attention_fwd: key_shift must be an int64 CPU tensor [B, Lk] = [", B, ", ", Lk, "], got ",
-                  shifts.sizes(), " ", shifts.scalar_type());
-      shifts = shifts.contiguous();
-    }
     plan.krot = at::empty({B, Hkv, plan.R, D}, k.options().dtype(at::kFloat));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sink_rephase", [&] {
       rephase_rows<scalar_t>(k.data_ptr<scalar_t>(), plan.krot.data_ptr<float>(), B, Lk, Hkv, D, plan.R,
-                             per_key ? shifts.data_ptr<int64_t>() : nullptr, sink_shift,
-                             freqs.data_ptr<double>(), freqs.size(0), interleaved);
+                             sp.shift_ptr(), sink_shift, sp.freqs.data_ptr<double>(), sp.freqs.size(0),
+                             interleaved);
     });
   }
   if (plan.R < Lk) plan.kf = k.scalar_type() == at::kFloat ? k : k.to(at::kFloat);
@@ -282,8 +424,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   const auto dt = q.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
               "sink_attention_fwd: dtype must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "sink_attention_fwd: q, k, v must share one dtype, got ",
-              dt, ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt,
+              "sink_attention_fwd: q, k, v must share one dtype, got ", dt, ", ", k.scalar_type(), ", ",
+              v.scalar_type());
   TORCH_CHECK(k.sizes() == v.sizes(), "sink_attention_fwd: k and v shapes differ: ", k.sizes(), " vs ", v.sizes());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3),
               "sink_attention_fwd: k [B, Lk, Hkv, D] disagrees with q on B or D: ", k.sizes(), " vs ", q.sizes());
@@ -293,11 +436,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
   TORCH_CHECK(q.size(3) >= 2 && q.size(3) % 2 == 0, "sink_attention_fwd: head_dim must be even, got ", q.size(3));
 }
 
-int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
+// Query rows per task. `bytes_per_score` is what one score costs in the task's buffers (4: fp32 S; 6: fp32 S and
+// bf16 P).
+int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t bytes_per_score) {
   const int64_t forced = g_block_rows.load();
-  if (forced > 0) return forced;
-  // Keep the fp32 score block within about 1 MiB (a core's L2 on current x86 parts) ...
-  int64_t rows = std::max<int64_t>(16, (int64_t(1) << 20) / (4 * Lk));
+  if (forced > 0) return std::min(forced, Lq);
+  // Keep the score block within about 1 MiB (a core's L2 on current x86 parts) ...
+  int64_t rows = std::max<int64_t>(16, (int64_t(1) << 20) / (bytes_per_score * Lk));
   rows = std::min<int64_t>(rows, 64);
   // ... and make enough tasks for every thread (at least 4 each) so the last wave is not half idle.
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
@@ -305,86 +450,78 @@ int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk) {
   return std::min(rows, Lq);
 }
 
-}  // namespace
+// What every task shares: shapes, the softmax scale, and where lse and mass go.
+struct Problem {
+  int64_t B, Lq, Hq, D, Lk, Hkv, G;
+  float scale;
+  float* lse;            // [B, Hq, Lq]
+  float* mass;           // [B, Hkv, Lk] or nullptr
+  int64_t mass_start, mass_end;
+};
 
-void set_block_rows(int64_t rows) {
-  TORCH_CHECK(rows >= 0, "block rows must be >= 0 (0 = automatic)");
-  g_block_rows.store(rows);
-}
-
-int64_t get_block_rows() { return g_block_rows.load(); }
-
-at::Tensor sink_rephase_keys(const at::Tensor& k_in, const c10::optional<at::Tensor>& key_shift,
-                             const at::Tensor& temporal_freqs, bool interleaved, int64_t sink_len,
-                             int64_t sink_shift) {
-  TORCH_CHECK(k_in.dim() == 4 && k_in.device().is_cpu(), "sink_rephase_keys: k must be a 4-D CPU tensor");
-  TORCH_CHECK(sink_len >= 0 && sink_len <= k_in.size(1), "sink_rephase_keys: sink_len out of range");
-  const at::Tensor k = k_in.contiguous();
-  KeyPlan plan = plan_keys(k, key_shift, temporal_freqs, interleaved, sink_len, sink_shift);
-  at::Tensor out = plan.kf.defined() ? plan.kf.clone() : at::empty(k.sizes(), k.options().dtype(at::kFloat));
-  if (plan.R > 0) out.narrow(1, 0, plan.R).copy_(plan.krot.permute({0, 2, 1, 3}));
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const c10::optional<at::Tensor>& key_shift, const c10::optional<at::Tensor>& temporal_freqs, bool interleaved,
-    int64_t sink_len, int64_t sink_shift, double softmax_scale, bool return_mass, int64_t mass_start,
-    int64_t mass_end) {
-  check_inputs(q_in, k_in, v_in);
-  const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
-  const int64_t Lk = k_in.size(1), Hkv = k_in.size(2), G = Hq / Hkv;
-  TORCH_CHECK(sink_len >= 0 && sink_len <= Lk, "sink_attention_fwd: sink_len must be in [0, Lk=", Lk, "], got ",
-              sink_len);
-  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "sink_attention_fwd: softmax_scale must be > 0");
-  if (return_mass) {
-    TORCH_CHECK(0 <= mass_start && mass_start <= mass_end && mass_end <= Lq,
-                "sink_attention_fwd: mass range [", mass_start, ", ", mass_end, ") is not inside [0, Lq=", Lq, "]");
+// Per-thread partial mass for one KV group at a time, added to the shared result under a mutex whenever the
+// thread moves to another group (tasks are ordered batch, head, query block, so that is rare).
+class MassAccumulator {
+ public:
+  MassAccumulator(const Problem& p, std::mutex& mu) : p_(p), mu_(mu), col_(p.mass ? p.Lk : 0, 0.f) {}
+  ~MassAccumulator() { flush(); }
+  // Rows [i0, i0 + m) of a task of group (b, g): P holds unnormalised probabilities (leading dimension ld),
+  // inv[r] = 1 / rowsum.
+  void add(int64_t b, int64_t g, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) {
+    if (p_.mass == nullptr) return;
+    const int64_t a = std::max(i0, p_.mass_start), e = std::min(i0 + m, p_.mass_end);
+    if (a >= e) return;
+    const int64_t owner = b * p_.Hkv + g;
+    if (owner != owner_) {
+      flush();
+      owner_ = owner;
+    }
+    column_sums(col_.data(), P + (a - i0) * ld, ld, inv + (a - i0), e - a, p_.Lk);
   }
+  void flush() {
+    if (owner_ < 0) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    float* dst = p_.mass + owner_ * p_.Lk;
+    for (int64_t j = 0; j < p_.Lk; ++j) dst[j] += col_[j];
+    std::fill(col_.begin(), col_.end(), 0.f);
+    owner_ = -1;
+  }
+
+ private:
+  const Problem& p_;
+  std::mutex& mu_;
+  std::vector<float> col_;
+  int64_t owner_ = -1;
+};
+
+// fp32 GEMM path (fp32 inputs; bf16 / fp16 inputs without the bf16 micro-kernel, converted once).
+void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v_in,
+             const ShiftPlan& sp, bool interleaved, int64_t sink_shift, at::Tensor& out) {
+  const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, D = p.D, Lk = p.Lk, Hkv = p.Hkv, G = p.G;
   const auto dt = q_in.scalar_type();
   const bool f32 = dt == at::kFloat;
-
-  // Inputs in the layout the GEMMs read: [B, L, H, D] with unit stride on D (a no-op when already contiguous).
-  const at::Tensor k = k_in.contiguous();
   const at::Tensor qf = f32 ? q_in.contiguous() : q_in.to(at::kFloat).contiguous();
   const at::Tensor vf = f32 ? v_in.contiguous() : v_in.to(at::kFloat).contiguous();
-  KeyPlan plan = plan_keys(k, key_shift, temporal_freqs, interleaved, sink_len, sink_shift);
+  KeyPlan plan = plan_keys_f32(k, sp, interleaved, sink_shift);
   const int64_t R = plan.R;
   const float* krot = R > 0 ? plan.krot.data_ptr<float>() : nullptr;
   const float* kf = plan.kf.defined() ? plan.kf.data_ptr<float>() : nullptr;
   const float* qp = qf.data_ptr<float>();
   const float* vp = vf.data_ptr<float>();
-
-  at::Tensor out = at::empty({B, Lq, Hq, D}, q_in.options().dtype(dt).memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
-  at::Tensor mass = return_mass ? at::zeros({B, Hkv, Lk}, q_in.options().dtype(at::kFloat))
-                                : at::empty({0}, q_in.options().dtype(at::kFloat));
-  float* lsep = lse.data_ptr<float>();
-  float* massp = return_mass ? mass.data_ptr<float>() : nullptr;
   float* outf = f32 ? out.data_ptr<float>() : nullptr;
   void* outraw = out.data_ptr();
 
-  const int64_t rows = choose_block_rows(B, Hq, Lq, Lk);
+  const int64_t rows = choose_block_rows(B, Hq, Lq, Lk, 4);
   const int64_t nqb = (Lq + rows - 1) / rows;
-  const int64_t ntasks = B * Hq * nqb;
-  const float alpha = static_cast<float>(softmax_scale) * kLog2e;  // scores in log2 units: exp2 in the softmax
+  const float alpha = p.scale * kLog2e;  // scores in log2 units: exp2 in the softmax
   const int64_t ldq = Hq * D, ldk = Hkv * D, ldo = Hq * D;
   std::mutex mass_mutex;
 
-  at::parallel_for(0, ntasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> S(static_cast<size_t>(rows * Lk));
     std::vector<float> inv(static_cast<size_t>(rows));
     std::vector<float> obuf(f32 ? 0 : static_cast<size_t>(rows * D));
-    std::vector<float> col(return_mass ? static_cast<size_t>(Lk) : 0, 0.f);
-    int64_t col_owner = -1;  // b * Hkv + g whose partial mass `col` holds
-    auto flush = [&]() {
-      if (col_owner < 0) return;
-      std::lock_guard<std::mutex> lock(mass_mutex);
-      float* dst = massp + col_owner * Lk;
-      for (int64_t j = 0; j < Lk; ++j) dst[j] += col[j];
-      std::fill(col.begin(), col.end(), 0.f);
-    };
-
+    MassAccumulator acc(p, mass_mutex);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
       const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
@@ -401,19 +538,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
         const float mx = row_max(srow, Lk);
         const float sum = exp2_sub_sum(srow, Lk, mx);
         inv[r] = 1.f / sum;
-        lsep[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
+        p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
       }
-
-      if (return_mass) {
-        const int64_t a = std::max(i0, mass_start), e = std::min(i0 + m, mass_end);
-        if (a < e) {
-          if (col_owner != b * Hkv + g) {
-            flush();
-            col_owner = b * Hkv + g;
-          }
-          column_sums(col.data(), S.data() + (a - i0) * Lk, Lk, inv.data() + (a - i0), e - a, Lk);
-        }
-      }
+      acc.add(b, g, i0, m, S.data(), Lk, inv.data());
 
       // O = P V, then rows scaled by 1 / rowsum.
       float* o = f32 ? outf + ((b * Lq + i0) * Hq + h) * D : obuf.data();
@@ -439,8 +566,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
         }
       }
     }
-    if (return_mass) flush();
   });
+}
+
+// bf16 micro-kernel path: fp32 scores from bf16 x bf16 products, bf16 P for P V.
+void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v_in,
+              const ShiftPlan& sp, bool interleaved, int64_t sink_shift, at::Tensor& out) {
+  const int64_t B = p.B, Lq = p.Lq, Hq = p.Hq, D = p.D, Lk = p.Lk, Hkv = p.Hkv, G = p.G;
+  const int64_t Lkp = Lk + (Lk & 1);  // V's reduction length padded to even (VNNI pairs rows)
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor v = v_in.contiguous();
+  at::Tensor kv = at::empty({B, Hkv, D / 2, Lk, 2}, k.options());
+  at::Tensor vv = at::empty({B, Hkv, Lkp / 2, D, 2}, v.options());
+  pack_keys_vnni(k.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), B, Lk, Hkv, D, sp.R, sp.shift_ptr(),
+                 sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr, sp.R > 0 ? sp.freqs.size(0) : 0,
+                 interleaved);
+  pack_values_vnni(v.data_ptr<c10::BFloat16>(), vv.data_ptr<c10::BFloat16>(), B, Lk, Hkv, D, Lkp);
+  const c10::BFloat16* qp = q.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* kvp = kv.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* vvp = vv.data_ptr<c10::BFloat16>();
+  auto* outp = out.data_ptr<c10::BFloat16>();
+
+  const int64_t rows = choose_block_rows(B, Hq, Lq, Lk, 6);
+  const int64_t nqb = (Lq + rows - 1) / rows;
+  const float alpha = p.scale * kLog2e;
+  const int64_t ldq = Hq * D;
+  const bool keep_f32 = p.mass != nullptr;
+  std::mutex mass_mutex;
+
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> S(static_cast<size_t>(rows * Lk));
+    std::vector<c10::BFloat16> P(static_cast<size_t>(rows * Lkp), c10::BFloat16(0.f));  // pad column stays 0
+    std::vector<float> inv(static_cast<size_t>(rows));
+    std::vector<float> obuf(static_cast<size_t>(rows * D));
+    {
+      MassAccumulator acc(p, mass_mutex);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
+        const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
+        const c10::BFloat16* qblk = qp + ((b * Lq + i0) * Hq + h) * D;
+
+        // S = Q_blk K^T in fp32 (raw q.k: the scale is applied in the exp sweep).
+        at::native::cpublas::brgemm(m, Lk, D, ldq, Lk, Lk, false, qblk, kvp + (b * Hkv + g) * D * Lk, S.data(),
+                                    true);
+        for (int64_t r = 0; r < m; ++r) {
+          float* srow = S.data() + r * Lk;
+          const float mx = row_max(srow, Lk) * alpha;
+          const float sum = exp2_scaled_bf16(srow, P.data() + r * Lkp, Lk, alpha, mx, keep_f32);
+          inv[r] = 1.f / sum;
+          p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
+        }
+        acc.add(b, g, i0, m, S.data(), Lk, inv.data());
+
+        // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
+        at::native::cpublas::brgemm(m, D, Lkp, Lkp, D, D, false, P.data(), vvp + (b * Hkv + g) * Lkp * D,
+                                    obuf.data(), true);
+        for (int64_t r = 0; r < m; ++r) {
+          const float* orow = obuf.data() + r * D;
+          const float w = inv[r];
+          c10::BFloat16* dst = outp + ((b * Lq + i0 + r) * Hq + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(orow[d] * w);
+        }
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
+}  // namespace
+
+void set_block_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "block rows must be >= 0 (0 = automatic)");
+  g_block_rows.store(rows);
+}
+
+int64_t get_block_rows() { return g_block_rows.load(); }
+
+void set_bf16_gemm(bool enabled) { g_bf16_gemm_enabled.store(enabled); }
+
+bool bf16_gemm_active() { return g_bf16_gemm_enabled.load() && bf16_brgemm_available(); }
+
+at::Tensor sink_rephase_keys(const at::Tensor& k_in, const c10::optional<at::Tensor>& key_shift,
+                             const at::Tensor& temporal_freqs, bool interleaved, int64_t sink_len,
+                             int64_t sink_shift) {
+  TORCH_CHECK(k_in.dim() == 4 && k_in.device().is_cpu(), "sink_rephase_keys: k must be a 4-D CPU tensor");
+  TORCH_CHECK(sink_len >= 0 && sink_len <= k_in.size(1), "sink_rephase_keys: sink_len out of range");
+  const at::Tensor k = k_in.contiguous();
+  const ShiftPlan sp = plan_shifts(k.size(0), k.size(1), k.size(3), key_shift, temporal_freqs, sink_len,
+                                   sink_shift);
+  KeyPlan plan = plan_keys_f32(k, sp, interleaved, sink_shift);
+  at::Tensor out = plan.kf.defined() ? plan.kf.clone() : at::empty(k.sizes(), k.options().dtype(at::kFloat));
+  if (plan.R > 0) out.narrow(1, 0, plan.R).copy_(plan.krot.permute({0, 2, 1, 3}));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
+    const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v,
+    const c10::optional<at::Tensor>& key_shift, const c10::optional<at::Tensor>& temporal_freqs, bool interleaved,
+    int64_t sink_len, int64_t sink_shift, double softmax_scale, bool return_mass, int64_t mass_start,
+    int64_t mass_end) {
+  check_inputs(q, k_in, v);
+  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
+  const int64_t Lk = k_in.size(1), Hkv = k_in.size(2);
+  TORCH_CHECK(sink_len >= 0 && sink_len <= Lk, "sink_attention_fwd: sink_len must be in [0, Lk=", Lk, "], got ",
+              sink_len);
+  TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "sink_attention_fwd: softmax_scale must be > 0");
+  if (return_mass) {
+    TORCH_CHECK(0 <= mass_start && mass_start <= mass_end && mass_end <= Lq, "sink_attention_fwd: mass range [",
+                mass_start, ", ", mass_end, ") is not inside [0, Lq=", Lq, "]");
+  }
+  const at::Tensor k = k_in.contiguous();
+  const ShiftPlan sp = plan_shifts(B, Lk, D, key_shift, temporal_freqs, sink_len, sink_shift);
+
+  at::Tensor out = at::empty({B, Lq, Hq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  at::Tensor mass = return_mass ? at::zeros({B, Hkv, Lk}, q.options().dtype(at::kFloat))
+                                : at::empty({0}, q.options().dtype(at::kFloat));
+  Problem p{B, Lq, Hq, D, Lk, Hkv, Hq / Hkv, static_cast<float>(softmax_scale), lse.data_ptr<float>(),
+            return_mass ? mass.data_ptr<float>() : nullptr, mass_start, mass_end};
+  if (use_bf16_gemm(q.scalar_type())) {
+    run_bf16(p, q, k, v, sp, interleaved, sink_shift, out);
+  } else {
+    run_f32(p, q, k, v, sp, interleaved, sink_shift, out);
+  }
   return std::make_tuple(out, lse, mass);
 }
 

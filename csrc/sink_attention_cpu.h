@@ -36,4 +36,9 @@ at::Tensor sink_rephase_keys(const at::Tensor& k, const c10::optional<at::Tensor
 void set_block_rows(int64_t rows);
 int64_t get_block_rows();
 
+// bf16 inputs use oneDNN's bf16 micro-kernel when this CPU has one (avx512_bf16 / AMX) and it is enabled (the
+// default); otherwise they are converted to fp32 once and take the fp32 GEMM path. For tests and benchmarks.
+void set_bf16_gemm(bool enabled);
+bool bf16_gemm_active();
+
 }  // namespace deepforcing

@@ -70,7 +70,9 @@ def sink_attention_cpp(
     if rope is None:  # validation allows this only when no key moves (all shifts zero)
         key_shift, sink_len, sink_shift = None, 0, 0
     moves = key_shift is not None or (sink_len > 0 and sink_shift != 0)
-    freqs = _temporal_freqs(rope) if moves else None
+    freqs = None
+    if moves:  # under torch.compile the frequencies are traced as (tiny) graph ops instead of read from the cache
+        freqs = rope.temporal_freqs() if torch.compiler.is_compiling() else _temporal_freqs(rope)
     interleaved = rope.interleaved if rope is not None else True
     if key_shift is not None:
         key_shift = key_shift.to(torch.int64).expand(q.shape[0], k.shape[1]).contiguous()

@@ -20,5 +20,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("sink_shift"));
   m.def("sink_attention_set_block_rows", &deepforcing::set_block_rows,
         "Query rows per task of the CPU kernel (0 = automatic); for tuning and tests.", py::arg("rows"));
+  m.def("sink_attention_set_bf16_gemm", &deepforcing::set_bf16_gemm,
+        "Allow (default) or forbid the bf16 micro-kernel path for bf16 inputs; for tests and benchmarks.",
+        py::arg("enabled"));
+  m.def("sink_attention_bf16_gemm_active", &deepforcing::bf16_gemm_active,
+        "Whether bf16 inputs currently run on the bf16 micro-kernel (else: converted to fp32).");
   m.def("sink_attention_get_block_rows", &deepforcing::get_block_rows, "Current forced block rows (0 = automatic).");
 }

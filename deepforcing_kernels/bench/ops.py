@@ -1,0 +1,160 @@
+"""Timing of the fused op against PyTorch baselines, in one process, with interleaved repeats.
+
+Machines running these are often shared, so absolute times drift; every figure that matters here is a *ratio*
+against a baseline timed in the same process, alternating with it (A B C A B C ...), and summarised by medians.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..attention import available_backends, sink_attention
+from ..rope import RopeSpec
+
+__all__ = ["bench_op_case", "make_case", "attention_flops", "time_interleaved"]
+
+
+def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> float:
+    """FLOPs of the two attention GEMMs (QK^T and PV): ``4 * B * H * Lq * Lk * D`` (softmax not counted)."""
+    return 4.0 * batch * heads * lq * lk * head_dim
+
+
+def make_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int = 19, sink_frames: int = 10,
+              heads: int = 12, kv_heads: Optional[int] = None, head_dim: int = 128, batch: int = 1,
+              dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Random q, k, v of the Deep-Forcing streaming step: q is the live block (``q_frames`` frames), the cache
+    holds ``kv_frames`` frames of which the first ``sink_frames`` are the sink. Layout ``[B, L, H, D]``."""
+    g = torch.Generator().manual_seed(seed)
+    kvh = heads if kv_heads is None else kv_heads
+    lq, lk = q_frames * tokens_per_frame, kv_frames * tokens_per_frame
+    q = torch.randn(batch, lq, heads, head_dim, generator=g).to(dtype)
+    k = torch.randn(batch, lk, kvh, head_dim, generator=g).to(dtype)
+    v = torch.randn(batch, lk, kvh, head_dim, generator=g).to(dtype)
+    return dict(q=q, k=k, v=v, sink_len=sink_frames * tokens_per_frame,
+                # the release placement after a roll: the sink sits kv_frames + q_frames behind the live block
+                sink_shift=kv_frames + q_frames - sink_frames, rope=RopeSpec.wan(head_dim))
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2,
+                     inner: int = 1) -> Dict[str, list]:
+    """Seconds per call of every function, interleaved round-robin so machine noise hits all alike.
+
+    Returns ``{name: [seconds of each repeat]}`` (each repeat averages ``inner`` back-to-back calls).
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: Dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - t0) / inner)
+    return times
+
+
+def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int = 19, sink_frames: int = 10,
+                  heads: int = 12, kv_heads: Optional[int] = None, head_dim: int = 128, batch: int = 1,
+                  dtype: torch.dtype = torch.float32, rephase: bool = True, mass: bool = True,
+                  backends: Sequence[str] = ("cpp",), repeats: int = 7, warmup: int = 2,
+                  threads: Optional[int] = None) -> dict:
+    """Time ``sink_attention`` at one streaming shape against SDPA and against the bare GEMMs.
+
+    Timed in one process, interleaved, ``repeats`` times each (medians reported):
+
+    * ``<backend>``: :func:`deepforcing_kernels.sink_attention` with the sink re-phased (``rephase``) and the
+      attention mass returned (``mass``), for each backend in ``backends`` that is available for CPU tensors;
+    * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the same q, k, v (layout ``[B, H, L, D]``,
+      transposes made beforehand, GQA by ``enable_gqa``; no re-phasing, no mass);
+    * ``gemm``: the two bare batched GEMMs of the same size in the same dtype, ``Q K^T`` then ``P V``
+      (``torch.matmul``; its ``P`` is a constant tensor, so no softmax) — the floor a fused kernel approaches.
+
+    Args:
+        tokens_per_frame, q_frames, kv_frames, sink_frames, heads, kv_heads, head_dim, batch: the shape
+            (``Lq = q_frames * tokens_per_frame``, ``Lk = kv_frames * tokens_per_frame``).
+        dtype: float32 / bfloat16 / float16.
+        rephase: re-phase the ``sink_frames`` sink (otherwise ``sink_shift = 0``).
+        mass: ask the op for the attention mass.
+        backends: op backends to time ("cpp", "reference", "triton"); unavailable ones are skipped and listed.
+        repeats, warmup: timed rounds and untimed warm-up rounds.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards); None keeps the current setting.
+
+    Returns:
+        A JSON-friendly dict: ``shape``, ``dtype``, ``threads``, ``gflop`` (GEMM FLOPs, 1e9), ``skipped``
+        backends, and ``results[name] = {"ms": median ms, "ms_all": [...], "vs_sdpa": ratio of medians to SDPA,
+        "vs_gemm": ratio to the GEMM pair, "gflops": GEMM FLOPs / median time}`` for every timed entry.
+    """
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        case = make_case(tokens_per_frame=tokens_per_frame, q_frames=q_frames, kv_frames=kv_frames,
+                         sink_frames=sink_frames, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
+                         dtype=dtype)
+        q, k, v = case["q"], case["k"], case["v"]
+        lq, lk, kvh = q.shape[1], k.shape[1], k.shape[2]
+        op_kwargs = dict(rope=case["rope"], sink_len=case["sink_len"] if rephase else 0,
+                         sink_shift=case["sink_shift"] if rephase else 0, return_mass=mass)
+        fns: Dict[str, Callable[[], object]] = {}
+        skipped = []
+        avail = available_backends("cpu")
+        for name in backends:
+            if name not in avail:
+                skipped.append(name)
+                continue
+            fns[name] = (lambda name=name: sink_attention(q, k, v, backend=name, **op_kwargs))
+        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+        gqa = kvh != heads
+        fns["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+        # bare GEMMs at full head count (GQA shares K/V, which the matmuls see through expand)
+        kx = kt.repeat_interleave(heads // kvh, dim=1) if gqa else kt
+        vx = vt.repeat_interleave(heads // kvh, dim=1) if gqa else vt
+        p = torch.rand(batch, heads, lq, lk).to(dtype)
+
+        def gemms():
+            torch.matmul(qt, kx.transpose(-1, -2))
+            torch.matmul(p, vx)
+
+        fns["gemm"] = gemms
+        times = time_interleaved(fns, repeats=repeats, warmup=warmup)
+        gflop = attention_flops(batch, heads, lq, lk, head_dim) / 1e9
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        results = {}
+        for name, ts in times.items():
+            results[name] = {
+                "ms": med[name] * 1e3,
+                "ms_all": [t * 1e3 for t in ts],
+                "vs_sdpa": med[name] / med["sdpa"],
+                "vs_gemm": med[name] / med["gemm"],
+                "gflops": gflop / med[name],
+            }
+        return {
+            "shape": {"batch": batch, "lq": lq, "lk": lk, "heads": heads, "kv_heads": kvh, "head_dim": head_dim,
+                      "sink_len": op_kwargs["sink_len"], "sink_shift": op_kwargs["sink_shift"], "mass": mass},
+            "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "gflop": gflop,
+            "skipped": skipped,
+            "results": results,
+        }
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _main() -> None:  # python -m deepforcing_kernels.bench.ops
+    import json
+
+    for dt in (torch.float32, torch.bfloat16):
+        rep = bench_op_case(dtype=dt, repeats=9)
+        for r in rep["results"].values():
+            r.pop("ms_all")
+        print(json.dumps(rep, indent=1))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,290 @@
+"""The compiled CPU kernel (csrc/sink_attention_cpu.cpp) against the float64 oracle, by the SPEC section 7 budget.
+
+Every case goes through the public op with ``backend="cpp"`` (validation included) and is judged on out, lse and
+mass at once. bf16 runs on both of its paths: the bf16 micro-kernel (when this CPU has one) and the fp32
+fallback. Small query blocks are forced in some cases so that tail blocks, several tasks per head and several
+mass flushes per KV group all happen at test sizes.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from conftest import require_cpp
+from deepforcing_kernels import RopeSpec, available_backends, rephase, sink_attention
+from deepforcing_kernels.testing import assert_within_budget
+
+WAN64, WAN128 = RopeSpec.wan(64), RopeSpec.wan(128)
+LLAMA64, GPTJ64 = RopeSpec.llama(64), RopeSpec.gptj(64)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cpp():
+    require_cpp()
+
+
+def _C():
+    from deepforcing_kernels import _ext
+
+    return _ext.require()
+
+
+@pytest.fixture
+def block_rows():
+    """Force the kernel's query rows per task for one test (restored afterwards)."""
+    from deepforcing_kernels.cpp import set_block_rows
+
+    yield set_block_rows
+    set_block_rows(0)
+
+
+@pytest.fixture(params=["bf16-gemm", "fp32-fallback"])
+def bf16_path(request):
+    """Run a bf16 test on each bf16 path; the micro-kernel one is skipped where the CPU has none."""
+    c = _C()
+    if request.param == "bf16-gemm":
+        c.sink_attention_set_bf16_gemm(True)
+        if not c.sink_attention_bf16_gemm_active():
+            pytest.skip("no bf16 micro-kernel on this CPU")
+    else:
+        c.sink_attention_set_bf16_gemm(False)
+    yield request.param
+    c.sink_attention_set_bf16_gemm(True)
+
+
+def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, scale=1.0):
+    q = (torch.randn(B, Lq, Hq, D) * scale).to(dtype)
+    k = (torch.randn(B, Lk, Hkv, D) * scale).to(dtype)
+    v = torch.randn(B, Lk, Hkv, D).to(dtype)
+    return q, k, v
+
+
+def _check(q, k, v, **kw):
+    """Run the C++ backend with every output asked for and hold it to the budget; returns the result."""
+    mass_q_range = kw.pop("mass_q_range", None)
+    res = sink_attention(q, k, v, backend="cpp", return_lse=True, return_mass=True, mass_q_range=mass_q_range,
+                         **kw)
+    B, Lq, Hq, D = q.shape
+    assert res.out.dtype == q.dtype and tuple(res.out.shape) == (B, Lq, Hq, D)
+    assert res.lse.dtype == torch.float32 and tuple(res.lse.shape) == (B, Hq, Lq)
+    assert res.mass.dtype == torch.float32 and tuple(res.mass.shape) == (B, k.shape[2], k.shape[1])
+    oracle_kw = dict(kw)
+    if mass_q_range is not None:
+        oracle_kw["mass_q_range"] = mass_q_range
+    assert_within_budget(res, q, k, v, **oracle_kw)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ shapes and GQA
+# (B, Lq, Lk, Hq, Hkv, D): odd lengths both ways, Lq > Lk, a single query / key, GQA groups of 3 and 4, B > 1
+SHAPES = [
+    (1, 37, 101, 4, 4, 64),
+    (2, 53, 29, 6, 2, 64),      # Lq > Lk, GQA 3
+    (1, 1, 77, 12, 4, 128),     # one query, GQA 3
+    (1, 19, 1, 4, 1, 64),       # one key
+    (2, 45, 130, 12, 3, 128),   # GQA 4, B > 1
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_shapes_with_sink(shape, dtype, block_rows):
+    B, Lq, Lk, Hq, Hkv, D = shape
+    block_rows(16)  # tail blocks and several tasks per head even at these sizes
+    q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D, dtype)
+    rope = RopeSpec.wan(D)
+    _check(q, k, v, rope=rope, sink_len=(Lk + 1) // 2, sink_shift=9)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3] + SHAPES[4:], ids=lambda s: "x".join(map(str, s)))
+def test_bf16_paths(shape, bf16_path, block_rows):
+    B, Lq, Lk, Hq, Hkv, D = shape
+    block_rows(16)
+    q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D, torch.bfloat16)
+    _check(q, k, v, rope=RopeSpec.wan(D), sink_len=Lk // 3, sink_shift=-4, mass_q_range=(0, Lq // 2 + 1))
+
+
+def test_automatic_blocks_many_rows():
+    """The automatic block choice with Lq spanning several full blocks and a tail."""
+    q, k, v = _inputs(1, 300, 257, 4, 2, 64, torch.float32)
+    _check(q, k, v, rope=WAN64, sink_len=64, sink_shift=21)
+
+
+# ------------------------------------------------------------------------------------------ the sink
+@pytest.mark.parametrize("sink", ["none", "partial", "all", "zero-shift"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sink_lengths(sink, dtype):
+    Lk = 67
+    q, k, v = _inputs(1, 23, Lk, 4, 2, 64, dtype)
+    sink_len, shift = {"none": (0, 0), "partial": (40, 12), "all": (Lk, -7), "zero-shift": (40, 0)}[sink]
+    _check(q, k, v, rope=WAN64, sink_len=sink_len, sink_shift=shift)
+
+
+@pytest.mark.parametrize("shift", [123_457, -300_001, 10**9 + 7], ids=["1e5", "-3e5", "1e9"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_sink_shift(shift, dtype):
+    """fp32 angles fail the budget at |shift| ~ 1e5 (SPEC section 7); fp64 angles pass at any shift."""
+    q, k, v = _inputs(1, 31, 70, 4, 4, 128, dtype)
+    _check(q, k, v, rope=WAN128, sink_len=50, sink_shift=shift)
+
+
+@pytest.mark.parametrize("per", ["Lk", "B,Lk"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_key_shift(per, dtype, block_rows):
+    B, Lk = 2, 61
+    block_rows(8)
+    q, k, v = _inputs(B, 29, Lk, 6, 3, 64, dtype)
+    shape = (Lk,) if per == "Lk" else (B, Lk)
+    ks = torch.randint(-200_000, 200_000, shape)
+    ks[..., ::5] = 0  # some keys stay
+    ks[..., 1] = 3 * 10**8
+    _check(q, k, v, rope=WAN64, key_shift=ks)
+
+
+def test_key_shift_int32_and_overrides_sink():
+    q, k, v = _inputs(1, 17, 40, 4, 2, 64, torch.float32)
+    ks = torch.randint(-50, 50, (40,), dtype=torch.int32)
+    res = _check(q, k, v, rope=WAN64, key_shift=ks, sink_len=10, sink_shift=1000)
+    ref = sink_attention(q, k, v, rope=WAN64, key_shift=ks.long(), backend="reference")
+    torch.testing.assert_close(res.out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ RoPE layouts
+@pytest.mark.parametrize("rope", [WAN64, LLAMA64, GPTJ64], ids=["wan", "llama", "gptj"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layouts(rope, dtype):
+    q, k, v = _inputs(1, 33, 90, 4, 2, 64, dtype)
+    _check(q, k, v, rope=rope, sink_len=30, sink_shift=77)
+    _check(q, k, v, rope=rope, key_shift=torch.randint(-10**6, 10**6, (90,)))
+
+
+@pytest.mark.parametrize("rope", [WAN128, LLAMA64, GPTJ64], ids=["wan128", "llama64", "gptj64"])
+def test_rephase_hook_matches_reference(rope):
+    """The re-phase step alone: the kernel's fp32 keys against the reference rotation done in float64."""
+    D = rope.head_dim
+    k = torch.randn(2, 50, 3, D)
+    freqs = rope.temporal_freqs()
+    ks = torch.randint(-10**7, 10**7, (2, 50))
+    got = _C().sink_rephase_keys(k, ks, freqs, rope.interleaved, 0, 0)
+    want = rephase(k.double(), rope, ks)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
+    got = _C().sink_rephase_keys(k, None, freqs, rope.interleaved, 20, 123_456)
+    want = rephase(k.double(), rope, torch.tensor([123_456] * 20 + [0] * 30))
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
+    assert torch.equal(got[:, 20:], k[:, 20:])  # resting keys untouched
+
+
+# ------------------------------------------------------------------------------------------ mass
+@pytest.mark.parametrize("rng", [(0, 29), (5, 17), (28, 29), (11, 11), (0, 0), (29, 29)],
+                         ids=["all", "middle", "last", "empty-mid", "empty-start", "empty-end"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_mass_ranges(rng, dtype, block_rows):
+    block_rows(8)
+    q, k, v = _inputs(2, 29, 45, 6, 2, 64, dtype)
+    res = _check(q, k, v, rope=WAN64, sink_len=20, sink_shift=3, mass_q_range=rng)
+    # every counted query row hands out probability 1, over the 3 query heads of each group
+    total = res.mass.sum(dim=-1)
+    torch.testing.assert_close(total, torch.full_like(total, 3.0 * (rng[1] - rng[0])), atol=1e-3, rtol=1e-4)
+    if rng[0] == rng[1]:
+        assert torch.count_nonzero(res.mass) == 0
+
+
+def test_mass_only_and_plain_output():
+    """The op's return shapes when only some extras are asked for, and agreement with the all-extras call."""
+    q, k, v = _inputs(1, 20, 33, 4, 2, 64, torch.float32)
+    full = sink_attention(q, k, v, rope=WAN64, sink_len=10, sink_shift=5, return_lse=True, return_mass=True,
+                          backend="cpp")
+    plain = sink_attention(q, k, v, rope=WAN64, sink_len=10, sink_shift=5, backend="cpp")
+    mass_only = sink_attention(q, k, v, rope=WAN64, sink_len=10, sink_shift=5, return_mass=True, backend="cpp")
+    assert isinstance(plain, torch.Tensor) and torch.equal(plain, full.out)
+    assert mass_only.lse is None and torch.allclose(mass_only.mass, full.mass)
+
+
+# ------------------------------------------------------------------------------------------ strides, scale
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    B, Lq, Lk, Hq, Hkv, D = 2, 21, 48, 6, 3, 64
+    q = torch.randn(B, Hq, Lq, D).to(dtype).transpose(1, 2)          # [B, Lq, Hq, D] view of a BHLD tensor
+    kbig = torch.randn(B, 2 * Lk, Hkv, 2 * D).to(dtype)
+    k = kbig[:, ::2, :, :D]                                           # strided rows, sliced channels
+    v = torch.randn(B, Hkv, Lk, D).to(dtype).transpose(1, 2)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    ks = torch.randint(-1000, 1000, (B, 2 * Lk))[:, ::2]              # non-contiguous per-key shifts
+    _check(q, k, v, rope=WAN64, key_shift=ks)
+    _check(q, k, v, rope=WAN64, sink_len=17, sink_shift=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softmax_scale_and_peaked_scores(dtype):
+    """Large logits (a near one-hot softmax) and an explicit scale."""
+    q, k, v = _inputs(1, 25, 60, 4, 4, 64, dtype, scale=3.0)
+    _check(q, k, v, rope=WAN64, sink_len=12, sink_shift=2, softmax_scale=0.5)
+
+
+def test_auto_picks_cpp_for_cpu():
+    assert "cpp" in available_backends("cpu")
+    q, k, v = _inputs(1, 9, 14, 2, 1, 64, torch.float32)
+    auto = sink_attention(q, k, v, rope=WAN64, sink_len=4, sink_shift=3)
+    cpp = sink_attention(q, k, v, rope=WAN64, sink_len=4, sink_shift=3, backend="cpp")
+    assert torch.equal(auto, cpp)
+
+
+def test_cpp_entry_checks_its_assumptions():
+    """The C++ entry re-checks what it relies on (the Python op validates first; this is the second line)."""
+    c = _C()
+    q, k, v = _inputs(1, 4, 5, 2, 1, 64, torch.float32)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        c.sink_attention_fwd(q, k.double(), v, None, None, True, 0, 0, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        c.sink_attention_fwd(q, torch.randn(1, 5, 3, 64), torch.randn(1, 5, 3, 64), None, None, True, 0, 0, 0.125,
+                             False, 0, 4)
+    with pytest.raises(RuntimeError, match="temporal_freqs is None"):
+        c.sink_attention_fwd(q, k, v, None, None, True, 2, 5, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="key_shift must be an int64"):
+        c.sink_attention_fwd(q, k, v, torch.zeros(5, dtype=torch.int64), WAN64.temporal_freqs(), True, 0, 0,
+                             0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="mass range"):
+        c.sink_attention_fwd(q, k, v, None, None, True, 0, 0, 0.125, True, 3, 9)
+
+
+# ------------------------------------------------------------------------------------------ torch.library
+def _op_args(dtype, key_shift: bool, mass: bool):
+    q, k, v = _inputs(1, 13, 24, 4, 2, 64, dtype)
+    ks = torch.randint(-99, 99, (1, 24)) if key_shift else None
+    return (q, k, v, ks, WAN64.temporal_freqs(), True, 8, 5, 0.125, mass, 2, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("key_shift", [False, True], ids=["sink", "key_shift"])
+@pytest.mark.parametrize("mass", [False, True], ids=["no-mass", "mass"])
+def test_opcheck(dtype, key_shift, mass):
+    torch.library.opcheck(torch.ops.deepforcing.sink_attention.default, _op_args(dtype, key_shift, mass))
+
+
+def test_torch_compile_fullgraph():
+    """The custom op traces into one graph (no break) and gives the eager result."""
+    from deepforcing_kernels.cpp import sink_attention_cpp
+
+    q, k, v = _inputs(1, 16, 40, 4, 2, 64, torch.float32)
+
+    def f(q, k, v):
+        out, lse, mass = sink_attention_cpp(q, k, v, rope=WAN64, sink_len=10, sink_shift=6, key_shift=None,
+                                            softmax_scale=0.125, return_lse=True, return_mass=True,
+                                            mass_q_range=(0, 16))
+        return out * 2, lse, mass
+
+    t0 = time.perf_counter()
+    try:
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # inductor would add ~40 s of C++ builds
+        got = compiled(q, k, v)
+    except Exception as e:  # noqa: BLE001 - a missing toolchain piece is a skip, a graph break is not
+        if "graph break" in str(e).lower() or "Unsupported" in type(e).__name__:
+            raise
+        pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {str(e)[:200]}")
+    want = f(q, k, v)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert time.perf_counter() - t0 < 120
