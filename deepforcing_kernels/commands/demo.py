@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-compare", action="store_true", help="skip the all-policies comparison")
     parser.add_argument("--ops", action="store_true", help="also run the op table (each backend vs reference)")
     parser.add_argument("--tokens-per-frame", type=int, default=64, help="--ops: tokens per latent frame")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads for the rollouts (default 1: the tiny model's ops are too small to "
+                             "gain from more, and on a shared machine extra threads only spin)")
 
 
 def op_table(tokens_per_frame: int = 64, seed: int = 0) -> list:
@@ -75,6 +78,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.frames <= 0 or args.frames % 3:
         raise SystemExit(f"--frames must be a positive multiple of 3, got {args.frames}")
+    if args.threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .generate import build_model, make_policy, random_text_embeds
+    from .trace import plot, summary, trace_policy
+
     t_start = time.perf_counter()
     model = build_model("tiny", None, args.seed)
     cfg = model.config

@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=1, metavar="K",
                         help="rewrite --out every K blocks (default 1; the file includes the cache state)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 for the tiny model on CPU, whose ops are too small to "
+                             "gain from more; torch's default otherwise). Resume with the same count: CPU matmuls "
+                             "may round differently with another")
 
 
 def make_policy(name: str, score: Optional[str] = None) -> Any:
@@ -137,8 +141,6 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..driver import generate
-
     if args.frames <= 0 or args.frames % 3:
         raise SystemExit(f"--frames must be a positive multiple of 3 (the block size), got {args.frames}")
     if args.save_every <= 0:
@@ -168,8 +170,27 @@ def run(args: argparse.Namespace) -> int:
     elif args.resume:
         print(f"{args.out} does not exist yet: starting a new run", file=sys.stderr)
 
+    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and args.device == "cpu"
+                                                              else None)
+    if threads is not None and threads < 1:
+        raise SystemExit("--threads must be >= 1")
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _generate(args, policy, settings, previous)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], previous: Optional[Dict]) -> int:
+    from ..driver import generate
+
     dtype = DTYPES[args.dtype]
-    model = build_model(args.model, args.checkpoint, args.seed, dtype, args.device)
+    try:
+        model = build_model(args.model, args.checkpoint, args.seed, dtype, args.device)
+    except ValueError as e:
+        raise SystemExit(f"cannot load {args.checkpoint}: {e}")
     text = _load_text(args.text_embeds) if args.text_embeds else random_text_embeds(model.config, args.seed)
     rollout = generate(model, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                        latent_size=args.latent_size, cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,

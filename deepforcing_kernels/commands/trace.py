@@ -61,17 +61,15 @@ class CacheTrace:
         return c
 
 
-def _kinds(layer: Any, policy: Any, n_slots: int, tokens_per_frame: int) -> List[str]:
-    """Slot kinds from the cache (``layer.kinds()``), else from the schedule's layout rule."""
+def _kinds(layer: Any, policy: Any, frames: List[int]) -> List[str]:
+    """Slot kinds from the cache (``layer.kinds()``); a cache without that accessor gets sink / recent from the
+    frame numbers (Top-C cannot be told apart then)."""
     if hasattr(layer, "kinds"):
         k = layer.kinds()
-        k = k[0] if k and isinstance(k[0], (list, tuple)) else k
+        k = k[0] if len(k) and isinstance(k[0], (list, tuple)) else k
         return [str(x) for x in k]
-    from ..schedule import slot_kinds
-
-    frames = n_slots // tokens_per_frame
-    compressed = bool(getattr(policy, "compresses", False)) and frames != n_slots  # pragma: no cover
-    return list(slot_kinds(policy, frames, compressed, tokens_per_frame))
+    sink = getattr(policy, "sink_frames", 0) or 0
+    return ["sink" if f < sink else "recent" for f in frames]
 
 
 def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: int = 0,
@@ -101,7 +99,7 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
                 tr.starts.append(f0)
                 tr.frames.append(fr)
                 tr.positions.append(layer.positions()[0].tolist())
-                kinds = _kinds(layer, policy, len(fr), tokens_per_frame)
+                kinds = _kinds(layer, policy, fr)
                 # the block being generated is "recent" to the cache; draw it apart
                 tr.kinds.append(["block" if f >= f0 else kd for f, kd in zip(fr, kinds)])
     return tr
@@ -160,7 +158,6 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
 
     nb, ns = len(tr.starts), tr.max_slots
     kinds = np.zeros((ns, nb), dtype=np.int64)
@@ -179,20 +176,22 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     fig, axes = plt.subplots(4, 1, figsize=(13, 13), gridspec_kw={"height_ratios": [3, 3, 3, 1.3]})
     common = dict(aspect="auto", origin="lower", extent=extent, interpolation="nearest")
     ax = axes[0]
-    ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=4.5, **common)
+    im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=4.5, **common)
+    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(5))
+    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block"])
     ax.set_title("slot kind")
-    ax.legend(handles=[Patch(color=KIND_COLORS[KIND_CODES[k]], label=lab) for k, lab in
-                       (("sink", "sink"), ("topc", "Top-C"), ("recent", "recent"), ("block", "current block"))],
-              loc="upper left", ncol=4, fontsize=8, framealpha=0.9)
     ax = axes[1]
     im = ax.imshow(np.ma.masked_invalid(frames), cmap="viridis", vmin=0, vmax=last, **common)
     fig.colorbar(im, ax=ax, pad=0.01).set_label("source frame")
     ax.set_title("source frame of each slot")
     ax = axes[2]
-    lim = float(np.nanmax(np.abs(rel))) if np.isfinite(rel).any() else 1.0
-    im = ax.imshow(np.ma.masked_invalid(rel), cmap="coolwarm", vmin=-lim, vmax=lim, **common)
-    fig.colorbar(im, ax=ax, pad=0.01).set_label("position - f0")
-    ax.set_title("temporal RoPE position relative to the block's start (0 = the block's first frame)")
+    # Colour range: the live window (plus the sink gap) behind the block; older Top-C picks kept at their own
+    # positions lie further back and saturate at the dark end.
+    window = getattr(tr.policy, "window_frames", None)
+    lo = -(window + 2 * bf) if window else (float(np.nanmin(rel)) if np.isfinite(rel).any() else -1.0)
+    im = ax.imshow(np.ma.masked_invalid(rel), cmap="magma", vmin=lo, vmax=bf - 1, **common)
+    fig.colorbar(im, ax=ax, pad=0.01, extend="min").set_label("position - f0")
+    ax.set_title("temporal RoPE position relative to the block's start f0 (the block itself is 0..2)")
     for ax in axes[:3]:
         ax.set_ylabel(f"cache slot ({tr.tokens_per_frame} per frame)")
         ax.set_xlabel("block start frame f0")
