@@ -6,8 +6,10 @@ kernels (``_fwd_kernel`` calls the inner loop ``_attn_inner``, which calls ``_lo
 
 Re-phasing. A key rotated at temporal position ``p`` and re-phased by ``d`` equals the key rotated at ``p + d``:
 each temporal pair ``(re, im)`` of the key is rotated by the angle ``d * w_j``. The kernel does this to the K tile in
-registers, in fp32, right after loading it, and casts back to the input dtype for the tensor-core dot; the stored
-keys are never written. Angles are formed and reduced mod 2*pi on the host in float64 and only their cos / sin are
+registers, in fp32, right after loading it (the pair partner of each channel comes from a second, permuted load of
+the same cache lines, so the rotation is elementwise), then splits the fp32 result into ``hi + lo`` in the input
+dtype and runs ``q . hi + q . lo`` on the tensor cores (16-bit inputs; see ``_load_rotated_keys`` for why). The
+stored keys are never written. Angles are formed and reduced mod 2*pi on the host in float64 and only their cos / sin are
 passed to the kernel in fp32 (SPEC section 7: an fp32 angle ``d * w_j`` is off by ~|d| * 1e-7 rad, which fails the
 fp32 budget at |d| = 1e5):
 
@@ -36,8 +38,7 @@ import triton.language as tl
 
 from ..rope import RopeSpec
 
-LOG2E = 1.4426950408889634  # 1 / ln(2)
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # 1 / ln(2): softmax_scale * LOG2E lets the kernels use exp2
 
 REPHASE_NONE, REPHASE_SINK, REPHASE_PER_KEY = 0, 1, 2
 
@@ -130,7 +131,7 @@ def fwd_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
     if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the key tile
         return FwdConfig(64, 32, 4, 2)
     if head_dim <= 64:
-        return FwdConfig(128, 64, 4, 3)
+        return FwdConfig(128, 64, 8, 3, BLOCK_N_ROT=32)  # 4 warps: 255 registers, spills in per-key mode
     if head_dim <= 128:
         # Re-phased tiles run 32 keys wide: at 64 the fp32 rotation pushes sm_80 / sm_90 past 255 registers.
         if arch >= 90:
@@ -162,17 +163,16 @@ def rephase_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, key
         sin = torch.sin(ang).to(torch.float32).contiguous()
         return REPHASE_PER_KEY, cos, sin, cos.stride(0), cos.stride(1)
     if sink_len > 0 and sink_shift != 0:
-        cos, sin = _sink_table(rope.theta, rope.band_dims[0], int(sink_shift), device)
+        cos, sin = _sink_table(rope, int(sink_shift), device)
         return REPHASE_SINK, cos, sin, 0, 0
     dummy = _dummy(device)
     return REPHASE_NONE, dummy, dummy, 0, 0
 
 
 @functools.lru_cache(maxsize=128)
-def _sink_table(theta: float, band0: int, shift: int, device: torch.device):
+def _sink_table(rope: RopeSpec, shift: int, device: torch.device):
     # float64 on the host: the angle shift * w_j and its reduction mod 2*pi are exact to ~1e-16 relative.
-    w = [theta ** (-2.0 * j / band0) for j in range(band0 // 2)]
-    ang = [math.fmod(shift * wj, 2.0 * math.pi) for wj in w]
+    ang = [math.fmod(shift * w, 2.0 * math.pi) for w in rope.temporal_freqs().tolist()]
     cos = torch.tensor([math.cos(a) for a in ang], dtype=torch.float32).to(device)
     sin = torch.tensor([math.sin(a) for a in ang], dtype=torch.float32).to(device)
     return cos, sin
