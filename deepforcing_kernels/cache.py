@@ -446,8 +446,13 @@ class CacheLayer:
         except TypeError as e:
             raise ValueError(f"layer {self.index}: {e}") from None
         L = st.frames * c.tokens_per_frame
-        if c.policy.kind != "full" and st.frames > c.policy.window_frames:
+        p = c.policy
+        if p.kind != "full" and st.frames > p.window_frames:
             raise ValueError(f"layer {self.index}: {st.frames} frames exceed the window")
+        if (st.frames == 0) != (st.block_start is None) or (st.block_start is None) != (st.stream_start is None):
+            raise ValueError(f"layer {self.index}: inconsistent schedule state {st}")
+        if (st.sink_start is not None and not p.rephase_sink) or (st.compressed and not p.compresses):
+            raise ValueError(f"layer {self.index}: schedule state {st} cannot come from a {p.kind!r} policy")
         B, Hkv, D = c.batch_size, c.num_kv_heads, c.head_dim
         want = {"k": ((B, L, Hkv, D), c.dtype), "v": ((B, L, Hkv, D), c.dtype), "frames": ((B, L), torch.int64),
                 "reuse": ((B, L), torch.int32) if self._reuse is not None else None,
