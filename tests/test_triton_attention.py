@@ -217,6 +217,20 @@ def test_production_heuristics_are_sane():
     assert REAL_FWD_CONFIG(128, torch.bfloat16, 0).BLOCK_M <= 64  # interpreter: small default tiles
 
 
+def test_production_tiles_under_the_interpreter():
+    # The sm_90 launch config itself (128-row query tiles, 64-wide plain and 32-wide re-phased key tiles,
+    # 128-key mass tiles) on a shape with tails everywhere.
+    q, k, v = _qkv(1, 150, 230, 2, 1, 128, torch.bfloat16)
+    kw = dict(rope=RopeSpec.wan(128), sink_len=100, sink_shift=54321, softmax_scale=128 ** -0.5,
+              mass_q_range=(10, 140))
+    out, lse, mass = sink_attention_triton(q, k, v, key_shift=None, return_lse=True, return_mass=True,
+                                           config=REAL_FWD_CONFIG(128, torch.bfloat16, 90),
+                                           mass_config=REAL_MASS_CONFIG(128, torch.bfloat16, 90), **kw)
+    from deepforcing_kernels.attention import SinkAttentionOutput
+
+    assert_within_budget(SinkAttentionOutput(out, lse, mass), q, k, v, **kw)
+
+
 def test_bad_head_dim_raises():
     q, k, v = _qkv(1, 4, 4, 1, 1, 48, torch.float32)
     with pytest.raises(ValueError, match="head_dim"):
