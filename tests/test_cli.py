@@ -110,6 +110,18 @@ def test_trace_draws_a_png(tmp_path, capsys):
     assert line21.split(":", 1)[1].strip().startswith("0@5..9@14")
 
 
+def test_trace_deep_sink_matches_the_release_traces(tmp_path, capsys):
+    png = str(tmp_path / "ds.png")
+    assert main(["trace", "--policy", "deep-sink", "--frames", "30", "--tokens-per-frame", "1", "--lines", "20",
+                 "--plot", png]) == 0
+    lines = {int(line.split("f0=")[1].split()[0]): line.split(":", 1)[1].strip()
+             for line in capsys.readouterr().out.splitlines() if "f0=" in line}
+    # SPEC section 2, DS only, S = 14 (the block in brackets)
+    assert lines[21] == "0@0..13@13 | 17@17..20@20 | [21@21..23@23]"
+    assert lines[24] == "0@3..13@16 | 20@20..23@23 | [24@24..26@26]"
+    assert lines[27] == "0@6..13@19 | 23@23..26@26 | [27@27..29@29]"
+
+
 def test_trace_sliding_has_no_topc(tmp_path, capsys):
     png = str(tmp_path / "s.png")
     assert main(["trace", "--policy", "sliding", "--frames", "30", "--tokens-per-frame", "1", "--plot", png]) == 0

@@ -300,6 +300,20 @@ def test_float_timesteps_and_unmasked_text_padding():
             run(m, t, torch.zeros(1, 17, cfg.text_dim))
 
 
+def test_bf16_model_and_cache_track_fp32():
+    """bf16 is the production dtype: norms and the timestep sinusoid stay in float32 / float64 inside."""
+    cfg = WanConfig.tiny()
+    m32 = random_model(cfg)
+    m16 = random_model(cfg, dtype=torch.bfloat16)
+    x, t, txt = inputs(cfg, t=625.0)
+    with torch.no_grad():
+        ref = m32(x, t, txt, cache=FullCache(cfg.num_layers), start_frame=9)
+        got = m16(x, t, txt, cache=FullCache(cfg.num_layers, dtype=torch.bfloat16), start_frame=9)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - ref).norm() / ref.norm()
+    assert err < 3e-2, err
+
+
 def test_bad_inputs():
     cfg = WanConfig.tiny()
     m = random_model(cfg)

@@ -158,6 +158,7 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
 
     nb, ns = len(tr.starts), tr.max_slots
     kinds = np.zeros((ns, nb), dtype=np.int64)
@@ -193,6 +194,7 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     fig.colorbar(im, ax=ax, pad=0.01, extend="min").set_label("position - f0")
     ax.set_title("temporal RoPE position relative to the block's start f0 (the block itself is 0..2)")
     for ax in axes[:3]:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"cache slot ({tr.tokens_per_frame} per frame)")
         ax.set_xlabel("block start frame f0")
     ax = axes[3]
