@@ -101,6 +101,7 @@ def _run(args: argparse.Namespace) -> int:
           f"latents {cfg.in_dim}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({n} tokens/frame), random weights, "
           f"{torch.get_num_threads()} threads")
     policy = make_policy("deep-forcing")
+    rollout_stats(model, text, 3, policy, args.seed, progress=False)  # warm-up: first calls allocate and dispatch
     print(f"1) Deep Forcing rollout: {args.frames} latent frames = {args.frames // 3} blocks x 5 passes")
     st = rollout_stats(model, text, args.frames, policy, args.seed, progress=True)
     sizes = st["sizes"]
