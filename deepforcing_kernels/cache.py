@@ -282,6 +282,7 @@ class CacheLayer:
         return rephase(k, self.cache.rope, self.shifts())
 
     # ------------------------------------------------------------------ the pass
+    @torch.no_grad()  # inference only: a graph through the persistent storage would grow with the stream
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
         """Write this pass's K/V, run the schedule, and attend.
 
@@ -293,7 +294,8 @@ class CacheLayer:
                 a frame at or after the current block's end starts a new block.
 
         Returns:
-            ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype.
+            ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype (computed under ``torch.no_grad``:
+            the cache is for inference).
 
         Raises:
             ValueError (TypeError too for wrong kinds) before anything is mutated.
@@ -358,7 +360,7 @@ class CacheLayer:
     def _push_queries(self, q: torch.Tensor) -> None:
         """Logits mode: append this pass's per-frame query sums, keep the last ``recent_frames`` frames."""
         c, F = self.cache, self.policy.block_frames
-        sums = q.float().view(c.batch_size, F, c.tokens_per_frame, c.num_heads, c.head_dim).sum(dim=2)
+        sums = q.float().reshape(c.batch_size, F, c.tokens_per_frame, c.num_heads, c.head_dim).sum(dim=2)
         R = self._qbuf.shape[1]
         _move_left(self._qbuf, F, 0, R - F)
         self._qbuf[:, R - F:] = sums

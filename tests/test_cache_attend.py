@@ -349,3 +349,17 @@ def test_multi_layer_caches_are_independent_and_jumps_start_new_blocks():
     assert a.frames()[0].tolist() == [0, 1, 2, 9, 10, 11]
     cache.reset()
     assert len(a) == 0 and len(b) == 0
+
+
+def test_non_contiguous_inputs_and_no_autograd_graph():
+    policy = POLICIES["pc_logits"]
+    a, b = make_cache(policy, n=1, B=1), make_cache(policy, n=1, B=1)
+    for f0, p, q, k, v, _ in stream(policy, a, blocks=8):
+        # the same data in a transposed memory layout (heads-major), plus requires_grad inputs
+        qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        assert not qt.is_contiguous()
+        out_a = a.layers[0].attend(q, k, v, start_frame=f0)
+        out_b = b.layers[0].attend(qt, kt, vt, start_frame=f0)
+        assert torch.equal(out_a, out_b) and not out_b.requires_grad
+    assert torch.equal(a.layers[0].keys(), b.layers[0].keys())
+    assert not b.layers[0]._k.requires_grad
