@@ -22,7 +22,7 @@ def _rotated_keys64(k, rope, sink_len, sink_shift, key_shift):
     shifts = key_shifts(B, Lk, sink_len=sink_len, sink_shift=sink_shift,
                         key_shift=None if key_shift is None else key_shift.to(k.device), device=k.device)
     k64 = k.double()
-    return k64 if shifts is None else rephase(k64, rope, shifts)
+    return k64 if shifts is None or rope is None else rephase(k64, rope, shifts)
 
 
 def _attend(q, k, v, scale, mass_q_range, compute_dtype):

@@ -31,7 +31,7 @@ def key_shifts(batch: int, lk: int, *, sink_len: int, sink_shift: int, key_shift
 def effective_keys(k: torch.Tensor, rope: Optional[RopeSpec], shifts: Optional[torch.Tensor]) -> torch.Tensor:
     """Keys as attention sees them, in float32: re-phased by ``shifts`` where given."""
     kf = k.float()
-    if shifts is None:
+    if shifts is None or rope is None:  # without a rope only all-zero shifts get here (validated upstream)
         return kf
     return rephase(kf, rope, shifts)
 
