@@ -1,12 +1,172 @@
-"""`deepforcing bench` (not implemented yet)."""
+"""`deepforcing bench`: the op, the compression step and whole rollouts per cache policy, in one process.
+
+Sections (all by default; ``--sections`` picks some):
+
+* ``ops``: ``sink_attention`` per backend against torch SDPA and the bare GEMMs, fp32 and bf16, KV 16..24 frames;
+* ``compression``: one Participative Compression step against the attention of the pass that triggers it;
+* ``rollout``: a 240-frame stream per policy through the cache + attention path at the real layer geometry;
+* ``model``: the same stream through the tiny full model (``WanConfig.tiny()``) and the driver;
+* ``profile``: cProfile of the Deep Forcing rollouts (and sliding), grouped by engine piece (full run only,
+  or with ``--profile``).
+
+Every ratio is measured within this run, candidates interleaved with their baselines. ``--quick`` trims every
+section (fewer cases, a 60-frame stream) to stay under 3 minutes on 2 cores.
+"""
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, List
+
+SECTIONS = ("ops", "compression", "rollout", "model", "profile")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--quick", action="store_true", help="a trimmed run (< 3 minutes on 2 cores)")
+    parser.add_argument("--json", metavar="PATH", help="write every figure (and the per-block series) as JSON")
+    parser.add_argument("--plot", metavar="PATH.png", help="draw per-block time and cache size per policy")
+    parser.add_argument("--sections", default=None,
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; profile only in the "
+                             "full run)")
+    parser.add_argument("--profile", action="store_true", help="also profile the rollouts in a --quick run")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="latent frames per rollout (default 240; 60 with --quick)")
+    parser.add_argument("--tokens-per-frame", type=int, default=16,
+                        help="tokens per latent frame in the cache rollout (default 16; production is 1560)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="cache / attention dtype of the rollout (default bfloat16, as in production)")
+    parser.add_argument("--backend", default="auto", help="attention backend for the rollouts (default auto)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    # for the test suite: every section at toy sizes, in seconds
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+
+
+def _ensure_passive_omp() -> None:
+    """Re-run the command with ``OMP_WAIT_POLICY=PASSIVE`` unless the caller chose a policy.
+
+    On a small shared machine OpenMP's default spin-waiting makes every parallel region wait for threads the
+    OS has descheduled: measured here, a 30-layer rollout ran 10x slower (106 s instead of 10.8 s) under a load
+    of 7 on 2 cores. The variable only works if set before the OpenMP runtime starts, i.e. before torch is
+    imported, so the command re-executes itself once (only when it was started as ``deepforcing bench``).
+    """
+    if "OMP_WAIT_POLICY" in os.environ or os.environ.get("DEEPFORCING_BENCH_NO_REEXEC"):
+        return
+    argv = sys.argv[1:]
+    if not argv or argv[0] != "bench":
+        return  # called programmatically (tests): leave the process alone
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", DEEPFORCING_BENCH_NO_REEXEC="1")
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "deepforcing_kernels", *argv], env)
+
+
+def settings_for(args: argparse.Namespace) -> Dict[str, Any]:
+    """The sizes of every section for this invocation (quick or full)."""
+    import torch
+
+    from ..bench.op_suite import OpGrid
+    from ..bench.rollout import ModelRolloutConfig, RolloutConfig
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    if getattr(args, "tiny", False):
+        frames = args.frames or 30  # past the window of 21, two compressions
+        return {
+            "ops": OpGrid.tiny(),
+            "compression": dict(tokens_per_frame=(2,), repeats=1, dtype=dtype, backend=args.backend),
+            "rollout": RolloutConfig(num_frames=frames, num_layers=2, tokens_per_frame=2, dtype=dtype,
+                                     backend=args.backend, seed=args.seed),
+            "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend),
+            "profile_frames": 27,
+        }
+    frames = args.frames if args.frames is not None else (60 if args.quick else 240)
+    return {
+        "ops": OpGrid.quick() if args.quick else OpGrid(),
+        "compression": dict(tokens_per_frame=(16, 64, 256) if args.quick else (16, 64, 256, 512),
+                            repeats=5 if args.quick else 7, dtype=torch.bfloat16, backend=args.backend),
+        "rollout": RolloutConfig(num_frames=frames, tokens_per_frame=args.tokens_per_frame, dtype=dtype,
+                                 backend=args.backend, seed=args.seed),
+        "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend),
+        "profile_frames": 36,
+    }
+
+
+def run_bench(args: argparse.Namespace, log=print) -> Dict[str, Any]:
+    """Run the chosen sections; return the result dict that ``--json`` writes."""
+    import torch
+
+    from ..bench import report
+    from ..bench.compression import run_compression
+    from ..bench.hotspots import profile_policies
+    from ..bench.op_suite import run_ops
+    from ..bench.rollout import run_cache_rollout, run_model_rollout
+    from ..bench.timing import machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections: List[str] = (args.sections.split(",") if args.sections else
+                           [s for s in SECTIONS if s != "profile" or not (args.quick or args.tiny) or args.profile])
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise SystemExit(f"unknown section(s) {bad}; choose from {SECTIONS}")
+    st = settings_for(args)
+    machine = machine_info()
+    machine["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "unset")
+    result: Dict[str, Any] = {
+        "machine": machine, "quick": bool(args.quick), "sections": sections,
+        "settings": {"ops": {k: (list(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                             for k, v in st["ops"].__dict__.items()},
+                     "compression": {k: (str(v) if k == "dtype" else v) for k, v in st["compression"].items()},
+                     "rollout": st["rollout"].to_dict(), "model_rollout": st["model"].to_dict()},
+        "ops": [], "compression": {}, "rollout": {},
+    }
+    t_all = time.perf_counter()
+    timings: Dict[str, float] = {}
+    if "ops" in sections:
+        t0 = time.perf_counter()
+        log("ops ...")
+        result["ops"] = run_ops(st["ops"], seed=args.seed, log=log)
+        timings["ops"] = time.perf_counter() - t0
+    if "compression" in sections:
+        t0 = time.perf_counter()
+        log("compression ...")
+        result["compression"] = run_compression(seed=args.seed, log=log, **st["compression"])
+        timings["compression"] = time.perf_counter() - t0
+    if "rollout" in sections:
+        t0 = time.perf_counter()
+        log(f"rollout (cache + attention, {st['rollout'].num_frames} frames, 6 policies round-robin) ...")
+        result["rollout"] = run_cache_rollout(st["rollout"], log=log)
+        timings["rollout"] = time.perf_counter() - t0
+    if "model" in sections:
+        t0 = time.perf_counter()
+        log(f"model rollout (tiny model, {st['model'].num_frames} frames) ...")
+        result["model_rollout"] = run_model_rollout(st["model"], log=log)
+        timings["model"] = time.perf_counter() - t0
+    if "profile" in sections:
+        t0 = time.perf_counter()
+        log("profile ...")
+        result["profile"] = profile_policies(("sliding", "deep_forcing", "deep_forcing_logits"), st["rollout"],
+                                             num_frames=st["profile_frames"])
+        timings["profile"] = time.perf_counter() - t0
+    result["targets"] = report.evaluate_targets(result)
+    result["section_wall_s"] = timings
+    result["wall_s"] = time.perf_counter() - t_all
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("deepforcing bench is not implemented yet")
+    _ensure_passive_omp()
+    from ..bench import report
+
+    t0 = time.perf_counter()
+    result = run_bench(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result["wall_s"] = time.perf_counter() - t0
+    print(report.format_all(result))
+    if args.json:
+        report.write_json(result, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        report.plot(result, args.plot, window_frames=result["settings"]["rollout"]["window_frames"])
+        print(f"wrote {args.plot}")
+    return 0

@@ -1,0 +1,67 @@
+"""Where the time of a rollout goes: a cProfile of one policy's cache + attention rollout, grouped by the
+pieces of the cache engine and the kernel, so that a missed target names its culprit.
+
+The numbers are cumulative seconds under the profiler (which adds a little per Python call; the heavy work is
+in C++ and is measured as is) and their share of the total time spent in ``CacheLayer.attend``.
+"""
+from __future__ import annotations
+
+import cProfile
+import pstats
+from dataclasses import replace
+from typing import Any, Dict, List, Sequence, Tuple
+
+from .rollout import RolloutConfig, run_cache_rollout
+
+#: (label, substring of the profiled function's name, substring of its file) — first match wins per label.
+PIECES: Tuple[Tuple[str, str, str], ...] = (
+    ("CacheLayer.attend (total)", "attend", "cache.py"),
+    ("sink_attention (public op, all backends)", "sink_attention", "attention.py"),
+    ("  C++ kernel sink_attention_fwd", "sink_attention_fwd", ""),
+    ("  reference backend", "sink_attention_reference", ""),
+    ("release_logit_score (logits scoring)", "release_logit_score", ""),
+    ("  torch.einsum inside it", "einsum", ""),
+    ("  Tensor.float (upcasts)", "method 'float'", ""),
+    ("CacheLayer._compress (select + compact)", "_compress", "cache.py"),
+    ("  select_topc", "select_topc", ""),
+    ("  _compact (gather + moves)", "_compact", ""),
+    ("  torch.gather", "torch.gather", ""),
+    ("_move_left (roll / compaction moves)", "_move_left", ""),
+    ("_push_queries (logits query buffer)", "_push_queries", ""),
+    ("Tensor.copy_ (all K/V writes and moves)", "method 'copy_'", ""),
+)
+
+
+def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames: int = 36) -> Dict[str, Any]:
+    """Profile a short rollout (``num_frames``, enough to pass the window and compress twice) per policy.
+
+    Returns ``{policy: {"rows": [{"name", "calls", "cum_s", "share"}], "attend_s": float}}``.
+    """
+    out: Dict[str, Any] = {}
+    for pol in policies:
+        c = replace(cfg, num_frames=num_frames, policies=(pol,))
+        run_cache_rollout(replace(c, num_frames=c.block_frames))  # imports and first-call set-up, unprofiled
+        pr = cProfile.Profile()
+        pr.enable()
+        run_cache_rollout(c)
+        pr.disable()
+        st = pstats.Stats(pr).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+        rows: List[Dict[str, Any]] = []
+        total = None
+        for label, name_part, file_part in PIECES:
+            best = None
+            for (fname, _line, func), (_cc, nc, _tt, ct, _callers) in st.items():
+                if name_part in func and file_part in fname:
+                    if best is None or ct > best[1]:
+                        best = (nc, ct)
+            if best is None:
+                continue
+            if total is None and label.startswith("CacheLayer.attend"):
+                total = best[1]
+            rows.append({"name": label, "calls": best[0], "cum_s": best[1]})
+        total = total or sum(r["cum_s"] for r in rows) or 1.0
+        for r in rows:
+            r["share"] = r["cum_s"] / total
+        out[pol] = {"rows": rows, "attend_s": total, "num_frames": num_frames,
+                    "tokens_per_frame": cfg.tokens_per_frame}
+    return out

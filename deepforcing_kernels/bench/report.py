@@ -1,0 +1,291 @@
+"""Tables, JSON and the plot of ``deepforcing bench``.
+
+The JSON is ``{"machine", "settings", "ops": [...], "compression": {...}, "rollout": {POLICY: {...}},
+"model_rollout": {POLICY: {...}}, "targets": {...}, "wall_s"}``; every ``rollout[POLICY]`` has at least
+``per_block_s_median, per_block_s_p90, attended_frames_mean, kv_cache_bytes_at_window, kv_cache_bytes_max``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, List, Mapping, Optional
+
+from .rollout import POLICY_NAMES, paired_ratio, ratios_to
+
+#: Targets of the benchmark issue, all ratios measured in the same run.
+TARGETS = {
+    "deep_forcing_logits_per_block_vs_sliding": 0.90,
+    "deep_forcing_per_block_vs_sliding": 1.00,
+    "bounded_kv_bytes_vs_window": 1.15,
+    "compression_step_vs_attention": 0.05,
+}
+
+REQUIRED_ROLLOUT_KEYS = ("per_block_s_median", "per_block_s_p90", "attended_frames_mean",
+                         "kv_cache_bytes_at_window", "kv_cache_bytes_max")
+
+
+def _mb(x: float) -> str:
+    return f"{x / 2 ** 20:8.1f}"
+
+
+def _fmt_s(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "     -"
+    return f"{x * 1e3:9.2f}" if x < 10 else f"{x:9.1f}s"
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def evaluate_targets(result: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check the issue's targets on a bench result; every entry has ``value``, ``target`` and ``ok``.
+
+    Time ratios use the per-block medians over the whole rollout (the JSON's ``per_block_s_median``); the
+    paired per-block ratio (same block index, run back to back) after the window fills is reported beside it.
+    """
+    out: Dict[str, Any] = {}
+    ro = result.get("rollout") or {}
+    if "sliding" in ro:
+        r = ratios_to(ro, "sliding")
+        for pol, key in (("deep_forcing_logits", "deep_forcing_logits_per_block_vs_sliding"),
+                         ("deep_forcing", "deep_forcing_per_block_vs_sliding")):
+            if pol in r:
+                out[key] = {"value": r[pol], "paired_steady": paired_ratio(ro, pol, "sliding"),
+                            "target": TARGETS[key], "ok": r[pol] <= TARGETS[key]}
+    bounded = {p: v["bytes_ratio_max_to_window"] for p, v in ro.items() if v.get("bounded")}
+    if bounded:
+        worst = max(bounded, key=bounded.get)
+        out["bounded_kv_bytes_vs_window"] = {"value": bounded[worst], "worst_policy": worst, "per_policy": bounded,
+                                             "target": TARGETS["bounded_kv_bytes_vs_window"],
+                                             "ok": bounded[worst] <= TARGETS["bounded_kv_bytes_vs_window"]}
+    comp = result.get("compression")
+    if comp and comp.get("cases"):
+        largest = max(c["tokens_per_frame"] for c in comp["cases"])
+        per_mode = {c["mode"]: c["ratio"] for c in comp["cases"] if c["tokens_per_frame"] == largest}
+        worst = max(per_mode.values())
+        out["compression_step_vs_attention"] = {
+            "value": worst, "at_tokens_per_frame": largest, "per_mode": per_mode,
+            "all_cases": {f"{c['mode']}@T{c['tokens_per_frame']}": c["ratio"] for c in comp["cases"]},
+            "target": TARGETS["compression_step_vs_attention"], "ok": worst <= TARGETS["compression_step_vs_attention"]}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tables
+def format_machine(machine: Mapping[str, Any]) -> str:
+    ext = machine.get("cpp_extension")
+    return (f"machine: {machine.get('cpu_model')} ({machine.get('cpu_count')} cpus, torch threads "
+            f"{machine.get('torch_threads')}, OMP_WAIT_POLICY={machine.get('omp_wait_policy')}), torch "
+            f"{machine.get('torch')}, C++ ext {'yes' if ext else 'no'}, CUDA {machine.get('cuda') or 'none'}")
+
+
+def format_ops(rows: List[Mapping[str, Any]]) -> str:
+    lines = ["ops: sink_attention vs SDPA and the bare GEMMs (q = 3 frames, 12 heads, D 128; rephase = 10-frame "
+             "sink shifted 11)",
+             f"{'dtype':<9}{'T/f':>5}{'KV f':>6}{'Lk':>6}  {'impl':<10}{'reph':>5}{'mass':>5}{'ms':>10}"
+             f"{'x SDPA':>8}{'GFLOP/s':>9}"]
+    for r in rows:
+        fl = lambda b: "-" if b is None else ("on" if b else "off")  # noqa: E731
+        lines.append(f"{r['dtype']:<9}{r['tokens_per_frame']:>5}{r['kv_frames']:>6}{r['lk']:>6}  {r['impl']:<10}"
+                     f"{fl(r['rephase']):>5}{fl(r['mass']):>5}{r['time_s'] * 1e3:10.2f}{r['ratio_to_sdpa']:8.2f}"
+                     f"{r['gflops']:9.1f}")
+    return "\n".join(lines)
+
+
+def format_compression(comp: Mapping[str, Any]) -> str:
+    g = comp["geometry"]
+    lines = [f"compression: one step (score, top-k, gather) at one layer vs the triggering pass's attention "
+             f"({comp['dtype']}, augmented cache {g['aug_frames']} frames -> {g['budget_frames']}; "
+             f"step = {comp['implementation']})",
+             f"{'mode':<8}{'T/f':>5}{'step ms':>10}{'minimal ms':>12}{'attn ms':>10}{'step/attn':>11}"
+             f"{'minimal/attn':>14}"]
+    for c in comp["cases"]:
+        lines.append(f"{c['mode']:<8}{c['tokens_per_frame']:>5}{c['compress_s'] * 1e3:10.3f}"
+                     f"{c['minimal_s'] * 1e3:12.3f}{c['attention_s'] * 1e3:10.2f}{100 * c['ratio']:10.2f}%"
+                     f"{100 * c['minimal_ratio']:13.2f}%")
+    return "\n".join(lines)
+
+
+def format_rollout(res: Mapping[str, Mapping[str, Any]], title: str) -> str:
+    r = ratios_to(res, "sliding")
+    lines = [title,
+             f"{'policy':<21}{'blk med ms':>11}{'p90 ms':>10}{'x slid':>8}{'paired':>8}{'attn f':>8}"
+             f"{'MiB@W':>9}{'MiB max':>9}{'max/W':>7}"]
+    for p in [x for x in POLICY_NAMES if x in res] + [x for x in res if x not in POLICY_NAMES]:
+        v = res[p]
+        pr = paired_ratio(res, p, "sliding") if "sliding" in res else float("nan")
+        lines.append(f"{p:<21}{v['per_block_s_median'] * 1e3:11.1f}{v['per_block_s_p90'] * 1e3:10.1f}"
+                     f"{r.get(p, float('nan')):8.3f}{pr:8.3f}{v['attended_frames_mean']:8.2f}"
+                     f"{_mb(v['kv_cache_bytes_at_window']):>9}{_mb(v['kv_cache_bytes_max']):>9}"
+                     f"{v['bytes_ratio_max_to_window']:7.3f}")
+    lines.append("  x slid = median block time / sliding's; paired = median of per-block ratios after the window "
+                 "fills (same block index, run back to back); max/W = max allocated bytes / K+V bytes of a 21-frame "
+                 "window")
+    return "\n".join(lines)
+
+
+def format_targets(t: Mapping[str, Any]) -> str:
+    lines = ["targets (same-run ratios):"]
+    for k, v in t.items():
+        extra = ""
+        if "paired_steady" in v:
+            extra = f" (paired, steady: {v['paired_steady']:.3f})"
+        if "worst_policy" in v:
+            extra = f" (worst: {v['worst_policy']})"
+        if "at_tokens_per_frame" in v:
+            extra = f" (worst mode at {v['at_tokens_per_frame']} tokens/frame)"
+        lines.append(f"  {k:<44} {v['value']:.3f} <= {v['target']:.2f}  {'OK' if v['ok'] else 'MISSED'}{extra}")
+    return "\n".join(lines)
+
+
+def format_profile(prof: Mapping[str, Any]) -> str:
+    lines = ["where the time goes (cProfile of one policy's rollout, cumulative seconds, share of attend()):"]
+    for pol, rows in prof.items():
+        lines.append(f"  {pol}:")
+        for r in rows["rows"]:
+            lines.append(f"    {r['name']:<40}{r['calls']:>7}{r['cum_s']:9.3f} s {100 * r['share']:6.1f} %")
+    return "\n".join(lines)
+
+
+def format_all(result: Mapping[str, Any]) -> str:
+    parts = [format_machine(result["machine"])]
+    if result.get("ops"):
+        parts.append(format_ops(result["ops"]))
+    if result.get("compression"):
+        parts.append(format_compression(result["compression"]))
+    if result.get("rollout"):
+        s = result["settings"]["rollout"]
+        parts.append(format_rollout(result["rollout"], (
+            f"rollout: cache + attention path, {s['num_frames']} latent frames, {s['num_layers']} layers x "
+            f"{s['passes']} passes per block, {s['num_heads']} heads, D {s['head_dim']}, {s['tokens_per_frame']} "
+            f"tokens/frame, {s['dtype']}, policies round-robin per block")))
+    if result.get("model_rollout"):
+        s = result["settings"]["model_rollout"]
+        parts.append(format_rollout(result["model_rollout"], (
+            f"rollout: tiny full model (WanConfig.tiny(), generate), {s['num_frames']} latent frames")))
+    if result.get("profile"):
+        parts.append(format_profile(result["profile"]))
+    if result.get("targets"):
+        parts.append(format_targets(result["targets"]))
+    if result.get("wall_s") is not None:
+        parts.append(f"wall time: {result['wall_s']:.1f} s")
+    return "\n\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- json
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf become None (strict JSON has no NaN)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(result: Mapping[str, Any], path: str) -> None:
+    import os
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_clean(result), f, indent=1, allow_nan=False)
+
+
+def validate_schema(result: Mapping[str, Any], policies=POLICY_NAMES) -> List[str]:
+    """Problems with a bench result's layout (empty list: fine). Used by the tests."""
+    errs: List[str] = []
+    for key in ("ops", "compression", "rollout"):
+        if key not in result:
+            errs.append(f"missing top-level key {key!r}")
+    if not isinstance(result.get("ops", []), list):
+        errs.append("ops must be a list")
+    if not isinstance(result.get("compression", {}), dict):
+        errs.append("compression must be an object")
+    ro = result.get("rollout") or {}
+    for p in policies:
+        if p not in ro:
+            errs.append(f"rollout lacks policy {p!r}")
+            continue
+        for k in REQUIRED_ROLLOUT_KEYS:
+            if k not in ro[p]:
+                errs.append(f"rollout[{p!r}] lacks {k!r}")
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------- plot
+#: One colour per policy, fixed, so every plot reads the same (Deep Forcing in strong colours).
+COLORS = {"full": "#7f7f7f", "sliding": "#1f77b4", "frame_sink": "#17becf", "deep_sink": "#9467bd",
+          "deep_forcing": "#d62728", "deep_forcing_logits": "#ff7f0e"}
+STYLES = {"full": ":", "sliding": "-", "frame_sink": "-", "deep_sink": "-", "deep_forcing": "-",
+          "deep_forcing_logits": "--"}
+
+
+def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> None:
+    """Per-block time and cache size over the rollout, one line per policy (matplotlib, Agg backend).
+
+    Top row: the cache + attention rollout (block time, K/V bytes in use and allocated). Bottom row, when
+    present: the tiny model's block time and the frames attended. ``full`` grows without bound, so the time
+    and size axes are clipped a little above the bounded policies and ``full`` runs off the top, its final value
+    written at the edge.
+    """
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ro = result.get("rollout") or {}
+    mo = result.get("model_rollout") or {}
+    nrows = 2 if mo else 1
+    fig, axes = plt.subplots(nrows, 2, figsize=(14, 4.6 * nrows + 0.6), squeeze=False)
+    s = (result.get("settings") or {}).get("rollout", {})
+    fig.suptitle(f"deepforcing bench: {s.get('num_layers', '?')} layers x {s.get('passes', '?')} passes, "
+                 f"{s.get('num_heads', '?')} heads x D {s.get('head_dim', '?')}, {s.get('tokens_per_frame', '?')} "
+                 f"tokens/frame, {s.get('dtype', '?')}; {result.get('machine', {}).get('cpu_model', '')}",
+                 fontsize=11)
+
+    def draw(ax, res, key, scale, ylabel, title, clip_to_bounded=True, hline=None):
+        top = 0.0
+        for p in [x for x in POLICY_NAMES if x in res]:
+            ser = res[p]["series"]
+            x, y = ser["frame_end"], [v * scale for v in ser[key]]
+            ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=2.0 if p.startswith("deep_forcing") else 1.4,
+                    label=p, alpha=0.95)
+            if res[p].get("bounded", p != "full"):
+                top = max(top, max(y))
+        if hline is not None:
+            ax.axhline(hline[0], color="k", lw=0.8, ls="--")
+            ax.text(ax.get_xlim()[0], hline[0], " " + hline[1], va="bottom", fontsize=8)
+        if clip_to_bounded and top > 0 and "full" in res:
+            lim = top * 1.35
+            ax.set_ylim(0, lim)
+            fy = res["full"]["series"][key][-1] * scale
+            if fy > lim:
+                ax.annotate(f"full -> {fy:.3g}", xy=(res["full"]["series"]["frame_end"][-1], lim), xytext=(-4, -12),
+                            textcoords="offset points", ha="right", fontsize=8, color=COLORS["full"])
+        else:
+            ax.set_ylim(bottom=0)
+        ax.axvline(window_frames, color="0.6", lw=0.8)
+        ax.set_xlabel("latent frames generated")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+
+    if ro:
+        wb = next(iter(ro.values())).get("window_kv_bytes")
+        # smooth nothing: the alternation of Deep Forcing (compress / append blocks) is part of the story
+        draw(axes[0][0], ro, "block_s", 1e3, "ms per block (5 passes x all layers)",
+             "cache + attention: time per block")
+        draw(axes[0][1], ro, "bytes_in_use", 2 ** -20, "MiB of K/V held (all layers)",
+             "cache + attention: K/V in use (dashed: 21-frame window; x1.15)",
+             hline=(wb * 2 ** -20, "window") if wb else None)
+        if wb:
+            axes[0][1].axhline(1.15 * wb * 2 ** -20, color="r", lw=0.6, ls=":")
+        axes[0][0].legend(fontsize=8, ncol=2, loc="upper left")
+    if mo:
+        draw(axes[1][0], mo, "block_s", 1e3, "ms per block", "tiny full model: time per block")
+        draw(axes[1][1], mo if not ro else ro, "attended_frames", 1.0, "frames attended (mean over passes)",
+             "frames each block attends to", clip_to_bounded=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

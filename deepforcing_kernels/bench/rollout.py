@@ -1,0 +1,303 @@
+"""The "rollout" section of ``deepforcing bench``: whole streams, one per cache policy, block by block.
+
+Two rollouts per policy:
+
+* **cache + attention path** at the real layer geometry (30 layers, 12 heads, head_dim 128, 5 passes per block),
+  with fewer tokens per frame so it fits a CPU. For each block, each pass, each layer:
+  ``cache.layers[l].attend(q, k, v, start_frame=f0)`` with random q, k, v made once up front (RNG is not timed).
+  The policies run **round-robin per block**, each with its own cache, and the order rotates every block, so a
+  burst of outside load lands on all of them alike and the ratios between them stay honest;
+* **the tiny full model** (``WanConfig.tiny()``) through :func:`deepforcing_kernels.driver.generate`, also
+  round-robin per block.
+
+Per policy: per-block time (median, p90), mean attended frames, KV-cache bytes (allocated storage, measured by
+walking the cache's tensors) at the moment the stream reaches the window and at its maximum, plus the per-block
+series the plot draws.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+from .timing import percentile, summarize
+
+#: Policy names of the benchmark rows (SPEC section 4) and how to build each.
+POLICY_NAMES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
+
+
+def make_policy(name: str, window_frames: int = 21):
+    """The :class:`~deepforcing_kernels.CachePolicy` of a benchmark row (defaults of SPEC sections 2-4)."""
+    from ..cache import CachePolicy
+
+    if name == "full":
+        return CachePolicy.full()
+    if name == "sliding":
+        return CachePolicy.sliding(window_frames=window_frames)
+    if name == "frame_sink":
+        return CachePolicy.frame_sink(window_frames=window_frames)
+    if name == "deep_sink":
+        return CachePolicy.deep_sink(window_frames=window_frames)
+    if name == "deep_forcing":
+        return CachePolicy.deep_forcing(window_frames=window_frames, score="mass")
+    if name == "deep_forcing_logits":
+        return CachePolicy.deep_forcing(window_frames=window_frames, score="logits")
+    raise ValueError(f"unknown policy {name!r}; expected one of {POLICY_NAMES}")
+
+
+# ---------------------------------------------------------------------------------------------- measuring a cache
+def _walk_tensors(obj: Any, seen_objs: set, out: Dict[int, int], depth: int = 0) -> None:
+    if depth > 4 or id(obj) in seen_objs:
+        return
+    seen_objs.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        out[st.data_ptr()] = max(out.get(st.data_ptr(), 0), st.nbytes())
+        return
+    if isinstance(obj, dict):
+        items: Iterable[Any] = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type) and type(obj).__module__.startswith(
+            "deepforcing_kernels"):
+        items = vars(obj).values()
+    else:
+        return
+    for v in items:
+        _walk_tensors(v, seen_objs, out, depth + 1)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of tensor storage a cache holds (allocated, not just used), each storage counted once.
+
+    Uses ``cache.nbytes()`` when the cache offers it; otherwise walks the cache object and its layers for
+    tensors (K, V, per-slot metadata, scratch buffers).
+    """
+    nb = getattr(cache, "nbytes", None)
+    if callable(nb):
+        return int(nb())
+    out: Dict[int, int] = {}
+    _walk_tensors(cache, set(), out)
+    return int(sum(out.values()))
+
+
+def kv_bytes_in_use(cache: Any) -> int:
+    """Bytes of K and V that hold live tokens right now (slots in use x heads x head_dim x 2 x itemsize)."""
+    per_tok = 2 * cache.batch_size * cache.num_kv_heads * cache.head_dim * torch.empty(0, dtype=cache.dtype
+                                                                                        ).element_size()
+    return int(sum(len(layer) for layer in cache.layers) * per_tok)
+
+
+def window_kv_bytes(cache: Any, window_frames: int = 21) -> int:
+    """Nominal K + V bytes of a ``window_frames`` cache over all layers: the yardstick of the 1.15x target."""
+    per_tok = 2 * cache.batch_size * cache.num_kv_heads * cache.head_dim * torch.empty(0, dtype=cache.dtype
+                                                                                        ).element_size()
+    return int(cache.num_layers * window_frames * cache.tokens_per_frame * per_tok)
+
+
+def _attend_frames(layer: Any, start_frame: int) -> Optional[int]:
+    """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap)."""
+    try:
+        from ..schedule import plan_pass
+
+        return int(plan_pass(layer.policy, layer.state, start_frame).attend_frames)
+    except Exception:  # noqa: BLE001 - an older engine: fall back to the cache length after the pass
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- cache rollout
+@dataclass
+class RolloutConfig:
+    """Geometry of the cache + attention rollout. Defaults: the real layer geometry, 240 latent frames."""
+
+    num_frames: int = 240
+    num_layers: int = 30
+    num_heads: int = 12
+    head_dim: int = 128
+    tokens_per_frame: int = 16
+    passes: int = 5
+    block_frames: int = 3
+    window_frames: int = 21
+    dtype: torch.dtype = torch.bfloat16
+    backend: str = "auto"
+    seed: int = 0
+    pool: int = 4  # distinct (q, k, v) triples, cycled over passes, so Top-C sees varied keys
+    policies: Sequence[str] = POLICY_NAMES
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        d["dtype"] = str(self.dtype).replace("torch.", "")
+        d["policies"] = list(self.policies)
+        return d
+
+
+@dataclass
+class _Series:
+    block_s: List[float] = field(default_factory=list)
+    pass_s: List[List[float]] = field(default_factory=list)
+    attended_frames: List[float] = field(default_factory=list)
+    cache_frames: List[float] = field(default_factory=list)
+    bytes_alloc: List[int] = field(default_factory=list)
+    bytes_in_use: List[int] = field(default_factory=list)
+
+
+def _summary(name: str, s: _Series, frames_end: List[int], window_frames: int, window_bytes: int,
+             bounded: bool) -> Dict[str, Any]:
+    # "at the window": the first block after which the stream has produced >= W frames
+    at = next((i for i, f in enumerate(frames_end) if f >= window_frames), len(frames_end) - 1)
+    steady = s.block_s[at + 1:] or s.block_s  # after the window fills: the regime a long video lives in
+    st = summarize(s.block_s)
+    return {
+        "per_block_s_median": st["median"], "per_block_s_p90": st["p90"], "per_block_s_mean": st["mean"],
+        "per_block_s_median_steady": summarize(steady)["median"],
+        "attended_frames_mean": sum(s.attended_frames) / max(1, len(s.attended_frames)),
+        "kv_cache_bytes_at_window": s.bytes_alloc[at], "kv_cache_bytes_max": max(s.bytes_alloc),
+        "kv_bytes_in_use_max": max(s.bytes_in_use), "window_kv_bytes": window_bytes,
+        "bytes_ratio_max_to_window": max(s.bytes_alloc) / window_bytes,
+        "bounded": bounded, "blocks": len(s.block_s),
+        "series": {"frame_end": frames_end, "block_s": s.block_s, "attended_frames": s.attended_frames,
+                   "cache_frames": s.cache_frames, "bytes_alloc": s.bytes_alloc, "bytes_in_use": s.bytes_in_use},
+    }
+
+
+def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Callable[[str], None]] = None,
+                      on_block: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, Any]]:
+    """Run the cache + attention rollout for every policy of ``cfg``, round-robin per block.
+
+    Returns ``{policy: summary}`` (see :func:`_summary` keys; ``series`` holds the per-block values).
+    """
+    from ..cache import StreamingKVCache
+    from ..rope import RopeSpec
+
+    F, n = cfg.block_frames, cfg.tokens_per_frame
+    if cfg.num_frames % F:
+        raise ValueError(f"num_frames {cfg.num_frames} is not a multiple of block_frames {F}")
+    rope = RopeSpec.wan(cfg.head_dim)
+    g = torch.Generator().manual_seed(cfg.seed)
+    shape = (1, F * n, cfg.num_heads, cfg.head_dim)
+    # made once; RoPE'd-looking random data is as good as real for timing (the kernels do not look at values)
+    qkv = [tuple(torch.randn(shape, generator=g).to(cfg.dtype) for _ in range(3)) for _ in range(cfg.pool)]
+    caches = {name: StreamingKVCache(make_policy(name, cfg.window_frames), num_layers=cfg.num_layers,
+                                     batch_size=1, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+                                     tokens_per_frame=n, rope=rope, dtype=cfg.dtype, backend=cfg.backend)
+              for name in cfg.policies}
+    series = {name: _Series() for name in cfg.policies}
+    names = list(cfg.policies)
+    frames_end: List[int] = []
+    nblocks = cfg.num_frames // F
+    t_start = time.perf_counter()
+    for b in range(nblocks):
+        f0 = b * F
+        order = names[b % len(names):] + names[:b % len(names)]  # rotate: nobody always runs first
+        for name in order:
+            cache, s = caches[name], series[name]
+            layers = cache.layers
+            pass_times, attended = [], []
+            for p in range(cfg.passes):
+                q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
+                af = _attend_frames(layers[0], f0)  # outside the timed region
+                t0 = time.perf_counter()
+                for layer in layers:
+                    layer.attend(q, k, v, start_frame=f0)
+                pass_times.append(time.perf_counter() - t0)
+                attended.append(af if af is not None else len(layers[0]) / n)
+            s.pass_s.append(pass_times)
+            s.block_s.append(sum(pass_times))
+            s.attended_frames.append(sum(attended) / len(attended))
+            s.cache_frames.append(len(layers[0]) / n)
+            s.bytes_alloc.append(cache_bytes(cache))
+            s.bytes_in_use.append(kv_bytes_in_use(cache))
+        frames_end.append(f0 + F)
+        if on_block:
+            on_block(b)
+        if log and (b + 1) % max(1, nblocks // 8) == 0:
+            log(f"  rollout block {b + 1}/{nblocks} ({time.perf_counter() - t_start:.0f} s)")
+    wb = window_kv_bytes(next(iter(caches.values())), cfg.window_frames)
+    return {name: _summary(name, series[name], frames_end, cfg.window_frames, wb, name != "full")
+            for name in names}
+
+
+# ---------------------------------------------------------------------------------------------- tiny model rollout
+@dataclass
+class ModelRolloutConfig:
+    """The tiny full model (``WanConfig.tiny()``: 2 layers, 16 tokens per frame) through ``generate``."""
+
+    num_frames: int = 240
+    seed: int = 0
+    backend: str = "auto"
+    cache_dtype: Optional[torch.dtype] = None  # None: the model's dtype (float32)
+    policies: Sequence[str] = POLICY_NAMES
+    window_frames: int = 21
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dict(self.__dict__)
+        d["cache_dtype"] = None if self.cache_dtype is None else str(self.cache_dtype).replace("torch.", "")
+        d["policies"] = list(self.policies)
+        return d
+
+
+def run_model_rollout(cfg: ModelRolloutConfig = ModelRolloutConfig(), *,
+                      log: Optional[Callable[[str], None]] = None) -> Dict[str, Dict[str, Any]]:
+    """Generate ``cfg.num_frames`` latent frames with the tiny model per policy, one block per policy in turn."""
+    from ..driver import generate
+    from ..models import CausalWanModel, WanConfig
+
+    torch.manual_seed(cfg.seed)
+    mcfg = WanConfig.tiny()
+    model = CausalWanModel(mcfg).eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    if hasattr(model, "init_weights"):
+        model.init_weights(generator=g, zero_head=False)  # a zero head would make every block trivially 0
+    text = torch.randn(1, mcfg.text_len or 16, mcfg.text_dim, generator=g)
+    kw: Dict[str, Any] = dict(seed=cfg.seed, progress=False, backend=cfg.backend)
+    if cfg.cache_dtype is not None:
+        kw["cache_dtype"] = cfg.cache_dtype
+    rollouts = {name: generate(model, text, cfg.num_frames, make_policy(name, cfg.window_frames), **kw)
+                for name in cfg.policies}
+    series = {name: _Series() for name in cfg.policies}
+    names = list(cfg.policies)
+    frames_end: List[int] = []
+    nblocks = cfg.num_frames // 3
+    for b in range(nblocks):
+        order = names[b % len(names):] + names[:b % len(names)]
+        for name in order:
+            r, s = rollouts[name], series[name]
+            t0 = time.perf_counter()
+            next(r)
+            s.block_s.append(time.perf_counter() - t0)
+            fr = len(r.cache.layers[0]) / r.tokens_per_frame
+            s.attended_frames.append(fr)  # frames held after the block (the driver does not expose per-pass)
+            s.cache_frames.append(fr)
+            s.bytes_alloc.append(cache_bytes(r.cache))
+            s.bytes_in_use.append(kv_bytes_in_use(r.cache))
+        frames_end.append((b + 1) * 3)
+        if log and (b + 1) % max(1, nblocks // 4) == 0:
+            log(f"  model rollout block {b + 1}/{nblocks}")
+    wb = window_kv_bytes(next(iter(rollouts.values())).cache, cfg.window_frames)
+    return {name: _summary(name, series[name], frames_end, cfg.window_frames, wb, name != "full")
+            for name in names}
+
+
+def ratios_to(results: Mapping[str, Mapping[str, Any]], baseline: str = "sliding",
+              key: str = "per_block_s_median") -> Dict[str, float]:
+    """``results[p][key] / results[baseline][key]`` for every policy (same run, same noise)."""
+    if baseline not in results:
+        return {}
+    base = results[baseline][key]
+    return {p: r[key] / base for p, r in results.items()}
+
+
+def paired_ratio(results: Mapping[str, Mapping[str, Any]], policy: str, baseline: str = "sliding",
+                 steady_only: bool = True, window_frames: int = 21) -> float:
+    """Median over blocks of (policy block time / baseline block time) for the same block index.
+
+    Blocks of different policies with the same index ran back to back (round-robin), so this pairs samples
+    that shared the same outside load: a steadier estimate than a ratio of medians.
+    """
+    a = results[policy]["series"]
+    bs = results[baseline]["series"]
+    pairs = [x / y for x, y, f in zip(a["block_s"], bs["block_s"], a["frame_end"])
+             if y > 0 and (not steady_only or f > window_frames)]
+    return percentile(pairs, 50)
