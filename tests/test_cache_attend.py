@@ -33,6 +33,7 @@ POLICIES = {
                                         topc_max_reuse=2),
     "pc_mass_unify": CachePolicy.deep_forcing(window_frames=10, sink_frames=2, budget_frames=8, recent_frames=5,
                                               unify_topc_rope=True, sink_gap=1),
+    "pc_mass_no_topc": CachePolicy.deep_forcing(window_frames=8, sink_frames=2, budget_frames=6, recent_frames=4),
     "pc_logits_unify_b2": CachePolicy.deep_forcing(window_frames=9, sink_frames=2, budget_frames=7,
                                                    recent_frames=3, score="logits", unify_topc_rope=True,
                                                    block_frames=2),

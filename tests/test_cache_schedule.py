@@ -285,3 +285,18 @@ def test_engine_matches_brute_force_release_model(policy, n, passes, seed):
         # the newest frames are always there, in order, at their own positions
         newest = torch.arange(f0 + F - recent, f0 + F).repeat_interleave(n)
         assert (frames[:, L - recent * n:] == newest).all() and (pos[:, L - recent * n:] == newest).all()
+
+
+def test_module_docstring_examples_run():
+    """The two snippets of the schedule module's docstring (what `deepforcing trace` users copy) still work."""
+    import re
+
+    import deepforcing_kernels.schedule as schedule
+
+    blocks = re.findall(r"::\n\n((?:    .*\n|\n)+)", schedule.__doc__)
+    assert len(blocks) == 2
+    env = {"torch": torch, "StreamingKVCache": StreamingKVCache, "RopeSpec": RopeSpec,
+           "policy": CachePolicy.deep_forcing(score="logits"), "print": lambda *a: None}
+    for b in blocks:
+        exec("\n".join(line[4:] for line in b.splitlines()), env)
+    assert env["layer"].kinds().count("topc") == 2
