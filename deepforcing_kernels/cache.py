@@ -113,8 +113,15 @@ class StreamingKVCache:
         self.rope = rope
         if not isinstance(backend, str) or backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        # resolve now: a backend that cannot run here must fail at construction, not half-way through a pass
-        _resolve_backend(backend, torch.empty(0, device=self.device))
+        # resolve now: a device or backend that cannot run here must fail at construction, not inside a pass
+        try:
+            probe = torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as e:
+            raise ValueError(f"device {self.device} is not available here: {e}") from None
+        try:
+            _resolve_backend(backend, probe)
+        except RuntimeError as e:
+            raise ValueError(f"backend {backend!r} cannot run on {self.device} here: {e}") from None
         self.backend = backend
         n, F = self.tokens_per_frame, policy.block_frames
         if policy.kind == "full":
@@ -298,7 +305,9 @@ class CacheLayer:
             the cache is for inference).
 
         Raises:
-            ValueError (TypeError too for wrong kinds) before anything is mutated.
+            ValueError (TypeError too for wrong kinds) before anything is mutated. (A failure inside the
+            attention backend itself, such as running out of memory, can leave the layer half-updated: call
+            ``cache.reset()`` or load a state dict before using it again.)
         """
         self._check_inputs(q, k, v)
         plan = plan_pass(self.policy, self._state, start_frame)
@@ -329,8 +338,9 @@ class CacheLayer:
             self._push_queries(q)
         T = off + Lb  # tokens in the (augmented) cache
         if plan.action == "compress" and not plan.compress_after_attend:
-            score = release_logit_score(self._qbuf, self._k[:, :T])
-            self._compress(score, T)
+            S_tok, R_tok = p.sink_frames * n, p.recent_frames * n
+            # the release scores the whole augmented cache; only the candidates' scores are ever read
+            self._compress(release_logit_score(self._qbuf, self._k[:, S_tok:T - R_tok]), T)
         out = self._attend(q, plan, T)
         self._state = plan.state
         return out
@@ -414,15 +424,15 @@ class CacheLayer:
             score = self._mass[:, :L] + res.mass.sum(dim=1)
         if tail_mass is not None:
             self._mass[:, :L] = tail_mass  # gathered with the tokens by the compaction below
-        self._compress(score, T)
+        self._compress(score[:, p.sink_frames * n:T - p.recent_frames * n], T)
         return out
 
-    def _compress(self, score: torch.Tensor, T: int) -> None:
-        """Keep sink ∪ Top-C ∪ last R_tok of the augmented cache ``[0, T)``, in slot order, per batch element."""
+    def _compress(self, cand_score: torch.Tensor, T: int) -> None:
+        """Keep sink ∪ Top-C ∪ last R_tok of the augmented cache ``[0, T)``, in slot order, per batch element.
+        ``cand_score [B, T - S_tok - R_tok]`` scores the candidate slots ``[S_tok, T - R_tok)``."""
         p, n = self.policy, self.cache.tokens_per_frame
         S_tok, C_tok, R_tok = p.sink_frames * n, p.topc_frames * n, p.recent_frames * n
-        idx = select_topc(score[:, S_tok:T - R_tok], self._reuse[:, S_tok:T - R_tok], C_tok,
-                          p.topc_max_reuse) + S_tok
+        idx = select_topc(cand_score, self._reuse[:, S_tok:T - R_tok], C_tok, p.topc_max_reuse) + S_tok
         for t in self._per_slot():
             scratch = self.cache._scratch if t is self._k or t is self._v else None
             _compact(t, idx, S_tok, T - R_tok, S_tok + C_tok, R_tok, scratch)

@@ -224,8 +224,12 @@ def test_failed_attend_calls_leave_the_cache_unchanged():
     (dict(reserve_frames=10), "reserve_frames"),
     (dict(policy="deep_sink"), "CachePolicy"),
     (dict(device="nonsense"), "device"),
+    pytest.param(dict(device="cuda"), "not available", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                                  reason="CUDA is here")),
+    (dict(backend="triton"), "backend"),
 ])
-def test_bad_cache_configurations_raise_value_error(kwargs, words):
+def test_bad_cache_configurations_raise_value_error(kwargs, words, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # backend="triton" on CPU needs the interpreter
     args = dict(policy=CachePolicy.deep_sink(), num_layers=1, batch_size=2, num_heads=2, head_dim=16,
                 tokens_per_frame=2, rope=RopeSpec.wan(16))
     args.update(kwargs)
