@@ -41,4 +41,9 @@ int64_t get_block_rows();
 void set_bf16_gemm(bool enabled);
 bool bf16_gemm_active();
 
+// fp32 products use oneDNN's fp32 micro-kernel on K^T packed once per call when available and enabled (the
+// default), else BLAS sgemm. For tests and benchmarks.
+void set_f32_microkernel(bool enabled);
+bool f32_microkernel_active();
+
 }  // namespace deepforcing
