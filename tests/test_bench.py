@@ -1,0 +1,108 @@
+"""`deepforcing bench` at toy sizes: the command's sections run, the JSON has the documented layout, the plot is
+written, and the measuring helpers are right. No timing is asserted (shared machines; see the bench itself)."""
+import json
+
+import pytest
+import torch
+
+from deepforcing_kernels.bench import report
+from deepforcing_kernels.bench.rollout import POLICY_NAMES, cache_bytes, kv_bytes_in_use, paired_ratio, window_kv_bytes
+from deepforcing_kernels.bench.timing import interleaved, percentile, summarize
+from deepforcing_kernels.cli import main
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    js, png = d / "bench.json", d / "bench.png"
+    torch.set_num_threads(1)  # toy sizes: threads only add scheduling noise
+    rc = main(["bench", "--tiny", "--profile", "--json", str(js), "--plot", str(png)])
+    return rc, json.loads(js.read_text()), png
+
+
+def test_bench_command_writes_schema(bench_run):
+    rc, res, _ = bench_run
+    assert rc == 0
+    assert report.validate_schema(res) == []
+    assert set(res["rollout"]) == set(POLICY_NAMES)
+    assert set(res["model_rollout"]) == set(POLICY_NAMES)
+    for pol, r in res["rollout"].items():
+        assert r["per_block_s_median"] > 0 and r["per_block_s_p90"] >= r["per_block_s_median"]
+        assert r["kv_cache_bytes_max"] >= r["kv_cache_bytes_at_window"] > 0
+        assert len(r["series"]["block_s"]) == res["settings"]["rollout"]["num_frames"] // 3
+    # ops: every row has the table's fields; SDPA is its own baseline
+    assert res["ops"] and all({"impl", "time_s", "ratio_to_sdpa", "gflops"} <= set(r) for r in res["ops"])
+    assert all(abs(r["ratio_to_sdpa"] - 1) < 1e-12 for r in res["ops"] if r["impl"] == "sdpa")
+    assert {"cases", "geometry"} <= set(res["compression"])
+    assert {"sliding", "deep_forcing", "deep_forcing_logits"} <= set(res["profile"])
+    assert set(res["targets"]) == set(report.TARGETS)
+
+
+def test_bench_rollout_semantics(bench_run):
+    _, res, _ = bench_run
+    ro = res["rollout"]
+    # bounded policies stop growing at the window; full keeps growing; Deep Forcing attends to fewer frames
+    assert ro["full"]["kv_cache_bytes_max"] > ro["full"]["kv_cache_bytes_at_window"]
+    for p in ("sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits"):
+        assert ro[p]["kv_cache_bytes_max"] == ro[p]["kv_cache_bytes_at_window"]
+        assert max(ro[p]["series"]["cache_frames"]) <= 21
+    assert ro["deep_forcing_logits"]["attended_frames_mean"] < ro["sliding"]["attended_frames_mean"]
+    assert ro["deep_forcing"]["attended_frames_mean"] < ro["sliding"]["attended_frames_mean"]
+    # logits mode alternates 16 / 19 frames after the window (SPEC section 3, step 4)
+    af = ro["deep_forcing_logits"]["series"]["attended_frames"]
+    assert af[7:9] == [16.0, 19.0]
+
+
+def test_bench_plot_is_a_png(bench_run):
+    _, _, png = bench_run
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_table_mentions_every_policy(bench_run):
+    _, res, _ = bench_run
+    text = report.format_all(res)
+    for p in POLICY_NAMES:
+        assert p in text
+    assert "targets" in text
+
+
+def test_cache_bytes_counts_storage_once():
+    from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
+
+    c = StreamingKVCache(CachePolicy.sliding(), num_layers=2, batch_size=1, num_heads=2, head_dim=8,
+                         tokens_per_frame=3, rope=RopeSpec.wan(8), dtype=torch.float32)
+    kv = 2 * 2 * (21 + 3) * 3 * 2 * 8 * 4  # layers x (k, v) x capacity tokens x heads x D x 4 bytes
+    meta = 2 * (21 + 3) * 3 * 8  # the int64 frame table of each layer
+    assert kv <= cache_bytes(c) <= kv + meta + 4096
+    assert window_kv_bytes(c) == 2 * 21 * 3 * 2 * 2 * 8 * 4
+    assert kv_bytes_in_use(c) == 0
+
+
+def test_timing_helpers():
+    assert percentile([1, 2, 3, 4, 5], 50) == 3 and percentile([1, 2], 100) == 2
+    s = summarize([3.0, 1.0, 2.0])
+    assert s["median"] == 2.0 and s["n"] == 3
+    calls = []
+    out = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert [len(v) for v in out.values()] == [3, 3] and calls[:2] == ["a", "b"] and calls[4:6] == ["b", "a"]
+    res = {"sliding": {"series": {"block_s": [1, 2, 2, 2], "frame_end": [3, 24, 27, 30]}},
+           "x": {"series": {"block_s": [9, 1, 1, 3], "frame_end": [3, 24, 27, 30]}}}
+    assert paired_ratio(res, "x") == 0.5
+
+
+def test_minimal_compression_matches_engine_selection():
+    """The stand-in step keeps the same tokens as the engine's select_topc (distinct scores, some capped)."""
+    from deepforcing_kernels.bench.compression import compress_step
+    from deepforcing_kernels.cache import select_topc
+
+    g = torch.Generator().manual_seed(1)
+    B, T, S, R, C = 2, 40, 10, 8, 6
+    k = torch.randn(B, T, 2, 4, generator=g)
+    score = torch.randn(B, T, generator=g)
+    reuse = torch.randint(0, 9, (B, T), generator=g)
+    k2, _, _ = compress_step(k, k, score, reuse, sink_tok=S, recent_tok=R, topc_tok=C, max_reuse=7)
+    idx = select_topc(score[:, S:T - R], reuse[:, S:T - R], C, 7) + S
+    want = torch.stack([k[b, idx[b]] for b in range(B)])
+    assert torch.equal(k2[:, S:S + C], want)
+    assert torch.equal(k2[:, :S], k[:, :S]) and torch.equal(k2[:, S + C:], k[:, T - R:])
