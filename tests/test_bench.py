@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deepforcing_kernels.bench import report
-from deepforcing_kernels.bench.rollout import POLICY_NAMES, cache_bytes, kv_bytes_in_use, paired_ratio, window_kv_bytes
+from deepforcing_kernels.bench.rollout import (POLICY_NAMES, cache_bytes, kv_bytes_in_use, kv_storage_bytes,
+                                              paired_ratio, window_kv_bytes)
 from deepforcing_kernels.bench.timing import interleaved, percentile, summarize
 from deepforcing_kernels.cli import main
 
@@ -75,6 +76,7 @@ def test_cache_bytes_counts_storage_once():
     kv = 2 * 2 * (21 + 3) * 3 * 2 * 8 * 4  # layers x (k, v) x capacity tokens x heads x D x 4 bytes
     meta = 2 * (21 + 3) * 3 * 8  # the int64 frame table of each layer
     assert kv <= cache_bytes(c) <= kv + meta + 4096
+    assert kv_storage_bytes(c) == kv  # K and V only
     assert window_kv_bytes(c) == 2 * 21 * 3 * 2 * 2 * 8 * 4
     assert kv_bytes_in_use(c) == 0
 
@@ -101,8 +103,11 @@ def test_minimal_compression_matches_engine_selection():
     k = torch.randn(B, T, 2, 4, generator=g)
     score = torch.randn(B, T, generator=g)
     reuse = torch.randint(0, 9, (B, T), generator=g)
-    k2, _, _ = compress_step(k, k, score, reuse, sink_tok=S, recent_tok=R, topc_tok=C, max_reuse=7)
     idx = select_topc(score[:, S:T - R], reuse[:, S:T - R], C, 7) + S
+    k0 = k.clone()
+    k2, v2, _ = compress_step(k, k.clone(), score, reuse.clone(), sink_tok=S, recent_tok=R, topc_tok=C, max_reuse=7)
+    k = k0
+    assert torch.equal(k2, v2)
     want = torch.stack([k[b, idx[b]] for b in range(B)])
     assert torch.equal(k2[:, S:S + C], want)
     assert torch.equal(k2[:, :S], k[:, :S]) and torch.equal(k2[:, S + C:], k[:, T - R:])

@@ -58,40 +58,50 @@ class CompressionGeometry:
 def compress_step(k_aug: torch.Tensor, v_aug: torch.Tensor, score: torch.Tensor, reuse: torch.Tensor, *,
                   sink_tok: int, recent_tok: int, topc_tok: int, max_reuse: Optional[int]
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-C selection and gather, as SPEC section 3 describes it (per batch element, slot order kept).
+    """Top-C selection and compaction, as SPEC section 3 describes it (per batch element, slot order kept), done
+    the cheap way: in place, moving only what changes.
+
+    The sink stays where it is; the ``topc_tok`` chosen tokens are copied out with ``index_select`` (one per batch
+    element: ``torch.gather`` with an expanded 4-D index is one to two orders of magnitude slower on CPU) and
+    written right after the sink; the last ``recent_tok`` slots move down behind them. So the step copies
+    C + R tokens of K and V, not the whole cache.
 
     Args:
-        k_aug, v_aug: ``[B, T, H, D]`` augmented cache. score: float32 ``[B, T]``. reuse: int ``[B, T]`` counters.
+        k_aug, v_aug: ``[B, T, H, D]`` augmented cache, compacted in place into its first
+            ``sink_tok + topc_tok + recent_tok`` slots. score: float32 ``[B, T]``. reuse: int ``[B, T]`` counters,
+            compacted in place too.
     Returns:
-        ``(k, v, reuse)`` of the compressed cache, ``sink_tok + topc_tok + recent_tok`` tokens.
+        ``(k, v, reuse)``: views of the compacted prefix.
     """
     B, T = score.shape
-    cand = score[:, sink_tok:T - recent_tok]
+    S, C, R = sink_tok, topc_tok, recent_tok
+    cand = score[:, S:T - R]
     if max_reuse is not None:
         # ineligible tokens go below every eligible one but keep their order, so "fill with the best-scoring
         # ineligible candidates" falls out of one top-k
-        penalty = (reuse[:, sink_tok:T - recent_tok] >= max_reuse).to(cand.dtype)
+        penalty = (reuse[:, S:T - R] >= max_reuse).to(cand.dtype)
         cand = cand - penalty * (cand.abs().max() * 4 + 1)
-    top = torch.topk(cand, topc_tok, dim=1, sorted=False).indices
-    top = torch.sort(top, dim=1).values + sink_tok
-    dev = score.device
-    head = torch.arange(sink_tok, device=dev).expand(B, -1)
-    tail = torch.arange(T - recent_tok, T, device=dev).expand(B, -1)
-    keep = torch.cat([head, top, tail], dim=1)  # [B, N_tok]
-    new_reuse = torch.gather(reuse, 1, keep)
-    new_reuse[:, sink_tok:sink_tok + topc_tok] += 1
-    # one index_select per batch element: torch.gather with an expanded 4-D index is ~100x slower on CPU
-    k = torch.stack([k_aug[b].index_select(0, keep[b]) for b in range(B)])
-    v = torch.stack([v_aug[b].index_select(0, keep[b]) for b in range(B)])
-    return k, v, new_reuse
+    top = torch.topk(cand, C, dim=1, sorted=False).indices
+    keep = torch.sort(top, dim=1).values + S  # [B, C], slot order
+    for b in range(B):
+        idx = keep[b]
+        for t in (k_aug, v_aug, reuse):
+            picked = t[b].index_select(0, idx)  # copy out first: the recent move may overwrite candidates
+            t[b, S + C:S + C + R].copy_(t[b, T - R:T].clone() if T - R < S + C + R else t[b, T - R:T])
+            t[b, S:S + C].copy_(picked)
+    reuse[:, S:S + C] += 1
+    N = S + C + R
+    return k_aug[:, :N], v_aug[:, :N], reuse[:, :N]
 
 
 def logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The release's logit score (same maths as :func:`release_logit_score`) as one GEMV in the cache dtype.
+    """The release's logit score (same maths as ``release_logit_score``) as one GEMV in the cache dtype.
 
-    ``release_logit_score`` (the oracle) upcasts the whole cache to float32 first, which costs more than the
-    product itself; a compressor only needs the ranking, so the summed query is rounded to the cache dtype and the
-    product accumulates in float32 inside the GEMM. ``[B, T]`` float32.
+    ``q_buffer`` may be the recent queries ``[B, L, Hq, D]`` or, as the engine keeps them, per-frame query sums
+    ``[B, R, Hq, D]`` (the score only needs their total). ``release_logit_score`` (the oracle) upcasts the whole
+    cache to float32 and contracts with ``einsum``, which on CPU costs about as much as the block's attention; a
+    compressor only needs the ranking, so the summed query is rounded to the cache dtype and one
+    ``[T, H*D] x [H*D]`` GEMV does the rest (float32 accumulation inside). ``[B, T]`` float32.
     """
     B, T, Hkv, D = k.shape
     q_sum = q_buffer.float().sum(dim=1)  # [B, Hq, D]
@@ -120,7 +130,6 @@ def _case_fns(tpf: int, dtype: torch.dtype, mode: str, geo: CompressionGeometry,
     k = torch.randn(1, T, HEADS, HEAD_DIM, generator=g).to(dtype)
     v = torch.randn(1, T, HEADS, HEAD_DIM, generator=g).to(dtype)
     q = torch.randn(1, lq, HEADS, HEAD_DIM, generator=g).to(dtype)
-    qbuf = torch.randn(1, geo.recent_frames * tpf, HEADS, HEAD_DIM, generator=g).to(dtype)
     qsums = torch.randn(1, geo.recent_frames, HEADS, HEAD_DIM, generator=g)  # the engine keeps per-frame sums
     prev_mass = torch.rand(1, T, generator=g)
     cur_mass = torch.rand(1, HEADS, T, generator=g)
@@ -131,11 +140,13 @@ def _case_fns(tpf: int, dtype: torch.dtype, mode: str, geo: CompressionGeometry,
 
     def score() -> torch.Tensor:
         if mode == "logits":
-            return logit_score(qbuf, k)
+            return logit_score(qsums, mk)
         # mass of this pass summed over KV heads (the kernel gives [B, Hkv, T]) plus the carried vector
         return prev_mass + cur_mass.sum(dim=1)
 
-    fns: Dict[str, Callable[[], object]] = {"minimal": lambda: compress_step(k, v, score(), reuse.long(), **kw)}
+    # the stand-in compacts in place too: own copies, so repeated calls keep shapes and cost
+    mk, mv, mre = k.clone(), v.clone(), reuse.clone()
+    fns: Dict[str, Callable[[], object]] = {"minimal": lambda: compress_step(mk, mv, score(), mre, **kw)}
 
     eng = _engine()
     if eng is not None:

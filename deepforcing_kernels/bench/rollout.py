@@ -10,9 +10,9 @@ Two rollouts per policy:
 * **the tiny full model** (``WanConfig.tiny()``) through :func:`deepforcing_kernels.driver.generate`, also
   round-robin per block.
 
-Per policy: per-block time (median, p90), mean attended frames, KV-cache bytes (allocated storage, measured by
-walking the cache's tensors) at the moment the stream reaches the window and at its maximum, plus the per-block
-series the plot draws.
+Per policy: per-block time (median, p90), mean attended frames, KV-cache bytes (allocated K/V storage, measured by
+walking the cache's tensors) at the moment the stream reaches the window and at its maximum, the same for all the
+cache's state (K/V plus bookkeeping), plus the per-block series the plot draws.
 """
 from __future__ import annotations
 
@@ -48,11 +48,14 @@ def make_policy(name: str, window_frames: int = 21):
 
 
 # ---------------------------------------------------------------------------------------------- measuring a cache
-def _walk_tensors(obj: Any, seen_objs: set, out: Dict[int, int], depth: int = 0) -> None:
+def _walk_tensors(obj: Any, seen_objs: set, out: Dict[int, int], depth: int = 0,
+                  keep: Optional[Callable[[torch.Tensor], bool]] = None) -> None:
     if depth > 4 or id(obj) in seen_objs:
         return
     seen_objs.add(id(obj))
     if isinstance(obj, torch.Tensor):
+        if keep is not None and not keep(obj):
+            return
         st = obj.untyped_storage()
         out[st.data_ptr()] = max(out.get(st.data_ptr(), 0), st.nbytes())
         return
@@ -66,20 +69,37 @@ def _walk_tensors(obj: Any, seen_objs: set, out: Dict[int, int], depth: int = 0)
     else:
         return
     for v in items:
-        _walk_tensors(v, seen_objs, out, depth + 1)
+        _walk_tensors(v, seen_objs, out, depth + 1, keep)
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of tensor storage a cache holds (allocated, not just used), each storage counted once.
+    """Bytes of all tensor storage a cache holds (allocated, not just used), each storage counted once: K, V,
+    per-slot metadata (frame table, reuse counters, carried mass), query sums, scratch buffers.
 
-    Uses ``cache.nbytes()`` when the cache offers it; otherwise walks the cache object and its layers for
-    tensors (K, V, per-slot metadata, scratch buffers).
+    Uses ``cache.nbytes()`` when the cache offers it; otherwise walks the cache object and its layers.
     """
     nb = getattr(cache, "nbytes", None)
     if callable(nb):
         return int(nb())
     out: Dict[int, int] = {}
     _walk_tensors(cache, set(), out)
+    return int(sum(out.values()))
+
+
+def kv_storage_bytes(cache: Any) -> int:
+    """Bytes of allocated K/V storage: the tensors of the cache's dtype shaped ``[..., num_kv_heads, head_dim]``
+    (the K and V buffers of every layer and the Top-C gather scratch), each storage counted once.
+
+    This is "the KV cache" of the 1.15x target; :func:`cache_bytes` adds the bookkeeping. (With a float32
+    cache the logits-mode query sums, also float32 ``[.., heads, head_dim]``, are counted here too.)
+    """
+    want = (cache.num_kv_heads, cache.head_dim)
+
+    def is_kv(t: torch.Tensor) -> bool:
+        return t.dtype == cache.dtype and t.dim() >= 2 and tuple(t.shape[-2:]) == want
+
+    out: Dict[int, int] = {}
+    _walk_tensors(cache, set(), out, keep=is_kv)
     return int(sum(out.values()))
 
 
@@ -140,6 +160,7 @@ class _Series:
     attended_frames: List[float] = field(default_factory=list)
     cache_frames: List[float] = field(default_factory=list)
     bytes_alloc: List[int] = field(default_factory=list)
+    state_bytes: List[int] = field(default_factory=list)
     bytes_in_use: List[int] = field(default_factory=list)
 
 
@@ -156,9 +177,12 @@ def _summary(name: str, s: _Series, frames_end: List[int], window_frames: int, w
         "kv_cache_bytes_at_window": s.bytes_alloc[at], "kv_cache_bytes_max": max(s.bytes_alloc),
         "kv_bytes_in_use_max": max(s.bytes_in_use), "window_kv_bytes": window_bytes,
         "bytes_ratio_max_to_window": max(s.bytes_alloc) / window_bytes,
+        "cache_state_bytes_at_window": s.state_bytes[at], "cache_state_bytes_max": max(s.state_bytes),
+        "state_ratio_max_to_window": max(s.state_bytes) / window_bytes,
         "bounded": bounded, "blocks": len(s.block_s),
         "series": {"frame_end": frames_end, "block_s": s.block_s, "attended_frames": s.attended_frames,
-                   "cache_frames": s.cache_frames, "bytes_alloc": s.bytes_alloc, "bytes_in_use": s.bytes_in_use},
+                   "cache_frames": s.cache_frames, "bytes_alloc": s.bytes_alloc, "bytes_in_use": s.bytes_in_use,
+                   "state_bytes": s.state_bytes},
     }
 
 
@@ -207,7 +231,8 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
             s.block_s.append(sum(pass_times))
             s.attended_frames.append(sum(attended) / len(attended))
             s.cache_frames.append(len(layers[0]) / n)
-            s.bytes_alloc.append(cache_bytes(cache))
+            s.bytes_alloc.append(kv_storage_bytes(cache))
+            s.state_bytes.append(cache_bytes(cache))
             s.bytes_in_use.append(kv_bytes_in_use(cache))
         frames_end.append(f0 + F)
         if on_block:
@@ -270,7 +295,8 @@ def run_model_rollout(cfg: ModelRolloutConfig = ModelRolloutConfig(), *,
             fr = len(r.cache.layers[0]) / r.tokens_per_frame
             s.attended_frames.append(fr)  # frames held after the block (the driver does not expose per-pass)
             s.cache_frames.append(fr)
-            s.bytes_alloc.append(cache_bytes(r.cache))
+            s.bytes_alloc.append(kv_storage_bytes(r.cache))
+            s.state_bytes.append(cache_bytes(r.cache))
             s.bytes_in_use.append(kv_bytes_in_use(r.cache))
         frames_end.append((b + 1) * 3)
         if log and (b + 1) % max(1, nblocks // 4) == 0:
