@@ -300,7 +300,7 @@ def scenarios(draw, kinds=("full", "sliding", "frame_sink", "deep_sink", "deep_f
     B = draw(st.integers(1, 2))
     Hkv = draw(st.sampled_from([1, 2]))
     rope = draw(st.sampled_from([RopeSpec.wan(16), RopeSpec.gptj(16), RopeSpec.llama(16)]))
-    first = draw(st.sampled_from([0, 0, 5]))
+    first = draw(st.sampled_from([0, 0, 5, 10**6 + 1]))
     # each step: ("new", gap) a new block `gap` frames after the current one ends; ("over",) the current block's
     # next pass; ("bad", delta) a start_frame inside or before the current block (must raise)
     step = [st.tuples(st.just("new"), st.sampled_from([0, 0, 0, 0, 1, 4])), st.tuples(st.just("over"), st.just(0))]

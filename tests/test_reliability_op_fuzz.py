@@ -20,9 +20,9 @@ from conftest import require_cpp
 BACKENDS = ["reference", "cpp", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHIFTS = st.one_of(
-    st.sampled_from([0, 1, -1, 3, -21, 1021, 1200, 100_003, -123_457, 10**6 + 7]),
+    st.sampled_from([0, 1, -1, 3, -21, 1021, 1200, 100_003, -123_457, 10**6 + 7, 2**31 + 3, -(2**35) + 7]),
     st.integers(min_value=-(10**6), max_value=10**6),
-)
+)  # beyond int32 on purpose (|shift| <= 2^35: the float64 oracle's angle shift * w is still exact to ~4e-6 rad)
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
