@@ -74,6 +74,9 @@ class StreamingKVCache:
         num_kv_heads: KV heads (GQA); default ``num_heads``.
         backend: attention backend passed to :func:`~deepforcing_kernels.sink_attention`.
         reserve_frames: ``full`` only: initial capacity in frames (it doubles when exceeded).
+        check_finite: reject q, k, v holding NaN / inf before anything is stored (a NaN key would poison every
+            later pass). Costs one reduction and one host sync per pass; pass False where inputs are trusted and
+            the sync matters.
 
     Raises:
         ValueError (or :class:`~deepforcing_kernels.policy.ArgumentTypeError`, also a TypeError) naming the bad
@@ -83,7 +86,7 @@ class StreamingKVCache:
     def __init__(self, policy: CachePolicy, *, num_layers: int, batch_size: int, num_heads: int, head_dim: int,
                  tokens_per_frame: int, rope: Optional[RopeSpec], dtype: torch.dtype = torch.bfloat16,
                  device: Union[str, torch.device] = "cpu", num_kv_heads: Optional[int] = None,
-                 backend: str = "auto", reserve_frames: Optional[int] = None) -> None:
+                 backend: str = "auto", reserve_frames: Optional[int] = None, check_finite: bool = True) -> None:
         if not isinstance(policy, CachePolicy):
             raise ArgumentTypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
         self.policy = policy
@@ -123,6 +126,9 @@ class StreamingKVCache:
         except RuntimeError as e:
             raise ValueError(f"backend {backend!r} cannot run on {self.device} here: {e}") from None
         self.backend = backend
+        if not isinstance(check_finite, bool):
+            raise ArgumentTypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
+        self.check_finite = check_finite
         n, F = self.tokens_per_frame, policy.block_frames
         if policy.kind == "full":
             reserve = 8 * F if reserve_frames is None else _int("reserve_frames", reserve_frames, minimum=1)
@@ -362,6 +368,13 @@ class CacheLayer:
             if tuple(t.shape) != want[name]:
                 raise ValueError(f"{name} must have shape [batch, block_frames * tokens_per_frame, heads, head_dim]"
                                  f" = {list(want[name])}, got {list(t.shape)}")
+        if c.check_finite:
+            # one host sync for all three; name the culprit only on the (rare) failure path
+            ok = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
+            if not bool(ok):
+                bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all())]
+                raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
+                                 "(the cache would stay poisoned for the rest of the stream)")
 
     def _per_slot(self) -> List[torch.Tensor]:
         ts = [self._k, self._v, self._frames]

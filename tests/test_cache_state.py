@@ -198,6 +198,9 @@ def test_failed_attend_calls_leave_the_cache_unchanged():
         (dict(start_frame=-3), "start_frame"),
         (dict(start_frame=12.0), "start_frame"),
         (dict(start_frame=None), "start_frame"),
+        (dict(k=k.clone().index_fill_(1, torch.tensor([3]), float("nan"))), "k contain"),
+        (dict(q=q.clone().index_fill_(2, torch.tensor([1]), float("inf"))), "q contain"),
+        (dict(v=v.clone().index_fill_(0, torch.tensor([1]), -float("inf"))), "v contain"),
     ]
     for change, words in bad:
         before = cache.state_dict()
@@ -256,3 +259,12 @@ def test_storage_is_preallocated_and_never_reallocated(name):
     assert cap == (policy.window_frames + policy.block_frames) * cache.tokens_per_frame
     run(cache, inputs(cache, blocks=15, passes=2))
     assert (layer._k.data_ptr(), layer._v.data_ptr()) == ptrs and layer._k.shape[1] == cap
+
+
+def test_finite_check_can_be_turned_off():
+    cache = make(POLICIES["sliding"], layers=1, check_finite=False)
+    q, k, v = inputs(cache, blocks=1)[0][1:]
+    cache.layers[0].attend(q, k.clone().fill_(float("nan")), v, start_frame=0)  # trusted caller: no sync, no check
+    assert cache.layers[0].keys().isnan().all()
+    with pytest.raises(ValueError, match="check_finite"):
+        make(POLICIES["sliding"], check_finite=1)
