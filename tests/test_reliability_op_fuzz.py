@@ -230,3 +230,27 @@ def test_nan_input_is_never_hidden(backend, where):
     else:  # every query of KV head 0 read key/value 1
         assert torch.isnan(res.out[0, :, 0]).any(dim=-1).all()
         assert torch.isfinite(res.out[0, :, 1]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(Lq=st.integers(1, 40), Lk=st.sampled_from([15, 16, 17, 511, 512, 513, 1023, 1025, 1100]),
+       sink_frac=st.sampled_from([0.0, 0.3, 0.5, 1.0]), group=st.sampled_from([1, 3]),
+       dtype=st.sampled_from(DTYPES), shift=SHIFTS, mr=st.sampled_from([None, (0, 0), (1, 7), "tail"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_fuzz_long_key_ranges(backend, Lq, Lk, sink_frac, group, dtype, shift, mr, seed):
+    """Key counts around the C++ kernel's vector widths and 512-key chunks, and sink_len at chunk edges."""
+    _need(backend)
+    gen = torch.Generator().manual_seed(seed)
+    Hkv, D = 2, 32
+    q = _make((1, Lq, Hkv * group, D), dtype, "contiguous", gen)
+    k = _make((1, Lk, Hkv, D), dtype, "heads_major", gen)
+    v = _make((1, Lk, Hkv, D), dtype, "contiguous", gen)
+    if mr == "tail":
+        mr = (Lq // 2, Lq)
+    elif mr is not None:
+        mr = (min(mr[0], Lq), min(mr[1], Lq))
+    kw = dict(rope=RopeSpec.wan(D), sink_len=int(Lk * sink_frac), sink_shift=shift, mass_q_range=mr)
+    res = sink_attention(q, k, v, return_lse=True, return_mass=True, backend=backend, **kw)
+    _check_shapes(res, q, k, dict(kw, return_lse=True, return_mass=True))
+    assert_within_budget(res, q, k, v, **kw)
