@@ -22,6 +22,9 @@ PIECES: Tuple[Tuple[str, str, str], ...] = (
     ("release_logit_score (logits scoring)", "release_logit_score", ""),
     ("  torch.einsum inside it", "einsum", ""),
     ("  Tensor.float (upcasts)", "method 'float'", ""),
+    ("CacheLayer._check_inputs (validation)", "_check_inputs", "cache.py"),
+    ("  torch.isfinite (input finiteness checks)", "isfinite", ""),
+    ("  Tensor.all (their reductions)", "method 'all'", ""),
     ("CacheLayer._compress (select + compact)", "_compress", "cache.py"),
     ("  select_topc", "select_topc", ""),
     ("  _compact (gather + moves)", "_compact", ""),
@@ -33,19 +36,18 @@ PIECES: Tuple[Tuple[str, str, str], ...] = (
 
 
 def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames: int = 36) -> Dict[str, Any]:
-    """Profile a short rollout (``num_frames``, enough to pass the window and compress twice) per policy.
+    """Profile a short rollout (``num_frames``, enough to pass the window and compress twice) of ``policies``,
+    round-robin per block like the timed rollout, one profiler per policy enabled only during its blocks.
 
-    Returns ``{policy: {"rows": [{"name", "calls", "cum_s", "share"}], "attend_s": float}}``.
+    Returns ``{policy: {"rows": [{"name", "calls", "cum_s", "share"}], "attend_s": float, "block_s_sum"}}``.
     """
+    c = replace(cfg, num_frames=num_frames, policies=tuple(policies))
+    run_cache_rollout(replace(c, num_frames=c.block_frames))  # imports and first-call set-up, unprofiled
+    profs = {p: cProfile.Profile() for p in policies}
+    res = run_cache_rollout(c, profilers=profs)
     out: Dict[str, Any] = {}
     for pol in policies:
-        c = replace(cfg, num_frames=num_frames, policies=(pol,))
-        run_cache_rollout(replace(c, num_frames=c.block_frames))  # imports and first-call set-up, unprofiled
-        pr = cProfile.Profile()
-        pr.enable()
-        run_cache_rollout(c)
-        pr.disable()
-        st = pstats.Stats(pr).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
+        st = pstats.Stats(profs[pol]).stats  # {(file, line, func): (cc, nc, tt, ct, callers)}
         rows: List[Dict[str, Any]] = []
         total = None
         for label, name_part, file_part in PIECES:
@@ -63,5 +65,5 @@ def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames:
         for r in rows:
             r["share"] = r["cum_s"] / total
         out[pol] = {"rows": rows, "attend_s": total, "num_frames": num_frames,
-                    "tokens_per_frame": cfg.tokens_per_frame}
+                    "tokens_per_frame": cfg.tokens_per_frame, "block_s_sum": sum(res[pol]["series"]["block_s"])}
     return out

@@ -187,8 +187,12 @@ def _summary(name: str, s: _Series, frames_end: List[int], window_frames: int, w
 
 
 def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Callable[[str], None]] = None,
-                      on_block: Optional[Callable[[int], None]] = None) -> Dict[str, Dict[str, Any]]:
+                      on_block: Optional[Callable[[int], None]] = None,
+                      profilers: Optional[Mapping[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the cache + attention rollout for every policy of ``cfg``, round-robin per block.
+
+    ``profilers``: optional ``{policy: cProfile.Profile}``, each enabled only while its policy's blocks run, so
+    per-policy profiles share the same outside load too (see :mod:`deepforcing_kernels.bench.hotspots`).
 
     Returns ``{policy: summary}`` (see :func:`_summary` keys; ``series`` holds the per-block values).
     """
@@ -219,6 +223,9 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
             cache, s = caches[name], series[name]
             layers = cache.layers
             pass_times, attended = [], []
+            prof = profilers.get(name) if profilers else None
+            if prof is not None:
+                prof.enable()
             for p in range(cfg.passes):
                 q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
                 af = _attend_frames(layers[0], f0)  # outside the timed region
@@ -227,6 +234,8 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
                     layer.attend(q, k, v, start_frame=f0)
                 pass_times.append(time.perf_counter() - t0)
                 attended.append(af if af is not None else len(layers[0]) / n)
+            if prof is not None:
+                prof.disable()
             s.pass_s.append(pass_times)
             s.block_s.append(sum(pass_times))
             s.attended_frames.append(sum(attended) / len(attended))
