@@ -224,24 +224,32 @@ class Layout:
         return len(self.frames)
 
     def describe(self) -> str:
-        """Compact ``frame@position`` runs separated by ``|`` at kind changes, e.g. ``0@5..9@14 | 20@20..23@23``
-        (one entry per frame: the first token of each frame)."""
-        parts: List[List[str]] = []
-        prev = None
-        for f, p, k in zip(self.frames, self.positions, self.kinds):
-            if prev is not None and (k, f) == prev[:2] and f != UNKNOWN_FRAME:
-                continue  # further tokens of the same frame
-            if prev is None or k != prev[0]:
-                parts.append([])
-            parts[-1].append("?" if f == UNKNOWN_FRAME else f"{f}@{p}")
-            prev = (k, f)
-        return " | ".join(_runs(p) for p in parts)
+        """Compact ``frame@position`` runs separated by ``|`` at kind changes, e.g.
+        ``0@5..9@14 | topc x2 | 20@20..23@23`` (one entry per frame; Top-C picks counted in tokens)."""
+        parts: List[str] = []
+        i, n = 0, len(self.frames)
+        while i < n:
+            j = i
+            while j < n and self.kinds[j] == self.kinds[i]:
+                j += 1
+            parts.append(_run(self.frames[i:j], self.positions[i:j]))
+            i = j
+        return " | ".join(parts)
 
 
-def _runs(items: List[str]) -> str:
-    if len(items) <= 2 or "?" in items:
-        return ",".join(items) if "?" not in items else f"topc x{len(items)}"
-    return f"{items[0]}..{items[-1]}"
+def _run(frames: Tuple[int, ...], positions: Tuple[int, ...]) -> str:
+    """One kind's slots: ``f@p..f@p`` per distinct frame; Top-C picks of simulate() as ``topc xK`` (tokens),
+    with ``@p..p`` when their positions are known (``unify_topc_rope``)."""
+    if frames and frames[0] == UNKNOWN_FRAME:
+        known = [p for p in positions if p != UNKNOWN_FRAME]
+        where = f"@{known[0]}..{known[-1]}" if known else ""
+        return f"topc x{len(frames)}{where}"
+    items: List[str] = []
+    for f, p in zip(frames, positions):
+        s = f"{f}@{p}"
+        if not items or items[-1] != s:  # further tokens of the same frame
+            items.append(s)
+    return ",".join(items) if len(items) <= 2 else f"{items[0]}..{items[-1]}"
 
 
 @dataclass(frozen=True)

@@ -300,3 +300,11 @@ def test_module_docstring_examples_run():
     for b in blocks:
         exec("\n".join(line[4:] for line in b.splitlines()), env)
     assert env["layer"].kinds().count("topc") == 2
+
+
+def test_simulate_unified_topc_positions_and_token_counts():
+    p = CachePolicy.deep_forcing(score="logits", unify_topc_rope=True, sink_gap=0)
+    blk = {b.start_frame: b for b in simulate(p, 24, tokens_per_frame=2)}[21]
+    # gap 0: sink 0@8..9@17, Top-C (2 frames = 4 tokens) at 18..19, recent 20..23: one contiguous run
+    assert blk.attended.describe() == "0@8..9@17 | topc x4@18..19 | 20@20..23@23"
+    assert blk.attended.kinds.count("topc") == 4 and len(blk.attended) == 32
