@@ -245,13 +245,21 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
                  f"tokens/frame, {s.get('dtype', '?')}; {result.get('machine', {}).get('cpu_model', '')}",
                  fontsize=11)
 
-    def draw(ax, res, key, scale, ylabel, title, clip_to_bounded=True, hline=None):
+    def rolling_median(y, w=5):
+        h = w // 2
+        return [sorted(y[max(0, i - h):i + h + 1])[len(y[max(0, i - h):i + h + 1]) // 2] for i in range(len(y))]
+
+    def draw(ax, res, key, scale, ylabel, title, clip_to_bounded=True, hline=None, smooth=False, unit=""):
         top = 0.0
         for p in [x for x in POLICY_NAMES if x in res]:
             ser = res[p]["series"]
             x, y = ser["frame_end"], [v * scale for v in ser[key]]
-            ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=2.0 if p.startswith("deep_forcing") else 1.4,
-                    label=p, alpha=0.95)
+            lw = 2.2 if p.startswith("deep_forcing") else 1.5
+            if smooth and len(y) >= 5:
+                # raw blocks faint (noise of a shared machine), a 5-block rolling median bold: the trend
+                ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=0.6, alpha=0.35)
+                y = rolling_median(y)
+            ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=lw, label=p, alpha=0.95)
             if res[p].get("bounded", p != "full"):
                 top = max(top, max(y))
         if hline is not None:
@@ -262,7 +270,7 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
             ax.set_ylim(0, lim)
             fy = res["full"]["series"][key][-1] * scale
             if fy > lim:
-                ax.annotate(f"full -> {fy:.3g}", xy=(res["full"]["series"]["frame_end"][-1], lim), xytext=(-4, -12),
+                ax.annotate(f"full -> {fy:.3g}{unit} (off scale)", xy=(res["full"]["series"]["frame_end"][-1], lim), xytext=(-4, -12),
                             textcoords="offset points", ha="right", fontsize=8, color=COLORS["full"])
         else:
             ax.set_ylim(bottom=0)
@@ -276,17 +284,24 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         wb = next(iter(ro.values())).get("window_kv_bytes")
         # smooth nothing: the alternation of Deep Forcing (compress / append blocks) is part of the story
         draw(axes[0][0], ro, "block_s", 1e3, "ms per block (5 passes x all layers)",
-             "cache + attention: time per block")
-        draw(axes[0][1], ro, "bytes_in_use", 2 ** -20, "MiB of K/V held (all layers)",
-             "cache + attention: K/V in use (dashed: 21-frame window; x1.15)",
-             hline=(wb * 2 ** -20, "window") if wb else None)
+             "cache + attention: time per block (bold: 5-block rolling median)", smooth=True, unit=" ms")
+        draw(axes[0][1], ro, "bytes_in_use", 2 ** -20, "MiB of K/V (all layers)",
+             "cache + attention: K/V held (bold) and allocated (thin)",
+             hline=(wb * 2 ** -20, "K+V of a 21-frame window") if wb else None, unit=" MiB")
+        for p in [x for x in POLICY_NAMES if x in ro and x != "full"]:
+            ser = ro[p]["series"]
+            axes[0][1].plot(ser["frame_end"], [v * 2 ** -20 for v in ser["bytes_alloc"]], "-", color=COLORS.get(p),
+                            lw=0.9, alpha=0.7)
         if wb:
-            axes[0][1].axhline(1.15 * wb * 2 ** -20, color="r", lw=0.6, ls=":")
+            axes[0][1].axhline(1.15 * wb * 2 ** -20, color="r", lw=0.8, ls=":")
+            axes[0][1].text(axes[0][1].get_xlim()[0], 1.15 * wb * 2 ** -20, " 1.15 x window (target bound)",
+                            va="bottom", fontsize=8, color="r")
         axes[0][0].legend(fontsize=8, ncol=2, loc="upper left")
     if mo:
-        draw(axes[1][0], mo, "block_s", 1e3, "ms per block", "tiny full model: time per block")
+        draw(axes[1][0], mo, "block_s", 1e3, "ms per block", "tiny full model: time per block (bold: rolling median)",
+             smooth=True, unit=" ms")
         draw(axes[1][1], mo if not ro else ro, "attended_frames", 1.0, "frames attended (mean over passes)",
-             "frames each block attends to", clip_to_bounded=True)
+             "frames each block attends to (mean over its 5 passes)", clip_to_bounded=True, unit=" frames")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -145,6 +145,7 @@ class RolloutConfig:
     seed: int = 0
     pool: int = 4  # distinct (q, k, v) triples, cycled over passes, so Top-C sees varied keys
     policies: Sequence[str] = POLICY_NAMES
+    check_finite: Optional[bool] = None  # None: the cache's default (it rejects NaN/inf inputs, one sync a pass)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dict(self.__dict__)
@@ -207,9 +208,10 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
     shape = (1, F * n, cfg.num_heads, cfg.head_dim)
     # made once; RoPE'd-looking random data is as good as real for timing (the kernels do not look at values)
     qkv = [tuple(torch.randn(shape, generator=g).to(cfg.dtype) for _ in range(3)) for _ in range(cfg.pool)]
+    extra = {} if cfg.check_finite is None else {"check_finite": cfg.check_finite}
     caches = {name: StreamingKVCache(make_policy(name, cfg.window_frames), num_layers=cfg.num_layers,
                                      batch_size=1, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                                     tokens_per_frame=n, rope=rope, dtype=cfg.dtype, backend=cfg.backend)
+                                     tokens_per_frame=n, rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
               for name in cfg.policies}
     series = {name: _Series() for name in cfg.policies}
     names = list(cfg.policies)

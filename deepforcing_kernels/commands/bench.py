@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="cache / attention dtype of the rollout (default bfloat16, as in production)")
     parser.add_argument("--backend", default="auto", help="attention backend for the rollouts (default auto)")
+    parser.add_argument("--no-check-finite", action="store_true",
+                        help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     # for the test suite: every section at toy sizes, in seconds
@@ -86,7 +88,8 @@ def settings_for(args: argparse.Namespace) -> Dict[str, Any]:
         "compression": dict(tokens_per_frame=(16, 64, 256) if args.quick else (16, 64, 256, 512),
                             repeats=5 if args.quick else 7, dtype=torch.bfloat16, backend=args.backend),
         "rollout": RolloutConfig(num_frames=frames, tokens_per_frame=args.tokens_per_frame, dtype=dtype,
-                                 backend=args.backend, seed=args.seed),
+                                 backend=args.backend, seed=args.seed,
+                                 check_finite=False if args.no_check_finite else None),
         "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend),
         "profile_frames": 36,
     }
