@@ -212,3 +212,47 @@ def test_killed_generate_keeps_finished_blocks_and_resumes(tmp_path):
     fin = torch.load(killed, weights_only=True)
     assert fin["complete"] and fin["frames_done"] == frames
     assert torch.equal(fin["latents"], ref["latents"])
+
+
+@pytest.mark.parametrize("policy", [CachePolicy.deep_forcing(8, 2, 6, 2, score="mass", block_frames=1),
+                                    CachePolicy.deep_forcing(8, 2, 6, 3, score="logits", block_frames=1),
+                                    CachePolicy.deep_sink(6, 2, block_frames=2), CachePolicy.sliding(5, block_frames=2)],
+                         ids=["mass", "logits", "deep_sink", "sliding"])
+def test_failure_inside_attention_recovers_from_the_last_state(policy, monkeypatch):
+    """The documented recovery: a failure inside the backend (out of memory, Ctrl-C) during a rolling or compressing
+    pass may leave the layer half-updated; loading the last state dict (or reset()) makes it exact again."""
+    import deepforcing_kernels.cache as cache_mod
+    from deepforcing_kernels.schedule import plan_pass
+
+    rope = RopeSpec.wan(16)
+    calls = stream_calls(policy, 2, 2, torch.float32, [("new", 0), ("over", 0)] * 16, 11)
+    straight = play(make_cache(policy, 2, 2, torch.float32, rope), calls)
+    cache = make_cache(policy, 2, 2, torch.float32, rope)
+    cut, seen = 0, 0
+    while True:  # stop before the second rolling / compressing pass: it will fail half-way
+        action = plan_pass(policy, cache.layers[0].state, calls[cut][0]).action
+        if action in ("roll", "compress"):
+            seen += 1
+            if seen == 2:
+                break
+        play(cache, calls[cut:cut + 1])
+        cut += 1
+    saved = cache.state_dict()
+    real = cache_mod.sink_attention
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_mod, "sink_attention", boom)
+    with pytest.raises(KeyboardInterrupt):
+        play(cache, calls[cut:cut + 1])
+    monkeypatch.setattr(cache_mod, "sink_attention", real)
+    cache.load_state_dict(saved)
+    got = play(cache, calls[cut:])
+    for a, b in zip(got, straight[cut:]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # reset() forgets the stream entirely: the same stream from the start equals a fresh cache's
+    cache.reset()
+    again = play(cache, calls)
+    for a, b in zip(again, straight):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
