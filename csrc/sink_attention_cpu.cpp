@@ -562,6 +562,19 @@ class MassAccumulator {
   int64_t owner_ = -1;
 };
 
+// Runs worker(claim) on every ATen thread; claim() hands out task indices 0, 1, 2, ... first come, first served.
+// Dynamic claiming instead of a static split: on a shared machine a preempted thread no longer holds back its half
+// of the tasks (measured: the static split lost 10-20% against SDPA at 2 threads under load).
+template <typename Worker>
+void parallel_workers(int64_t ntasks, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const auto claim = [&next]() { return next.fetch_add(1, std::memory_order_relaxed); };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) worker(claim);
+  });
+}
+
 // fp32 GEMM path (fp32 inputs; bf16 / fp16 inputs without the bf16 micro-kernel, converted once). Products by
 // oneDNN's fp32 micro-kernel on K^T packed once per call when it is available, else by BLAS sgemm reading the
 // keys in place.
@@ -600,13 +613,14 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   const int64_t ldq = Hq * D, ldk = Hkv * D, ldo = Hq * D;
   std::mutex mass_mutex;
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = B * Hq * nqb;
+  parallel_workers(ntasks, [&](const auto& claim) {
     std::vector<float> S(static_cast<size_t>(rows * Lk));
     std::vector<float> inv(static_cast<size_t>(rows));
     std::vector<float> obuf(f32 ? 0 : static_cast<size_t>(rows * D));
     {
       MassAccumulator acc(p, mass_mutex);
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = claim(); task < ntasks; task = claim()) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float* qblk = qp + ((b * Lq + i0) * Hq + h) * D;
@@ -698,14 +712,15 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
   const bool keep_f32 = p.mass != nullptr;
   std::mutex mass_mutex;
 
-  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t ntasks = B * Hq * nqb;
+  parallel_workers(ntasks, [&](const auto& claim) {
     std::vector<float> S(static_cast<size_t>(rows * Lk));
     std::vector<c10::BFloat16> P(static_cast<size_t>(rows * Lkp), c10::BFloat16(0.f));  // pad column stays 0
     std::vector<float> inv(static_cast<size_t>(rows));
     std::vector<float> obuf(static_cast<size_t>(rows * D));
     {
       MassAccumulator acc(p, mass_mutex);
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = claim(); task < ntasks; task = claim()) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const c10::BFloat16* qblk = qp + ((b * Lq + i0) * Hq + h) * D;

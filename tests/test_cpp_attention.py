@@ -55,6 +55,17 @@ def bf16_path(request):
     c.sink_attention_set_bf16_gemm(True)
 
 
+@pytest.fixture(params=["micro-kernel", "blas"])
+def f32_path(request):
+    """Run an fp32 test with oneDNN's fp32 micro-kernel (when available) and with the BLAS sgemm fallback."""
+    c = _C()
+    c.sink_attention_set_f32_microkernel(request.param == "micro-kernel")
+    if request.param == "micro-kernel" and not c.sink_attention_f32_microkernel_active():
+        pytest.skip("no fp32 micro-kernel here")
+    yield request.param
+    c.sink_attention_set_f32_microkernel(True)
+
+
 def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, scale=1.0):
     q = (torch.randn(B, Lq, Hq, D) * scale).to(dtype)
     k = (torch.randn(B, Lk, Hkv, D) * scale).to(dtype)
@@ -105,6 +116,21 @@ def test_bf16_paths(shape, bf16_path, block_rows):
     block_rows(16)
     q, k, v = _inputs(B, Lq, Lk, Hq, Hkv, D, torch.bfloat16)
     _check(q, k, v, rope=RopeSpec.wan(D), sink_len=Lk // 3, sink_shift=-4, mass_q_range=(0, Lq // 2 + 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_f32_paths(dtype, f32_path, block_rows):
+    """Both fp32 product paths (fp16 inputs ride them too): sink, per-key shifts, GQA, tails, odd lengths."""
+    block_rows(16)
+    q, k, v = _inputs(2, 37, 1100, 6, 2, 64, dtype)  # Lk > one 512-key chunk, with a tail chunk
+    _check(q, k, v, rope=WAN64, sink_len=700, sink_shift=5, mass_q_range=(3, 30))
+    _check(q, k, v, rope=LLAMA64, key_shift=torch.randint(-10**6, 10**6, (2, 1100)))
+
+
+def test_bf16_long_keys(bf16_path):
+    """bf16 with Lk across several 512-key chunks and odd (the VNNI pad row of V)."""
+    q, k, v = _inputs(1, 40, 1101, 4, 4, 128, torch.bfloat16)
+    _check(q, k, v, rope=WAN128, sink_len=640, sink_shift=21)
 
 
 def test_automatic_blocks_many_rows():

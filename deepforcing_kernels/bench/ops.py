@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..attention import available_backends, sink_attention
 from ..rope import RopeSpec
 
-__all__ = ["bench_op_case", "make_case", "attention_flops", "time_interleaved"]
+__all__ = ["bench_op_case", "op_case_fns", "make_case", "attention_flops", "time_interleaved"]
 
 
 def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> float:
@@ -58,6 +58,54 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], *, repeats: int = 7, 
     return times
 
 
+def op_case_fns(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int = 19, sink_frames: int = 10,
+                heads: int = 12, kv_heads: Optional[int] = None, head_dim: int = 128, batch: int = 1,
+                dtype: torch.dtype = torch.float32, rephase: bool = True, mass: bool = True,
+                backends: Sequence[str] = ("cpp",)) -> Tuple[Dict[str, Callable[[], object]], dict]:
+    """The callables that :func:`bench_op_case` times, for one shape (see there), and a description of the case.
+
+    Returns ``(fns, meta)``: ``fns`` maps ``"<backend>"`` (each available one), ``"sdpa"`` and ``"gemm"`` to
+    zero-argument callables; ``meta`` holds ``shape`` (a dict), ``gflop`` (GEMM FLOPs / 1e9) and ``skipped``
+    (requested backends that are not available for CPU tensors here).
+    """
+    case = make_case(tokens_per_frame=tokens_per_frame, q_frames=q_frames, kv_frames=kv_frames,
+                     sink_frames=sink_frames, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
+                     dtype=dtype)
+    q, k, v = case["q"], case["k"], case["v"]
+    lq, lk, kvh = q.shape[1], k.shape[1], k.shape[2]
+    op_kwargs = dict(rope=case["rope"], sink_len=case["sink_len"] if rephase else 0,
+                     sink_shift=case["sink_shift"] if rephase else 0, return_mass=mass)
+    fns: Dict[str, Callable[[], object]] = {}
+    skipped = []
+    avail = available_backends("cpu")
+    for name in backends:
+        if name not in avail:
+            skipped.append(name)
+            continue
+        fns[name] = (lambda name=name: sink_attention(q, k, v, backend=name, **op_kwargs))
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    gqa = kvh != heads
+    fns["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
+    # bare GEMMs at full head count (GQA: K/V repeated per query head beforehand)
+    kx = kt.repeat_interleave(heads // kvh, dim=1) if gqa else kt
+    vx = vt.repeat_interleave(heads // kvh, dim=1) if gqa else vt
+    kxt = kx.transpose(-1, -2)
+    p = torch.rand(batch, heads, lq, lk).to(dtype)
+
+    def gemms():
+        torch.matmul(qt, kxt)
+        torch.matmul(p, vx)
+
+    fns["gemm"] = gemms
+    meta = {
+        "shape": {"batch": batch, "lq": lq, "lk": lk, "heads": heads, "kv_heads": kvh, "head_dim": head_dim,
+                  "sink_len": op_kwargs["sink_len"], "sink_shift": op_kwargs["sink_shift"], "mass": mass},
+        "gflop": attention_flops(batch, heads, lq, lk, head_dim) / 1e9,
+        "skipped": skipped,
+    }
+    return fns, meta
+
+
 def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int = 19, sink_frames: int = 10,
                   heads: int = 12, kv_heads: Optional[int] = None, head_dim: int = 128, batch: int = 1,
                   dtype: torch.dtype = torch.float32, rephase: bool = True, mass: bool = True,
@@ -72,11 +120,12 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
     * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` on the same q, k, v (layout ``[B, H, L, D]``,
       transposes made beforehand, GQA by ``enable_gqa``; no re-phasing, no mass);
     * ``gemm``: the two bare batched GEMMs of the same size in the same dtype, ``Q K^T`` then ``P V``
-      (``torch.matmul``; its ``P`` is a constant tensor, so no softmax) — the floor a fused kernel approaches.
+      (``torch.matmul``; its ``P`` is a constant tensor, so no softmax): what an unfused kernel could not beat.
 
     Args:
         tokens_per_frame, q_frames, kv_frames, sink_frames, heads, kv_heads, head_dim, batch: the shape
-            (``Lq = q_frames * tokens_per_frame``, ``Lk = kv_frames * tokens_per_frame``).
+            (``Lq = q_frames * tokens_per_frame``, ``Lk = kv_frames * tokens_per_frame``; defaults: the
+            Deep-Forcing step at 128 tokens per frame, 12 heads, D 128, a 10-frame sink in a 19-frame cache).
         dtype: float32 / bfloat16 / float16.
         rephase: re-phase the ``sink_frames`` sink (otherwise ``sink_shift = 0``).
         mass: ask the op for the attention mass.
@@ -93,36 +142,11 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        case = make_case(tokens_per_frame=tokens_per_frame, q_frames=q_frames, kv_frames=kv_frames,
-                         sink_frames=sink_frames, heads=heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
-                         dtype=dtype)
-        q, k, v = case["q"], case["k"], case["v"]
-        lq, lk, kvh = q.shape[1], k.shape[1], k.shape[2]
-        op_kwargs = dict(rope=case["rope"], sink_len=case["sink_len"] if rephase else 0,
-                         sink_shift=case["sink_shift"] if rephase else 0, return_mass=mass)
-        fns: Dict[str, Callable[[], object]] = {}
-        skipped = []
-        avail = available_backends("cpu")
-        for name in backends:
-            if name not in avail:
-                skipped.append(name)
-                continue
-            fns[name] = (lambda name=name: sink_attention(q, k, v, backend=name, **op_kwargs))
-        qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
-        gqa = kvh != heads
-        fns["sdpa"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=gqa)
-        # bare GEMMs at full head count (GQA shares K/V, which the matmuls see through expand)
-        kx = kt.repeat_interleave(heads // kvh, dim=1) if gqa else kt
-        vx = vt.repeat_interleave(heads // kvh, dim=1) if gqa else vt
-        p = torch.rand(batch, heads, lq, lk).to(dtype)
-
-        def gemms():
-            torch.matmul(qt, kx.transpose(-1, -2))
-            torch.matmul(p, vx)
-
-        fns["gemm"] = gemms
+        fns, meta = op_case_fns(tokens_per_frame=tokens_per_frame, q_frames=q_frames, kv_frames=kv_frames,
+                                sink_frames=sink_frames, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                batch=batch, dtype=dtype, rephase=rephase, mass=mass, backends=backends)
         times = time_interleaved(fns, repeats=repeats, warmup=warmup)
-        gflop = attention_flops(batch, heads, lq, lk, head_dim) / 1e9
+        gflop = meta["gflop"]
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results = {}
         for name, ts in times.items():
@@ -134,26 +158,29 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
                 "gflops": gflop / med[name],
             }
         return {
-            "shape": {"batch": batch, "lq": lq, "lk": lk, "heads": heads, "kv_heads": kvh, "head_dim": head_dim,
-                      "sink_len": op_kwargs["sink_len"], "sink_shift": op_kwargs["sink_shift"], "mass": mass},
+            "shape": meta["shape"],
             "dtype": str(dtype).replace("torch.", ""),
             "threads": torch.get_num_threads(),
             "gflop": gflop,
-            "skipped": skipped,
+            "skipped": meta["skipped"],
             "results": results,
         }
     finally:
         torch.set_num_threads(old_threads)
 
 
-def _main() -> None:  # python -m deepforcing_kernels.bench.ops
-    import json
+def _main() -> None:
+    """``python -m deepforcing_kernels.bench.ops [repeats]``: the default case in fp32 and bf16, one table."""
+    import sys
 
+    repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+    print(f"{'dtype':9} {'entry':6} {'ms':>8} {'/SDPA':>7} {'/GEMM':>7} {'GFLOP/s':>8}")
     for dt in (torch.float32, torch.bfloat16):
-        rep = bench_op_case(dtype=dt, repeats=9)
-        for r in rep["results"].values():
-            r.pop("ms_all")
-        print(json.dumps(rep, indent=1))
+        rep = bench_op_case(dtype=dt, repeats=repeats)
+        for name, r in rep["results"].items():
+            print(f"{rep['dtype']:9} {name:6} {r['ms']:8.2f} {r['vs_sdpa']:7.3f} {r['vs_gemm']:7.3f} "
+                  f"{r['gflops']:8.1f}")
+    print(f"shape {rep['shape']}, threads {rep['threads']}, {repeats} interleaved repeats, medians")
 
 
 if __name__ == "__main__":
