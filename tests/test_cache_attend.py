@@ -4,6 +4,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, apply_rope, release_logit_score, \
     sink_attention
@@ -213,52 +215,93 @@ def test_logits_topc_equals_brute_force_release_score(policy):
 
 
 # ---------------------------------------------------------------------------------------------- Top-C: mass
-@pytest.mark.parametrize("policy", [
-    POLICIES["pc_mass"],
-    CachePolicy.deep_forcing(window_frames=7, sink_frames=1, budget_frames=7, recent_frames=2,
-                             topc_max_reuse=1, block_frames=1),
-    CachePolicy.deep_forcing(window_frames=9, sink_frames=2, budget_frames=6, recent_frames=3, block_frames=3),
-])
-def test_mass_topc_equals_brute_force_attention_mass(policy):
-    """score = mass of the previous pass's last R-F frames of queries (over the cache it attended) + mass of the
-    compressing pass's queries over the augmented cache; summed over heads; per batch element."""
-    n = 2
-    cache = make_cache(policy, n=n, H=4, Hkv=2)
+def augmented_shift(policy, plan, frames_before, T, n):
+    """Per-key shift of the augmented cache a mass-mode compressing pass attends to (sink at the plan's
+    placement; with unify_topc_rope, the previous Top-C right after it)."""
+    S_tok = policy.sink_frames * n
+    shift = torch.zeros(frames_before.shape[0], T, dtype=torch.int64)
+    shift[:, :S_tok] = plan.attend_sink_shift()
+    if policy.unify_topc_rope and plan.attend_compressed:
+        C_tok = policy.topc_frames * n
+        slots = torch.arange(S_tok, S_tok + C_tok)
+        shift[:, S_tok:S_tok + C_tok] = plan.attend_sink_start + slots // n - frames_before[:, S_tok:S_tok + C_tok]
+    return shift
+
+
+def check_mass_topc(policy, *, n=2, blocks=16, passes=3, H=4, Hkv=2, seed=0):
+    """Run a mass-mode cache and check every compression against a brute force: score = mass of the previous
+    pass's last R-F frames of queries (over the cache that pass attended) + mass of the compressing pass's
+    queries over the augmented cache; summed over heads; per batch element. Returns the compression count."""
+    cache = make_cache(policy, n=n, H=H, Hkv=Hkv)
     layer, rope = cache.layers[0], cache.rope
     F, R, S, C = policy.block_frames, policy.recent_frames, policy.sink_frames, policy.topc_frames
     tail = (R - F) * n
-    prev = None  # (q, keys, values, attention args) of the previous pass
+    prev = None  # (q, keys, values, attention args) of the previous pass, as it attended
     compressions = 0
-    for f0, p, q, k, v, _ in stream(policy, cache, blocks=16, passes=3):
+    for f0, p, q, k, v, _ in stream(policy, cache, blocks=blocks, passes=passes, seed=seed):
         v = v.clone()
         v[..., 0, 0] = torch.arange(k.shape[1]).float() + 1000 * f0
         plan = plan_pass(policy, layer.state, f0)
         if plan.action == "compress":
             kk, vv = torch.cat([layer.keys(), k], 1), torch.cat([layer.values(), v], 1)
             T = kk.shape[1]
-            carried = torch.zeros(2, T)
+            carried = torch.zeros(cache.batch_size, T)
             if tail:
                 pq, pk, pv, pargs = prev
                 m = sink_attention(pq, pk, pv, rope=rope, backend="reference", return_mass=True,
                                    mass_q_range=(pq.shape[1] - tail, pq.shape[1]), **pargs).mass
-                carried[:, :pk.shape[1]] = m.sum(1)
-            shift = torch.zeros(2, T, dtype=torch.int64)
-            shift[:, :S * n] = plan.attend_sink_shift()
+                m = m.sum(1)
+                # the previous pass may have attended another slot table (a compressing pass attends to the
+                # augmented cache): match its slots to today's by token identity (kept in the values)
+                for b in range(cache.batch_size):
+                    by_id = {float(i): float(x) for i, x in zip(pv[b, :, 0, 0], m[b])}
+                    for j, i in enumerate(layer.values()[b, :, 0, 0].tolist()):
+                        carried[b, j] = by_id[i]
+            shift = augmented_shift(policy, plan, layer.frames(), T, n)
             cur = sink_attention(q, kk, vv, rope=rope, key_shift=shift, backend="reference",
                                  return_mass=True).mass.sum(1)
             score = (carried + cur)[:, S * n:T - R * n]
-            reuse = torch.cat([layer.reuse_counts(), torch.zeros(2, k.shape[1], dtype=torch.int32)], 1)
+            reuse = torch.cat([layer.reuse_counts(), torch.zeros(cache.batch_size, k.shape[1], dtype=torch.int32)],
+                              1)
             pick = brute_topc(score, reuse[:, S * n:T - R * n], C * n, policy.topc_max_reuse)
             ids = vv[..., 0, 0]
         layer.attend(q, k, v, start_frame=f0)
         if plan.action == "compress":
             compressions += 1
             got = layer.values()[..., 0, 0]
-            for b in range(2):
-                assert got[b, S * n:(S + C) * n].tolist() == ids[b, S * n:T - R * n][pick[b]].tolist()
-            # the carried mass after a compression is the tail mass over the augmented cache, gathered
-        prev = (q, layer.keys(), layer.values(), layer.attention_args())
-    assert compressions >= 4
+            for b in range(cache.batch_size):
+                assert got[b, S * n:(S + C) * n].tolist() == ids[b, S * n:T - R * n][pick[b]].tolist(), (f0, p, b)
+            prev = (q, kk, vv, dict(key_shift=shift))  # this pass attended the augmented cache
+        else:
+            prev = (q, layer.keys(), layer.values(), layer.attention_args())
+    return compressions
+
+
+@pytest.mark.parametrize("policy", [
+    POLICIES["pc_mass"],
+    POLICIES["pc_mass_unify"],
+    CachePolicy.deep_forcing(window_frames=7, sink_frames=1, budget_frames=7, recent_frames=2,
+                             topc_max_reuse=1, block_frames=1),
+    CachePolicy.deep_forcing(window_frames=9, sink_frames=2, budget_frames=6, recent_frames=3, block_frames=3),
+])
+def test_mass_topc_equals_brute_force_attention_mass(policy):
+    assert check_mass_topc(policy) >= 4
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mass_topc_brute_force_random_configs(data):
+    F = data.draw(st.integers(1, 3))
+    R = data.draw(st.integers(F, 2 * F))
+    S = data.draw(st.integers(1, 3))
+    W = data.draw(st.integers(S + R, S + R + 6))
+    N = data.draw(st.integers(S + R, W))
+    policy = CachePolicy.deep_forcing(W, S, N, R, topc_max_reuse=data.draw(st.one_of(st.integers(1, 2), st.none())),
+                                      unify_topc_rope=data.draw(st.booleans()),
+                                      sink_gap=data.draw(st.one_of(st.none(), st.integers(0, 3))), block_frames=F)
+    blocks = (W + 6 * F) // F + 2
+    check_mass_topc(policy, n=data.draw(st.integers(1, 2)), blocks=blocks, passes=data.draw(st.integers(1, 3)),
+                    H=2, Hkv=data.draw(st.sampled_from([1, 2])), seed=data.draw(st.integers(0, 99)))
 
 
 def test_mass_selection_differs_per_batch_element_but_schedule_is_shared():
