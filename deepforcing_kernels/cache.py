@@ -34,8 +34,20 @@ Participative Compression (``deep_forcing``)
     Candidates are slots ``[S_tok, T - R_tok)``; tokens already chosen ``topc_max_reuse`` times are used only
     to fill up when too few others remain; reuse counters travel with their tokens.
 
-Failed calls (bad shapes, dtypes, frames) raise before anything is mutated, so the cache is unchanged.
-See :mod:`deepforcing_kernels.schedule` for running the schedule without tensors.
+Accessors (per layer)
+    ``keys()`` (as stored), ``effective_keys()`` (float32, re-phased as attention sees them), ``values()``,
+    ``positions()`` / ``frames()`` / ``shifts()`` ``[B, L]``, ``kinds()`` (``"sink"`` / ``"topc"`` / ``"recent"``
+    per slot, shared by the batch), ``reuse_counts()``, ``attention_args()`` (``sink_len``, ``sink_shift``,
+    ``key_shift`` for :func:`~deepforcing_kernels.sink_attention` over ``keys()`` / ``values()``) and ``state``
+    (the :class:`~deepforcing_kernels.schedule.ScheduleState`).
+
+State
+    ``state_dict()`` = ``{"format", "policy": policy.to_dict(), "geometry": {...}, "layers": [{"schedule",
+    "k", "v", "frames", "reuse", "mass", "qbuf"}, ...]}`` with only the used slots; ``load_state_dict`` checks
+    everything before touching any layer.
+
+Failed calls (bad shapes, dtypes, frames, NaN / inf inputs) raise before anything is mutated, so the cache is
+unchanged. See :mod:`deepforcing_kernels.schedule` for running the schedule without tensors.
 """
 from __future__ import annotations
 
@@ -143,6 +155,12 @@ class StreamingKVCache:
         self._scratch = (torch.empty(self.batch_size, C_tok, self.num_kv_heads, self.head_dim, dtype=dtype,
                                      device=self.device) if C_tok else None)
         self.layers: Tuple[CacheLayer, ...] = tuple(CacheLayer(self, i) for i in range(self.num_layers))
+
+    def __repr__(self) -> str:
+        return (f"StreamingKVCache({self.policy!r}, num_layers={self.num_layers}, batch_size={self.batch_size}, "
+                f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"tokens_per_frame={self.tokens_per_frame}, dtype={self.dtype}, device={self.device}, "
+                f"backend={self.backend!r})")
 
     # ------------------------------------------------------------------ whole-cache operations
     def reset(self) -> None:
