@@ -115,6 +115,19 @@ def _load_text(path: str) -> torch.Tensor:
     return obj.float()
 
 
+def _load_run(path: str) -> Dict[str, Any]:
+    """A run file written by ``deepforcing generate``, or SystemExit naming the file (never a traceback)."""
+    try:
+        run_file = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - not a torch file, or not one of ours
+        raise SystemExit(f"cannot resume {path}: not a file written by `deepforcing generate` ({type(e).__name__})")
+    if not (isinstance(run_file, dict) and isinstance(run_file.get("settings"), dict)
+            and isinstance(run_file.get("state"), dict) and isinstance(run_file.get("latents"), torch.Tensor)):
+        raise SystemExit(f"cannot resume {path}: not a file written by `deepforcing generate` "
+                         "(it needs 'latents', 'settings' and 'state')")
+    return run_file
+
+
 def atomic_save(obj: Dict[str, Any], path: str) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (a crash never leaves half a file)."""
     d = os.path.dirname(os.path.abspath(path))
@@ -157,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     previous = None
     if os.path.exists(args.out):
         if args.resume:
-            previous = torch.load(args.out, map_location="cpu", weights_only=True)
-            old = previous.get("settings", {})
+            previous = _load_run(args.out)
+            old = previous["settings"]
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
             if diff:
                 raise SystemExit(f"cannot resume {args.out}: settings differ (saved, now): {diff}")
