@@ -175,7 +175,7 @@ def _env():
 
 @pytest.mark.slow
 def test_killed_generate_keeps_finished_blocks_and_resumes(tmp_path):
-    frames = 90
+    frames = 60
     straight, killed = str(tmp_path / "straight.pt"), str(tmp_path / "killed.pt")
     subprocess.run(GEN + ["--frames", str(frames), "--out", straight], check=True, env=_env(),
                    stdout=subprocess.DEVNULL, timeout=300)
