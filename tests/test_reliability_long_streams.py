@@ -139,3 +139,33 @@ def _rotated(raw, position, col):
     """One raw key token [1, 1, H, D] rotated in float64 at (frame=position, row 0, column=col)."""
     pad = torch.zeros(1, col, H, D, dtype=torch.float64)
     return apply_rope(torch.cat([pad, raw.double()], dim=1), ROPE, frame_offset=position, grid=(1, 1, col + 1))[:, col:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [CachePolicy.deep_forcing(), CachePolicy.deep_sink()], ids=["deep_forcing",
+                                                                                                 "deep_sink"])
+def test_generate_1206_frames_through_the_model(policy):
+    """The whole stack (model RoPE at absolute frames, cache, driver) past the release's 1021-frame crash, bf16 cache:
+    every block finite, the cache bounded at every block, and the sink re-phased to SPEC positions at the end."""
+    from deepforcing_kernels.driver import generate
+    from deepforcing_kernels.models import CausalWanModel, WanConfig
+
+    m = CausalWanModel(WanConfig.tiny(num_layers=1, dim=48, ffn_dim=48, freq_dim=16))
+    m.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    ro = generate(m.eval(), torch.randn(1, 5, 32), FRAMES, policy, 0, latent_size=(2, 2), cache_dtype=torch.bfloat16,
+                  progress=False)
+    blocks = 0
+    for block in ro:
+        blocks += 1
+        assert torch.isfinite(block).all(), f"non-finite latents in block {blocks}"
+        assert ro.cache_frames <= policy.window_frames
+    assert blocks == FRAMES // 3
+    layer = ro.cache.layers[0]
+    f0, F, g = FRAMES - 3, policy.block_frames, policy.gap_frames
+    held = policy.budget_frames if policy.compresses else policy.window_frames
+    if policy.compresses:  # the last block (f0 = 1203) compresses: 1203 = 21 + 6 * 197
+        assert (f0 - 21) % 6 == 0 and len(layer) == held
+    sink_start = f0 + F - held - g
+    assert layer.positions()[0, :policy.sink_frames].tolist() == list(range(sink_start, sink_start + policy.sink_frames))
+    assert layer.frames()[0, -3:].tolist() == [f0, f0 + 1, f0 + 2]
+    assert layer.positions()[0, -3:].tolist() == [f0, f0 + 1, f0 + 2]
