@@ -33,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -218,6 +219,99 @@ inline float to_f(T x) {
   return static_cast<float>(x);
 }
 
+// ------------------------------------------------------------------------------------------------ packing helpers
+#if defined(__AVX512F__)
+// In-register transpose of a 16 x 16 block of 32-bit lanes (rows r[0..15] become columns).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_f32x4(r[i], r[4 + i], 0xDD);
+    t[8 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_f32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_f32x4(t[i], t[8 + i], 0xDD);
+    r[4 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_f32x4(t[4 + i], t[12 + i], 0xDD);
+  }
+}
+#endif
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, on 32-bit words (fp32 values or bf16 pairs).
+void transpose32(const uint32_t* src, int64_t ld_src, int64_t rows, int64_t cols, uint32_t* dst, int64_t ld_dst) {
+  int64_t c0 = 0;
+#if defined(__AVX512F__)
+  if (rows == 16) {
+    for (; c0 + 16 <= cols; c0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(reinterpret_cast<const float*>(src + i * ld_src + c0));
+      transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_ps(reinterpret_cast<float*>(dst + (c0 + i) * ld_dst), r[i]);
+    }
+  }
+#endif
+  for (int64_t c = c0; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+// Scratch memory kept by each thread between calls. The packed K / V panels (several MB) are rewritten by every
+// call; a fresh allocation would page-fault all of it again each time (measured: twice the cost of packing).
+// Requests above kScratchRetain bytes are served but not kept.
+class Scratch {
+ public:
+  ~Scratch() { std::free(ptr_); }
+  void* get(size_t bytes) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > size_) {
+      std::free(ptr_);
+      ptr_ = std::aligned_alloc(64, bytes);
+      TORCH_CHECK(ptr_ != nullptr, "sink_attention_fwd: out of memory for ", bytes, " bytes of scratch");
+      size_ = bytes;
+    }
+    return ptr_;
+  }
+  void release() {
+    std::free(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+constexpr size_t kScratchRetain = size_t(512) << 20;
+
+// Per-call buffer: thread-kept scratch slot `slot` when small enough, else a tensor freed with the call.
+template <typename T>
+T* call_buffer(int slot, int64_t count, at::Tensor& holder) {
+  thread_local Scratch slots[4];
+  const size_t bytes = static_cast<size_t>(count) * sizeof(T);
+  if (bytes <= kScratchRetain) return static_cast<T*>(slots[slot].get(bytes));
+  holder = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+  return reinterpret_cast<T*>(holder.data_ptr<uint8_t>());
+}
+
+// Per-worker buffer (score blocks), kept by each ATen worker thread between calls.
+template <typename T>
+T* worker_buffer(int slot, int64_t count) {
+  thread_local Scratch slots[3];
+  return static_cast<T*>(slots[slot].get(static_cast<size_t>(count) * sizeof(T)));
+}
+
 // ------------------------------------------------------------------------------------------------ re-phase
 // cos/sin of shift * freqs[t], formed and reduced in fp64, stored as fp32 (c[t], s[t]).
 void phase_table(int64_t shift, const double* freqs, int64_t T, float* c, float* s) {
@@ -305,24 +399,32 @@ bool use_bf16_gemm(at::ScalarType dt) {
 }
 
 // K^T in the VNNI layout of the bf16 micro-kernel: kv [B, Hkv, D/2, Lk, 2] from k [B, Lk, Hkv, D] (contiguous
-// bf16); rows [0, R) re-phased in fp32 (one shift, or shifts[b * Lk + j]) and rounded to bf16 once.
+// bf16), i.e. the transpose of k's rows seen as D/2 32-bit channel pairs; rows [0, R) re-phased in fp32 (one shift,
+// or shifts[b * Lk + j]) and rounded to bf16 once.
 void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t B, int64_t Lk, int64_t Hkv, int64_t D,
                     int64_t R, const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T,
                     bool interleaved) {
   const int64_t P = D / 2;
-  constexpr int64_t kRows = 32;  // keys per tile: each pair row of the tile is written as one 128-byte run
+  constexpr int64_t kRows = 16;
   const int64_t tiles = (Lk + kRows - 1) / kRows;
   std::vector<float> c0(T), s0(T);
   if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
   at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> c(T), s(T), row(D);
-    std::vector<c10::BFloat16> rowb(D);
+    std::vector<c10::BFloat16> tile(static_cast<size_t>(kRows * D));
     for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t tile = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
-      const int64_t j0 = tile * kRows, j1 = std::min(Lk, j0 + kRows);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(kv) + bg * P * Lk;
-      for (int64_t j = j0; j < j1; ++j) {
-        const c10::BFloat16* src = k + ((b * Lk + j) * Hkv + g) * D;
+      const int64_t t = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
+      const int64_t j0 = t * kRows, n = std::min(Lk, j0 + kRows) - j0;
+      const c10::BFloat16* first = k + ((b * Lk + j0) * Hkv + g) * D;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kv) + bg * P * Lk + j0;
+      if (j0 >= R) {
+        transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * P, n, P, dst, Lk);
+        continue;
+      }
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t j = j0 + jj;
+        const c10::BFloat16* src = first + jj * Hkv * D;
+        c10::BFloat16* out = tile.data() + jj * D;
         if (j < R) {
           const float *cp = c0.data(), *sp = s0.data();
           if (shifts != nullptr) {
@@ -331,12 +433,12 @@ void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t B, int64_
             sp = s.data();
           }
           rotate_row(src, row.data(), D, T, interleaved, cp, sp);
-          for (int64_t d = 0; d < D; ++d) rowb[d] = c10::BFloat16(row[d]);
-          src = rowb.data();
+          for (int64_t d = 0; d < D; ++d) out[d] = c10::BFloat16(row[d]);
+        } else {
+          std::memcpy(out, src, D * sizeof(c10::BFloat16));
         }
-        const uint32_t* s32 = reinterpret_cast<const uint32_t*>(src);
-        for (int64_t p = 0; p < P; ++p) dst[p * Lk + j] = s32[p];
       }
+      transpose32(reinterpret_cast<const uint32_t*>(tile.data()), P, n, P, dst, Lk);
     }
   });
 }
@@ -353,7 +455,21 @@ void pack_values_vnni(const c10::BFloat16* v, c10::BFloat16* vv, int64_t B, int6
       const uint16_t* r1 = j + 1 < Lk ? reinterpret_cast<const uint16_t*>(v + ((b * Lk + j + 1) * Hkv + g) * D)
                                       : nullptr;
       uint16_t* dst = reinterpret_cast<uint16_t*>(vv) + (bg * pairs + t) * D * 2;
-      for (int64_t d = 0; d < D; ++d) {
+      int64_t d0 = 0;
+#if defined(__AVX512BW__)
+      if (r1 != nullptr) {
+        // interleave 32 channels of the two rows: (a0 b0 a1 b1 ...) = the VNNI pair layout
+        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
+                                            38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+        for (; d0 + 32 <= D; d0 += 32) {
+          const __m512i a = _mm512_loadu_si512(r0 + d0), b2 = _mm512_loadu_si512(r1 + d0);
+          _mm512_storeu_si512(dst + 2 * d0, _mm512_permutex2var_epi16(a, lo, b2));
+          _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b2));
+        }
+      }
+#endif
+      for (int64_t d = d0; d < D; ++d) {
         dst[2 * d] = r0[d];
         dst[2 * d + 1] = r1 != nullptr ? r1[d] : uint16_t(0);
       }
@@ -390,10 +506,12 @@ bool f32_brgemm_available() {
 }
 
 // K^T per KV head in fp32: kt [B, Hkv, D, Lk] from k [B, Lk, Hkv, D] (contiguous); rows [0, R) re-phased.
+// Tiles of 16 keys: fp32 tiles that do not move are transposed straight from k, the others are first
+// converted / rotated into a small fp32 tile.
 template <typename scalar_t>
 void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t B, int64_t Lk, int64_t Hkv, int64_t D, int64_t R,
                      const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T, bool interleaved) {
-  constexpr int64_t kRows = 16;  // keys per tile: each channel row of the tile is one 64-byte run
+  constexpr int64_t kRows = 16;
   const int64_t tiles = (Lk + kRows - 1) / kRows;
   std::vector<float> c0(T), s0(T);
   if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
@@ -402,9 +520,15 @@ void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t B, int64_t Lk, int64_
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t t = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
       const int64_t j0 = t * kRows, n = std::min(Lk, j0 + kRows) - j0;
+      const scalar_t* first = k + ((b * Lk + j0) * Hkv + g) * D;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(kt + bg * D * Lk + j0);
+      if (std::is_same<scalar_t, float>::value && j0 >= R) {
+        transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
+        continue;
+      }
       for (int64_t jj = 0; jj < n; ++jj) {
         const int64_t j = j0 + jj;
-        const scalar_t* src = k + ((b * Lk + j) * Hkv + g) * D;
+        const scalar_t* src = first + jj * Hkv * D;
         float* row = tile.data() + jj * D;
         if (j < R) {
           const float *cp = c0.data(), *sp = s0.data();
@@ -418,9 +542,7 @@ void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t B, int64_t Lk, int64_
           for (int64_t d = 0; d < D; ++d) row[d] = to_f(src[d]);
         }
       }
-      float* dst = kt + bg * D * Lk + j0;
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t jj = 0; jj < n; ++jj) dst[d * Lk + jj] = tile[jj * D + d];
+      transpose32(reinterpret_cast<const uint32_t*>(tile.data()), D, n, D, dst, Lk);
     }
   });
 }
@@ -587,11 +709,12 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   const at::Tensor qf = f32 ? q_in.contiguous() : q_in.to(at::kFloat).contiguous();
   const at::Tensor vf = f32 ? v_in.contiguous() : v_in.to(at::kFloat).contiguous();
   KeyPlan plan;
-  at::Tensor kt;
+  at::Tensor kt_holder;
+  float* kt = nullptr;
   if (micro) {
-    kt = at::empty({B, Hkv, D, Lk}, k.options().dtype(at::kFloat));
+    kt = call_buffer<float>(0, B * Hkv * D * Lk, kt_holder);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sink_pack_keys", [&] {
-      pack_keys_t_f32<scalar_t>(k.data_ptr<scalar_t>(), kt.data_ptr<float>(), B, Lk, Hkv, D, sp.R,
+      pack_keys_t_f32<scalar_t>(k.data_ptr<scalar_t>(), kt, B, Lk, Hkv, D, sp.R,
                                 sp.shift_ptr(), sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr,
                                 sp.R > 0 ? sp.freqs.size(0) : 0, interleaved);
     });
@@ -601,7 +724,7 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   const int64_t R = plan.R;
   const float* krot = R > 0 ? plan.krot.data_ptr<float>() : nullptr;
   const float* kf = plan.kf.defined() ? plan.kf.data_ptr<float>() : nullptr;
-  const float* ktp = micro ? kt.data_ptr<float>() : nullptr;
+  const float* ktp = kt;
   const float* qp = qf.data_ptr<float>();
   const float* vp = vf.data_ptr<float>();
   float* outf = f32 ? out.data_ptr<float>() : nullptr;
@@ -615,9 +738,9 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
 
   const int64_t ntasks = B * Hq * nqb;
   parallel_workers(ntasks, [&](const auto& claim) {
-    std::vector<float> S(static_cast<size_t>(rows * Lk));
+    float* S = worker_buffer<float>(0, rows * Lk);
+    float* obuf = worker_buffer<float>(1, f32 ? 1 : rows * D);
     std::vector<float> inv(static_cast<size_t>(rows));
-    std::vector<float> obuf(f32 ? 0 : static_cast<size_t>(rows * D));
     {
       MassAccumulator acc(p, mass_mutex);
       for (int64_t task = claim(); task < ntasks; task = claim()) {
@@ -631,36 +754,36 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
           const float* kth = ktp + (b * Hkv + g) * D * Lk;
           for (int64_t n0 = 0; n0 < Lk; n0 += kChunk)
             at::native::cpublas::brgemm(m, std::min(kChunk, Lk - n0), D, ldq, Lk, Lk, false, qblk, kth + n0,
-                                        S.data() + n0, false);
+                                        S + n0, false);
           sweep_alpha = alpha;
         } else {
           // re-phased rows [0, R) from krot, the others in place
-          if (R > 0) gemm_f32(true, m, R, D, alpha, qblk, ldq, krot + (b * Hkv + g) * R * D, D, S.data(), Lk);
+          if (R > 0) gemm_f32(true, m, R, D, alpha, qblk, ldq, krot + (b * Hkv + g) * R * D, D, S, Lk);
           if (R < Lk)
-            gemm_f32(true, m, Lk - R, D, alpha, qblk, ldq, kf + ((b * Lk + R) * Hkv + g) * D, ldk, S.data() + R,
+            gemm_f32(true, m, Lk - R, D, alpha, qblk, ldq, kf + ((b * Lk + R) * Hkv + g) * D, ldk, S + R,
                      Lk);
         }
 
         // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights).
         for (int64_t r = 0; r < m; ++r) {
-          float* srow = S.data() + r * Lk;
+          float* srow = S + r * Lk;
           const float mx = row_max(srow, Lk) * sweep_alpha;
           const float sum = exp2_sub_sum(srow, Lk, sweep_alpha, mx);
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
         }
-        acc.add(b, g, i0, m, S.data(), Lk, inv.data());
+        acc.add(b, g, i0, m, S, Lk, inv.data());
 
         // O = P V, then rows scaled by 1 / rowsum.
-        float* o = f32 ? outf + ((b * Lq + i0) * Hq + h) * D : obuf.data();
+        float* o = f32 ? outf + ((b * Lq + i0) * Hq + h) * D : obuf;
         const int64_t ld_o = f32 ? ldo : D;
         const float* vblk = vp + (b * Lk * Hkv + g) * D;
         if (micro) {
           for (int64_t k0 = 0; k0 < Lk; k0 += kChunk)
-            at::native::cpublas::brgemm(m, D, std::min(kChunk, Lk - k0), Lk, ldk, ld_o, k0 > 0, S.data() + k0,
+            at::native::cpublas::brgemm(m, D, std::min(kChunk, Lk - k0), Lk, ldk, ld_o, k0 > 0, S + k0,
                                         vblk + k0 * ldk, o, false);
         } else {
-          gemm_f32(false, m, D, Lk, 1.f, S.data(), Lk, vblk, ldk, o, ld_o);
+          gemm_f32(false, m, D, Lk, 1.f, S, Lk, vblk, ldk, o, ld_o);
         }
         for (int64_t r = 0; r < m; ++r) {
           float* orow = o + r * ld_o;
@@ -694,15 +817,16 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
   const int64_t Lkp = Lk + (Lk & 1);  // V's reduction length padded to even (VNNI pairs rows)
   const at::Tensor q = q_in.contiguous();
   const at::Tensor v = v_in.contiguous();
-  at::Tensor kv = at::empty({B, Hkv, D / 2, Lk, 2}, k.options());
-  at::Tensor vv = at::empty({B, Hkv, Lkp / 2, D, 2}, v.options());
-  pack_keys_vnni(k.data_ptr<c10::BFloat16>(), kv.data_ptr<c10::BFloat16>(), B, Lk, Hkv, D, sp.R, sp.shift_ptr(),
+  at::Tensor kv_holder, vv_holder;
+  c10::BFloat16* kv = call_buffer<c10::BFloat16>(0, B * Hkv * D * Lk, kv_holder);
+  c10::BFloat16* vv = call_buffer<c10::BFloat16>(1, B * Hkv * Lkp * D, vv_holder);
+  pack_keys_vnni(k.data_ptr<c10::BFloat16>(), kv, B, Lk, Hkv, D, sp.R, sp.shift_ptr(),
                  sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr, sp.R > 0 ? sp.freqs.size(0) : 0,
                  interleaved);
-  pack_values_vnni(v.data_ptr<c10::BFloat16>(), vv.data_ptr<c10::BFloat16>(), B, Lk, Hkv, D, Lkp);
+  pack_values_vnni(v.data_ptr<c10::BFloat16>(), vv, B, Lk, Hkv, D, Lkp);
   const c10::BFloat16* qp = q.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* kvp = kv.data_ptr<c10::BFloat16>();
-  const c10::BFloat16* vvp = vv.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* kvp = kv;
+  const c10::BFloat16* vvp = vv;
   auto* outp = out.data_ptr<c10::BFloat16>();
 
   const int64_t rows = choose_block_rows(B, Hq, Lq, Lk, 6);
@@ -714,10 +838,12 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
 
   const int64_t ntasks = B * Hq * nqb;
   parallel_workers(ntasks, [&](const auto& claim) {
-    std::vector<float> S(static_cast<size_t>(rows * Lk));
-    std::vector<c10::BFloat16> P(static_cast<size_t>(rows * Lkp), c10::BFloat16(0.f));  // pad column stays 0
+    float* S = worker_buffer<float>(0, rows * Lk);
+    float* obuf = worker_buffer<float>(1, rows * D);
+    c10::BFloat16* P = worker_buffer<c10::BFloat16>(2, rows * Lkp);
+    if (Lkp != Lk)  // the pad column meets V's zero pad row: it must hold a finite value, 0
+      for (int64_t r = 0; r < rows; ++r) P[r * Lkp + Lk] = c10::BFloat16(0.f);
     std::vector<float> inv(static_cast<size_t>(rows));
-    std::vector<float> obuf(static_cast<size_t>(rows * D));
     {
       MassAccumulator acc(p, mass_mutex);
       for (int64_t task = claim(); task < ntasks; task = claim()) {
@@ -729,23 +855,23 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
         const c10::BFloat16* kvh = kvp + (b * Hkv + g) * D * Lk;
         for (int64_t n0 = 0; n0 < Lk; n0 += kChunk)  // column n0 of the VNNI panel starts at element 2 * n0
           at::native::cpublas::brgemm(m, std::min(kChunk, Lk - n0), D, ldq, Lk, Lk, false, qblk, kvh + 2 * n0,
-                                      S.data() + n0, true);
+                                      S + n0, true);
         for (int64_t r = 0; r < m; ++r) {
-          float* srow = S.data() + r * Lk;
+          float* srow = S + r * Lk;
           const float mx = row_max(srow, Lk) * alpha;
-          const float sum = exp2_scaled_bf16(srow, P.data() + r * Lkp, Lk, alpha, mx, keep_f32);
+          const float sum = exp2_scaled_bf16(srow, P + r * Lkp, Lk, alpha, mx, keep_f32);
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
         }
-        acc.add(b, g, i0, m, S.data(), Lk, inv.data());
+        acc.add(b, g, i0, m, S, Lk, inv.data());
 
         // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
         const c10::BFloat16* vvh = vvp + (b * Hkv + g) * Lkp * D;
         for (int64_t k0 = 0; k0 < Lkp; k0 += kChunk)  // kChunk is even: chunks start on a VNNI row pair
-          at::native::cpublas::brgemm(m, D, std::min(kChunk, Lkp - k0), Lkp, D, D, k0 > 0, P.data() + k0,
-                                      vvh + k0 * D, obuf.data(), true);
+          at::native::cpublas::brgemm(m, D, std::min(kChunk, Lkp - k0), Lkp, D, D, k0 > 0, P + k0,
+                                      vvh + k0 * D, obuf, true);
         for (int64_t r = 0; r < m; ++r) {
-          const float* orow = obuf.data() + r * D;
+          const float* orow = obuf + r * D;
           const float w = inv[r];
           c10::BFloat16* dst = outp + ((b * Lq + i0 + r) * Hq + h) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(orow[d] * w);

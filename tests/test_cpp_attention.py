@@ -133,6 +133,15 @@ def test_bf16_long_keys(bf16_path):
     _check(q, k, v, rope=WAN128, sink_len=640, sink_shift=21)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_head_dim_not_multiple_of_16(dtype, block_rows):
+    """D = 40: the packing transposes run their scalar remainder (channels past the last 16-wide block)."""
+    block_rows(8)
+    q, k, v = _inputs(1, 21, 83, 4, 2, 40, dtype)
+    _check(q, k, v, rope=RopeSpec.gptj(40), sink_len=35, sink_shift=-12)
+    _check(q, k, v, rope=RopeSpec.wan(40), key_shift=torch.randint(-10**5, 10**5, (83,)))
+
+
 def test_automatic_blocks_many_rows():
     """The automatic block choice with Lq spanning several full blocks and a tail."""
     q, k, v = _inputs(1, 300, 257, 4, 2, 64, torch.float32)
