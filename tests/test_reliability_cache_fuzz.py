@@ -307,7 +307,8 @@ def scenarios(draw, kinds=("full", "sliding", "frame_sink", "deep_sink", "deep_f
     if bad:
         step.append(st.tuples(st.just("bad"), st.sampled_from([-1, 1, 2, -7])))
     steps = draw(st.lists(st.one_of(*step), min_size=4, max_size=26))
-    return policy, n, B, Hkv, rope, first, steps, draw(st.integers(0, 2**31 - 1))
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
+    return policy, n, B, Hkv, rope, first, steps, draw(st.integers(0, 2**31 - 1)), dtype
 
 
 def block_inputs(gen, B, Lb, Hq, Hkv, D, dtype=torch.float32):
@@ -336,10 +337,10 @@ def test_fuzz_deep_forcing_compression_against_brute_force_model(sc):
 
 
 def run_scenario(sc):
-    policy, n, B, Hkv, rope, first, steps, seed = sc
+    policy, n, B, Hkv, rope, first, steps, seed, dtype = sc
     Hq, D = 2, 16
     cache = StreamingKVCache(policy, num_layers=1, batch_size=B, num_heads=Hq, head_dim=D, tokens_per_frame=n,
-                             rope=rope, dtype=torch.float32, num_kv_heads=Hkv)
+                             rope=rope, dtype=dtype, num_kv_heads=Hkv)
     layer = cache.layers[0]
     model = BruteForceCache(policy, batch_size=B, tokens_per_frame=n, rope=rope)
     gen = torch.Generator().manual_seed(seed)
@@ -355,12 +356,12 @@ def run_scenario(sc):
                 continue  # not inside the block for this block length: it would be a valid new block
             bad = f0 + arg
             before = cache.state_dict()
-            q, k, v = block_inputs(gen, B, Lb, Hq, Hkv, D)
+            q, k, v = block_inputs(gen, B, Lb, Hq, Hkv, D, dtype)
             with pytest.raises(ValueError, match="start_frame"):
                 layer.attend(q, k, v, start_frame=bad)
             assert state_equal(cache.state_dict(), before), "a rejected pass changed the cache"
             continue
-        q, k, v = block_inputs(gen, B, Lb, Hq, Hkv, D)
+        q, k, v = block_inputs(gen, B, Lb, Hq, Hkv, D, dtype)
         out = layer.attend(q, k, v, start_frame=f0)
         actions.add(model.step(layer, q, k, v, f0, out))
     event(f"{policy.kind}/{policy.score}: " + ",".join(sorted(actions)))
