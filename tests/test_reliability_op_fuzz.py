@@ -204,6 +204,30 @@ def test_huge_logits_one_hot(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logit", [-1e4, 0.0, 1e4])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_equal_huge_logits_give_uniform_softmax(backend, logit, dtype):
+    """Every key scores the same (at -1e4, 0 or 1e4: far past exp under/overflow): the softmax is uniform, so out is the
+    mean of v, lse = logit + log(Lk) and each key gets mass Lq * group / Lk. (Normalising by exp(s - lse) instead of
+    exp(s - max) / sum loses ulp(lse) ~ 1e-3 here: 2e-4 error in out, over the SPEC budget.)"""
+    _need(backend)
+    B, Lq, Lk, Hq, Hkv, D = 1, 3, 37, 4, 2, 16
+    q = torch.zeros(B, Lq, Hq, D)
+    q[..., 0] = 100.0 if logit >= 0 else -100.0
+    k = torch.zeros(B, Lk, Hkv, D)
+    k[..., 0] = 100.0 if logit != 0 else 0.0
+    v = torch.randn(B, Lk, Hkv, D).to(dtype).float()
+    q, k = q.to(dtype), k.to(dtype)
+    res = sink_attention(q, k, v.to(dtype), softmax_scale=1.0, return_lse=True, return_mass=True, backend=backend)
+    assert_within_budget(res, q, k, v.to(dtype), softmax_scale=1.0)
+    want = v.mean(dim=1, keepdim=True).repeat_interleave(Hq // Hkv, dim=2).expand(B, Lq, Hq, D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(res.out.float(), want, atol=tol, rtol=0)
+    torch.testing.assert_close(res.lse, torch.full((B, Hq, Lq), logit + math.log(Lk)), atol=1e-3, rtol=0)
+    torch.testing.assert_close(res.mass, torch.full((B, Hkv, Lk), Lq * (Hq // Hkv) / Lk), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("m", [0, 2, 6])
 def test_empty_mass_range_gives_zeros(backend, m):
     _need(backend)
