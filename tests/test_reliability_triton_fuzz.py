@@ -121,3 +121,16 @@ def test_triton_nan_input_is_never_hidden(where):
     else:
         assert torch.isnan(out[0, :, 0]).any(dim=-1).all()
     assert torch.isfinite(out[0, :, 1]).all()
+
+
+@pytest.mark.parametrize("logit", [-1e4, 1e4])
+def test_triton_equal_huge_logits_give_uniform_softmax(logit):
+    B, Lq, Lk, Hq, Hkv, D = 1, 3, 37, 4, 2, 16
+    q = torch.zeros(B, Lq, Hq, D)
+    q[..., 0] = 100.0 if logit > 0 else -100.0
+    k = torch.zeros(B, Lk, Hkv, D)
+    k[..., 0] = 100.0
+    v = torch.randn(B, Lk, Hkv, D)
+    res = sink_attention(q, k, v, softmax_scale=1.0, return_lse=True, return_mass=True, backend="triton")
+    assert_within_budget(res, q, k, v, softmax_scale=1.0)
+    torch.testing.assert_close(res.mass, torch.full((B, Hkv, Lk), Lq * (Hq // Hkv) / Lk), atol=1e-5, rtol=0)
