@@ -256,15 +256,26 @@ def test_nan_input_is_never_hidden(backend, where):
         assert torch.isfinite(res.out[0, :, 1]).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("backend,threads", [("reference", 1), ("cpp", 1), ("cpp", 2)])
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)
-@given(Lq=st.integers(1, 40), Lk=st.sampled_from([15, 16, 17, 511, 512, 513, 1023, 1025, 1100]),
+@given(Lq=st.one_of(st.integers(1, 40), st.sampled_from([129, 300])),
+       Lk=st.sampled_from([15, 16, 17, 511, 512, 513, 1023, 1025, 1100]),
        sink_frac=st.sampled_from([0.0, 0.3, 0.5, 1.0]), group=st.sampled_from([1, 3]),
        dtype=st.sampled_from(DTYPES), shift=SHIFTS, mr=st.sampled_from([None, (0, 0), (1, 7), "tail"]),
        seed=st.integers(0, 2**31 - 1))
-def test_fuzz_long_key_ranges(backend, Lq, Lk, sink_frac, group, dtype, shift, mr, seed):
-    """Key counts around the C++ kernel's vector widths and 512-key chunks, and sink_len at chunk edges."""
+def test_fuzz_long_key_ranges(backend, threads, Lq, Lk, sink_frac, group, dtype, shift, mr, seed):
+    """Key counts around the C++ kernel's vector widths and 512-key chunks, and sink_len at chunk edges; the C++
+    kernel also with two intra-op threads (its tasks split query blocks between threads)."""
     _need(backend)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _long_key_case(backend, Lq, Lk, sink_frac, group, dtype, shift, mr, seed)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _long_key_case(backend, Lq, Lk, sink_frac, group, dtype, shift, mr, seed):
     gen = torch.Generator().manual_seed(seed)
     Hkv, D = 2, 32
     q = _make((1, Lq, Hkv * group, D), dtype, "contiguous", gen)
