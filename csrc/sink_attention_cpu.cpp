@@ -106,7 +106,9 @@ void gemm_f32(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const 
 // 2^x for x <= 0 (scores minus their row max): x = n + f, f in [-0.5, 0.5], 2^f by its degree-7 Taylor
 // polynomial in f (truncation 5e-9, below fp32 rounding), scaled by 2^n with vscalefps (exact, denormals too).
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  // max(-150, x) in this operand order returns x when x is NaN (vmaxps passes its second operand on NaN), so a
+  // NaN score stays NaN and poisons its row instead of turning into a plausible 0.
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);            // ln2^7 / 7!
