@@ -250,3 +250,13 @@ def test_cli_resume_of_a_file_that_is_not_a_run(tmp_path, content):
               "--out", str(out), "--resume"])
     assert e.value.code not in (0, None)
     assert out.read_bytes() == data
+
+
+def test_generate_with_nan_text_fails_clearly_instead_of_a_nan_video():
+    m = CausalWanModel(WanConfig.tiny())
+    m.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    txt = torch.randn(1, 5, 32)
+    txt[0, 2, 3] = float("nan")
+    ro = generate(m.eval(), txt, 6, CachePolicy.deep_sink(), 0, latent_size=(4, 4), progress=False)
+    with pytest.raises(ValueError, match="NaN|inf|finite"):
+        next(ro)
