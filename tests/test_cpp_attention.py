@@ -259,6 +259,20 @@ def test_softmax_scale_and_peaked_scores(dtype):
     _check(q, k, v, rope=WAN64, sink_len=12, sink_shift=2, softmax_scale=0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_propagates(dtype, where):
+    """A NaN input is not hidden by the vectorised exp / max: the rows that read it come out NaN."""
+    q, k, v = _inputs(1, 5, 40, 2, 2, 64, dtype)
+    {"q": q, "k": k, "v": v}[where][0, 1, 0, 3] = float("nan")
+    res = sink_attention(q, k, v, rope=WAN64, sink_len=8, sink_shift=3, return_lse=True, backend="cpp")
+    if where == "q":
+        assert torch.isnan(res.out[0, 1, 0]).all() and torch.isnan(res.lse[0, 0, 1])
+    else:
+        assert torch.isnan(res.out[0, :, 0]).any(dim=-1).all()
+    assert torch.isfinite(res.out[0, :, 1]).all()
+
+
 def test_auto_picks_cpp_for_cpu():
     assert "cpp" in available_backends("cpu")
     q, k, v = _inputs(1, 9, 14, 2, 1, 64, torch.float32)
