@@ -1,24 +1,27 @@
 // CPU kernel of the fused op `sink_attention` (see sink_attention_cpu.h for the contract).
 //
 // Plan of one call:
-//   1. Keys that move (the sink, or every key when per-key shifts are given) are re-phased ONCE per call into an
-//      fp32 buffer [B, Hkv, R, D]: cos/sin of angles formed in fp64 and reduced mod 2*pi (SPEC section 7: fp32
-//      angles are off by |shift| * 1e-7 rad), rotation in fp32, spatial pairs copied. Keys that do not move are
-//      read in place (fp32 inputs) or from one fp32 conversion (bf16 / fp16 inputs).
-//   2. Tasks (batch, query head, block of query rows) run in parallel (at::parallel_for). A task computes the
-//      whole score block S = Q_blk K^T [rows, Lk] with single-threaded BLAS sgemm (two calls: re-phased rows and
-//      resting rows), so the softmax of each row is exact in one pass (max, exp2, sum) and the mass column sums
-//      read the same probabilities with no recomputation; then O = P V (sgemm) and O rows *= 1 / rowsum.
-//   3. Mass: each thread sums its probabilities into a private column vector for the KV head group it works on
-//      and adds it to the shared result under a mutex when the group changes (a few flushes per thread).
+//   1. K is packed ONCE per call into the layout the micro-kernel reads (fp32 K^T [B, Hkv, D, Lk]; bf16: VNNI, see
+//      below), and the keys that move (the sink, or every key when per-key shifts are given) are re-phased on the
+//      way: cos/sin of angles formed in fp64 and reduced mod 2*pi (SPEC section 7: fp32 angles are off by
+//      |shift| * 1e-7 rad), rotation in fp32, spatial pairs copied. Packing uses AVX-512 16x16 transposes into
+//      scratch memory kept between calls (a fresh multi-MB buffer would page-fault on every call).
+//   2. Tasks (batch, query head, block of query rows) run in parallel. A task computes the whole score block
+//      S = Q_blk K^T [rows, Lk] (oneDNN micro-kernel at::native::cpublas::brgemm, in 512-key chunks that stay in
+//      cache), so each row's softmax is exact in one sweep (max, exp2, sum) and the mass column sums read the same
+//      probabilities with no recomputation; then O = P V (same micro-kernel, accumulating over 512-key chunks)
+//      and O rows *= 1 / rowsum. Without the fp32 micro-kernel, BLAS sgemm reads the keys in place instead
+//      (re-phased rows from a small fp32 side buffer).
+//   3. Mass: work items are runs of consecutive tasks of one KV group, claimed dynamically; each sums its
+//      probabilities into its own row, and the rows are added in a fixed order at the end (bit-identical results
+//      run to run, whatever thread ran what).
 //
-// bf16 inputs, where oneDNN's bf16 micro-kernel (at::native::cpublas::brgemm: bf16 x bf16 -> fp32 accumulate,
-// avx512_bf16 / AMX) works on this CPU: K and V are packed ONCE per call into the VNNI layout the micro-kernel
-// reads (K^T as [D/2, Lk, 2] with the sink re-phased in fp32 on the way, V as [Lk/2, D, 2]); scores come out in
-// fp32, so the softmax, lse and mass are computed exactly as in the fp32 path, and P is rounded to bf16 only as
-// the operand of the P V product (as any bf16 attention does). Elsewhere (no bf16 micro-kernel, and for fp16)
-// the inputs are converted to fp32 once per call (O(L * D) work against O(Lq * Lk * D) GEMM work) and run the
-// fp32 path.
+// bf16 inputs, where oneDNN's bf16 micro-kernel (bf16 x bf16 -> fp32 accumulate; avx512_bf16 or AMX) works on
+// this CPU: K and V are packed once per call into its VNNI layout (K^T as [D/2, Lk, 2] with the sink re-phased in
+// fp32 and rounded to bf16 once, V as [Lk/2, D, 2]); scores come out in fp32, so softmax, lse and mass are computed
+// as in the fp32 path, and P is rounded to bf16 only as the operand of P V (as any bf16 attention does).
+// Elsewhere (no bf16 micro-kernel, and fp16) inputs are converted to fp32 once per call (O(L * D) work against
+// O(Lq * Lk * D) GEMM work) and take the fp32 path.
 #include "sink_attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -32,7 +35,6 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -651,39 +653,58 @@ struct Problem {
   int64_t mass_start, mass_end;
 };
 
-// Per-thread partial mass for one KV group at a time, added to the shared result under a mutex whenever the
-// thread moves to another group (tasks are ordered batch, head, query block, so that is rare).
-class MassAccumulator {
- public:
-  MassAccumulator(const Problem& p, std::mutex& mu) : p_(p), mu_(mu), col_(p.mass ? p.Lk : 0, 0.f) {}
-  ~MassAccumulator() { flush(); }
-  // Rows [i0, i0 + m) of a task of group (b, g): P holds unnormalised probabilities (leading dimension ld),
-  // inv[r] = 1 / rowsum.
-  void add(int64_t b, int64_t g, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) {
-    if (p_.mass == nullptr) return;
-    const int64_t a = std::max(i0, p_.mass_start), e = std::min(i0 + m, p_.mass_end);
-    if (a >= e) return;
-    const int64_t owner = b * p_.Hkv + g;
-    if (owner != owner_) {
-      flush();
-      owner_ = owner;
-    }
-    column_sums(col_.data(), P + (a - i0) * ld, ld, inv + (a - i0), e - a, p_.Lk);
+// Work items and deterministic mass. Tasks (one query head x one block of query rows) are numbered group by group
+// (all tasks of KV group (b, g) are consecutive); a work item ("segment") is a run of at most seg_len consecutive
+// tasks of one group, claimed dynamically by whichever thread is free. Each segment sums its probabilities into its
+// own mass row, and the rows of a group are added in segment order at the end: the result is bit-identical run to
+// run and across threads (the layout depends on the problem size only), with no lock and no atomics on floats.
+struct Segments {
+  static constexpr int64_t kTarget = 64;  // about this many work items: load balance for up to ~16 threads
+  int64_t group_tasks, seg_len, per_group, count;
+  Segments(int64_t groups, int64_t tasks_per_group) : group_tasks(tasks_per_group) {
+    seg_len = std::max<int64_t>(1, (groups * group_tasks + kTarget - 1) / kTarget);
+    per_group = (group_tasks + seg_len - 1) / seg_len;
+    count = groups * per_group;
   }
-  void flush() {
-    if (owner_ < 0) return;
-    std::lock_guard<std::mutex> lock(mu_);
-    float* dst = p_.mass + owner_ * p_.Lk;
-    for (int64_t j = 0; j < p_.Lk; ++j) dst[j] += col_[j];
-    std::fill(col_.begin(), col_.end(), 0.f);
-    owner_ = -1;
+  int64_t begin(int64_t w) const { return (w / per_group) * group_tasks + (w % per_group) * seg_len; }
+  int64_t end(int64_t w) const {
+    return std::min(begin(w) + seg_len, (w / per_group + 1) * group_tasks);
+  }
+};
+
+class MassPartials {
+ public:
+  MassPartials(const Problem& p, const Segments& seg) : p_(p), seg_(seg) {
+    if (p.mass != nullptr) part_ = at::zeros({seg.count, p.Lk}, at::TensorOptions().dtype(at::kFloat));
+  }
+  float* row(int64_t w) const { return p_.mass != nullptr ? part_.data_ptr<float>() + w * p_.Lk : nullptr; }
+  // Rows [i0, i0 + m) of a task: P holds unnormalised probabilities (leading dimension ld), inv[r] = 1 / rowsum;
+  // the rows inside the mass range are summed into col.
+  void add(float* col, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) const {
+    if (col == nullptr) return;
+    const int64_t a = std::max(i0, p_.mass_start), e = std::min(i0 + m, p_.mass_end);
+    if (a < e) column_sums(col, P + (a - i0) * ld, ld, inv + (a - i0), e - a, p_.Lk);
+  }
+  void reduce() const {
+    if (p_.mass == nullptr) return;
+    const int64_t Lk = p_.Lk, per = seg_.per_group;
+    const float* part = part_.data_ptr<float>();
+    at::parallel_for(0, p_.B * p_.Hkv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bg = begin; bg < end; ++bg) {
+        float* dst = p_.mass + bg * Lk;
+        for (int64_t sgm = 0; sgm < per; ++sgm) {
+          const float* src = part + (bg * per + sgm) * Lk;
+#pragma omp simd
+          for (int64_t j = 0; j < Lk; ++j) dst[j] += src[j];
+        }
+      }
+    });
   }
 
  private:
   const Problem& p_;
-  std::mutex& mu_;
-  std::vector<float> col_;
-  int64_t owner_ = -1;
+  const Segments& seg_;
+  at::Tensor part_;
 };
 
 // Runs worker(claim) on every ATen thread; claim() hands out task indices 0, 1, 2, ... first come, first served.
@@ -736,16 +757,15 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   const int64_t nqb = (Lq + rows - 1) / rows;
   const float alpha = p.scale * kLog2e;  // scores in log2 units: exp2 in the softmax
   const int64_t ldq = Hq * D, ldk = Hkv * D, ldo = Hq * D;
-  std::mutex mass_mutex;
-
-  const int64_t ntasks = B * Hq * nqb;
-  parallel_workers(ntasks, [&](const auto& claim) {
+  const Segments seg(B * Hkv, G * nqb);
+  const MassPartials mass(p, seg);
+  parallel_workers(seg.count, [&](const auto& claim) {
     float* S = worker_buffer<float>(0, rows * Lk);
     float* obuf = worker_buffer<float>(1, f32 ? 1 : rows * D);
     std::vector<float> inv(static_cast<size_t>(rows));
-    {
-      MassAccumulator acc(p, mass_mutex);
-      for (int64_t task = claim(); task < ntasks; task = claim()) {
+    for (int64_t w = claim(); w < seg.count; w = claim()) {
+      float* col = mass.row(w);
+      for (int64_t task = seg.begin(w); task < seg.end(w); ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float* qblk = qp + ((b * Lq + i0) * Hq + h) * D;
@@ -774,7 +794,7 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
         }
-        acc.add(b, g, i0, m, S, Lk, inv.data());
+        mass.add(col, i0, m, S, Lk, inv.data());
 
         // O = P V, then rows scaled by 1 / rowsum.
         float* o = f32 ? outf + ((b * Lq + i0) * Hq + h) * D : obuf;
@@ -789,9 +809,9 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
         }
         for (int64_t r = 0; r < m; ++r) {
           float* orow = o + r * ld_o;
-          const float w = inv[r];
+          const float wr = inv[r];
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) orow[d] *= w;
+          for (int64_t d = 0; d < D; ++d) orow[d] *= wr;
         }
         if (!f32) {
           for (int64_t r = 0; r < m; ++r) {
@@ -810,6 +830,7 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
     }
     if (micro) at::native::cpublas::brgemm_release(false);
   });
+  mass.reduce();
 }
 
 // bf16 micro-kernel path: fp32 scores from bf16 x bf16 products, bf16 P for P V.
@@ -836,19 +857,18 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
   const float alpha = p.scale * kLog2e;
   const int64_t ldq = Hq * D;
   const bool keep_f32 = p.mass != nullptr;
-  std::mutex mass_mutex;
-
-  const int64_t ntasks = B * Hq * nqb;
-  parallel_workers(ntasks, [&](const auto& claim) {
+  const Segments seg(B * Hkv, G * nqb);
+  const MassPartials mass(p, seg);
+  parallel_workers(seg.count, [&](const auto& claim) {
     float* S = worker_buffer<float>(0, rows * Lk);
     float* obuf = worker_buffer<float>(1, rows * D);
     c10::BFloat16* P = worker_buffer<c10::BFloat16>(2, rows * Lkp);
     if (Lkp != Lk)  // the pad column meets V's zero pad row: it must hold a finite value, 0
       for (int64_t r = 0; r < rows; ++r) P[r * Lkp + Lk] = c10::BFloat16(0.f);
     std::vector<float> inv(static_cast<size_t>(rows));
-    {
-      MassAccumulator acc(p, mass_mutex);
-      for (int64_t task = claim(); task < ntasks; task = claim()) {
+    for (int64_t w = claim(); w < seg.count; w = claim()) {
+      float* col = mass.row(w);
+      for (int64_t task = seg.begin(w); task < seg.end(w); ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const c10::BFloat16* qblk = qp + ((b * Lq + i0) * Hq + h) * D;
@@ -865,7 +885,7 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * kLn2;
         }
-        acc.add(b, g, i0, m, S, Lk, inv.data());
+        mass.add(col, i0, m, S, Lk, inv.data());
 
         // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
         const c10::BFloat16* vvh = vvp + (b * Hkv + g) * Lkp * D;
@@ -874,14 +894,15 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
                                       vvh + k0 * D, obuf, true);
         for (int64_t r = 0; r < m; ++r) {
           const float* orow = obuf + r * D;
-          const float w = inv[r];
+          const float wr = inv[r];
           c10::BFloat16* dst = outp + ((b * Lq + i0 + r) * Hq + h) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(orow[d] * w);
+          for (int64_t d = 0; d < D; ++d) dst[d] = c10::BFloat16(orow[d] * wr);
         }
       }
     }
     at::native::cpublas::brgemm_release(true);
   });
+  mass.reduce();
 }
 
 }  // namespace
