@@ -37,7 +37,7 @@ PIECES: Tuple[Tuple[str, str, str], ...] = (
 
 def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames: int = 36) -> Dict[str, Any]:
     """Profile a short rollout (``num_frames``, enough to pass the window and compress twice) of ``policies``,
-    round-robin per block like the timed rollout, one profiler per policy enabled only during its blocks.
+    interleaved like the timed rollout, one profiler per policy enabled only during its own attend calls.
 
     Returns ``{policy: {"rows": [{"name", "calls", "cum_s", "share"}], "attend_s": float, "block_s_sum"}}``.
     """

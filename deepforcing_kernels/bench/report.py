@@ -157,7 +157,7 @@ def format_all(result: Mapping[str, Any]) -> str:
         parts.append(format_rollout(result["rollout"], (
             f"rollout: cache + attention path, {s['num_frames']} latent frames, {s['num_layers']} layers x "
             f"{s['passes']} passes per block, {s['num_heads']} heads, D {s['head_dim']}, {s['tokens_per_frame']} "
-            f"tokens/frame, {s['dtype']}, policies round-robin per block")))
+            f"tokens/frame, {s['dtype']}, policies interleaved layer by layer")))
     if result.get("model_rollout"):
         s = result["settings"]["model_rollout"]
         parts.append(format_rollout(result["model_rollout"], (
@@ -223,10 +223,12 @@ STYLES = {"full": ":", "sliding": "-", "frame_sink": "-", "deep_sink": "-", "dee
 def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> None:
     """Per-block time and cache size over the rollout, one line per policy (matplotlib, Agg backend).
 
-    Top row: the cache + attention rollout (block time, K/V bytes in use and allocated). Bottom row, when
-    present: the tiny model's block time and the frames attended. ``full`` grows without bound, so the time
-    and size axes are clipped a little above the bounded policies and ``full`` runs off the top, its final value
-    written at the edge.
+    Rows: (1) the cache + attention rollout's block time, absolute and divided by sliding's time for the same
+    block (the policies ran back to back, so this ratio cancels the load of a shared machine: the picture of
+    "Deep Forcing stays flat and cheap"); (2) K/V bytes held and allocated against the window and the 1.15x bound,
+    and the frames each block attends to; (3) the same two time panels for the tiny full model. ``full`` grows
+    without bound, so axes are clipped a little above the bounded policies and ``full`` runs off the top, its
+    final value written at the edge.
     """
     import os
 
@@ -237,8 +239,8 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
 
     ro = result.get("rollout") or {}
     mo = result.get("model_rollout") or {}
-    nrows = 2 if mo else 1
-    fig, axes = plt.subplots(nrows, 2, figsize=(14, 4.6 * nrows + 0.6), squeeze=False)
+    nrows = 3 if mo else 2
+    fig, axes = plt.subplots(nrows, 2, figsize=(14, 4.3 * nrows + 0.6), squeeze=False)
     s = (result.get("settings") or {}).get("rollout", {})
     fig.suptitle(f"deepforcing bench: {s.get('num_layers', '?')} layers x {s.get('passes', '?')} passes, "
                  f"{s.get('num_heads', '?')} heads x D {s.get('head_dim', '?')}, {s.get('tokens_per_frame', '?')} "
@@ -249,7 +251,20 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         h = w // 2
         return [sorted(y[max(0, i - h):i + h + 1])[len(y[max(0, i - h):i + h + 1]) // 2] for i in range(len(y))]
 
-    def draw(ax, res, key, scale, ylabel, title, clip_to_bounded=True, hline=None, smooth=False, unit=""):
+    def with_relative(res):
+        """Add ``rel_block`` (block time / sliding's time for the same block) to every series."""
+        if "sliding" not in res:
+            return res
+        base = res["sliding"]["series"]["block_s"]
+        out = {}
+        for p, v in res.items():
+            ser = dict(v["series"])
+            ser["rel_block"] = [a / b if b else float("nan") for a, b in zip(ser["block_s"], base)]
+            out[p] = dict(v, series=ser)
+        return out
+
+    def draw(ax, res, key, scale, ylabel, title, clip_to_bounded=True, hline=None, smooth=False, unit="",
+             lim_pad=1.35):
         top = 0.0
         for p in [x for x in POLICY_NAMES if x in res]:
             ser = res[p]["series"]
@@ -257,7 +272,7 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
             lw = 2.2 if p.startswith("deep_forcing") else 1.5
             if smooth and len(y) >= 5:
                 # raw blocks faint (noise of a shared machine), a 5-block rolling median bold: the trend
-                ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=0.6, alpha=0.35)
+                ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=0.6, alpha=0.3)
                 y = rolling_median(y)
             ax.plot(x, y, STYLES.get(p, "-"), color=COLORS.get(p), lw=lw, label=p, alpha=0.95)
             if res[p].get("bounded", p != "full"):
@@ -266,12 +281,13 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
             ax.axhline(hline[0], color="k", lw=0.8, ls="--")
             ax.text(ax.get_xlim()[0], hline[0], " " + hline[1], va="bottom", fontsize=8)
         if clip_to_bounded and top > 0 and "full" in res:
-            lim = top * 1.35
+            lim = top * lim_pad
             ax.set_ylim(0, lim)
             fy = res["full"]["series"][key][-1] * scale
             if fy > lim:
-                ax.annotate(f"full -> {fy:.3g}{unit} (off scale)", xy=(res["full"]["series"]["frame_end"][-1], lim), xytext=(-4, -12),
-                            textcoords="offset points", ha="right", fontsize=8, color=COLORS["full"])
+                ax.annotate(f"full -> {fy:.3g}{unit} (off scale)", xy=(res["full"]["series"]["frame_end"][-1], lim),
+                            xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=8,
+                            color=COLORS["full"])
         else:
             ax.set_ylim(bottom=0)
         ax.axvline(window_frames, color="0.6", lw=0.8)
@@ -280,28 +296,35 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
 
+    def time_pair(row, res, what):
+        draw(axes[row][0], res, "block_s", 1e3, "ms per block (5 passes x all layers)",
+             f"{what}: time per block (bold: 5-block rolling median)", smooth=True, unit=" ms")
+        rel = with_relative(res)
+        if "sliding" in res:
+            draw(axes[row][1], rel, "rel_block", 1.0, "block time / sliding's, same block",
+                 f"{what}: time relative to sliding (shared load cancels)", smooth=True, lim_pad=1.25, unit="x",
+                 hline=(1.0, "sliding"))
+        axes[row][0].legend(fontsize=8, ncol=2, loc="upper left")
+
     if ro:
+        time_pair(0, ro, "cache + attention")
         wb = next(iter(ro.values())).get("window_kv_bytes")
-        # smooth nothing: the alternation of Deep Forcing (compress / append blocks) is part of the story
-        draw(axes[0][0], ro, "block_s", 1e3, "ms per block (5 passes x all layers)",
-             "cache + attention: time per block (bold: 5-block rolling median)", smooth=True, unit=" ms")
-        draw(axes[0][1], ro, "bytes_in_use", 2 ** -20, "MiB of K/V (all layers)",
+        ax = axes[1][0]
+        draw(ax, ro, "bytes_in_use", 2 ** -20, "MiB of K/V (all layers)",
              "cache + attention: K/V held (bold) and allocated (thin)",
              hline=(wb * 2 ** -20, "K+V of a 21-frame window") if wb else None, unit=" MiB")
         for p in [x for x in POLICY_NAMES if x in ro and x != "full"]:
             ser = ro[p]["series"]
-            axes[0][1].plot(ser["frame_end"], [v * 2 ** -20 for v in ser["bytes_alloc"]], "-", color=COLORS.get(p),
-                            lw=0.9, alpha=0.7)
+            ax.plot(ser["frame_end"], [v * 2 ** -20 for v in ser["bytes_alloc"]], "-", color=COLORS.get(p), lw=0.9,
+                    alpha=0.7)
         if wb:
-            axes[0][1].axhline(1.15 * wb * 2 ** -20, color="r", lw=0.8, ls=":")
-            axes[0][1].text(axes[0][1].get_xlim()[0], 1.15 * wb * 2 ** -20, " 1.15 x window (target bound)",
-                            va="bottom", fontsize=8, color="r")
-        axes[0][0].legend(fontsize=8, ncol=2, loc="upper left")
+            ax.axhline(1.15 * wb * 2 ** -20, color="r", lw=0.8, ls=":")
+            ax.text(ax.get_xlim()[1], 1.15 * wb * 2 ** -20, "1.15 x window (bound) ", va="bottom", ha="right",
+                    fontsize=8, color="r")
+        draw(axes[1][1], ro, "attended_frames", 1.0, "frames attended (mean over passes)",
+             "frames each block attends to (mean over its 5 passes)", unit=" frames")
     if mo:
-        draw(axes[1][0], mo, "block_s", 1e3, "ms per block", "tiny full model: time per block (bold: rolling median)",
-             smooth=True, unit=" ms")
-        draw(axes[1][1], mo if not ro else ro, "attended_frames", 1.0, "frames attended (mean over passes)",
-             "frames each block attends to (mean over its 5 passes)", clip_to_bounded=True, unit=" frames")
+        time_pair(2, mo, "tiny full model")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -5,8 +5,9 @@ Two rollouts per policy:
 * **cache + attention path** at the real layer geometry (30 layers, 12 heads, head_dim 128, 5 passes per block),
   with fewer tokens per frame so it fits a CPU. For each block, each pass, each layer:
   ``cache.layers[l].attend(q, k, v, start_frame=f0)`` with random q, k, v made once up front (RNG is not timed).
-  The policies run **round-robin per block**, each with its own cache, and the order rotates every block, so a
-  burst of outside load lands on all of them alike and the ratios between them stay honest;
+  The policies are **interleaved layer by layer** (layer l of every policy's cache, then layer l + 1, ...), each
+  with its own cache, and the order rotates every block, so a burst of outside load lands on all of them alike
+  and the ratios between them stay honest;
 * **the tiny full model** (``WanConfig.tiny()``) through :func:`deepforcing_kernels.driver.generate`, also
   round-robin per block.
 
@@ -221,27 +222,36 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
     for b in range(nblocks):
         f0 = b * F
         order = names[b % len(names):] + names[:b % len(names)]  # rotate: nobody always runs first
-        for name in order:
-            cache, s = caches[name], series[name]
-            layers = cache.layers
-            pass_times, attended = [], []
-            prof = profilers.get(name) if profilers else None
-            if prof is not None:
-                prof.enable()
-            for p in range(cfg.passes):
-                q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
-                af = _attend_frames(layers[0], f0)  # outside the timed region
-                t0 = time.perf_counter()
-                for layer in layers:
+        pass_times = {name: [] for name in names}
+        attended = {name: [] for name in names}
+        for p in range(cfg.passes):
+            q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
+            for name in order:  # outside the timed region
+                af = _attend_frames(caches[name].layers[0], f0)
+                attended[name].append(af if af is not None else float("nan"))
+            acc = dict.fromkeys(names, 0.0)
+            # interleaved per layer: each policy's layer l runs right after the others' layer l, so outside
+            # load (bursts of a few ms to seconds) lands on every policy alike and the ratios stay clean
+            for li in range(cfg.num_layers):
+                for name in order:
+                    layer = caches[name].layers[li]
+                    prof = profilers.get(name) if profilers else None
+                    if prof is not None:
+                        prof.enable()
+                    t0 = time.perf_counter()
                     layer.attend(q, k, v, start_frame=f0)
-                pass_times.append(time.perf_counter() - t0)
-                attended.append(af if af is not None else len(layers[0]) / n)
-            if prof is not None:
-                prof.disable()
-            s.pass_s.append(pass_times)
-            s.block_s.append(sum(pass_times))
-            s.attended_frames.append(sum(attended) / len(attended))
-            s.cache_frames.append(len(layers[0]) / n)
+                    acc[name] += time.perf_counter() - t0
+                    if prof is not None:
+                        prof.disable()
+            for name in names:
+                pass_times[name].append(acc[name])
+        for name in names:
+            cache, s = caches[name], series[name]
+            att = [a if a == a else len(cache.layers[0]) / n for a in attended[name]]  # nan: engine w/o plan
+            s.pass_s.append(pass_times[name])
+            s.block_s.append(sum(pass_times[name]))
+            s.attended_frames.append(sum(att) / len(att))
+            s.cache_frames.append(len(cache.layers[0]) / n)
             s.bytes_alloc.append(kv_storage_bytes(cache))
             s.state_bytes.append(cache_bytes(cache))
             s.bytes_in_use.append(kv_bytes_in_use(cache))

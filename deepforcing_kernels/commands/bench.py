@@ -138,7 +138,7 @@ def run_bench(args: argparse.Namespace, log=print) -> Dict[str, Any]:
         timings["compression"] = time.perf_counter() - t0
     if "rollout" in sections:
         t0 = time.perf_counter()
-        log(f"rollout (cache + attention, {st['rollout'].num_frames} frames, 6 policies round-robin) ...")
+        log(f"rollout (cache + attention, {st['rollout'].num_frames} frames, 6 policies interleaved per layer) ...")
         result["rollout"] = run_cache_rollout(st["rollout"], log=log)
         timings["rollout"] = time.perf_counter() - t0
     if "model" in sections:
