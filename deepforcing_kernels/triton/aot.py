@@ -44,7 +44,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 HEAD_DIM = 128
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = {"none": 0, "sink": 1, "perkey": 2}
-_PTR_ARGS = {"Q", "K", "V", "Out", "Lse", "Mass", "Cos", "Sin"}
+_PTR_ARGS = {"Q", "K", "V", "Out", "Lse", "Stats", "Mass", "Cos", "Sin"}
 
 
 @dataclass
@@ -81,6 +81,7 @@ def _signature(fn, variant: Variant, arch: int):
                                     REPHASE=MODES[variant.mode], INTERLEAVED=True, SPLIT=True, DOT_F32=False)
     if variant.op == "fwd":
         const["STORE_LSE"] = True
+        const["STORE_STATS"] = True  # the superset: with return_mass the forward also stores max and sum
         const["BLOCK_N_ROT"] = cfg.BLOCK_N_ROT or cfg.BLOCK_N
     # Inner strides are 1 in production; the JIT specialises such ints to constants, so do the same here.
     for name in fn.arg_names:
@@ -91,7 +92,7 @@ def _signature(fn, variant: Variant, arch: int):
         if name in const:
             sig[name] = "constexpr"
         elif name in _PTR_ARGS:
-            sig[name] = "*fp32" if name in ("Lse", "Mass", "Cos", "Sin") else f"*{dt}"
+            sig[name] = "*fp32" if name in ("Lse", "Stats", "Mass", "Cos", "Sin") else f"*{dt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp32"

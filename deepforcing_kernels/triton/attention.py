@@ -93,10 +93,14 @@ def sink_attention_triton(
 
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     need_lse = return_lse or return_mass
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device) if need_lse else out  # dummy if unused
+    # Row statistics, three planes [B, Hq, Lq]: natural-log lse, and (for the mass pass) the running max m (log2
+    # domain) and the sum l. The mass pass normalises by exp2(s - m) / l: recomputing exp(s - lse) would lose
+    # ulp(lse), about 1e-3 at logits of 1e4.
+    stats = torch.empty((3 if return_mass else 1, B, Hq, Lq), dtype=torch.float32, device=q.device) \
+        if need_lse else out  # dummy if unused
     grid = (triton.cdiv(Lq, cfg.BLOCK_M), B * Hq)
     _fwd_kernel[grid](
-        q, k, v, out, lse, cos, sin,
+        q, k, v, out, stats, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -104,7 +108,7 @@ def sink_attention_triton(
         stride_cb, stride_cn,
         Hq, Hq // Hkv, Lq, Lk, sink_len, n_temporal, softmax_scale * LOG2E,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_N_ROT=cfg.BLOCK_N_ROT or cfg.BLOCK_N, BLOCK_D=D,
-        REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=need_lse,
+        REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=need_lse, STORE_STATS=return_mass,
         SPLIT=q.dtype != torch.float32, DOT_F32=_dot_in_f32(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -112,10 +116,10 @@ def sink_attention_triton(
     if return_mass:
         from .mass import attention_mass
 
-        mass = attention_mass(q, k, lse, cos, sin, stride_cb, stride_cn, mode=mode, interleaved=interleaved,
+        mass = attention_mass(q, k, stats[1:], cos, sin, stride_cb, stride_cn, mode=mode, interleaved=interleaved,
                               n_temporal=n_temporal, sink_len=sink_len, softmax_scale=softmax_scale,
                               mass_q_range=mass_q_range, config=mass_config)
-    return out, (lse if return_lse else None), mass
+    return out, (stats[0] if return_lse else None), mass
 
 
 # ---------------------------------------------------------------------------------------------- launch heuristic
@@ -346,7 +350,7 @@ def _fwd_kernel(
     stride_cb, stride_cn,
     Hq, group, Lq, Lk, sink_len, n_temporal, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_ROT: tl.constexpr, BLOCK_D: tl.constexpr,
-    REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, STORE_LSE: tl.constexpr,
+    REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, STORE_LSE: tl.constexpr, STORE_STATS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     """One program: ``BLOCK_M`` query rows of one (batch, query head); loops over all keys of its KV head."""
@@ -403,4 +407,9 @@ def _fwd_kernel(
     if STORE_LSE:
         # m_i + log2(l_i) is the log2-sum-exp2 of the scaled scores; times ln 2 gives the natural-log LSE.
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        tl.store(Lse + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=m_mask)
+        row = Lse + pid_bh.to(tl.int64) * Lq + offs_m
+        tl.store(row, lse, mask=m_mask)
+        if STORE_STATS:  # planes 1 and 2: max and sum, for the mass pass
+            plane = tl.num_programs(1).to(tl.int64) * Lq
+            tl.store(row + plane, m_i, mask=m_mask)
+            tl.store(row + 2 * plane, l_i, mask=m_mask)

@@ -1,8 +1,9 @@
 """Per-key attention mass: the softmax probability each key receives, summed over a range of query rows and the
 query heads of its KV group. ``mass[b, g, j] = sum_{h in group g} sum_{i in [m0, m1)} P[b, h, i, j]``.
 
-Two-pass design. The forward kernel (:mod:`.attention`) stores the log-sum-exp of every query row; this kernel then
-recomputes ``P = exp(s - lse)`` tile by tile. One program owns one tile of keys of one (batch, KV head): it loads
+Two-pass design. The forward kernel (:mod:`.attention`) stores the running max ``m`` and sum ``l`` of every query
+row; this kernel then recomputes ``P = exp2(s - m) / l`` tile by tile (exact where ``exp(s - lse)`` would lose
+``ulp(lse)``, about 1e-3 at logits of 1e4). One program owns one tile of keys of one (batch, KV head): it loads
 and re-phases its K tile once, loops over the query heads of the group and the query tiles of ``[m0, m1)``, and sums
 ``P`` over the query axis in registers. Each key is written by exactly one program, in a fixed loop order: no
 atomics, bit-for-bit deterministic. Cost: one more ``Q K^T`` over the counted rows (``2 * Hq * (m1 - m0) * Lk * D``
@@ -23,11 +24,12 @@ from .attention import (FwdConfig, LOG2E, _dot_in_f32, _load_rotated_keys, _load
                         device_arch)
 
 
-def attention_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def attention_mass(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    stride_cb: int, stride_cn: int, *, mode: int, interleaved: bool, n_temporal: int, sink_len: int,
                    softmax_scale: float, mass_q_range: Tuple[int, int],
                    config: Optional[FwdConfig] = None) -> torch.Tensor:
-    """Attention mass ``[B, Hkv, Lk]`` (fp32) from the forward's natural-log ``lse [B, Hq, Lq]`` (contiguous).
+    """Attention mass ``[B, Hkv, Lk]`` (fp32) from the forward's row statistics ``stats [2, B, Hq, Lq]``
+    (contiguous): plane 0 the running max ``m`` of the log2-scaled scores, plane 1 the sum ``l``.
 
     ``cos, sin, stride_cb, stride_cn, mode`` are the re-phasing tables of
     :func:`deepforcing_kernels.triton.attention.rephase_tables` (the same ones the forward used, so both passes
@@ -43,7 +45,7 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, cos: tor
     cfg = config if config is not None else mass_config(D, q.dtype, device_arch(q.device))
     grid = (triton.cdiv(Lk, cfg.BLOCK_N), B * Hkv)
     _mass_kernel[grid](
-        q, k, lse, mass, cos, sin,
+        q, k, stats, mass, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         stride_cb, stride_cn,
@@ -70,7 +72,7 @@ def mass_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
 
 @triton.jit
 def _mass_kernel(
-    Q, K, Lse, Mass, Cos, Sin,
+    Q, K, Stats, Mass, Cos, Sin,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_cb, stride_cn,
@@ -105,15 +107,17 @@ def _mass_kernel(
     for hh in range(0, group):
         h = g * group + hh
         Qh = Q + b * stride_qb + h.to(tl.int64) * stride_qh
-        Lh = Lse + (b * Hq + h) * Lq
+        Mh = Stats + (b * Hq + h) * Lq  # plane 0: row max (log2 domain); plane 1: row sum
+        plane = (tl.num_programs(1) // Hkv).to(tl.int64) * Hq * Lq
         for start_m in range(m0, m1, BLOCK_M):
             offs_m = start_m + offs_m0
             m_mask = offs_m < m1
             q = tl.load(Qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_mask[:, None],
                         other=0.0)
-            # Rows outside [m0, m1) get lse = +inf, hence P = 0; no extra select needed.
-            lse = tl.load(Lh + offs_m, mask=m_mask, other=float("inf")) * 1.4426950408889634
+            # Rows outside [m0, m1) get m = +inf, hence P = 0; no extra select needed.
+            m_row = tl.load(Mh + offs_m, mask=m_mask, other=float("inf"))
+            inv_l = 1.0 / tl.load(Mh + plane + offs_m, mask=m_mask, other=1.0)
             qk = _scores(q, k_hi, k_lo, REPHASE, SPLIT, DOT_F32) * qk_scale
-            p = tl.math.exp2(qk - lse[:, None])
+            p = tl.math.exp2(qk - m_row[:, None]) * inv_l[:, None]
             acc += tl.sum(p, 0)
     tl.store(Mass + pid_bg.to(tl.int64) * Lk + offs_n, acc, mask=n_mask)
