@@ -123,6 +123,8 @@ def test_triton_nan_input_is_never_hidden(where):
     assert torch.isfinite(out[0, :, 1]).all()
 
 
+# padded key lanes of the last tile score 0, far above a row max of -1e4: exp2 overflows there (never stored)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.parametrize("logit", [-1e4, 1e4])
 def test_triton_equal_huge_logits_give_uniform_softmax(logit):
     B, Lq, Lk, Hq, Hkv, D = 1, 3, 37, 4, 2, 16
