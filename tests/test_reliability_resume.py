@@ -140,13 +140,14 @@ def tiny_model():
     return m.eval()
 
 
-@pytest.mark.parametrize("policy", [CachePolicy.deep_forcing(score="mass"), CachePolicy.deep_sink()],
-                         ids=["deep_forcing", "deep_sink"])
-def test_generate_resumed_after_every_block_from_disk(policy, tmp_path):
+@pytest.mark.parametrize("policy,batch", [(CachePolicy.deep_forcing(score="mass"), 2),
+                                          (CachePolicy.deep_forcing(score="logits", unify_topc_rope=True), 1),
+                                          (CachePolicy.deep_sink(), 1)], ids=["pc_mass_b2", "pc_logits", "ds"])
+def test_generate_resumed_after_every_block_from_disk(policy, batch, tmp_path):
     """A chain of rollouts, each stopped after one block and resumed from its file by the next, equals the straight
-    rollout bit for bit (through the compressions at f0 = 21, 27 and the cache's bf16 storage)."""
+    rollout bit for bit (through the compressions at f0 = 21, 27, per-element Top-C and the cache's bf16 storage)."""
     m, txt = tiny_model(), torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(1))
-    kw = dict(latent_size=(4, 4), cache_dtype=torch.bfloat16, progress=False)
+    kw = dict(latent_size=(4, 4), cache_dtype=torch.bfloat16, progress=False, batch_size=batch)
     frames = 33
     straight = generate(m, txt, frames, policy, 7, **kw).run()
     blocks, state = [], None
