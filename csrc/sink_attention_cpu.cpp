@@ -36,6 +36,8 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -366,6 +368,36 @@ void rephase_rows(const scalar_t* k, float* krot, int64_t B, int64_t Lk, int64_t
   });
 }
 
+// How keys [0, R) are re-phased, for the packing routines: one shift for all (cos/sin table c0, s0) or one per
+// key (shifts[b * Lk + j], table formed per key).
+struct Phase {
+  int64_t R = 0;
+  const int64_t* shifts = nullptr;
+  const double* freqs = nullptr;
+  int64_t T = 0;
+  bool interleaved = true;
+  std::vector<float> c0, s0;
+  Phase(int64_t R_, const int64_t* shifts_, int64_t sink_shift, const double* freqs_, int64_t T_, bool inter)
+      : R(R_), shifts(shifts_), freqs(freqs_), T(T_), interleaved(inter), c0(T_), s0(T_) {
+    if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
+  }
+  // dst[0, D) = key row src (batch b, key j) in fp32, re-phased when j < R; c, s: scratch of T floats.
+  template <typename scalar_t>
+  void row(const scalar_t* src, float* dst, int64_t D, int64_t b, int64_t Lk, int64_t j, float* c, float* s) const {
+    if (j >= R) {
+      for (int64_t d = 0; d < D; ++d) dst[d] = to_f(src[d]);
+      return;
+    }
+    const float *cp = c0.data(), *sp = s0.data();
+    if (shifts != nullptr) {
+      phase_table(shifts[b * Lk + j], freqs, T, c, s);
+      cp = c;
+      sp = s;
+    }
+    rotate_row(src, dst, D, T, interleaved, cp, sp);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------ bf16 path
 std::atomic<bool> g_bf16_gemm_enabled{true};
 
@@ -402,83 +434,62 @@ bool use_bf16_gemm(at::ScalarType dt) {
   return dt == at::kBFloat16 && g_bf16_gemm_enabled.load() && bf16_brgemm_available();
 }
 
-// K^T in the VNNI layout of the bf16 micro-kernel: kv [B, Hkv, D/2, Lk, 2] from k [B, Lk, Hkv, D] (contiguous
-// bf16), i.e. the transpose of k's rows seen as D/2 32-bit channel pairs; rows [0, R) re-phased in fp32 (one shift,
-// or shifts[b * Lk + j]) and rounded to bf16 once.
-void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t B, int64_t Lk, int64_t Hkv, int64_t D,
-                    int64_t R, const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T,
-                    bool interleaved) {
+// K^T in the VNNI layout of the bf16 micro-kernel, for KV head (b, g), keys [j_begin, j_end) (j_begin a multiple
+// of 16): kv [B, Hkv, D/2, Lk, 2] from k [B, Lk, Hkv, D] (contiguous bf16), i.e. the transpose of k's rows seen as
+// D/2 32-bit channel pairs; keys that move are re-phased in fp32 and rounded to bf16 once.
+void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t Lk, int64_t Hkv, int64_t D, const Phase& ph,
+                    int64_t b, int64_t g, int64_t j_begin, int64_t j_end) {
   const int64_t P = D / 2;
   constexpr int64_t kRows = 16;
-  const int64_t tiles = (Lk + kRows - 1) / kRows;
-  std::vector<float> c0(T), s0(T);
-  if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
-  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(T), s(T), row(D);
-    std::vector<c10::BFloat16> tile(static_cast<size_t>(kRows * D));
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
-      const int64_t j0 = t * kRows, n = std::min(Lk, j0 + kRows) - j0;
-      const c10::BFloat16* first = k + ((b * Lk + j0) * Hkv + g) * D;
-      uint32_t* dst = reinterpret_cast<uint32_t*>(kv) + bg * P * Lk + j0;
-      if (j0 >= R) {
-        transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * P, n, P, dst, Lk);
-        continue;
-      }
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t j = j0 + jj;
-        const c10::BFloat16* src = first + jj * Hkv * D;
-        c10::BFloat16* out = tile.data() + jj * D;
-        if (j < R) {
-          const float *cp = c0.data(), *sp = s0.data();
-          if (shifts != nullptr) {
-            phase_table(shifts[b * Lk + j], freqs, T, c.data(), s.data());
-            cp = c.data();
-            sp = s.data();
-          }
-          rotate_row(src, row.data(), D, T, interleaved, cp, sp);
-          for (int64_t d = 0; d < D; ++d) out[d] = c10::BFloat16(row[d]);
-        } else {
-          std::memcpy(out, src, D * sizeof(c10::BFloat16));
-        }
-      }
-      transpose32(reinterpret_cast<const uint32_t*>(tile.data()), P, n, P, dst, Lk);
+  std::vector<float> c(ph.T), s(ph.T), row(D);
+  std::vector<c10::BFloat16> tile(static_cast<size_t>(kRows * D));
+  const int64_t bg = b * Hkv + g;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kRows) {
+    const int64_t n = std::min(j_end, j0 + kRows) - j0;
+    const c10::BFloat16* first = k + ((b * Lk + j0) * Hkv + g) * D;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(kv) + bg * P * Lk + j0;
+    if (j0 >= ph.R) {
+      transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * P, n, P, dst, Lk);
+      continue;
     }
-  });
+    for (int64_t jj = 0; jj < n; ++jj) {
+      ph.row(first + jj * Hkv * D, row.data(), D, b, Lk, j0 + jj, c.data(), s.data());
+      for (int64_t d = 0; d < D; ++d) tile[jj * D + d] = c10::BFloat16(row[d]);
+    }
+    transpose32(reinterpret_cast<const uint32_t*>(tile.data()), P, n, P, dst, Lk);
+  }
 }
 
-// V in the VNNI layout: vv [B, Hkv, Lkp/2, D, 2] with Lkp = Lk rounded up to even (the pad row is zero).
-void pack_values_vnni(const c10::BFloat16* v, c10::BFloat16* vv, int64_t B, int64_t Lk, int64_t Hkv, int64_t D,
-                      int64_t Lkp) {
-  const int64_t pairs = Lkp / 2;
-  at::parallel_for(0, B * Hkv * pairs, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx % pairs, bg = idx / pairs, g = bg % Hkv, b = bg / Hkv;
-      const int64_t j = 2 * t;
-      const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + ((b * Lk + j) * Hkv + g) * D);
-      const uint16_t* r1 = j + 1 < Lk ? reinterpret_cast<const uint16_t*>(v + ((b * Lk + j + 1) * Hkv + g) * D)
-                                      : nullptr;
-      uint16_t* dst = reinterpret_cast<uint16_t*>(vv) + (bg * pairs + t) * D * 2;
-      int64_t d0 = 0;
+// V in the VNNI layout, for KV head (b, g), key pairs [t_begin, t_end): vv [B, Hkv, Lkp/2, D, 2] with Lkp = Lk
+// rounded up to even (the pad row is zero).
+void pack_values_vnni(const c10::BFloat16* v, c10::BFloat16* vv, int64_t Lk, int64_t Hkv, int64_t D, int64_t Lkp,
+                      int64_t b, int64_t g, int64_t t_begin, int64_t t_end) {
+  const int64_t pairs = Lkp / 2, bg = b * Hkv + g;
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t j = 2 * t;
+    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(v + ((b * Lk + j) * Hkv + g) * D);
+    const uint16_t* r1 =
+        j + 1 < Lk ? reinterpret_cast<const uint16_t*>(v + ((b * Lk + j + 1) * Hkv + g) * D) : nullptr;
+    uint16_t* dst = reinterpret_cast<uint16_t*>(vv) + (bg * pairs + t) * D * 2;
+    int64_t d0 = 0;
 #if defined(__AVX512BW__)
-      if (r1 != nullptr) {
-        // interleave 32 channels of the two rows: (a0 b0 a1 b1 ...) = the VNNI pair layout
-        const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
-                                            38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-        const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-        for (; d0 + 32 <= D; d0 += 32) {
-          const __m512i a = _mm512_loadu_si512(r0 + d0), b2 = _mm512_loadu_si512(r1 + d0);
-          _mm512_storeu_si512(dst + 2 * d0, _mm512_permutex2var_epi16(a, lo, b2));
-          _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b2));
-        }
-      }
-#endif
-      for (int64_t d = d0; d < D; ++d) {
-        dst[2 * d] = r0[d];
-        dst[2 * d + 1] = r1 != nullptr ? r1[d] : uint16_t(0);
+    if (r1 != nullptr) {
+      // interleave 32 channels of the two rows: (a0 b0 a1 b1 ...) = the VNNI pair layout
+      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                          6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+      for (; d0 + 32 <= D; d0 += 32) {
+        const __m512i a = _mm512_loadu_si512(r0 + d0), b2 = _mm512_loadu_si512(r1 + d0);
+        _mm512_storeu_si512(dst + 2 * d0, _mm512_permutex2var_epi16(a, lo, b2));
+        _mm512_storeu_si512(dst + 2 * d0 + 32, _mm512_permutex2var_epi16(a, hi, b2));
       }
     }
-  });
+#endif
+    for (int64_t d = d0; d < D; ++d) {
+      dst[2 * d] = r0[d];
+      dst[2 * d + 1] = r1 != nullptr ? r1[d] : uint16_t(0);
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ fp32 micro-kernel
@@ -509,46 +520,27 @@ bool f32_brgemm_available() {
   return ok;
 }
 
-// K^T per KV head in fp32: kt [B, Hkv, D, Lk] from k [B, Lk, Hkv, D] (contiguous); rows [0, R) re-phased.
-// Tiles of 16 keys: fp32 tiles that do not move are transposed straight from k, the others are first
-// converted / rotated into a small fp32 tile.
+// K^T of KV head (b, g), keys [j_begin, j_end) (j_begin a multiple of 16): kt [B, Hkv, D, Lk] fp32 from
+// k [B, Lk, Hkv, D] (contiguous). Tiles of 16 keys: fp32 tiles that do not move are transposed straight from k,
+// the others are first converted / rotated into a small fp32 tile.
 template <typename scalar_t>
-void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t B, int64_t Lk, int64_t Hkv, int64_t D, int64_t R,
-                     const int64_t* shifts, int64_t sink_shift, const double* freqs, int64_t T, bool interleaved) {
+void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t Lk, int64_t Hkv, int64_t D, const Phase& ph, int64_t b,
+                     int64_t g, int64_t j_begin, int64_t j_end) {
   constexpr int64_t kRows = 16;
-  const int64_t tiles = (Lk + kRows - 1) / kRows;
-  std::vector<float> c0(T), s0(T);
-  if (R > 0 && shifts == nullptr) phase_table(sink_shift, freqs, T, c0.data(), s0.data());
-  at::parallel_for(0, B * Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(T), s(T), tile(static_cast<size_t>(kRows * D));
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t t = idx % tiles, bg = idx / tiles, g = bg % Hkv, b = bg / Hkv;
-      const int64_t j0 = t * kRows, n = std::min(Lk, j0 + kRows) - j0;
-      const scalar_t* first = k + ((b * Lk + j0) * Hkv + g) * D;
-      uint32_t* dst = reinterpret_cast<uint32_t*>(kt + bg * D * Lk + j0);
-      if (std::is_same<scalar_t, float>::value && j0 >= R) {
-        transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
-        continue;
-      }
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t j = j0 + jj;
-        const scalar_t* src = first + jj * Hkv * D;
-        float* row = tile.data() + jj * D;
-        if (j < R) {
-          const float *cp = c0.data(), *sp = s0.data();
-          if (shifts != nullptr) {
-            phase_table(shifts[b * Lk + j], freqs, T, c.data(), s.data());
-            cp = c.data();
-            sp = s.data();
-          }
-          rotate_row(src, row, D, T, interleaved, cp, sp);
-        } else {
-          for (int64_t d = 0; d < D; ++d) row[d] = to_f(src[d]);
-        }
-      }
-      transpose32(reinterpret_cast<const uint32_t*>(tile.data()), D, n, D, dst, Lk);
+  std::vector<float> c(ph.T), s(ph.T), tile(static_cast<size_t>(kRows * D));
+  const int64_t bg = b * Hkv + g;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kRows) {
+    const int64_t n = std::min(j_end, j0 + kRows) - j0;
+    const scalar_t* first = k + ((b * Lk + j0) * Hkv + g) * D;
+    uint32_t* dst = reinterpret_cast<uint32_t*>(kt + bg * D * Lk + j0);
+    if (std::is_same<scalar_t, float>::value && j0 >= ph.R) {
+      transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
+      continue;
     }
-  });
+    for (int64_t jj = 0; jj < n; ++jj)
+      ph.row(first + jj * Hkv * D, tile.data() + jj * D, D, b, Lk, j0 + jj, c.data(), s.data());
+    transpose32(reinterpret_cast<const uint32_t*>(tile.data()), D, n, D, dst, Lk);
+  }
 }
 
 // Which keys move and by how much: rows [0, R) are re-phased, by `shifts` [B, Lk] (int64) when defined, else all
@@ -689,16 +681,15 @@ class MassPartials {
     if (p_.mass == nullptr) return;
     const int64_t Lk = p_.Lk, per = seg_.per_group;
     const float* part = part_.data_ptr<float>();
-    at::parallel_for(0, p_.B * p_.Hkv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bg = begin; bg < end; ++bg) {
-        float* dst = p_.mass + bg * Lk;
-        for (int64_t sgm = 0; sgm < per; ++sgm) {
-          const float* src = part + (bg * per + sgm) * Lk;
+    // serial on purpose: a few vector adds per key, less than the fork/join of a parallel region would cost
+    for (int64_t bg = 0; bg < p_.B * p_.Hkv; ++bg) {
+      float* dst = p_.mass + bg * Lk;
+      for (int64_t sgm = 0; sgm < per; ++sgm) {
+        const float* src = part + (bg * per + sgm) * Lk;
 #pragma omp simd
-          for (int64_t j = 0; j < Lk; ++j) dst[j] += src[j];
-        }
+        for (int64_t j = 0; j < Lk; ++j) dst[j] += src[j];
       }
-    });
+    }
   }
 
  private:
@@ -720,6 +711,32 @@ void parallel_workers(int64_t ntasks, const Worker& worker) {
   });
 }
 
+// Packing work done inside the attention's own parallel region instead of regions of its own: every extra
+// fork/join costs little on an idle machine, but on a loaded one a join can wait out a whole scheduler time slice
+// of a preempted thread (measured: 10-20 ms per region at 2 threads under load). Pack items (a 512-key chunk of
+// one KV group) are numbered before the attention work items, so they are all claimed first; a work item of group
+// g waits (yielding) until g's items are done. No deadlock: a waiter only waits on items claimed before its own,
+// by threads that never wait while packing.
+class PackGate {
+ public:
+  PackGate(int64_t groups, int64_t items_per_group)
+      : per_(items_per_group), count_(groups * items_per_group), ready_(new std::atomic<int64_t>[groups]) {
+    for (int64_t i = 0; i < groups; ++i) ready_[i].store(0, std::memory_order_relaxed);
+  }
+  int64_t count() const { return count_; }
+  int64_t group(int64_t item) const { return item / per_; }
+  int64_t part(int64_t item) const { return item % per_; }
+  void done(int64_t item) const { ready_[item / per_].fetch_add(1, std::memory_order_release); }
+  void wait(int64_t group) const {
+    if (per_ == 0) return;
+    while (ready_[group].load(std::memory_order_acquire) < per_) std::this_thread::yield();
+  }
+
+ private:
+  int64_t per_, count_;
+  std::unique_ptr<std::atomic<int64_t>[]> ready_;
+};
+
 // fp32 GEMM path (fp32 inputs; bf16 / fp16 inputs without the bf16 micro-kernel, converted once). Products by
 // oneDNN's fp32 micro-kernel on K^T packed once per call when it is available, else by BLAS sgemm reading the
 // keys in place.
@@ -734,16 +751,31 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   KeyPlan plan;
   at::Tensor kt_holder;
   float* kt = nullptr;
+  const int64_t kchunks = (Lk + kChunk - 1) / kChunk;
+  const Phase ph(sp.R, sp.shift_ptr(), sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr,
+                 sp.R > 0 ? sp.freqs.size(0) : 0, interleaved);
   if (micro) {
     kt = call_buffer<float>(0, B * Hkv * D * Lk, kt_holder);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k.scalar_type(), "sink_pack_keys", [&] {
-      pack_keys_t_f32<scalar_t>(k.data_ptr<scalar_t>(), kt, B, Lk, Hkv, D, sp.R,
-                                sp.shift_ptr(), sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr,
-                                sp.R > 0 ? sp.freqs.size(0) : 0, interleaved);
-    });
   } else {
     plan = plan_keys_f32(k, sp, interleaved, sink_shift);
   }
+  const PackGate gate(B * Hkv, micro ? kchunks : 0);
+  // Pack item: K^T of one 512-key chunk of one KV group.
+  const auto pack = [&](int64_t item) {
+    const int64_t bg = gate.group(item), j0 = gate.part(item) * kChunk, j1 = std::min(Lk, j0 + kChunk);
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    switch (k.scalar_type()) {
+      case at::kFloat:
+        pack_keys_t_f32(k.data_ptr<float>(), kt, Lk, Hkv, D, ph, b, g, j0, j1);
+        break;
+      case at::kBFloat16:
+        pack_keys_t_f32(k.data_ptr<c10::BFloat16>(), kt, Lk, Hkv, D, ph, b, g, j0, j1);
+        break;
+      default:
+        pack_keys_t_f32(k.data_ptr<c10::Half>(), kt, Lk, Hkv, D, ph, b, g, j0, j1);
+        break;
+    }
+  };
   const int64_t R = plan.R;
   const float* krot = R > 0 ? plan.krot.data_ptr<float>() : nullptr;
   const float* kf = plan.kf.defined() ? plan.kf.data_ptr<float>() : nullptr;
@@ -759,11 +791,19 @@ void run_f32(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, cons
   const int64_t ldq = Hq * D, ldk = Hkv * D, ldo = Hq * D;
   const Segments seg(B * Hkv, G * nqb);
   const MassPartials mass(p, seg);
-  parallel_workers(seg.count, [&](const auto& claim) {
+  const int64_t items = gate.count() + seg.count;
+  parallel_workers(items, [&](const auto& claim) {
     float* S = worker_buffer<float>(0, rows * Lk);
     float* obuf = worker_buffer<float>(1, f32 ? 1 : rows * D);
     std::vector<float> inv(static_cast<size_t>(rows));
-    for (int64_t w = claim(); w < seg.count; w = claim()) {
+    for (int64_t item = claim(); item < items; item = claim()) {
+      if (item < gate.count()) {
+        pack(item);
+        gate.done(item);
+        continue;
+      }
+      const int64_t w = item - gate.count();
+      gate.wait(w / seg.per_group);
       float* col = mass.row(w);
       for (int64_t task = seg.begin(w); task < seg.end(w); ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
@@ -843,10 +883,22 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
   at::Tensor kv_holder, vv_holder;
   c10::BFloat16* kv = call_buffer<c10::BFloat16>(0, B * Hkv * D * Lk, kv_holder);
   c10::BFloat16* vv = call_buffer<c10::BFloat16>(1, B * Hkv * Lkp * D, vv_holder);
-  pack_keys_vnni(k.data_ptr<c10::BFloat16>(), kv, B, Lk, Hkv, D, sp.R, sp.shift_ptr(),
-                 sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr, sp.R > 0 ? sp.freqs.size(0) : 0,
-                 interleaved);
-  pack_values_vnni(v.data_ptr<c10::BFloat16>(), vv, B, Lk, Hkv, D, Lkp);
+  const Phase ph(sp.R, sp.shift_ptr(), sink_shift, sp.R > 0 ? sp.freqs.data_ptr<double>() : nullptr,
+                 sp.R > 0 ? sp.freqs.size(0) : 0, interleaved);
+  const int64_t kchunks = (Lk + kChunk - 1) / kChunk, pairs = Lkp / 2, vchunk = kChunk / 2;
+  const int64_t vchunks = (pairs + vchunk - 1) / vchunk;
+  const PackGate gate(B * Hkv, kchunks + vchunks);
+  // Pack item: K^T (VNNI) of one 512-key chunk of one KV group, or V (VNNI) of one 512-key chunk.
+  const auto pack = [&](int64_t item) {
+    const int64_t bg = gate.group(item), part = gate.part(item), b = bg / Hkv, g = bg % Hkv;
+    if (part < kchunks) {
+      const int64_t j0 = part * kChunk;
+      pack_keys_vnni(k.data_ptr<c10::BFloat16>(), kv, Lk, Hkv, D, ph, b, g, j0, std::min(Lk, j0 + kChunk));
+    } else {
+      const int64_t t0 = (part - kchunks) * vchunk;
+      pack_values_vnni(v.data_ptr<c10::BFloat16>(), vv, Lk, Hkv, D, Lkp, b, g, t0, std::min(pairs, t0 + vchunk));
+    }
+  };
   const c10::BFloat16* qp = q.data_ptr<c10::BFloat16>();
   const c10::BFloat16* kvp = kv;
   const c10::BFloat16* vvp = vv;
@@ -859,14 +911,22 @@ void run_bf16(const Problem& p, const at::Tensor& q_in, const at::Tensor& k, con
   const bool keep_f32 = p.mass != nullptr;
   const Segments seg(B * Hkv, G * nqb);
   const MassPartials mass(p, seg);
-  parallel_workers(seg.count, [&](const auto& claim) {
+  const int64_t items = gate.count() + seg.count;
+  parallel_workers(items, [&](const auto& claim) {
     float* S = worker_buffer<float>(0, rows * Lk);
     float* obuf = worker_buffer<float>(1, rows * D);
     c10::BFloat16* P = worker_buffer<c10::BFloat16>(2, rows * Lkp);
     if (Lkp != Lk)  // the pad column meets V's zero pad row: it must hold a finite value, 0
       for (int64_t r = 0; r < rows; ++r) P[r * Lkp + Lk] = c10::BFloat16(0.f);
     std::vector<float> inv(static_cast<size_t>(rows));
-    for (int64_t w = claim(); w < seg.count; w = claim()) {
+    for (int64_t item = claim(); item < items; item = claim()) {
+      if (item < gate.count()) {
+        pack(item);
+        gate.done(item);
+        continue;
+      }
+      const int64_t w = item - gate.count();
+      gate.wait(w / seg.per_group);
       float* col = mass.row(w);
       for (int64_t task = seg.begin(w); task < seg.end(w); ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / G;
