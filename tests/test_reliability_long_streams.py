@@ -74,7 +74,7 @@ def run_stream(policy: CachePolicy, dtype: torch.dtype):
     F = policy.block_frames
     Lb = F * N_TOK
     raw_k, raw_v = {}, {}  # frame -> raw (un-rotated) keys / values of its last (clean) pass, [1, n, H, D]
-    last_compress, held, compressions = None, 0, []
+    last_compress, held, compressions, state_bytes = None, 0, [], []
     for f0 in range(0, FRAMES, F):
         if policy.compresses and held + F > policy.window_frames:  # SPEC 3.2 trigger: the append would overflow
             last_compress, held = f0, policy.budget_frames
@@ -95,6 +95,8 @@ def run_stream(policy: CachePolicy, dtype: torch.dtype):
         # ---- bounded, exact frames and positions after every block
         if policy.kind != "full":
             assert len(layer) <= policy.window_frames * N_TOK, f"cache past its window at frame {f0}"
+            if f0 in (603, FRAMES - F):  # same phase of the compress/append cycle: the whole state is no bigger
+                state_bytes.append(_tensor_bytes(cache.state_dict()))
         frames, positions = layer.frames()[0].tolist(), layer.positions()[0].tolist()
         want_f, want_p, topc = expected_layout(policy, f0, last_compress)
         per_tok = lambda xs: [x for x in xs for _ in range(N_TOK)]  # noqa: E731
@@ -108,7 +110,19 @@ def run_stream(policy: CachePolicy, dtype: torch.dtype):
             cand_hi = want_f[S]  # Top-C tokens come from between the sink and the recent frames
             assert all(S <= fr < cand_hi for fr in frames[a:b]), f"Top-C frames {frames[a:b]} at f0={f0}"
             assert positions[a:b] == (per_tok(unified) if unified is not None else frames[a:b])
+    if policy.kind != "full":
+        assert len(state_bytes) == 2 and state_bytes[1] == state_bytes[0], f"state grew: {state_bytes}"
     return cache, layer, raw_k, raw_v, q, out, compressions
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 @pytest.mark.slow
