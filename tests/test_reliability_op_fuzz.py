@@ -58,6 +58,8 @@ def _make(shape, dtype, layout, gen):
         return torch.randn(B, L, H, 2 * D, generator=gen).to(dtype)[..., ::2]
     if layout == "token_slice":  # a window of a longer sequence with a gap: stride(1) != H * D
         return torch.randn(B, 2 * L + 1, H, D, generator=gen).to(dtype)[:, 1::2]
+    if layout == "broadcast":  # one token expanded over the sequence: stride(1) == 0 (and tied scores)
+        return torch.randn(B, 1, H, D, generator=gen).to(dtype).expand(B, L, H, D)
     raise AssertionError(layout)
 
 
@@ -92,8 +94,8 @@ def op_cases(draw):
     if kw["return_mass"] and draw(st.booleans()):
         m0 = draw(st.integers(0, Lq))
         kw["mass_q_range"] = (m0, draw(st.integers(m0, Lq)))  # m0 == m1: the empty range
-    layouts = draw(st.lists(st.sampled_from(["contiguous", "heads_major", "strided_dim", "token_slice"]),
-                            min_size=3, max_size=3))
+    layouts = draw(st.lists(st.sampled_from(["contiguous", "heads_major", "strided_dim", "token_slice",
+                                             "broadcast"]), min_size=3, max_size=3))
     seed = draw(st.integers(0, 2**31 - 1))
     return (B, Lq, Lk, Hkv * group, Hkv, D, dtype, layouts, seed), kw
 

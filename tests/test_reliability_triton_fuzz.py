@@ -69,7 +69,7 @@ def tiny_cases(draw):
     kw["mass_q_range"] = (m0, draw(st.integers(m0, Lq)))
     if draw(st.booleans()):
         kw["softmax_scale"] = draw(st.sampled_from([0.1, 1.0]))
-    layouts = draw(st.lists(st.sampled_from(["contiguous", "heads_major", "strided_dim", "token_slice"]),
+    layouts = draw(st.lists(st.sampled_from(["contiguous", "heads_major", "strided_dim", "token_slice", "broadcast"]),
                             min_size=3, max_size=3))
     return (B, Lq, Lk, Hkv * group, Hkv, D, dtype, layouts, draw(st.integers(0, 2**31 - 1))), kw
 
