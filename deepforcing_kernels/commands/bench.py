@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="cache / attention dtype of the rollout (default bfloat16, as in production)")
     parser.add_argument("--backend", default="auto", help="attention backend for the rollouts (default auto)")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated subset of the rollout policies (default: all six); keep 'sliding', "
+                             "the baseline of every ratio")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -83,14 +86,15 @@ def settings_for(args: argparse.Namespace) -> Dict[str, Any]:
             "profile_frames": 27,
         }
     frames = args.frames if args.frames is not None else (60 if args.quick else 240)
+    pol = {"policies": tuple(args.policies.split(","))} if getattr(args, "policies", None) else {}
     return {
         "ops": OpGrid.quick() if args.quick else OpGrid(),
         "compression": dict(tokens_per_frame=(16, 64, 256) if args.quick else (16, 64, 256, 512),
                             repeats=5 if args.quick else 7, dtype=torch.bfloat16, backend=args.backend),
         "rollout": RolloutConfig(num_frames=frames, tokens_per_frame=args.tokens_per_frame, dtype=dtype,
                                  backend=args.backend, seed=args.seed,
-                                 check_finite=False if args.no_check_finite else None),
-        "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend),
+                                 check_finite=False if args.no_check_finite else None, **pol),
+        "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend, **pol),
         "profile_frames": 36,
     }
 
