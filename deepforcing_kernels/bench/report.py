@@ -297,13 +297,15 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         ax.grid(alpha=0.3)
 
     def time_pair(row, res, what):
-        draw(axes[row][0], res, "block_s", 1e3, "ms per block (5 passes x all layers)",
+        draw(axes[row][0], res, "block_s", 1e3, "ms per block (5 passes x all layers)" if row == 0 else "ms per block",
              f"{what}: time per block (bold: 5-block rolling median)", smooth=True, unit=" ms")
         rel = with_relative(res)
         if "sliding" in res:
             draw(axes[row][1], rel, "rel_block", 1.0, "block time / sliding's, same block",
                  f"{what}: time relative to sliding (shared load cancels)", smooth=True, lim_pad=1.25, unit="x",
                  hline=(1.0, "sliding"))
+            lo, hi = axes[row][1].get_ylim()
+            axes[row][1].set_ylim(0.5, max(hi, 1.2))  # zoom on the +-50 % band where the policies differ
         axes[row][0].legend(fontsize=8, ncol=2, loc="upper left")
 
     if ro:

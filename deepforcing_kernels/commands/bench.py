@@ -11,6 +11,10 @@ Sections (all by default; ``--sections`` picks some):
 
 Every ratio is measured within this run, candidates interleaved with their baselines. ``--quick`` trims every
 section (fewer cases, a 60-frame stream) to stay under 3 minutes on 2 cores.
+
+Measured wall time on the 2-core development machine (AMD EPYC, shared with other test runs, load 3-5):
+``--quick`` 1 min 24 s; the full run 7 min 33 s (ops 3 min, compression 45 s, cache rollout 3 min 40 s,
+tiny-model rollout 20 s, profile 15 s); up to 12 min when the machine is busier.
 """
 from __future__ import annotations
 
