@@ -13,8 +13,8 @@ Every ratio is measured within this run, candidates interleaved with their basel
 section (fewer cases, a 60-frame stream) to stay under 3 minutes on 2 cores.
 
 Measured wall time on the 2-core development machine (AMD EPYC, shared with other test runs, load 3-5):
-``--quick`` 1 min 24 s; the full run 7 min 33 s (ops 3 min, compression 45 s, cache rollout 3 min 40 s,
-tiny-model rollout 20 s, profile 15 s); up to 12 min when the machine is busier.
+``--quick`` 1 min 24 s; the full run 7 min 33 s (ops 84 s, compression 15 s, cache rollout 5 min 12 s,
+tiny-model rollout 21 s, profile 13 s); 12 min in an earlier run on a busier machine.
 """
 from __future__ import annotations
 
