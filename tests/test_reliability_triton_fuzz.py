@@ -14,7 +14,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -26,6 +26,14 @@ from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig  # noqa: E402
 
 from test_reliability_op_fuzz import SHIFTS, _make  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit  # defined while TRITON_INTERPRET=1, like the package's kernels
+def _cast_bf16(X, Y, N: tl.constexpr):
+    o = tl.arange(0, N)
+    tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
+
 
 if _PREV_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -50,12 +58,12 @@ def _interpret_tiny_tiles(monkeypatch):
 
 
 @st.composite
-def tiny_cases(draw):
+def tiny_cases(draw, dtypes):
     B = draw(st.integers(1, 2))
     Lq, Lk = draw(st.integers(1, 20)), draw(st.integers(1, 40))
     Hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 3))
     D = draw(st.sampled_from([16, 32]))
-    dtype = draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+    dtype = draw(st.sampled_from(dtypes))
     rope = draw(st.sampled_from([RopeSpec.wan(D), RopeSpec.llama(D), RopeSpec.gptj(D)]))
     kw = dict(rope=rope)
     if draw(st.booleans()):
@@ -74,10 +82,55 @@ def tiny_cases(draw):
     return (B, Lq, Lk, Hkv * group, Hkv, D, dtype, layouts, draw(st.integers(0, 2**31 - 1))), kw
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(case=tiny_cases())
+# no shrinking: under the interpreter every example costs ~0.1-1 s, and a failing example is printed as generated
+FUZZ = settings(max_examples=20, deadline=None, derandomize=True, database=None, phases=[Phase.generate],
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+@FUZZ
+@given(case=tiny_cases([torch.float32, torch.float16]))
 def test_fuzz_triton_within_budget(case):
+    _fuzz_case(case)
+
+
+@pytest.fixture
+def gpu_like_bf16_casts(monkeypatch):
+    """The interpreter (Triton 3.x) casts fp32 to bf16 by truncation, round toward zero (fp_downcast_rounding="rtne"
+    is ignored), where the GPU's cvt rounds to nearest even. The kernel rounds P to bf16 for the P V product, so under
+    the interpreter that P is biased low and about 8% of random tiny bf16 cases miss the SPEC 7 budget (up to 4x
+    err_torch), while with round-to-nearest casts none do (worst 1.46x, as the C++ kernel). Make the interpreter
+    round like the GPU for this test (SPEC 7: the interpreter is not the compiler)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            return interpreter.TensorHandle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
+                                            dst_type.scalar)
+        return real(self, src, dst_type)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+def test_gpu_like_bf16_casts_round_to_nearest(gpu_like_bf16_casts):
+    """The fixture above really makes the interpreter round fp32 to bf16 to nearest even."""
+    x = torch.rand(64) + 1.0
+    y = torch.empty(64, dtype=torch.bfloat16)
+    _cast_bf16[(1,)](x, y, 64)
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
+@FUZZ
+@given(case=tiny_cases([torch.bfloat16]))
+def test_fuzz_triton_bf16_within_budget(gpu_like_bf16_casts, case):
+    _fuzz_case(case)
+
+
+def _fuzz_case(case):
     (B, Lq, Lk, Hq, Hkv, D, dtype, layouts, seed), kw = case
     gen = torch.Generator().manual_seed(seed)
     q = _make((B, Lq, Hq, D), dtype, layouts[0], gen)
