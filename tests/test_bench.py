@@ -16,8 +16,12 @@ from deepforcing_kernels.cli import main
 def bench_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     js, png = d / "bench.json", d / "bench.png"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # toy sizes: threads only add scheduling noise
-    rc = main(["bench", "--tiny", "--profile", "--json", str(js), "--plot", str(png)])
+    try:
+        rc = main(["bench", "--tiny", "--profile", "--json", str(js), "--plot", str(png)])
+    finally:
+        torch.set_num_threads(threads)  # leave the session as we found it
     return rc, json.loads(js.read_text()), png
 
 
