@@ -122,7 +122,7 @@ class BruteForceCache:
         if q.shape[1] == 0:
             return out
         k, v, kw = self._attend(q, slots_b, sink_start, compressed)
-        res = sink_attention(q.double().float(), k.float(), v.float(), return_mass=True, backend="reference", **kw)
+        res = sink_attention(q.float(), k.float(), v.float(), return_mass=True, backend="reference", **kw)
         m = res.mass.double().sum(dim=1)  # [B, L]
         for b, sl in enumerate(slots_b):
             for j, ident in enumerate(sl):

@@ -180,6 +180,7 @@ def test_generate_1206_frames_through_the_model(policy):
     if policy.compresses:  # the last block (f0 = 1203) compresses: 1203 = 21 + 6 * 197
         assert (f0 - 21) % 6 == 0 and len(layer) == held
     sink_start = f0 + F - held - g
-    assert layer.positions()[0, :policy.sink_frames].tolist() == list(range(sink_start, sink_start + policy.sink_frames))
+    S = policy.sink_frames
+    assert layer.positions()[0, :S].tolist() == list(range(sink_start, sink_start + S))
     assert layer.frames()[0, -3:].tolist() == [f0, f0 + 1, f0 + 2]
     assert layer.positions()[0, -3:].tolist() == [f0, f0 + 1, f0 + 2]

@@ -217,7 +217,8 @@ def test_killed_generate_keeps_finished_blocks_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("policy", [CachePolicy.deep_forcing(8, 2, 6, 2, score="mass", block_frames=1),
                                     CachePolicy.deep_forcing(8, 2, 6, 3, score="logits", block_frames=1),
-                                    CachePolicy.deep_sink(6, 2, block_frames=2), CachePolicy.sliding(5, block_frames=2)],
+                                    CachePolicy.deep_sink(6, 2, block_frames=2),
+                                    CachePolicy.sliding(5, block_frames=2)],
                          ids=["mass", "logits", "deep_sink", "sliding"])
 def test_failure_inside_attention_recovers_from_the_last_state(policy, monkeypatch):
     """The documented recovery: a failure inside the backend (out of memory, Ctrl-C) during a rolling or compressing
