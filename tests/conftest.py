@@ -23,3 +23,13 @@ def require_cpp():
     if os.environ.get("DEEPFORCING_REQUIRE_CPP") == "1":
         pytest.fail("the C++ extension is required (DEEPFORCING_REQUIRE_CPP=1) but is not built")
     pytest.skip("C++ extension not built")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: on a shared 2-core machine a second thread only spins
+    (about 50x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -14,13 +14,7 @@ from deepforcing_kernels.schedule import ScheduleState, plan_pass, simulate
 warnings.filterwarnings("ignore", message=".*C\\+\\+ CPU kernel is not built.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is ~50x faster than two fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fp(frames, positions, n=1):

@@ -13,13 +13,7 @@ from deepforcing_kernels.models import CausalWanModel, WanConfig
 SMALL = dict(latent_size=(4, 4))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads only spin."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

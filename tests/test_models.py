@@ -14,13 +14,7 @@ from deepforcing_kernels.reference.rope import apply_rope
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine extra threads only spin."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 class _FullLayer:
     """Stand-in for one cache layer: plain full attention over every block appended so far; a repeated
