@@ -27,13 +27,7 @@ from deepforcing_kernels.testing import assert_within_budget
 Ident = Tuple[int, int]  # (frame, token index inside the frame)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (15 ms per float64 softmax on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
 
 
 def state_equal(a, b) -> bool:

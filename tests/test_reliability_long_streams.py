@@ -30,12 +30,7 @@ POLICIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
 
 
 def expected_layout(p: CachePolicy, f0: int, last_compress: int):

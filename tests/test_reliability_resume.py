@@ -28,12 +28,7 @@ from deepforcing_kernels.models import CausalWanModel, WanConfig
 from test_reliability_cache_fuzz import policies, state_equal
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intraop_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
 
 
 def save_load(sd, path):
