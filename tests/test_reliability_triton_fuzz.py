@@ -26,14 +26,7 @@ from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig  # noqa: E402
 
 from test_reliability_op_fuzz import SHIFTS, _make  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-
-@triton.jit  # defined while TRITON_INTERPRET=1, like the package's kernels
-def _cast_bf16(X, Y, N: tl.constexpr):
-    o = tl.arange(0, N)
-    tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
-
+from triton_interp import gpu_like_bf16_casts, interpreter_rounds_bf16  # noqa: E402,F401
 
 if _PREV_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -93,42 +86,9 @@ def test_fuzz_triton_within_budget(case):
     _fuzz_case(case)
 
 
-@pytest.fixture
-def gpu_like_bf16_casts(monkeypatch):
-    """The interpreter (Triton 3.x) casts fp32 to bf16 by truncation, round toward zero (fp_downcast_rounding="rtne"
-    is ignored), where the GPU's cvt rounds to nearest even. The kernel rounds P to bf16 for the P V product, so under
-    the interpreter that P is biased low and about 8% of random tiny bf16 cases miss the SPEC 7 budget (up to 4x
-    err_torch), while with round-to-nearest casts none do (worst 1.46x, as the C++ kernel). Make the interpreter
-    round like the GPU for this test (SPEC 7: the interpreter is not the compiler)."""
-    import numpy as np
-    from triton.runtime import interpreter
-
-    if _interpreter_rounds_bf16():
-        return  # a Triton whose interpreter already rounds like the GPU: nothing to patch
-    if not hasattr(getattr(interpreter, "InterpreterBuilder", None), "cast_impl"):
-        pytest.skip("this Triton's interpreter truncates fp32 -> bf16 and has no cast_impl to patch")
-    real = interpreter.InterpreterBuilder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16),
-                                            dst_type.scalar)
-        return real(self, src, dst_type)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
-
-
-def _interpreter_rounds_bf16() -> bool:
-    x = torch.rand(64, generator=torch.Generator().manual_seed(0)) + 1.0
-    y = torch.empty(64, dtype=torch.bfloat16)
-    _cast_bf16[(1,)](x, y, 64)
-    return torch.equal(y, x.to(torch.bfloat16))
-
-
 def test_gpu_like_bf16_casts_round_to_nearest(gpu_like_bf16_casts):
-    """The fixture above really makes the interpreter round fp32 to bf16 to nearest even."""
-    assert _interpreter_rounds_bf16()
+    """The fixture really makes the interpreter round fp32 to bf16 to nearest even."""
+    assert interpreter_rounds_bf16()
 
 
 @FUZZ

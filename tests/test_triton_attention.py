@@ -23,6 +23,7 @@ from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
 from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig, sink_attention_triton  # noqa: E402
+from triton_interp import gpu_like_bf16_casts  # noqa: E402,F401  (fixture)
 
 if _PREV_INTERPRET is None:
     del os.environ["TRITON_INTERPRET"]
@@ -42,7 +43,7 @@ REAL_MASS_CONFIG = triton_mass.mass_config
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(monkeypatch):
+def _interpret_small_tiles(monkeypatch, gpu_like_bf16_casts):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_attention._ensure_kernel_mode()  # before patching: a rebuild would drop the patches
     monkeypatch.setattr(triton_attention, "fwd_config", lambda *a: SMALL_FWD)
