@@ -55,7 +55,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_rope
+from ._checks import FLOAT_DTYPES, all_finite, check_rope
 from .attention import BACKENDS, _resolve_backend, sink_attention
 from .policy import ArgumentTypeError, CachePolicy, _int
 from .reference.attention import release_logit_score
@@ -388,9 +388,8 @@ class CacheLayer:
                                  f" = {list(want[name])}, got {list(t.shape)}")
         if c.check_finite:
             # one host sync for all three; name the culprit only on the (rare) failure path
-            ok = torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()
-            if not bool(ok):
-                bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not bool(torch.isfinite(t).all())]
+            if not all_finite(q, k, v):
+                bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not all_finite(t)]
                 raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
                                  "(the cache would stay poisoned for the rest of the stream)")
 

@@ -86,3 +86,20 @@ def test_good_input_variants_accepted():
                dict(key_shift=torch.zeros(6, dtype=torch.long))):
         out = sink_attention(q, k, v, backend="reference", **kw)
         assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_finds_every_nan_and_inf(dtype):
+    from deepforcing_kernels._checks import all_finite
+
+    x = torch.randn(3, 50, dtype=dtype)
+    assert all_finite(x, x.clone())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        y = x.clone()
+        y[2, 17] = bad
+        assert not all_finite(x, y)
+    both = x.clone()
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")  # inf - inf: NaN, still caught
+    assert not all_finite(both)
+    huge = torch.full((4, 4), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum overflows
+    assert all_finite(huge)
