@@ -12,9 +12,9 @@ Sections (all by default; ``--sections`` picks some):
 Every ratio is measured within this run, candidates interleaved with their baselines. ``--quick`` trims every
 section (fewer cases, a 60-frame stream) to stay under 3 minutes on 2 cores.
 
-Measured wall time on the 2-core development machine (AMD EPYC, shared with other test runs, load 3-5):
-``--quick`` 1 min 24 s; the full run 7 min 33 s (ops 84 s, compression 15 s, cache rollout 5 min 12 s,
-tiny-model rollout 21 s, profile 13 s); 12 min in an earlier run on a busier machine.
+Measured wall time on the 2-core development machine (AMD EPYC, shared with other engineers' test runs):
+``--quick`` 40 s at load ~1, 1 min 24 s at load ~4; the full run 5 min 23 s at load ~1 (ops 85 s, compression
+13 s, cache rollout 3 min 11 s, tiny-model rollout 18 s, profile 12 s), 7.5 to 12 min at load 4-5.
 """
 from __future__ import annotations
 
