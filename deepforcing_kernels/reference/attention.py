@@ -99,6 +99,14 @@ def release_logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor
     Hq, Hkv = q_buffer.shape[2], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"q_buffer heads ({Hq}) must be a multiple of k heads ({Hkv})")
-    q_sum = q_buffer.float().sum(dim=1)  # [B, Hq, D]
-    q_sum = q_sum.view(q_sum.shape[0], Hkv, Hq // Hkv, -1).sum(dim=2)  # heads of a group share their key
-    return torch.einsum("bhd,bjhd->bj", q_sum, k.float())
+    B, Lk, _, D = k.shape
+    q_sum = q_buffer.sum(dim=1, dtype=torch.float32)  # [B, Hq, D]
+    q_sum = q_sum.view(B, Hkv, Hq // Hkv, D).sum(dim=2)  # heads of a group share their key
+    # One [rows, Hkv*D] x [Hkv*D] float32 product per chunk of keys: upcasting the whole cache at once (or an
+    # einsum) streams it through memory twice and is ~10x slower on CPU; chunks of ~1M elements stay in cache.
+    k2, q2 = k.reshape(B, Lk, Hkv * D), q_sum.reshape(B, Hkv * D, 1)
+    score = torch.empty(B, Lk, dtype=torch.float32, device=k.device)
+    rows = max(1, (1 << 20) // (Hkv * D))
+    for s in range(0, Lk, rows):
+        score[:, s:s + rows] = torch.bmm(k2[:, s:s + rows].float(), q2).squeeze(-1)
+    return score
