@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true", help="also profile the rollouts in a --quick run")
     parser.add_argument("--frames", type=int, default=None,
                         help="latent frames per rollout (default 240; 60 with --quick)")
-    parser.add_argument("--tokens-per-frame", type=int, default=16,
-                        help="tokens per latent frame in the cache rollout (default 16; production is 1560)")
+    parser.add_argument("--tokens-per-frame", type=int, default=None,
+                        help="tokens per latent frame in the cache rollout (default 64; 16 with --quick; "
+                             "production is 1560). Below ~64 fixed per-call costs, not attention, dominate a block")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="cache / attention dtype of the rollout (default bfloat16, as in production)")
     parser.add_argument("--backend", default="auto", help="attention backend for the rollouts (default auto)")
@@ -90,12 +91,13 @@ def settings_for(args: argparse.Namespace) -> Dict[str, Any]:
             "profile_frames": 27,
         }
     frames = args.frames if args.frames is not None else (60 if args.quick else 240)
+    tpf = args.tokens_per_frame if args.tokens_per_frame is not None else (16 if args.quick else 64)
     pol = {"policies": tuple(args.policies.split(","))} if getattr(args, "policies", None) else {}
     return {
         "ops": OpGrid.quick() if args.quick else OpGrid(),
         "compression": dict(tokens_per_frame=(16, 64, 256) if args.quick else (16, 64, 256, 512),
                             repeats=5 if args.quick else 7, dtype=torch.bfloat16, backend=args.backend),
-        "rollout": RolloutConfig(num_frames=frames, tokens_per_frame=args.tokens_per_frame, dtype=dtype,
+        "rollout": RolloutConfig(num_frames=frames, tokens_per_frame=tpf, dtype=dtype,
                                  backend=args.backend, seed=args.seed,
                                  check_finite=False if args.no_check_finite else None, **pol),
         "model": ModelRolloutConfig(num_frames=frames, seed=args.seed, backend=args.backend, **pol),
