@@ -190,9 +190,9 @@ class WanLayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-class WanSelfAttention(nn.Module):
-    """Causal self-attention: q/k RMSNorm over the whole dim, 3-D RoPE at absolute frames, attention through
-    one layer of the streaming cache."""
+class _WanAttention(nn.Module):
+    """The projections both attentions share, under Wan's parameter names: q, k, v, o and the q/k RMSNorms
+    (over the whole dim, before the head split)."""
 
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
@@ -203,6 +203,11 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps=eps)
         self.norm_k = WanRMSNorm(dim, eps=eps)
+
+
+class WanSelfAttention(_WanAttention):
+    """Causal self-attention: q/k RMSNorm over the whole dim, 3-D RoPE at absolute frames, attention through
+    one layer of the streaming cache."""
 
     def forward(self, x: torch.Tensor, *, grid: Tuple[int, int, int], start_frame: int, rope: RopeSpec,
                 layer_cache: Any, attn_dtype: torch.dtype) -> torch.Tensor:
@@ -219,18 +224,8 @@ class WanSelfAttention(nn.Module):
         return self.o(out.to(x.dtype).flatten(2))
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_WanAttention):
     """Text cross-attention (T2V): q/k RMSNorm, no mask, no RoPE."""
-
-    def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps)
-        self.norm_k = WanRMSNorm(dim, eps=eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape[0], self.num_heads, self.head_dim
