@@ -67,6 +67,14 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     floats = [t for t in tensors if t.is_floating_point()]
     if not floats:
         return True
+    if all(t.device.type == "cpu" and t.is_contiguous() for t in floats):
+        from . import _ext
+
+        mod = _ext.load()
+        if mod is not None and hasattr(mod, "all_finite"):
+            # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor
+            # costs more in fork/join than the scan itself
+            return bool(mod.all_finite(floats))
     total = floats[0].sum(dtype=torch.float32)
     for t in floats[1:]:
         total = total + t.sum(dtype=torch.float32)

@@ -103,3 +103,10 @@ def test_all_finite_finds_every_nan_and_inf(dtype):
     assert not all_finite(both)
     huge = torch.full((4, 4), torch.finfo(dtype).max, dtype=dtype)  # finite, but its sum overflows
     assert all_finite(huge)
+    # non-contiguous tensors take the torch path (float32 sums, exact check on failure); contiguous CPU ones the
+    # C++ scan when it is built: both must agree
+    t = torch.randn(6, 8, dtype=dtype).t()
+    assert not t.is_contiguous() and all_finite(t)
+    t[3, 1] = float("nan")
+    assert not all_finite(t) and not all_finite(t.contiguous())
+    assert all_finite(huge.t()) and not all_finite(torch.tensor([float("inf")], dtype=dtype).expand(4))
