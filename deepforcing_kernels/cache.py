@@ -55,6 +55,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import _ext
 from ._checks import FLOAT_DTYPES, all_finite, check_rope
 from .attention import BACKENDS, _resolve_backend, sink_attention
 from .policy import ArgumentTypeError, CachePolicy, _int
@@ -400,9 +401,7 @@ class CacheLayer:
     def _push_queries(self, q: torch.Tensor) -> None:
         """Logits mode: append this pass's per-frame query sums, keep the last ``recent_frames`` frames."""
         c, F = self.cache, self.policy.block_frames
-        # accumulate in float32 without materialising a float32 copy of q (this runs on every pass)
-        sums = q.reshape(c.batch_size, F, c.tokens_per_frame, c.num_heads, c.head_dim).sum(dim=2,
-                                                                                        dtype=torch.float32)
+        sums = _frame_sums(q, F)
         R = self._qbuf.shape[1]
         _move_left(self._qbuf, F, 0, R - F)
         self._qbuf[:, R - F:] = sums
@@ -541,6 +540,18 @@ def select_topc(score: torch.Tensor, reuse: torch.Tensor, count: int, max_reuse:
         ineligible = (reuse >= max_reuse).gather(1, order).to(torch.int8)
         order = order.gather(1, torch.sort(ineligible, dim=1, stable=True).indices)  # eligible first
     return torch.sort(order[:, :count], dim=1).values
+
+
+def _frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
+    """float32 ``[B, frames, H, D]``: the sum of each frame's query tokens. On CPU a single-threaded C++ loop
+    (this runs on every pass, and a parallel ATen reduction of a block costs more in fork/join than in
+    arithmetic); elsewhere a float32-accumulating sum, with no float32 copy of q."""
+    if q.device.type == "cpu" and q.is_contiguous():
+        mod = _ext.load()
+        if mod is not None and hasattr(mod, "frame_sums"):
+            return mod.frame_sums(q, frames)
+    B, L, H, D = q.shape
+    return q.reshape(B, frames, L // frames, H, D).sum(dim=2, dtype=torch.float32)
 
 
 def _move_left(t: torch.Tensor, src: int, dst: int, length: int) -> None:

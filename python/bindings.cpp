@@ -2,6 +2,7 @@
 #include <torch/extension.h>
 
 #include "../csrc/build_info.h"
+#include "../csrc/cache_ops.h"
 #include "../csrc/checks.h"
 #include "../csrc/sink_attention_cpu.h"
 
@@ -10,6 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("version", &deepforcing::version, "version the extension was built as");
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");
+  m.def("frame_sums", &deepforcing::frame_sums, "per-frame float32 sums of a [B, F*n, H, D] block (one thread)");
   m.def("all_finite", &deepforcing::all_finite, "whether contiguous CPU tensors hold no NaN / inf (one thread)");
   m.def("sink_attention_fwd", &deepforcing::sink_attention_fwd,
         "Fused sink attention forward on CPU: (out, lse, mass-or-empty). See csrc/sink_attention_cpu.h.",

@@ -45,3 +45,19 @@ def test_missing_extension_gives_clear_error(monkeypatch):
 def test_versions_agree():
     setup_version = re.search(r'version="([^"]+)"', (ROOT / "setup.py").read_text()).group(1)
     assert setup_version == deepforcing_kernels.__version__
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_frame_sums_matches_torch(dtype):
+    """The cache's per-pass query sums (C++, one thread) equal a float32-accumulating torch sum."""
+    import torch
+    from conftest import require_cpp
+
+    require_cpp()
+    from deepforcing_kernels.cache import _frame_sums
+
+    q = torch.randn(2, 3 * 7, 4, 16).to(getattr(torch, dtype))
+    want = q.reshape(2, 3, 7, 4, 16).sum(dim=2, dtype=torch.float32)
+    torch.testing.assert_close(_frame_sums(q, 3), want, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(_frame_sums(q.transpose(0, 1).contiguous().transpose(0, 1), 3), want,
+                               atol=1e-5, rtol=1e-6)  # non-contiguous: the torch path
