@@ -81,9 +81,3 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     if bool(torch.isfinite(total)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in floats)
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise ValueError when ``t`` holds NaN or inf (used where inputs are stored for later)."""
-    if not all_finite(t):
-        raise ValueError(f"{name} contains NaN or inf")

@@ -129,10 +129,8 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
             if bool((key_shift != 0).any()):
                 raise ValueError("key_shift re-phases keys, so rope must be given")
             key_shift = None  # all zeros: nothing moves
-    elif sink_len > 0 and sink_shift != 0 and rope is None:
-        raise ValueError("sink_shift re-phases the sink keys, so rope must be given")
     elif sink_shift != 0 and rope is None:
-        raise ValueError("sink_shift is non-zero but rope is None: a shift needs a RopeSpec")
+        raise ValueError("sink_shift re-phases the sink keys, so rope must be given")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(D)
     else:

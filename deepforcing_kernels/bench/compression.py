@@ -98,10 +98,10 @@ def logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """The release's logit score (same maths as ``release_logit_score``) as one GEMV in the cache dtype.
 
     ``q_buffer`` may be the recent queries ``[B, L, Hq, D]`` or, as the engine keeps them, per-frame query sums
-    ``[B, R, Hq, D]`` (the score only needs their total). ``release_logit_score`` (the oracle) upcasts the whole
-    cache to float32 and contracts with ``einsum``, which on CPU costs about as much as the block's attention; a
-    compressor only needs the ranking, so the summed query is rounded to the cache dtype and one
-    ``[T, H*D] x [H*D]`` GEMV does the rest (float32 accumulation inside). ``[B, T]`` float32.
+    ``[B, R, Hq, D]`` (the score only needs their total). ``release_logit_score`` (what the engine calls) keeps the
+    summed query in float32 and upcasts the keys chunk by chunk; this stand-in shows the floor: the summed query
+    is rounded to the cache dtype and one ``[T, H*D] x [H*D]`` GEMV in that dtype does the rest (float32
+    accumulation inside). ``[B, T]`` float32.
     """
     B, T, Hkv, D = k.shape
     q_sum = q_buffer.float().sum(dim=1)  # [B, Hq, D]
