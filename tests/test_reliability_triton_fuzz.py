@@ -5,20 +5,14 @@ included), dtypes and non-contiguous layouts, each judged by the SPEC section 7 
 shapes run the multi-tile paths (tail tiles, a sink tile straddling sink_len). The Triton owner's own suite is
 tests/test_triton_attention.py; this adds randomised combinations.
 """
-import os
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
-# @triton.jit reads TRITON_INTERPRET when the kernel module is imported: set it first, restore it after the imports
-# (the fixture sets it again around each test) so the rest of the session does not run under the interpreter.
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
+# first, before anything Triton: imports triton and the kernels under the interpreter (see triton_interp)
+from triton_interp import gpu_like_bf16_casts, interpreter_rounds_bf16  # noqa: E402,F401
 triton = pytest.importorskip("triton")
-
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
@@ -26,12 +20,6 @@ from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig  # noqa: E402
 
 from test_reliability_op_fuzz import SHIFTS, _make  # noqa: E402
-from triton_interp import gpu_like_bf16_casts, interpreter_rounds_bf16  # noqa: E402,F401
-
-if _PREV_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 pytestmark = pytest.mark.triton
 

@@ -4,31 +4,17 @@ Every output is judged by the SPEC section 7 budget against the float64 oracle
 (``deepforcing_kernels.testing.assert_within_budget``). Tiles are small (16 / 32) so the multi-tile paths run on
 small shapes: a tail key tile, a sink tile straddling ``sink_len``, re-phased tiles narrower than plain ones.
 """
-import os
+import pytest
+import torch
 
-# @triton.jit reads TRITON_INTERPRET when it decorates, i.e. when the kernel module is imported: set it first.
-# It is restored right after the imports (and set again around each test by a fixture) so that the rest of the
-# session does not run with the interpreter switched on; the kernels rebuild themselves if the mode they were
-# created in differs from the current one (attention._ensure_kernel_mode).
-_PREV_INTERPRET = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
+# first, before anything Triton: imports triton and the kernels under the interpreter (see triton_interp)
+from triton_interp import gpu_like_bf16_casts  # noqa: E402,F401  (fixture)
 triton = pytest.importorskip("triton")
-
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
 from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig, sink_attention_triton  # noqa: E402
-from triton_interp import gpu_like_bf16_casts  # noqa: E402,F401  (fixture)
-
-if _PREV_INTERPRET is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _PREV_INTERPRET
 
 pytestmark = pytest.mark.triton
 

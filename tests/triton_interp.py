@@ -9,15 +9,22 @@ round like the GPU.
 """
 import os
 
-import pytest
-import torch
+# Triton and a kernel's interpret mode are fixed when they are imported / decorated: import triton, the package's
+# kernels and the probe kernel below under the interpreter, then restore the variable so the rest of the session
+# does not run interpreted. Test modules import this module before anything Triton; fixtures set
+# TRITON_INTERPRET=1 again around each test, and the kernels rebuild themselves if the mode changed since
+# (attention._ensure_kernel_mode).
+_PREV = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-# A kernel's interpret mode is fixed when it is decorated: define the probe kernel under the interpreter.
-_PREV = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+import deepforcing_kernels.triton.attention  # noqa: E402,F401
+import deepforcing_kernels.triton.mass  # noqa: E402,F401
 
 
 @triton.jit
