@@ -77,6 +77,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "plot": ["matplotlib"],
+        "video": ["transformers", "diffusers", "av", "safetensors"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["deepforcing=deepforcing_kernels.cli:main"]},
