@@ -14,7 +14,8 @@ from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
 from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
-from deepforcing_kernels.triton.attention import FwdConfig, sink_attention_triton  # noqa: E402
+from deepforcing_kernels.triton.configs import FwdConfig  # noqa: E402
+from deepforcing_kernels.triton.op import sink_attention_triton  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -187,9 +188,12 @@ def test_config_kwarg_and_replaceable_heuristic(monkeypatch):
     assert_within_budget(SinkAttentionOutput(out, lse, mass), q, k, v, **kw)
 
     seen = []
-    monkeypatch.setattr(triton_attention, "fwd_config", lambda d, dt, arch: seen.append((d, dt, arch)) or SMALL_FWD)
+    monkeypatch.setattr(triton_attention, "fwd_config",
+                        lambda d, dt, arch, mode: seen.append((d, dt, arch, mode)) or SMALL_FWD)
     sink_attention(q, k, v, backend="triton")
-    assert seen == [(64, torch.bfloat16, 0)]
+    sink_attention(q, k, v, rope=rope, sink_len=3, sink_shift=2, backend="triton")
+    sink_attention(q, k, v, rope=rope, key_shift=torch.ones(70, dtype=torch.int64), backend="triton")
+    assert seen == [(64, torch.bfloat16, 0, m) for m in ("none", "sink", "perkey")]
 
 
 def test_production_heuristics_are_sane():

@@ -72,11 +72,10 @@ def production_variants() -> List[Variant]:
 
 def _signature(fn, variant: Variant, arch: int):
     """``(signature, constexprs, attrs, options)`` of one variant, every constexpr explicit."""
-    from .attention import fwd_config
-    from .mass import mass_config
+    from .configs import fwd_config, mass_config
 
     dt = variant.dtype
-    cfg = (fwd_config if variant.op == "fwd" else mass_config)(HEAD_DIM, DTYPES[dt], arch)
+    cfg = (fwd_config if variant.op == "fwd" else mass_config)(HEAD_DIM, DTYPES[dt], arch, variant.mode)
     const: Dict[str, object] = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=HEAD_DIM,
                                     REPHASE=MODES[variant.mode], INTERLEAVED=True, SPLIT=True, DOT_F32=False)
     if variant.op == "fwd":

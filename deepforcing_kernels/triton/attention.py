@@ -1,314 +1,84 @@
-"""Fused sink attention in Triton: online softmax, log-sum-exp, temporal RoPE re-phasing of keys on load.
+"""Fused sink attention forward in Triton: online softmax, log-sum-exp, temporal RoPE re-phasing of keys on load.
 
-Layout of this module (FlagAttention style): the public function :func:`sink_attention_triton`, its launch-config
-heuristic :func:`fwd_config` (replaceable), host helpers that build the re-phasing tables, then the ``@triton.jit``
-kernels (``_fwd_kernel`` calls the inner loop ``_attn_inner``, which calls ``_load_rotated_keys``).
+Layout (FlagAttention style): the launcher :func:`forward` (called by :func:`deepforcing_kernels.triton.op.
+sink_attention_cuda`), then the ``@triton.jit`` kernels (``_fwd_kernel`` calls the inner loop ``_attn_inner``,
+which calls the shared key loader ``_load_rotated_keys`` of :mod:`.common`). Launch configurations come from the
+tables of :mod:`.configs` (``fwd_config`` here is :func:`.configs.fwd_config`, looked up at every launch).
 
 Re-phasing. A key rotated at temporal position ``p`` and re-phased by ``d`` equals the key rotated at ``p + d``:
 each temporal pair ``(re, im)`` of the key is rotated by the angle ``d * w_j``. The kernel does this to the K tile in
 registers, in fp32, right after loading it (the pair partner of each channel comes from a second, permuted load of
 the same cache lines, so the rotation is elementwise), then splits the fp32 result into ``hi + lo`` in the input
 dtype and runs ``q . hi + q . lo`` on the tensor cores (16-bit inputs; see ``_load_rotated_keys`` for why). The
-stored keys are never written. Angles are formed and reduced mod 2*pi on the host in float64 and only their cos / sin are
-passed to the kernel in fp32 (SPEC section 7: an fp32 angle ``d * w_j`` is off by ~|d| * 1e-7 rad, which fails the
-fp32 budget at |d| = 1e5):
+stored keys are never written. The caller passes float32 ``cos`` / ``sin`` tables of the angles (built in float64
+by :func:`deepforcing_kernels.rotation.rotation_tables`; SPEC section 7: an fp32 angle is off by ~|d| * 1e-7 rad):
 
-* sink mode (``sink_len`` keys shifted by one ``sink_shift``): a ``[T]`` table (T = ``rope.temporal_pairs``),
-  computed once per (rope, shift, device) and cached; the kernel loads it once per program.
-* per-key mode (``key_shift`` tensor): a ``[B, Lk, T]`` table built per call with a few float64 torch ops.
-  Cost: ``8 * T`` bytes per key (176 B for Wan, T = 22) of extra reads per (query tile, head) program, next to the
-  ``2 * D`` bytes (256 B in bf16) of the key itself, plus one small float64 elementwise pass on the host device.
-  The alternative, a hi/lo split of the angle inside the kernel, saves that traffic at the price of ~20 extra fp32
-  ops per pair and a subtle argument-reduction path; the attention is compute bound, so the table was chosen.
+* sink mode: a ``[T]`` table (T = ``rope.temporal_pairs``) for keys ``[0, rot_len)``, loaded once per program;
+* per-key mode: a ``[B, Lk, T]`` table. Cost: ``8 * T`` bytes per key (176 B for Wan, T = 22) of extra reads per
+  (query tile, head) program, next to the ``2 * D`` bytes (256 B in bf16) of the key itself. The alternative, a
+  hi/lo split of the angle inside the kernel, saves that traffic at the price of ~20 extra fp32 ops per pair and
+  a subtle argument-reduction path; the attention is compute bound, so the table was chosen.
 
-Variants are compile-time flags: ``REPHASE`` 0 (no key moves), 1 (sink keys ``[0, sink_len)``; the key loop is
+Variants are compile-time flags: ``REPHASE`` 0 (no key moves), 1 (sink keys ``[0, rot_len)``; the key loop is
 split in a re-phasing loop over the sink tiles and a plain loop over the rest), 2 (every key, per-key shift).
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import math
-import sys
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..rope import RopeSpec
+from .common import (LOG2E, REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, _load_rotated_keys,  # noqa: F401
+                     _load_sink_angles, _scores, device_arch, dot_in_f32, ensure_kernel_mode)
+from .configs import FwdConfig, fwd_config  # noqa: F401  (re-exported: tests and users patch fwd_config here)
 
-LOG2E = 1.4426950408889634  # 1 / ln(2): softmax_scale * LOG2E lets the kernels use exp2
-
-REPHASE_NONE, REPHASE_SINK, REPHASE_PER_KEY = 0, 1, 2
-
-
-class FwdConfig(NamedTuple):
-    """Launch configuration of the forward kernel (and of the mass kernel, see :mod:`.mass`)."""
-
-    BLOCK_M: int  # query rows per program
-    BLOCK_N: int  # keys per inner-loop step over keys that are not re-phased
-    num_warps: int
-    num_stages: int
-    BLOCK_N_ROT: int = 0  # keys per step over re-phased tiles (0: BLOCK_N); the rotation needs registers
+_ensure_kernel_mode = ensure_kernel_mode  # the name the interpreter tests use
 
 
-# ---------------------------------------------------------------------------------------------- public op
-def sink_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: Optional[RopeSpec], sink_len: int,
-    sink_shift: int, key_shift: Optional[torch.Tensor], softmax_scale: float, return_lse: bool,
-    return_mass: bool, mass_q_range: Tuple[int, int], config: Optional[FwdConfig] = None,
-    mass_config: Optional[FwdConfig] = None,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Attention of ``q`` over ``k, v`` with the temporal RoPE band of sink keys re-phased in registers.
+def sink_attention_triton(*args, **kwargs):
+    """The keyword entry point, now in :mod:`deepforcing_kernels.triton.op` (imported on call: the op module
+    imports this one)."""
+    from .op import sink_attention_triton as impl
 
-    Arguments arrive validated and normalised by :func:`deepforcing_kernels.sink_attention` (``backend="triton"``).
+    return impl(*args, **kwargs)
 
-    Args:
-        q: ``[B, Lq, Hq, D]`` fp32 / fp16 / bf16, any strides; ``D`` a power of two in [16, 256].
-        k, v: ``[B, Lk, Hkv, D]``, same dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``.
-        rope: RoPE layout of the keys (``layout`` and ``temporal_pairs`` are read); None when nothing moves.
-        sink_len, sink_shift: keys ``[0, sink_len)`` are re-phased by ``sink_shift`` positions.
-        key_shift: None or int64 ``[B, Lk]`` contiguous: a per-key shift that overrides the two above.
-        softmax_scale: multiplier of ``q . k``.
-        return_lse: return the log-sum-exp ``[B, Hq, Lq]`` (fp32, natural log).
-        return_mass: return the attention mass ``[B, Hkv, Lk]`` (fp32), summed over query rows
-            ``mass_q_range`` and the query heads of each KV group (second pass, :mod:`.mass`).
-        mass_q_range: ``(start, end)`` query rows counted in the mass.
-        config: forward launch config; default :func:`fwd_config` (looked up at call time, so it can be replaced).
-        mass_config: mass-kernel launch config; default :func:`deepforcing_kernels.triton.mass.mass_config`.
 
-    Returns:
-        ``(out [B, Lq, Hq, D] in q.dtype, lse or None, mass or None)``.
+# ---------------------------------------------------------------------------------------------- launcher
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+            mode: int, rot_len: int, interleaved: bool, softmax_scale: float, out: torch.Tensor,
+            lse: torch.Tensor, stats: Optional[torch.Tensor], config: FwdConfig, launch) -> None:
+    """Launch the forward kernel: writes ``out [B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` (natural log) and, when
+    ``stats`` is given, its planes ``[2, B, Hq, Lq]``: the running max ``m`` (log2 domain) and sum ``l`` of each
+    row, for the mass pass (which normalises by ``exp2(s - m) / l``: recomputing ``exp(s - lse)`` would lose
+    ``ulp(lse)``, about 1e-3 at logits of 1e4).
+
+    ``cos, sin``: ``[T]`` (mode 1), ``[B, Lk, T]`` (mode 2) or anything fp32 (mode 0: never read). ``launch`` wraps
+    the kernel (``torch.library.wrap_triton``). No host sync, no data-dependent branch.
     """
-    _ensure_kernel_mode()
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    _check_head_dim(D)
-    arch = device_arch(q.device)
-    cfg = config if config is not None else fwd_config(D, q.dtype, arch)
-    mode, cos, sin, stride_cb, stride_cn = rephase_tables(rope, sink_len, sink_shift, key_shift, q.device)
-    interleaved = True if rope is None else rope.interleaved
-    n_temporal = 0 if rope is None else rope.temporal_pairs
-
-    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
-    need_lse = return_lse or return_mass
-    # Row statistics, three planes [B, Hq, Lq]: natural-log lse, and (for the mass pass) the running max m (log2
-    # domain) and the sum l. The mass pass normalises by exp2(s - m) / l: recomputing exp(s - lse) would lose
-    # ulp(lse), about 1e-3 at logits of 1e4.
-    stats = torch.empty((3 if return_mass else 1, B, Hq, Lq), dtype=torch.float32, device=q.device) \
-        if need_lse else out  # dummy if unused
+    cfg = config
+    n_temporal = cos.shape[-1] if mode != REPHASE_NONE else 0
+    stride_cb, stride_cn = (cos.stride(0), cos.stride(1)) if mode == REPHASE_PER_KEY else (0, 0)
     grid = (triton.cdiv(Lq, cfg.BLOCK_M), B * Hq)
-    _fwd_kernel[grid](
-        q, k, v, out, stats, cos, sin,
+    launch(_fwd_kernel)[grid](
+        q, k, v, out, lse, stats if stats is not None else cos, cos, sin,  # (Stats unused without stats)
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
         stride_cb, stride_cn,
-        Hq, Hq // Hkv, Lq, Lk, sink_len, n_temporal, softmax_scale * LOG2E,
+        Hq, Hq // Hkv, Lq, Lk, rot_len if mode == REPHASE_SINK else 0, n_temporal, softmax_scale * LOG2E,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_N_ROT=cfg.BLOCK_N_ROT or cfg.BLOCK_N, BLOCK_D=D,
-        REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=need_lse, STORE_STATS=return_mass,
-        SPLIT=q.dtype != torch.float32, DOT_F32=_dot_in_f32(q.dtype),
+        REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=True, STORE_STATS=stats is not None,
+        SPLIT=q.dtype != torch.float32, DOT_F32=dot_in_f32(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    mass = None
-    if return_mass:
-        from .mass import attention_mass
-
-        mass = attention_mass(q, k, stats[1:], cos, sin, stride_cb, stride_cn, mode=mode, interleaved=interleaved,
-                              n_temporal=n_temporal, sink_len=sink_len, softmax_scale=softmax_scale,
-                              mass_q_range=mass_q_range, config=mass_config)
-    return out, (stats[0] if return_lse else None), mass
-
-
-# ---------------------------------------------------------------------------------------------- launch heuristic
-def fwd_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
-    """Forward launch config for ``(head_dim, dtype, arch)``; ``arch`` is ``major * 10 + minor`` (0: interpreter).
-
-    A small explicit table, no autotuning: the production variants (D = 128, fp16 / bf16, sm_80 and sm_90) were
-    checked for zero register spills with ``python -m deepforcing_kernels.triton.aot``. Replace this function
-    (``attention.fwd_config = my_fn``) or pass ``config=`` to override.
-    """
-    if arch == 0:  # interpreter: fewer, larger programs run faster in numpy; tests pass small tiles explicitly
-        return FwdConfig(32, 32, 4, 1)
-    if dtype == torch.float32:  # fp32 tiles are twice the bytes: halve the key tile
-        return FwdConfig(64, 32, 4, 2)
-    if head_dim <= 64:
-        return FwdConfig(128, 64, 8, 3, BLOCK_N_ROT=32)  # 4 warps: 255 registers, spills in per-key mode
-    if head_dim <= 128:
-        # Re-phased tiles run 32 keys wide: at 64 the fp32 rotation pushes sm_80 / sm_90 past 255 registers.
-        if arch >= 90:
-            return FwdConfig(128, 64, 8, 3, BLOCK_N_ROT=32)
-        return FwdConfig(128, 64, 8, 2, BLOCK_N_ROT=32)  # 3 stages spill on sm_80
-    return FwdConfig(64, 32, 8, 2)
-
-
-def device_arch(device: torch.device) -> int:
-    """``major * 10 + minor`` of a CUDA device; 0 for CPU tensors (interpreter)."""
-    if device.type != "cuda":
-        return 0
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-# ---------------------------------------------------------------------------------------------- host helpers
-def rephase_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, key_shift: Optional[torch.Tensor],
-                   device: torch.device):
-    """``(mode, cos, sin, stride_cb, stride_cn)`` for the kernels.
-
-    Angles ``shift * w_j`` are formed and reduced mod 2*pi in float64, then cos / sin are stored in fp32.
-    Sink mode: ``[T]`` tables (cached). Per-key mode: ``[B, Lk, T]`` tables. No re-phasing: 1-element dummies.
-    """
-    if key_shift is not None and rope is not None:  # (rope None: validation proved every shift is 0)
-        w = rope.temporal_freqs().to(device=device)  # float64 [T]
-        ang = torch.remainder(key_shift.to(torch.float64)[..., None] * w, 2.0 * math.pi)  # [B, Lk, T]
-        cos = torch.cos(ang).to(torch.float32).contiguous()
-        sin = torch.sin(ang).to(torch.float32).contiguous()
-        return REPHASE_PER_KEY, cos, sin, cos.stride(0), cos.stride(1)
-    if sink_len > 0 and sink_shift != 0:
-        cos, sin = _sink_table(rope, int(sink_shift), device)
-        return REPHASE_SINK, cos, sin, 0, 0
-    dummy = _dummy(device)
-    return REPHASE_NONE, dummy, dummy, 0, 0
-
-
-@functools.lru_cache(maxsize=128)
-def _sink_table(rope: RopeSpec, shift: int, device: torch.device):
-    # float64 on the host: the angle shift * w_j and its reduction mod 2*pi are exact to ~1e-16 relative.
-    ang = [math.fmod(shift * w, 2.0 * math.pi) for w in rope.temporal_freqs().tolist()]
-    cos = torch.tensor([math.cos(a) for a in ang], dtype=torch.float32).to(device)
-    sin = torch.tensor([math.sin(a) for a in ang], dtype=torch.float32).to(device)
-    return cos, sin
-
-
-@functools.lru_cache(maxsize=8)
-def _dummy(device: torch.device) -> torch.Tensor:
-    return torch.zeros(1, dtype=torch.float32, device=device)
-
-
-def _check_head_dim(d: int) -> None:
-    if d < 16 or d > 256 or d & (d - 1):
-        raise ValueError(f"the triton backend needs head_dim a power of two in [16, 256], got {d}; "
-                         "use backend='cpp' or 'reference'")
-
-
-def _dot_in_f32(dtype: torch.dtype) -> bool:
-    """Whether dots run on fp32 operands: always for fp32 inputs (ieee), and for bf16 under the interpreter,
-    which stores bf16 as uint16 and would multiply the raw integers in ``tl.dot`` (SPEC section 7(a))."""
-    from triton import knobs
-
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(knobs.runtime.interpret))
-
-
-def _ensure_kernel_mode() -> None:
-    """Rebuild the kernels if ``TRITON_INTERPRET`` changed since this module was imported.
-
-    ``@triton.jit`` reads the variable when it decorates (at import), and a ``@triton.jit`` function can only
-    call helpers created in the same mode. A test session may import this module before setting the variable;
-    reloading this module and :mod:`.mass` re-creates every kernel in the current mode.
-    """
-    from triton import knobs
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(_fwd_kernel, InterpretedFunction) == bool(knobs.runtime.interpret):
-        return
-    importlib.reload(sys.modules[__name__])
-    if __package__ + ".mass" in sys.modules:
-        importlib.reload(sys.modules[__package__ + ".mass"])
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _pair_channels(offs_d, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per channel ``d``: its pair index, its partner channel, and the sign of the partner's sin term.
-
-    A pair ``(re, im)`` rotates as ``re' = re*c - im*s``, ``im' = im*c + re*s``, so every channel is
-    ``x[d] * c[pair(d)] + x[partner(d)] * sign(d) * s[pair(d)]`` with ``sign = -1`` on the real channel.
-    """
-    if INTERLEAVED:  # pair i = channels (2i, 2i+1)
-        pair = offs_d // 2
-        partner = offs_d ^ 1
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-    else:  # pair i = channels (i, i + D/2)
-        pair = offs_d % (BLOCK_D // 2)
-        partner = (offs_d + BLOCK_D // 2) % BLOCK_D
-        sign = tl.where(offs_d < BLOCK_D // 2, -1.0, 1.0)
-    return pair, partner, sign
-
-
-@triton.jit
-def _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin, c_sink, s_sink, cs_base,
-                       stride_cn, sink_len, n_temporal, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       ROTATE: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Load a ``[BLOCK_N, BLOCK_D]`` key tile (rows ``offs_n``; zeros past ``Lk``) and re-phase it in registers.
-
-    ``ROTATE``: 0 none; 1 sink (keys ``< sink_len`` by the per-channel ``c_sink, s_sink`` of
-    :func:`_load_sink_angles`; a tile may straddle ``sink_len``); 2 per key (angles gathered from the
-    ``[B, Lk, T]`` tables at ``cs_base``). Shared with :mod:`.mass`.
-
-    The pair partner of every channel is loaded as a second, permuted tile (same cache lines, so it hits L1):
-    the rotation is then purely elementwise in fp32, with no register shuffles or layout conversions (an earlier
-    reshape / split / join version spilled on sm_80).
-
-    Returns ``(k_hi, k_lo)`` in the input dtype with ``k_hi + k_lo`` = the fp32 rotated keys to ~2^-16 relative
-    (``k_lo`` is unused, and returned as ``k_hi``, when ``ROTATE == 0``). Rounding the rotated keys to bf16 once
-    costs ~4e-3 relative per key, coherent over every query that reads the key, which does not fit the
-    SPEC section 7 budget for lse / mass; the second dot ``q . k_lo`` removes it and runs on re-phased tiles only.
-    For fp32 inputs ``k_lo`` is exactly zero and the callers skip it (``SPLIT``).
-    """
-    k_ptrs = K + offs_n[:, None] * stride_kn
-    k = tl.load(k_ptrs + offs_d[None, :] * stride_kd, mask=n_mask[:, None], other=0.0)
-    if ROTATE == 0:
-        k_hi = k
-        k_lo = k
-    else:
-        pair, partner, sign = _pair_channels(offs_d, INTERLEAVED, BLOCK_D)
-        k_partner = tl.load(k_ptrs + partner[None, :] * stride_kd, mask=n_mask[:, None], other=0.0)
-        if ROTATE == 1:
-            in_sink = (offs_n < sink_len)[:, None]
-            c = tl.where(in_sink, c_sink, 1.0)
-            s = tl.where(in_sink, s_sink, 0.0)
-        else:
-            cs_mask = n_mask[:, None] & (pair < n_temporal)[None, :]
-            cs_off = cs_base + offs_n[:, None].to(tl.int64) * stride_cn + pair[None, :]
-            c = tl.load(Cos + cs_off, mask=cs_mask, other=1.0)
-            s = tl.load(Sin + cs_off, mask=cs_mask, other=0.0) * sign[None, :]
-        kf = k.to(tl.float32) * c + k_partner.to(tl.float32) * s
-        k_hi = kf.to(k.dtype)
-        k_lo = (kf - k_hi.to(tl.float32)).to(k.dtype)
-    return k_hi, k_lo
-
-
-@triton.jit
-def _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D: tl.constexpr, INTERLEAVED: tl.constexpr):
-    """Per-channel ``[1, BLOCK_D]`` cos and signed sin of the sink shift (1 / 0 on non-temporal channels)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    pair, partner, sign = _pair_channels(offs_d, INTERLEAVED, BLOCK_D)
-    p_mask = pair < n_temporal
-    c = tl.load(Cos + pair, mask=p_mask, other=1.0)[None, :]
-    s = (tl.load(Sin + pair, mask=p_mask, other=0.0) * sign)[None, :]
-    return c, s
-
-
-@triton.jit
-def _qk_dot(q, k, DOT_F32: tl.constexpr):
-    """``q @ k^T``; fp32 operands use IEEE fp32 (the GPU would use TF32 otherwise)."""
-    if DOT_F32:
-        return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-    return tl.dot(q, tl.trans(k))
-
-
-@triton.jit
-def _scores(q, k_hi, k_lo, ROTATE: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr):
-    """``q @ (k_hi + k_lo)^T``: the low part only for re-phased tiles of 16-bit inputs."""
-    qk = _qk_dot(q, k_hi, DOT_F32)
-    if ROTATE != 0:
-        if SPLIT:
-            qk += _qk_dot(q, k_lo, DOT_F32)
-    return qk
-
-
 @triton.jit
 def _attn_inner(acc, l_i, m_i, q, K, V, start, end, Lk, offs_d, stride_kn, stride_kd, stride_vn,
                 stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn, sink_len, n_temporal, qk_scale,
@@ -342,7 +112,7 @@ def _attn_inner(acc, l_i, m_i, q, K, V, start, end, Lk, offs_d, stride_kn, strid
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Cos, Sin,
+    Q, K, V, Out, Lse, Stats, Cos, Sin,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
@@ -407,9 +177,10 @@ def _fwd_kernel(
     if STORE_LSE:
         # m_i + log2(l_i) is the log2-sum-exp2 of the scaled scores; times ln 2 gives the natural-log LSE.
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
-        row = Lse + pid_bh.to(tl.int64) * Lq + offs_m
-        tl.store(row, lse, mask=m_mask)
-        if STORE_STATS:  # planes 1 and 2: max and sum, for the mass pass
-            plane = tl.num_programs(1).to(tl.int64) * Lq
-            tl.store(row + plane, m_i, mask=m_mask)
-            tl.store(row + 2 * plane, l_i, mask=m_mask)
+        row = pid_bh.to(tl.int64) * Lq + offs_m
+        tl.store(Lse + row, lse, mask=m_mask)
+    if STORE_STATS:  # Stats [2, B, Hq, Lq]: max and sum, for the mass pass
+        row = pid_bh.to(tl.int64) * Lq + offs_m
+        plane = tl.num_programs(1).to(tl.int64) * Lq
+        tl.store(Stats + row, m_i, mask=m_mask)
+        tl.store(Stats + plane + row, l_i, mask=m_mask)

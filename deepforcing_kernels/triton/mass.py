@@ -9,65 +9,51 @@ and re-phases its K tile once, loops over the query heads of the group and the q
 atomics, bit-for-bit deterministic. Cost: one more ``Q K^T`` over the counted rows (``2 * Hq * (m1 - m0) * Lk * D``
 FLOPs), no ``P V``.
 
-Layout (FlagAttention style): the host function :func:`attention_mass`, its heuristic :func:`mass_config`, then the
-``@triton.jit`` kernel, which reuses the key loader of :mod:`.attention`.
+Layout (FlagAttention style): the launcher :func:`attention_mass`, then the ``@triton.jit`` kernel, which shares the
+key loader of :mod:`.common` with the forward. Launch configurations come from :mod:`.configs` (``mass_config``
+here is :func:`.configs.mass_config`, looked up at every launch).
 """
 from __future__ import annotations
-
-from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .attention import (FwdConfig, LOG2E, _dot_in_f32, _load_rotated_keys, _load_sink_angles, _scores,
-                        device_arch)
+from .common import LOG2E, REPHASE_PER_KEY, REPHASE_SINK, _load_rotated_keys, _load_sink_angles, _scores, dot_in_f32
+from .configs import FwdConfig, mass_config  # noqa: F401  (re-exported: tests and users patch mass_config here)
 
 
-def attention_mass(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   stride_cb: int, stride_cn: int, *, mode: int, interleaved: bool, n_temporal: int, sink_len: int,
-                   softmax_scale: float, mass_q_range: Tuple[int, int],
-                   config: Optional[FwdConfig] = None) -> torch.Tensor:
-    """Attention mass ``[B, Hkv, Lk]`` (fp32) from the forward's row statistics ``stats [2, B, Hq, Lq]``
-    (contiguous): plane 0 the running max ``m`` of the log2-scaled scores, plane 1 the sum ``l``.
+def attention_mass(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                   mode: int, rot_len: int, interleaved: bool, softmax_scale: float, mass_start: int,
+                   mass_end: int, mass: torch.Tensor, config: FwdConfig, launch) -> None:
+    """Write the attention mass ``mass [B, Hkv, Lk]`` (fp32, zero-initialised by the caller) from the forward's
+    row statistics ``stats [2, B, Hq, Lq]`` (contiguous): plane 0 the running max ``m`` of the log2-scaled scores,
+    plane 1 the sum ``l``.
 
-    ``cos, sin, stride_cb, stride_cn, mode`` are the re-phasing tables of
-    :func:`deepforcing_kernels.triton.attention.rephase_tables` (the same ones the forward used, so both passes
-    see identical keys). ``config`` defaults to :func:`mass_config`; its ``BLOCK_N`` is the key tile owned by one
-    program and ``BLOCK_M`` the query tile of the inner loop.
+    ``cos, sin, mode, rot_len`` are the forward's (so both passes see identical keys). ``config.BLOCK_N`` is the
+    key tile owned by one program, ``config.BLOCK_M`` the query tile of the inner loop. Launches nothing when
+    ``mass_end <= mass_start``. No host sync.
     """
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    m0, m1 = mass_q_range
-    mass = torch.zeros((B, Hkv, Lk), dtype=torch.float32, device=q.device)
-    if m1 <= m0:
-        return mass
-    cfg = config if config is not None else mass_config(D, q.dtype, device_arch(q.device))
+    if mass_end <= mass_start:
+        return
+    cfg = config
+    n_temporal = cos.shape[-1] if mode != 0 else 0
+    stride_cb, stride_cn = (cos.stride(0), cos.stride(1)) if mode == REPHASE_PER_KEY else (0, 0)
     grid = (triton.cdiv(Lk, cfg.BLOCK_N), B * Hkv)
-    _mass_kernel[grid](
+    launch(_mass_kernel)[grid](
         q, k, stats, mass, cos, sin,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         stride_cb, stride_cn,
-        Hq, Hkv, Hq // Hkv, Lq, Lk, m0, m1, sink_len, n_temporal, softmax_scale * LOG2E,
+        Hq, Hkv, Hq // Hkv, Lq, Lk, mass_start, mass_end, rot_len if mode == REPHASE_SINK else 0, n_temporal,
+        softmax_scale * LOG2E,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=D,
         REPHASE=mode, INTERLEAVED=interleaved, SPLIT=q.dtype != torch.float32,
-        DOT_F32=_dot_in_f32(q.dtype),
+        DOT_F32=dot_in_f32(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return mass
-
-
-def mass_config(head_dim: int, dtype: torch.dtype, arch: int) -> FwdConfig:
-    """Mass-kernel launch config for ``(head_dim, dtype, arch)`` (0: interpreter). Replaceable like
-    :func:`deepforcing_kernels.triton.attention.fwd_config`. The K tile stays resident; the Q tile streams."""
-    if arch == 0:
-        return FwdConfig(32, 32, 4, 1)
-    if dtype == torch.float32:
-        return FwdConfig(32, 64, 4, 2)
-    if head_dim <= 64:
-        return FwdConfig(64, 128, 4, 3)
-    return FwdConfig(64, 128, 8, 3)
 
 
 @triton.jit
