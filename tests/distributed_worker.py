@@ -1,0 +1,126 @@
+"""One rank of a distributed test: ``python tests/distributed_worker.py SCENARIO [ARGS...]`` under the torchrun
+environment (set by :func:`deepforcing_kernels.distributed.testing.launch_local`). Prints ``OK <scenario>`` on
+success; asserts otherwise (non-zero exit). Not collected by pytest (no ``test_`` prefix)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from deepforcing_kernels.distributed.comm import SequenceComm, reference_heads, shard_tokens
+from deepforcing_kernels.distributed.launch import (ParallelError, check_divisible, check_same_settings,
+                                                    init_from_env, run_ranked)
+from deepforcing_kernels.distributed.reduce import HeadReducer, sum_in_rank_order
+
+
+def _same_on_all_ranks(t: torch.Tensor, comm: SequenceComm) -> bool:
+    g = comm.all_gather(t.contiguous())
+    return all(torch.equal(g[0], g[r]) for r in range(comm.world))
+
+
+def scenario_comm() -> int:
+    info = init_from_env(timeout_s=60, device="cpu")
+    comm = SequenceComm()
+    P, r = comm.world, comm.rank
+    assert (P, r) == (info["world_size"], info["rank"])
+    g = torch.Generator().manual_seed(1234)  # the same full tensors on every rank
+    for dtype in (torch.float32, torch.bfloat16):
+        for (b, nf, fs, h, d) in [(1, 3, 6 * P, 2 * P, 8), (2, 1, P, P, 4), (2, 3, 4 * P, 3 * P, 6)]:
+            full = [torch.randn(b, nf * fs, h, d, generator=g).to(dtype) for _ in range(3)]
+            full[1][0, 0, 0, 0] = float("inf")  # data movement must carry any bits (adversarial values)
+            full[2][:, -1] = -0.0
+            local = [shard_tokens(x, r, P, nf) for x in full]
+            assert local[0].shape == (b, nf * fs // P, h, d)
+            heads = comm.tokens_to_heads(local, nf)
+            for x, y in zip(full, heads):
+                want = reference_heads(x, r, P)
+                assert y.shape == want.shape and torch.equal(y, want), "tokens_to_heads != single-process slice"
+                assert torch.equal(y.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                                   want.contiguous().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+            back = comm.heads_to_tokens(heads[0], nf)
+            assert torch.equal(back, local[0]), "heads_to_tokens is not the inverse of tokens_to_heads"
+            # gather of local token outputs restores the frame-major block
+            assert torch.equal(comm.gather(local[2].flatten(2), nf), full[2].flatten(2))
+    # the reducer: rank-order sum, bit-identical everywhere, equal to the sum of every rank's partials
+    red = HeadReducer(comm, record=True)
+    for shape in [(1, 7), (2, 33), (3, 1)]:
+        parts = torch.randn((P,) + shape, generator=g) * torch.logspace(-6, 6, shape[1])  # wide dynamic range
+        total = red(parts[r].clone())
+        assert torch.equal(total, sum_in_rank_order(parts)), "reducer != rank-ordered sum of partials"
+        assert _same_on_all_ranks(total, comm)
+    try:
+        red(torch.zeros(2, 3, dtype=torch.float64))
+        raise AssertionError("float64 score accepted")
+    except ValueError:
+        pass
+    assert red.calls == 3 and len(red.history) == 3
+    print("OK comm", flush=True)
+    return 0
+
+
+def scenario_checks(kind: str) -> int:
+    """Bad input, through run_ranked: exit code 1, one line on rank 0."""
+    def body() -> int:
+        info = init_from_env(timeout_s=30, device="cpu")
+        P, r = info["world_size"], info["rank"]
+        if kind == "heads":
+            check_divisible(num_heads=2 * P + 1, num_kv_heads=None, tokens_per_frame=4 * P, world=P)
+        elif kind == "tokens":
+            check_divisible(num_heads=P, num_kv_heads=None, tokens_per_frame=4 * P + 1, world=P)
+        elif kind == "settings":
+            check_same_settings({"policy": "deep_forcing", "seed": 7 if r == P - 1 else 0, "frames": 6})
+        elif kind == "ok":
+            check_divisible(num_heads=2 * P, num_kv_heads=P, tokens_per_frame=4 * P, world=P)
+            check_same_settings({"policy": "deep_forcing", "seed": 0, "frames": 6})
+            print("OK checks", flush=True)
+            return 0
+        raise AssertionError("the check did not raise")
+
+    run_ranked(body, rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]))
+    return 2  # unreachable: run_ranked exits
+
+
+def scenario_kill() -> int:
+    """Rank 1 dies (SIGKILL) after the first collective; the others keep calling collectives."""
+    def body() -> int:
+        init_from_env(timeout_s=float(os.environ.get("DF_TEST_TIMEOUT", "20")), device="cpu")
+        comm = SequenceComm()
+        x = torch.ones(4, 8)
+        comm.all_gather(x)
+        if comm.rank == 1:
+            os.kill(os.getpid(), 9)
+        print(f"WAIT_FROM {time.time():.3f}", flush=True)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < 120:
+            comm.all_gather(x)
+            time.sleep(0.01)
+        return 0
+
+    run_ranked(body, rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]))
+    return 2
+
+
+def scenario_stuck() -> int:
+    """Rank 1 stops answering (sleeps) while alive; the others must time out, not hang."""
+    def body() -> int:
+        init_from_env(timeout_s=float(os.environ.get("DF_TEST_TIMEOUT", "5")), device="cpu")
+        comm = SequenceComm()
+        comm.all_gather(torch.ones(3))
+        if comm.rank == 1:
+            time.sleep(9)
+            return 0
+        print(f"WAIT_FROM {time.time():.3f}", flush=True)
+        comm.all_gather(torch.ones(3))
+        return 0
+
+    run_ranked(body, rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]))
+    return 2
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    name, args = sys.argv[1], sys.argv[2:]
+    sys.exit(globals()[f"scenario_{name}"](*args))
