@@ -201,4 +201,11 @@ class CachePolicy:
         extra = set(d) - names
         if extra:
             raise ValueError(f"unknown policy fields {sorted(extra)}")
-        return cls(**d)
+        if "kind" not in d:
+            raise ValueError(f"a policy dict needs 'kind' (one of {', '.join(KINDS)}), got the fields {sorted(d)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            if isinstance(e, ArgumentTypeError):
+                raise
+            raise ValueError(f"a policy dict cannot be built: {e}") from None
