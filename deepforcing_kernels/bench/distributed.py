@@ -1,0 +1,125 @@
+"""Sequence parallelism: the communication model per layer-pass, and a measured CPU benchmark.
+
+``python -m deepforcing_kernels.bench.distributed model`` prints the analytic table of ``docs/distributed.md``
+(bytes of the four all-to-alls of one layer-pass against the layer's FLOPs, for Wan 1.3B and 14B at 480x832, and
+the expected scaling efficiency on NVLink and PCIe).
+
+``python -m deepforcing_kernels.bench.distributed measure`` runs the same rollout passes as 1 process x 1 thread
+and as 2 Gloo ranks x 1 thread each (spawned like ``torchrun``), at a geometry where attention dominates, and
+prints the speed-up and the share of each pass spent in collectives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ["WanSizes", "layer_pass_flops", "layer_pass_bytes", "efficiency", "model_table", "main"]
+
+
+@dataclass(frozen=True)
+class WanSizes:
+    """The sizes the model needs: ``dim``, ``heads``, ``layers``, ``ffn``, text tokens."""
+
+    name: str
+    dim: int
+    heads: int
+    layers: int
+    ffn: int
+    text_len: int = 512
+
+
+WAN_1_3B = WanSizes("Wan 1.3B", 1536, 12, 30, 8960)
+WAN_14B = WanSizes("Wan 14B", 5120, 40, 40, 13824)
+TOKENS_PER_FRAME = 1560  # 480 x 832 pixels = 60 x 104 latents = 30 x 52 patches
+BLOCK_FRAMES = 3
+
+
+def layer_pass_flops(m: WanSizes, *, kv_frames: int, tokens_per_frame: int = TOKENS_PER_FRAME,
+                     block_frames: int = BLOCK_FRAMES) -> Dict[str, float]:
+    """FLOPs (multiply-add = 2) of one DiT layer on one block, all ranks together, by part.
+
+    ``kv_frames`` counts every key the block's queries see (cache + the block itself). Cross-attention K/V of the
+    text are computed once per prompt (Self-Forcing caches them), so they are not counted.
+    """
+    n, d = block_frames * tokens_per_frame, m.dim
+    lk = kv_frames * tokens_per_frame
+    return {"qkvo": 8.0 * n * d * d, "self_attn": 4.0 * n * lk * d, "cross": 4.0 * n * d * d + 4.0 * n * m.text_len * d,
+            "ffn": 4.0 * n * d * m.ffn}
+
+
+def layer_pass_bytes(m: WanSizes, world: int, *, elem_bytes: int = 2, tokens_per_frame: int = TOKENS_PER_FRAME,
+                     block_frames: int = BLOCK_FRAMES) -> float:
+    """Bytes each rank sends in the four all-to-alls (q, k, v before attention, the output after) of one layer-pass:
+    each is ``[tokens/P, dim]`` of which ``(P-1)/P`` leaves the rank."""
+    n = block_frames * tokens_per_frame
+    return 4.0 * elem_bytes * n * m.dim / world * (world - 1) / world
+
+
+def efficiency(m: WanSizes, world: int, *, kv_frames: int, bandwidth: float, latency_s: float,
+               flops_per_s: float) -> Dict[str, float]:
+    """Expected parallel efficiency of one layer-pass without overlap: ``t1 / (P * tP)`` with ``tP = t1 / P +
+    bytes / bandwidth + 4 * latency`` (the Top-C score all-gather, ``4 L`` bytes per compressing pass, and the one
+    gather of the head output per pass are left out: both are below 1 % of the all-to-alls)."""
+    t1 = sum(layer_pass_flops(m, kv_frames=kv_frames).values()) / flops_per_s
+    comm = layer_pass_bytes(m, world) / bandwidth + 4 * latency_s
+    tp = t1 / world + comm
+    return {"t1_ms": t1 * 1e3, "comm_ms": comm * 1e3, "tp_ms": tp * 1e3, "speedup": t1 / tp,
+            "efficiency": t1 / (world * tp), "comm_share": comm / tp}
+
+
+LINKS = {"NVLink (H100, 450 GB/s all-to-all)": (450e9, 15e-6), "PCIe (25 GB/s)": (25e9, 50e-6)}
+H100_BF16 = 600e12  # sustained dense bf16 FLOP/s assumed for the layer's GEMMs and attention (~60 % of peak)
+
+
+def model_table(kv_frames: Sequence[int] = (16, 21), worlds: Sequence[int] = (2, 4, 8)) -> str:
+    """The markdown tables of docs/distributed.md."""
+    out: List[str] = []
+    out.append("| model | KV frames | GFLOP per layer-pass (qkvo / self-attn / cross / ffn) | MB sent per rank, "
+               "P=2 / 4 / 8 | FLOP per byte sent, P=2 |")
+    out.append("|---|---|---|---|---|")
+    for m in (WAN_1_3B, WAN_14B):
+        for kv in kv_frames:
+            f = layer_pass_flops(m, kv_frames=kv)
+            mb = " / ".join(f"{layer_pass_bytes(m, p) / 1e6:.1f}" for p in worlds)
+            parts = " / ".join(f"{v / 1e9:.0f}" for v in f.values())
+            out.append(f"| {m.name} | {kv} | {sum(f.values()) / 1e9:.0f} ({parts}) | {mb} | "
+                       f"{sum(f.values()) / 2 / layer_pass_bytes(m, 2):.0f} |")
+    out.append("")
+    out.append(f"Expected efficiency per layer-pass (compute at {H100_BF16 / 1e12:.0f} TFLOP/s per GPU, no overlap "
+               "of communication and compute; `-` where P does not divide the heads):")
+    out.append("")
+    out.append("| model | KV frames | link | 1-GPU ms | P=" + " | P=".join(str(p) for p in worlds) + " |")
+    out.append("|---|---|---|---|" + "---|" * len(worlds))
+    for m in (WAN_1_3B, WAN_14B):
+        for kv in kv_frames:
+            for link, (bw, lat) in LINKS.items():
+                cells = []
+                for p in worlds:
+                    if m.heads % p:
+                        cells.append("-")
+                        continue
+                    e = efficiency(m, p, kv_frames=kv, bandwidth=bw, latency_s=lat, flops_per_s=H100_BF16)
+                    cells.append(f"{e['efficiency'] * 100:.0f} % ({e['speedup']:.2f}x, comm {e['comm_share'] * 100:.0f} %)")
+                t1 = sum(layer_pass_flops(m, kv_frames=kv).values()) / H100_BF16 * 1e3
+                out.append(f"| {m.name} | {kv} | {link} | {t1:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deepforcing_kernels.bench.distributed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("model", help="print the analytic communication model (markdown)")
+    args = ap.parse_args(argv)
+    if args.cmd == "model":
+        print(model_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
