@@ -2,7 +2,10 @@
 
 Runs ``python -m deepforcing_kernels.triton.aot --arch 80 90 --json --strict`` in a subprocess with
 TRITON_INTERPRET=0 (this session may have the interpreter on, and the interpreter's kernels cannot be compiled),
-then checks the report: every variant compiled, zero spills, shared memory within the arch limit.
+then checks the report: every variant compiled, zero spills, shared memory within the arch limit, and the PTX
+check: the arch's tensor-core instruction present in every variant (``mma.sync`` on sm_80, ``wgmma.mma_async`` on
+sm_90) and no local memory. The configs compiled are the ones the launchers read (``configs.fwd_config`` /
+``configs.mass_config``), not a copy.
 """
 import json
 import os
@@ -10,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -38,7 +42,8 @@ def test_every_production_variant_compiled(aot_report):
     proc, rows = aot_report
     assert isinstance(rows, list)
     for row in rows:
-        assert set(row) == {"kernel", "arch", "registers", "spills", "shared_bytes"}
+        assert set(row) == {"kernel", "arch", "registers", "spills", "shared_bytes", "tensor_core_op",
+                            "tensor_core_count", "local_memory"}
     seen = {(r["kernel"], r["arch"]) for r in rows}
     assert seen == {(k, a) for k in EXPECTED for a in ARCHS}
     assert len(rows) == len(seen)
@@ -54,3 +59,32 @@ def test_no_spills_and_shared_memory_fits(aot_report):
     over = [r for r in rows if r["shared_bytes"] > SHARED_LIMIT[r["arch"]]]
     assert not over, f"shared memory over the per-block limit: {over}"
     assert proc.returncode == 0, f"aot --strict failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+
+
+def test_ptx_tensor_cores_and_no_local_memory(aot_report):
+    proc, rows = aot_report
+    for r in rows:
+        assert r["tensor_core_op"] == {80: "mma", 90: "wgmma"}[r["arch"]], r
+        assert r["tensor_core_count"] > 0, f"{r['kernel']} sm_{r['arch']}: no {r['tensor_core_op']} in the PTX"
+        assert r["local_memory"] == 0, f"{r['kernel']} sm_{r['arch']}: local memory in the PTX"
+
+
+def test_ptx_check_parses_what_it_claims():
+    from deepforcing_kernels.triton.aot import ptx_check
+
+    ptx = "\n".join(["\t.local .align 4 .b8 \t__local_depot0[28];", "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16",
+                     "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16", "\tst.local.u32 [%rd1], %r2;",
+                     "\t// ld.local in a comment does not count", "\tld.global.v4.b32 {%r1}, [%rd2];"])
+    assert ptx_check(ptx, 80) == ("mma", 1, 2)
+    assert ptx_check(ptx, 90) == ("wgmma", 1, 2)
+    assert ptx_check("\tld.global.b32 %r1, [%rd1];", 90) == ("wgmma", 0, 0)
+
+
+def test_launchers_read_the_tables():
+    from deepforcing_kernels.triton import attention, configs, mass
+
+    assert attention.fwd_config is configs.fwd_config and mass.mass_config is configs.mass_config
+    for arch in (80, 90):
+        for mode in configs.MODES:
+            cfg, reason = configs.lookup("fwd", 128, torch.bfloat16, arch, mode)
+            assert cfg == configs.fwd_config(128, torch.bfloat16, arch, mode) and reason

@@ -12,10 +12,15 @@ sink re-phasing, per-key shift; forward kernel and mass kernel) this compiles th
   binary and register-allocation flag Triton uses for that arch). ``STACK`` is not used: libdevice's sin / cos
   keep a small local array, so STACK is non-zero with no spill at all;
 * ``shared_bytes`` — Triton's dynamic shared memory (``compiled.metadata.shared``) plus the static ``SHARED`` of
-  cuobjdump.
+  cuobjdump;
+* the PTX check: ``tensor_core_op`` (the instruction the arch must use: ``mma`` = ``mma.sync`` on sm_80,
+  ``wgmma`` = ``wgmma.mma_async`` on sm_90), ``tensor_core_count`` (how many of them the PTX holds) and
+  ``local_memory`` (PTX lines that declare or touch local memory: ``.local``, ``ld.local``, ``st.local``; the kernels
+  take precomputed cos / sin tables, so not even libdevice's sin / cos array should appear).
 
 ``--json`` prints exactly one JSON list on stdout; otherwise a table. Exit status 0 when everything compiled
-(1 otherwise); with ``--strict`` also 1 on any spill or shared memory over the arch limit. Compiles go through
+(1 otherwise); with ``--strict`` also 1 on any spill, shared memory over the arch limit, a variant without its
+arch's tensor-core instruction, or any local memory. Compiles go through
 Triton's cache, so a second run takes seconds. Register counts depend on the compiler: Triton is pinned.
 """
 from __future__ import annotations
@@ -62,6 +67,9 @@ class Result:
     registers: int
     spills: int
     shared_bytes: int
+    tensor_core_op: str = ""
+    tensor_core_count: int = -1
+    local_memory: int = -1
     error: Optional[str] = None
 
 
@@ -102,6 +110,23 @@ def _signature(fn, variant: Variant, arch: int):
             if name.startswith("stride_") and name not in ("stride_cb", "stride_cn"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def tensor_core_op(arch: int) -> str:
+    """The tensor-core instruction family every 16-bit variant must use on ``arch``."""
+    return "wgmma" if arch >= 90 else "mma"
+
+
+_TC_PATTERN = {"wgmma": re.compile(r"^\s*wgmma\.mma_async\b", re.M), "mma": re.compile(r"^\s*mma\.sync\b", re.M)}
+_LOCAL_PATTERN = re.compile(r"\.local\b|\bld\.local\b|\bst\.local\b")
+
+
+def ptx_check(ptx: str, arch: int) -> Tuple[str, int, int]:
+    """``(tensor_core_op, its instruction count, local-memory lines)`` of one kernel's PTX."""
+    op = tensor_core_op(arch)
+    count = len(_TC_PATTERN[op].findall(ptx))
+    local = sum(1 for line in ptx.splitlines() if _LOCAL_PATTERN.search(line.split("//")[0]))
+    return op, count, local
 
 
 def _tool(name: str, arch: int) -> str:
@@ -158,9 +183,11 @@ def compile_variant(variant: Variant, arch: int) -> Result:
                                   options=options)
         regs, static_shared = _cuobjdump_usage(compiled.asm["cubin"])
         spills = _ptxas_spills(compiled.asm["ptx"], arch)
-        return Result(variant.kernel, arch, regs, spills, int(compiled.metadata.shared) + static_shared)
+        op, count, local = ptx_check(compiled.asm["ptx"], arch)
+        return Result(variant.kernel, arch, regs, spills, int(compiled.metadata.shared) + static_shared, op, count,
+                      local)
     except Exception as e:  # report and carry on: one broken variant must not hide the others
-        return Result(variant.kernel, arch, -1, -1, -1, error=f"{type(e).__name__}: {e}"[:2000])
+        return Result(variant.kernel, arch, -1, -1, -1, tensor_core_op(arch), error=f"{type(e).__name__}: {e}"[:2000])
 
 
 def _compile_star(args):
@@ -187,6 +214,10 @@ def _violations(r: Result) -> List[str]:
         limit = SHARED_LIMIT.get(r.arch)
         if limit is not None and r.shared_bytes > limit:
             bad.append(f"shared {r.shared_bytes} > {limit}")
+        if r.tensor_core_count <= 0:
+            bad.append(f"no {r.tensor_core_op} instruction")
+        if r.local_memory != 0:
+            bad.append(f"{r.local_memory} local-memory lines")
     return bad
 
 
@@ -195,17 +226,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepforcing_kernels.triton.aot", description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities, e.g. 80 90")
     ap.add_argument("--json", action="store_true", help="print one JSON list on stdout")
-    ap.add_argument("--strict", action="store_true", help="exit 1 on any spill or shared-memory overflow")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 on any spill, shared-memory overflow, missing tensor-core instruction or local memory")
     ap.add_argument("--jobs", type=int, default=0, help="compile processes (default: CPUs, at most 4)")
     args = ap.parse_args(argv)
     results = run(args.arch, args.jobs)
     if args.json:
         print(json.dumps([{k: v for k, v in asdict(r).items() if k != "error"} for r in results]))
     else:
-        print(f"{'kernel':<18} {'arch':>4} {'registers':>9} {'spills':>6} {'shared_bytes':>12}  notes")
+        print(f"{'kernel':<18} {'arch':>4} {'registers':>9} {'spills':>6} {'shared_bytes':>12} {'tc_op':>6} "
+              f"{'tc_count':>8} {'local':>5}  notes")
         for r in results:
-            print(f"{r.kernel:<18} {r.arch:>4} {r.registers:>9} {r.spills:>6} {r.shared_bytes:>12}  "
-                  f"{', '.join(_violations(r))}")
+            print(f"{r.kernel:<18} {r.arch:>4} {r.registers:>9} {r.spills:>6} {r.shared_bytes:>12} "
+                  f"{r.tensor_core_op:>6} {r.tensor_core_count:>8} {r.local_memory:>5}  {', '.join(_violations(r))}")
     for r in results:
         if r.error:
             print(f"{r.kernel} sm_{r.arch}: {r.error}", file=sys.stderr)

@@ -22,7 +22,8 @@ How these were chosen. The production call (q 1 x 4680 x 12 x 128, keys 16 to 21
 compute-bound (about 4 * Lq * Lk * D FLOPs per head against 2 * Lk * D * 2 bytes read per query tile), so tiles are
 as large as the register file allows without spills: every sm_80 / sm_90 row for D 128 was compiled ahead of time
 (``python -m deepforcing_kernels.triton.aot --arch 80 90 --strict``: zero spill bytes, no local memory,
-tensor-core instructions present). ``python -m deepforcing_kernels.triton.autotune`` sweeps candidates on a real
+tensor-core instructions present; the register and shared-memory figures in the reasons are from that report,
+Triton 3.9). ``python -m deepforcing_kernels.triton.autotune`` sweeps candidates on a real
 GPU and prints rows in this format to paste here; until a GPU run replaces them, the rows below are the
 spill-free choices, not measured optima.
 """
@@ -68,21 +69,24 @@ SM80: List[Row] = [
     ("fwd", ALL, F16, 64, 128, 64, 32, 8, 3,
      "8 warps: with 4 the per-key variant needs 255 registers and spills; rotated tiles 32 keys wide"),
     ("fwd", ("none",), F16, 128, 128, 64, 32, 8, 2,
-     "production: 128 x 64 tiles keep the tensor cores fed (compute-bound); 3 stages spill on sm_80"),
+     "production (compute-bound): 128 x 64 tiles keep the tensor cores fed; 2 stages: 194 regs, 64 KiB, no "
+     "spill (3 stages spill on sm_80)"),
     ("fwd", ("sink",), F16, 128, 128, 64, 32, 8, 2,
-     "production: plain tiles as 'none'; sink tiles 32 keys wide: at 64 the fp32 rotation passes 255 registers"),
+     "production: plain tiles as 'none'; sink tiles 32 keys wide (at 64 the fp32 rotation passes 255 registers); "
+     "255 regs, no spill"),
     ("fwd", ("perkey",), F16, 128, 128, 64, 32, 8, 2,
-     "every tile re-phases, 32 keys wide (register limit of the fp32 rotation); 2 stages (3 spill)"),
+     "every tile re-phases, 32 keys wide (register limit of the fp32 rotation); 2 stages: 255 regs, 96 KiB"),
     ("fwd", ALL, F16, 256, 64, 32, 0, 8, 2,
      "D 256: a 64 x 256 fp32 accumulator is already 64 registers a thread; small key tiles (not production)"),
     ("mass", ALL, ("fp32",), 256, 32, 64, 0, 4, 2, "fp32: half-size query tiles (twice the bytes)"),
     ("mass", ALL, F16, 64, 64, 128, 0, 4, 3,
      "the key tile (hi + lo halves) stays resident in registers; 4 warps hold 128 x 64 without spills"),
     ("mass", ("none",), F16, 128, 64, 128, 0, 8, 3,
-     "production: 128 resident keys, 64-row query tiles streamed; 8 warps to hold a 128 x 128 key tile"),
+     "production: 128 resident keys, 64-row query tiles streamed; 8 warps hold the 128 x 128 key tile "
+     "(164 regs, no spill)"),
     ("mass", ("sink", "perkey"), F16, 128, 64, 128, 0, 8, 3,
-     "as 'none': the rotation runs once per program, when the resident tile is loaded, so it costs no registers "
-     "in the loop"),
+     "as 'none': the rotation runs once per program, when the resident tile is loaded (hi + lo halves "
+     "resident: 248 regs, 96 KiB, no spill)"),
     ("mass", ALL, F16, 256, 64, 128, 0, 8, 3, "carried over from D 128, not production (not AOT-checked)"),
 ]
 
@@ -91,18 +95,18 @@ SM90: List[Row] = [
     ("fwd", ALL, ("fp32",), 256, 64, 32, 0, 4, 2, "fp32: as sm_80 (no wgmma for IEEE fp32)"),
     ("fwd", ALL, F16, 64, 128, 64, 32, 8, 3, "as sm_80: 8 warps avoid the per-key spill of 4 warps"),
     ("fwd", ("none",), F16, 128, 128, 64, 32, 8, 3,
-     "production: 128-row query tiles for wgmma (two warpgroups); 3 stages fit the 227 KiB of shared memory"),
+     "production: 128-row query tiles for wgmma (two warpgroups); 3 stages: 176 regs, 129 KiB of 227"),
     ("fwd", ("sink",), F16, 128, 128, 64, 32, 8, 3,
-     "production: plain tiles as 'none'; sink tiles 32 keys wide (at 64 the fp32 rotation spills)"),
+     "production: plain tiles as 'none'; sink tiles 32 keys wide (at 64 the fp32 rotation spills); 237 regs"),
     ("fwd", ("perkey",), F16, 128, 128, 64, 32, 8, 3,
-     "every tile re-phases, 32 keys wide; 3 stages: spill-free on sm_90 (the larger register budget of wgmma)"),
+     "every tile re-phases, 32 keys wide; 3 stages: 185 regs, 153 KiB, no spill"),
     ("fwd", ALL, F16, 256, 64, 32, 0, 8, 2, "D 256: as sm_80 (not production)"),
     ("mass", ALL, ("fp32",), 256, 32, 64, 0, 4, 2, "fp32: as sm_80"),
     ("mass", ALL, F16, 64, 64, 128, 0, 4, 3, "as sm_80"),
     ("mass", ("none",), F16, 128, 64, 128, 0, 8, 3,
-     "production: 128 resident keys x 64-row query tiles, wgmma m64; 8 warps hold the key tile"),
+     "production: 128 resident keys x 64-row query tiles (wgmma m64); 8 warps hold the key tile: 122 regs"),
     ("mass", ("sink", "perkey"), F16, 128, 64, 128, 0, 8, 3,
-     "as 'none': one rotation per program, outside the query loop"),
+     "as 'none': one rotation per program, outside the query loop (170 regs, 117 KiB)"),
     ("mass", ALL, F16, 256, 64, 128, 0, 8, 3, "carried over from D 128, not production (not AOT-checked)"),
 ]
 
