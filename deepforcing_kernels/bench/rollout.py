@@ -29,6 +29,10 @@ from .timing import percentile, summarize
 #: Policy names of the benchmark rows (SPEC section 4) and how to build each.
 POLICY_NAMES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
 
+#: Benchmark baselines that are not cache policies: ``release`` is :class:`ReleaseCache` (the authors' data movement
+#: on the ``deep_forcing(score="logits")`` schedule). Accepted by :func:`run_cache_rollout` only.
+BASELINE_NAMES = ("release",)
+
 
 def make_policy(name: str, window_frames: int = 21):
     """The :class:`~deepforcing_kernels.CachePolicy` of a benchmark row (defaults of SPEC sections 2-4)."""
@@ -142,6 +146,137 @@ def _attend_frames(layer: Any, start_frame: int) -> Optional[int]:
         return None
 
 
+# ---------------------------------------------------------------------------------------------- the release, measured
+class ReleaseCache:
+    """The authors' release as a measured peer: its data movement per pass, on this package's schedule.
+
+    A benchmark baseline, not a user policy. Same schedule as ``CachePolicy.deep_forcing(score="logits")`` (the
+    actions, sink placement and Top-C rule of :func:`deepforcing_kernels.schedule.plan_pass` and
+    :func:`deepforcing_kernels.cache.select_topc`), executed the way the release moves data (SPEC sections 2-3):
+
+    * the recent-query buffer holds the raw queries of the last ``recent_frames`` frames (bf16 / the cache dtype),
+      rebuilt by concatenation every pass;
+    * Top-C score: ``q_sum = sum(buffer)`` and ``score = K_cand . q_sum`` (summed over heads) in the cache dtype,
+      then the compacted cache is rebuilt by concatenating sink, the gathered picks and the recent frames;
+    * the sink keys are **rotated in place** in the cache dtype whenever the schedule moves the sink (float32
+      maths on float64 angles, rounded back to bf16 each time, so rounding accumulates as in the release);
+    * before every attention call the cache prefix is **copied** into a contiguous window, and attention is
+      ``torch.nn.functional.scaled_dot_product_attention`` on that window.
+
+    Interface as much of :class:`~deepforcing_kernels.StreamingKVCache` as the rollout bench reads: ``layers``
+    (each with ``attend``, ``policy``, ``state``, ``frames()``, ``len``) and the geometry attributes.
+    """
+
+    def __init__(self, *, num_layers: int, batch_size: int, num_heads: int, head_dim: int, tokens_per_frame: int,
+                 rope: Any, dtype: torch.dtype = torch.bfloat16, device: Any = "cpu", window_frames: int = 21,
+                 num_kv_heads: Optional[int] = None) -> None:
+        from ..cache import CachePolicy
+
+        self.policy = CachePolicy.deep_forcing(window_frames=window_frames, score="logits")
+        self.num_layers, self.batch_size, self.num_heads = num_layers, batch_size, num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        self.head_dim, self.tokens_per_frame, self.rope = head_dim, tokens_per_frame, rope
+        self.dtype, self.device = dtype, torch.device(device)
+        self.layers = tuple(ReleaseLayer(self) for _ in range(num_layers))
+
+
+class ReleaseLayer:
+    """One layer of :class:`ReleaseCache`."""
+
+    def __init__(self, cache: ReleaseCache) -> None:
+        from ..schedule import ScheduleState
+
+        c, p = cache, cache.policy
+        self.cache, self.policy = c, p
+        n = c.tokens_per_frame
+        cap = (p.window_frames + p.block_frames) * n
+        shape = (c.batch_size, cap, c.num_kv_heads, c.head_dim)
+        self._k = torch.zeros(shape, dtype=c.dtype, device=c.device)
+        self._v = torch.zeros(shape, dtype=c.dtype, device=c.device)
+        self._frames = torch.zeros(c.batch_size, cap, dtype=torch.int64, device=c.device)
+        self._reuse = torch.zeros(c.batch_size, cap, dtype=torch.int32, device=c.device)
+        self._qbuf = torch.zeros(c.batch_size, 0, c.num_heads, c.head_dim, dtype=c.dtype, device=c.device)
+        self._sink_at: Optional[int] = None  # position the stored sink keys encode for sink frame 0 (None: own)
+        self.state = ScheduleState()
+
+    def __len__(self) -> int:
+        return self.state.frames * self.cache.tokens_per_frame
+
+    def frames(self) -> torch.Tensor:
+        """``[B, L]`` int64: the frame each slot's token came from."""
+        return self._frames[:, :len(self)].clone()
+
+    @torch.no_grad()
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
+        """Write the pass's K/V, run the schedule the release's way, attend with SDPA; returns
+        ``[B, block_tokens, num_heads, head_dim]``."""
+        from ..cache import select_topc
+        from ..schedule import plan_pass
+
+        c, p = self.cache, self.policy
+        n, F = c.tokens_per_frame, p.block_frames
+        plan = plan_pass(p, self.state, start_frame)
+        Lb, L0 = F * n, plan.frames_before * n
+        if plan.action == "overwrite":
+            off = L0 - Lb
+        else:  # append or compress (this schedule never rolls)
+            off = L0
+            self._frames[:, off:off + Lb] = (plan.start_frame + torch.arange(F, device=c.device)).repeat_interleave(n)
+            self._reuse[:, off:off + Lb] = 0
+        self._k[:, off:off + Lb] = k
+        self._v[:, off:off + Lb] = v
+        self._qbuf = torch.cat([self._qbuf, q], dim=1)[:, -p.recent_frames * n:]  # the release's query buffer
+        T = off + Lb
+        if plan.action == "compress":
+            self._compress(T, select_topc)
+        if plan.attend_sink_start is not None and plan.attend_sink_start != self._sink_at:
+            self._rotate_sink(plan.attend_sink_start, plan.state.stream_start,
+                              min(p.sink_frames, plan.attend_frames) * n)
+        L = plan.attend_frames * n
+        kw, vw = self._k[:, :L].clone(), self._v[:, :L].clone()  # the contiguous window of every call
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), kw.transpose(1, 2), vw.transpose(1, 2),
+            enable_gqa=c.num_heads != c.num_kv_heads)
+        self.state = plan.state
+        return out.transpose(1, 2)
+
+    def _compress(self, T: int, select_topc) -> None:
+        c, p, n = self.cache, self.policy, self.cache.tokens_per_frame
+        S_tok, C_tok, R_tok = p.sink_frames * n, p.topc_frames * n, p.recent_frames * n
+        B, Hq, Hkv, D = c.batch_size, c.num_heads, c.num_kv_heads, c.head_dim
+        q_sum = self._qbuf.sum(dim=1)  # [B, Hq, D] in the cache dtype
+        q_sum = q_sum.view(B, Hkv, Hq // Hkv, D).sum(dim=2)
+        cand = self._k[:, S_tok:T - R_tok]
+        score = torch.bmm(cand.reshape(B, -1, Hkv * D), q_sum.reshape(B, Hkv * D, 1)).squeeze(-1)  # cache dtype
+        idx = select_topc(score.float(), self._reuse[:, S_tok:T - R_tok], C_tok, p.topc_max_reuse) + S_tok
+        for t in (self._k, self._v, self._frames, self._reuse):
+            picked = torch.stack([t[b].index_select(0, idx[b]) for b in range(B)])
+            t[:, :S_tok + C_tok + R_tok] = torch.cat([t[:, :S_tok], picked, t[:, T - R_tok:T]], dim=1)
+        self._reuse[:, S_tok:S_tok + C_tok] += 1
+
+    def _rotate_sink(self, target: int, stream_start: int, sink_tokens: int) -> None:
+        """Rotate the stored sink keys in place from where they sit now (their own positions, starting at
+        ``stream_start``, until the first move) to ``target``, rounding back to the cache dtype."""
+        from ..rotation import rephase
+
+        current = self._sink_at if self._sink_at is not None else stream_start
+        sink = self._k[:, :sink_tokens]
+        sink.copy_(rephase(sink, self.cache.rope, int(target - current)))
+        self._sink_at = target
+
+
+def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any]):
+    from ..cache import StreamingKVCache
+
+    if name == "release":
+        return ReleaseCache(num_layers=cfg.num_layers, batch_size=1, num_heads=cfg.num_heads,
+                            head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame, rope=rope,
+                            dtype=cfg.dtype, window_frames=cfg.window_frames)
+    return StreamingKVCache(make_policy(name, cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
+                            num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame,
+                            rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
+
+
 # ---------------------------------------------------------------------------------------------- cache rollout
 @dataclass
 class RolloutConfig:
@@ -210,9 +345,10 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
     ``profilers``: optional ``{policy: cProfile.Profile}``, each enabled only while its policy's blocks run, so
     per-policy profiles share the same outside load too (see :mod:`deepforcing_kernels.bench.hotspots`).
 
+    ``cfg.policies`` may include the baseline ``"release"`` (:class:`ReleaseCache`).
+
     Returns ``{policy: summary}`` (see :func:`_summary` keys; ``series`` holds the per-block values).
     """
-    from ..cache import StreamingKVCache
     from ..rope import RopeSpec
 
     F, n = cfg.block_frames, cfg.tokens_per_frame
@@ -224,10 +360,7 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
     # made once; RoPE'd-looking random data is as good as real for timing (the kernels do not look at values)
     qkv = [tuple(torch.randn(shape, generator=g).to(cfg.dtype) for _ in range(3)) for _ in range(cfg.pool)]
     extra = {} if cfg.check_finite is None else {"check_finite": cfg.check_finite}
-    caches = {name: StreamingKVCache(make_policy(name, cfg.window_frames), num_layers=cfg.num_layers,
-                                     batch_size=1, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
-                                     tokens_per_frame=n, rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
-              for name in cfg.policies}
+    caches = {name: _make_cache(name, cfg, rope, extra) for name in cfg.policies}
     series = {name: _Series() for name in cfg.policies}
     names = list(cfg.policies)
     frames_end: List[int] = []
@@ -315,10 +448,10 @@ def run_model_rollout(cfg: ModelRolloutConfig = ModelRolloutConfig(), *,
     kw: Dict[str, Any] = dict(seed=cfg.seed, progress=False, backend=cfg.backend)
     if cfg.cache_dtype is not None:
         kw["cache_dtype"] = cfg.cache_dtype
+    names = [p for p in cfg.policies if p not in BASELINE_NAMES]  # the release baseline is a cache-path peer only
     rollouts = {name: generate(model, text, cfg.num_frames, make_policy(name, cfg.window_frames), **kw)
-                for name in cfg.policies}
-    series = {name: _Series() for name in cfg.policies}
-    names = list(cfg.policies)
+                for name in names}
+    series = {name: _Series() for name in names}
     frames_end: List[int] = []
     nblocks = cfg.num_frames // 3
     order_rng = random.Random(cfg.seed)
