@@ -18,9 +18,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``deepforcing generate: error: ...``) and exit code 1, like every
+    other error of the command line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepforcing", description="Deep Forcing kernels and generation driver")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = _Parser(prog="deepforcing", description="Deep Forcing kernels and generation driver")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
         mod = importlib.import_module(f"deepforcing_kernels.commands.{name}")
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -40,3 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a user error: one line, exit code 1
+            print(f"deepforcing {args.command}: error: {' '.join(e.code.split())}", file=sys.stderr)
+            return 1
+        raise

@@ -240,10 +240,8 @@ def test_cli_resume_of_a_file_that_is_not_a_run(tmp_path, content):
     else:
         out.write_bytes(b"not a torch file")
     data = out.read_bytes()
-    with pytest.raises(SystemExit) as e:
-        main(["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--frames", "6",
-              "--out", str(out), "--resume"])
-    assert e.value.code not in (0, None)
+    assert main(["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--frames", "6",
+                 "--out", str(out), "--resume"]) == 1  # a one-line message naming the file (tests/test_cli_edges.py)
     assert out.read_bytes() == data
 
 

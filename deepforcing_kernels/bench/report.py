@@ -329,5 +329,7 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         time_pair(2, mo, "tiny full model")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from ..commands._common import plot_format
+
+    fig.savefig(path, dpi=110, format=plot_format(path))  # exactly `path`, even without an extension
     plt.close(fig)

@@ -24,32 +24,40 @@ import sys
 import time
 from typing import Any, Dict, List
 
+from ._common import check_frames, check_output_file, check_positive, fail, plot_format, require_matplotlib
+
 SECTIONS = ("ops", "compression", "rollout", "model", "profile")
+#: the rollout rows (deepforcing_kernels.bench.rollout.POLICY_NAMES, spelled out so --help needs no torch)
+BENCH_POLICIES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
+BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a trimmed run (< 3 minutes on 2 cores)")
     parser.add_argument("--json", metavar="PATH", help="write every figure (and the per-block series) as JSON")
-    parser.add_argument("--plot", metavar="PATH.png", help="draw per-block time and cache size per policy")
+    parser.add_argument("--plot", metavar="PATH.png",
+                        help="draw per-block time and cache size per policy, exactly at PATH (format from its "
+                             'extension, else PNG; needs matplotlib: pip install "deepforcing_kernels[plot]")')
     parser.add_argument("--sections", default=None,
                         help=f"comma-separated subset of {','.join(SECTIONS)} (default: all; profile only in the "
                              "full run)")
     parser.add_argument("--profile", action="store_true", help="also profile the rollouts in a --quick run")
     parser.add_argument("--frames", type=int, default=None,
-                        help="latent frames per rollout (default 240; 60 with --quick)")
+                        help="latent frames per rollout, a positive multiple of 3 (default 240; 60 with --quick)")
     parser.add_argument("--tokens-per-frame", type=int, default=None,
                         help="tokens per latent frame in the cache rollout (default 64; 16 with --quick; "
                              "production is 1560). Below ~64 fixed per-call costs, not attention, dominate a block")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="cache / attention dtype of the rollout (default bfloat16, as in production)")
-    parser.add_argument("--backend", default="auto", help="attention backend for the rollouts (default auto)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="attention backend for the rollouts (default auto)")
     parser.add_argument("--policies", default=None,
-                        help="comma-separated subset of the rollout policies (default: all six); keep 'sliding', "
-                             "the baseline of every ratio")
+                        help=f"comma-separated subset of the rollout policies ({', '.join(BENCH_POLICIES)}; default: "
+                             "all six); keep 'sliding', the baseline of every ratio")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, >= 1 (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every random input (default 0)")
     # for the test suite: every section at toy sizes, in seconds
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
 
@@ -116,7 +124,9 @@ def run_bench(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     from ..bench.rollout import run_cache_rollout, run_model_rollout
     from ..bench.timing import machine_info
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     sections: List[str] = (args.sections.split(",") if args.sections else
                            [s for s in SECTIONS if s != "profile" or not (args.quick or args.tiny) or args.profile])
@@ -168,7 +178,34 @@ def run_bench(args: argparse.Namespace, log=print) -> Dict[str, Any]:
     return result
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every option checked before a run that may take 15 minutes (one-line failures naming the flag)."""
+    check_frames(args.frames)
+    check_positive(args.tokens_per_frame, "--tokens-per-frame")
+    check_positive(args.threads, "--threads")
+    if args.sections is not None:
+        bad = [s for s in args.sections.split(",") if s not in SECTIONS]
+        if bad or not args.sections:
+            fail(f"--sections: unknown {','.join(bad) or repr(args.sections)}; choose from {','.join(SECTIONS)}")
+    if args.policies is not None:
+        names = args.policies.split(",")
+        bad = [p for p in names if p not in BENCH_POLICIES]
+        if bad or not args.policies:
+            fail(f"--policies: unknown {','.join(bad) or repr(args.policies)}; choose from {','.join(BENCH_POLICIES)}")
+    if args.backend != "auto":
+        import torch
+
+        from .generate import check_backend
+
+        check_backend(args.backend, torch.device("cpu"))
+    check_output_file(args.json, "--json")
+    if args.plot is not None:
+        require_matplotlib("--plot")
+        check_output_file(args.plot, "--plot")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     _ensure_passive_omp()
     from ..bench import report
 
@@ -181,5 +218,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.plot:
         report.plot(result, args.plot, window_frames=result["settings"]["rollout"]["window_frames"])
-        print(f"wrote {args.plot}")
+        ext = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        fmt = plot_format(args.plot)
+        print(f"wrote {args.plot}" + (f" ({fmt.upper()})" if ext != fmt else ""))
     return 0

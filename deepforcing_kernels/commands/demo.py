@@ -15,11 +15,16 @@ import time
 
 import torch
 
+from ._common import check_frames, check_positive, fail, require_matplotlib
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=240, help="latent frames to generate (default 240)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the random weights, text and noise (default 0)")
     parser.add_argument("--out-dir", default="out", help="where the trace picture goes (default out/)")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="skip the trace picture (it needs matplotlib: pip install \"deepforcing_kernels[plot]\")")
     parser.add_argument("--no-compare", action="store_true", help="skip the all-policies comparison")
     parser.add_argument("--ops", action="store_true", help="also run the op table (each backend vs reference)")
     parser.add_argument("--tokens-per-frame", type=int, default=64, help="--ops: tokens per latent frame")
@@ -73,13 +78,16 @@ def rollout_stats(model, text, frames: int, policy, seed: int, progress: bool) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from .generate import build_model, make_policy, random_text_embeds
-    from .trace import plot, summary, trace_policy
+    from ._common import check_output_file
 
-    if args.frames <= 0 or args.frames % 3:
-        raise SystemExit(f"--frames must be a positive multiple of 3, got {args.frames}")
-    if args.threads < 1:
-        raise SystemExit("--threads must be >= 1")
+    check_frames(args.frames)
+    check_positive(args.threads, "--threads")
+    check_positive(args.tokens_per_frame, "--tokens-per-frame")
+    if not args.no_plot:  # checked before the rollouts, not after them
+        require_matplotlib("demo's trace picture", "--no-plot")
+        if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            fail(f"--out-dir {args.out_dir} is a file, not a directory")
+        check_output_file(os.path.join(args.out_dir, "trace.png"), "--out-dir")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -126,8 +134,11 @@ def _run(args: argparse.Namespace) -> int:
     tr = trace_policy(policy, min(args.frames, 90), tokens_per_frame=2, seed=args.seed)
     for line in summary(tr, 8):
         print("   " + line)
-    plot(tr, path)
-    print(f"   wrote {path}")
+    if args.no_plot:
+        print("   (no picture: --no-plot)")
+    else:
+        plot(tr, path)
+        print(f"   wrote {path}")
 
     if args.ops:
         print(f"4) sink_attention: q 3 frames x {args.tokens_per_frame} tokens, KV 19 frames (10-frame sink "

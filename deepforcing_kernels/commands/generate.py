@@ -1,53 +1,75 @@
 """`deepforcing generate`: roll a Wan causal DiT over the streaming cache and save the latents block by block.
 
-The output ``.pt`` is rewritten atomically (temporary file + ``os.replace``) after every ``--save-every`` blocks,
-so an interrupted run keeps what it produced; ``--resume`` continues it bit for bit (the file carries the driver's
-resume state: cache, generator, frames done). It holds only tensors and plain values, so
-``torch.load(path)`` (``weights_only=True``) reads it::
+The run is a small manifest at ``--out`` plus a directory ``<out>.d/`` (see :mod:`deepforcing_kernels.runio`):
+each finished block is appended as its own file (never rewritten), and the resume state (cache, generator,
+frames done) is saved at most every ``--save-every-s`` seconds (default 60), on SIGINT / SIGTERM (after the
+block in progress; a second signal stops at once) and at the end. ``--resume`` continues bit for bit from the
+last saved state; with none saved yet it restarts from frame 0, the latest point it can reproduce exactly, and
+checks the blocks already on disk as it regenerates them. Read a run with
+:func:`deepforcing_kernels.runio.load_run` (also re-exported by the driver)::
 
-    {"latents": [frames, C, H, W] (or [B, frames, C, H, W] with --batch-size > 1),
-     "settings": {...}, "frames_done": int, "complete": bool, "state": {...resume state...}}
+    {"latents": [frames, C, H, W] (or [B, frames, C, H, W] with --batch-size > 1), "settings": {...},
+     "frames_done": int, "complete": bool, ...}
 
+Every file holds only tensors and plain values, so ``torch.load(path)`` (``weights_only=True``) reads each one.
 Without ``--checkpoint`` the model is randomly initialised from ``--seed`` (a stand-in for tests and timing);
 without ``--text-embeds`` the text embeddings are random from ``--seed`` too.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
-import tempfile
+import threading
+import time
 from typing import Any, Dict, Optional
 
 import torch
 
+from ._common import check_frames, check_positive, fail, set_threads
+
 POLICIES = ("full", "sliding", "frame-sink", "deep-sink", "deep-forcing")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
+MODELS = ("tiny", "wan-1.3b")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", choices=("tiny", "wan-1.3b"), help="model sizes (default tiny)")
-    parser.add_argument("--checkpoint", default=None, help="Wan / Self-Forcing state dict (.pt or .safetensors)")
+    parser.add_argument("--model", default="tiny", choices=MODELS, help="model size (default tiny)")
+    parser.add_argument("--checkpoint", default=None, help="Wan / Self-Forcing state dict (.pt or .safetensors); "
+                                                           "default: random weights from --seed")
     parser.add_argument("--text-embeds", default=None,
-                        help="a .pt holding a tensor [L, text_dim] or [B, L, text_dim] (or a dict with "
+                        help="a .pt / .safetensors holding a tensor [L, text_dim] or [B, L, text_dim] (or a dict with "
                              "'text_embeds' / 'prompt_embeds'); default: random from --seed")
     parser.add_argument("--frames", type=int, default=30, help="latent frames, a multiple of 3 (default 30)")
-    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy")
+    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy (default deep-forcing)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass; logits = the release)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="out/latents.pt", help="output .pt (default out/latents.pt)")
-    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the random weights, the random text and the rollout's noise (default 0)")
+    parser.add_argument("--out", default="out/latents.pt",
+                        help="the run's manifest (default out/latents.pt); blocks and the resume state go in "
+                             "<out>.d/")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    parser.add_argument("--force", action="store_true", help="replace an existing run at --out")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="videos generated together, each its own stream (default 1)")
     parser.add_argument("--latent-size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                        help="latent height and width (default: the model's, 8 8 tiny / 60 104 wan-1.3b)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model dtype")
+                        help="latent height and width, positive multiples of 2 (default: the model's, 8 8 tiny / "
+                             "60 104 wan-1.3b)")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="model dtype (default float32)")
     parser.add_argument("--cache-dtype", default=None, choices=tuple(DTYPES), help="KV cache dtype (default: --dtype)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default="auto", choices=("auto", "triton", "cpp", "reference"))
-    parser.add_argument("--save-every", type=int, default=1, metavar="K",
-                        help="rewrite --out every K blocks (default 1; the file includes the cache state)")
+    parser.add_argument("--device", default=None,
+                        help="torch device: cpu, cuda or cuda:N (default cuda when a GPU is available, else cpu)")
+    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                        help="attention backend: auto (best available), triton (CUDA), cpp (CPU) or reference "
+                             "(default auto)")
+    parser.add_argument("--save-every-s", type=float, default=60.0, metavar="S",
+                        help="save the resume state (the whole cache) at most every S seconds (default 60; 0: after "
+                             "every block); it is also saved on SIGINT / SIGTERM and at the end. Finished blocks "
+                             "are always written at once")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for the tiny model on CPU, whose ops are too small to "
@@ -81,7 +103,7 @@ def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dt
 
     model = CausalWanModel(WanConfig.from_name(name))
     if checkpoint:
-        load_wan_state_dict(model, _load_tensors(checkpoint))
+        load_wan_state_dict(model, read_tensors(checkpoint, "--checkpoint"))
     else:
         model.init_weights(generator=torch.Generator().manual_seed(seed), zero_head=False)
     return model.to(device=device, dtype=dtype).eval()
@@ -93,144 +115,334 @@ def random_text_embeds(config: Any, seed: int) -> torch.Tensor:
     return torch.randn(1, config.text_len or 16, config.text_dim, generator=g)
 
 
-def _load_tensors(path: str) -> Any:
+def _first_line(e: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def read_tensors(path: str, flag: str) -> Any:
+    """``torch.load`` (``weights_only``) or safetensors ``load_file``; one-line failure naming ``flag`` and file."""
+    if not os.path.exists(path):
+        fail(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a directory, not a file")
+    if os.path.getsize(path) == 0:
+        fail(f"{flag} {path} is empty (0 bytes)")
     if path.endswith(".safetensors"):
         try:
             from safetensors.torch import load_file
-        except ImportError as e:  # pragma: no cover - optional dependency
-            raise SystemExit(f"reading {path} needs the safetensors package") from e
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        except ImportError:
+            fail(f"{flag} {path}: reading .safetensors needs the safetensors package: pip install safetensors")
+        try:
+            return load_file(path)
+        except Exception as e:  # noqa: BLE001 - any damage is the file's fault
+            fail(f"{flag} {path} is not a readable safetensors file ({type(e).__name__}: {_first_line(e, 120)})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        fail(f"{flag} {path} is not a readable torch .pt file ({type(e).__name__}: {_first_line(e, 120)})")
 
 
-def _load_text(path: str) -> torch.Tensor:
-    obj = _load_tensors(path)
+def load_text(path: str, text_dim: int, batch_size: int) -> torch.Tensor:
+    """The text embeddings of ``--text-embeds``, checked: a float tensor ``[L, text_dim]`` or ``[B, L, text_dim]``
+    (B = 1 or ``batch_size``, L >= 1), all finite."""
+    obj = read_tensors(path, "--text-embeds")
     if isinstance(obj, dict):
         for key in ("text_embeds", "prompt_embeds", "context", "embeds"):
             if isinstance(obj.get(key), torch.Tensor):
                 obj = obj[key]
                 break
+        else:
+            tensors = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+            if len(tensors) == 1:
+                obj = obj[tensors[0]]
     if not isinstance(obj, torch.Tensor):
-        raise SystemExit(f"{path} must hold a tensor [L, text_dim] or [B, L, text_dim]")
-    return obj.float()
-
-
-def _load_run(path: str) -> Dict[str, Any]:
-    """A run file written by ``deepforcing generate``, or SystemExit naming the file (never a traceback)."""
-    try:
-        run_file = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - not a torch file, or not one of ours
-        raise SystemExit(f"cannot resume {path}: not a file written by `deepforcing generate` ({type(e).__name__})")
-    if not (isinstance(run_file, dict) and isinstance(run_file.get("settings"), dict)
-            and isinstance(run_file.get("state"), dict) and isinstance(run_file.get("latents"), torch.Tensor)):
-        raise SystemExit(f"cannot resume {path}: not a file written by `deepforcing generate` "
-                         "(it needs 'latents', 'settings' and 'state')")
-    return run_file
-
-
-def atomic_save(obj: Dict[str, Any], path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then ``os.replace`` (a crash never leaves half a file)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        fail(f"--text-embeds {path} must hold a tensor [L, {text_dim}] or [B, L, {text_dim}] (or a dict with "
+             f"'text_embeds' / 'prompt_embeds'), got {type(obj).__name__}")
+    if obj.dim() not in (2, 3):
+        fail(f"--text-embeds {path} holds a tensor of rank {obj.dim()} {list(obj.shape)}: expected [L, {text_dim}] "
+             f"or [B, L, {text_dim}]")
+    if obj.shape[-1] != text_dim:
+        fail(f"--text-embeds {path} has width {obj.shape[-1]} {list(obj.shape)}, the model takes {text_dim}")
+    if obj.shape[-2] == 0:
+        fail(f"--text-embeds {path} holds no text rows {list(obj.shape)}")
+    if obj.dim() == 3 and obj.shape[0] not in (1, batch_size):
+        fail(f"--text-embeds {path} holds {obj.shape[0]} prompts but --batch-size is {batch_size} (use 1 prompt "
+             f"or {batch_size})")
+    if obj.is_complex() or obj.dtype == torch.bool:
+        fail(f"--text-embeds {path} holds {obj.dtype} values, not real numbers")
+    obj = obj.float()
+    bad = int((~torch.isfinite(obj)).sum())
+    if bad:
+        fail(f"--text-embeds {path} holds {bad} NaN / inf values: the text encoder's output must be finite")
     return obj
 
 
+def check_device(name: Optional[str]) -> torch.device:
+    """The ``--device`` as a torch.device, or a one-line failure (bogus name, no GPU, GPU index out of range)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        fail(f"--device {name!r} is not a torch device: use cpu, cuda or cuda:N")
+    if dev.type not in ("cpu", "cuda"):
+        fail(f"--device {name}: only cpu and cuda devices are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                 "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            fail(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_backend(backend: str, device: torch.device, flag: str = "--backend") -> None:
+    """Fail unless the named attention backend runs on ``device`` here ("auto" always does)."""
+    if backend == "auto":
+        return
+    from ..attention import available_backends
+
+    avail = available_backends(device)
+    if backend not in avail:
+        why = ""
+        try:
+            from ..backends import get_backend
+
+            why = get_backend(backend).reason_against(device) or ""
+        except Exception:  # noqa: BLE001 - an older registry: the list below says enough
+            pass
+        fail(f"{flag} {backend} cannot run on {device.type}" + (f" ({why})" if why else "") +
+             f"; available here: {', '.join(('auto',) + tuple(avail))}")
+
+
+def _policy_settings(name: str, score: Optional[str]) -> Dict[str, Any]:
+    try:
+        p = make_policy(name, score)
+    except ValueError:
+        return {}
+    return {"score": p.score if p.compresses else None, "policy_config": p.to_dict()}
+
+
+def run_settings(args: argparse.Namespace, policy: Any, latent_size: Any, device: torch.device,
+                 threads: Optional[int]) -> Dict[str, Any]:
+    """The settings a run is saved with (and that ``--resume`` must match, ``frames`` and ``threads`` aside)."""
+    return {"model": args.model, "checkpoint": args.checkpoint, "text_embeds": args.text_embeds,
+            "policy": args.policy, "score": policy.score if policy.compresses else None,
+            "policy_config": policy.to_dict(), "seed": args.seed, "batch_size": args.batch_size,
+            "latent_size": list(latent_size), "dtype": args.dtype, "cache_dtype": args.cache_dtype or args.dtype,
+            "backend": args.backend, "device": device.type, "frames": args.frames, "threads": threads}
+
+
+_NOT_COMPARED = ("frames", "threads")
+
+
+def settings_diff(saved: Dict[str, Any], now: Dict[str, Any], default_latent: Any) -> Dict[str, Any]:
+    """``{key: (saved, now)}`` for the settings that differ; runs of earlier versions are normalised first (an
+    implicit ``--score`` is the policy's default, a missing latent size the model's)."""
+    old = dict(saved)
+    if "policy_config" not in old and "policy" in old:
+        old.update(_policy_settings(old["policy"], old.get("score")))
+    if old.get("latent_size") is None:
+        old["latent_size"] = list(default_latent)
+    return {k: (old[k], v) for k, v in now.items()
+            if k not in _NOT_COMPARED and k in old and old[k] != v}
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.frames <= 0 or args.frames % 3:
-        raise SystemExit(f"--frames must be a positive multiple of 3 (the block size), got {args.frames}")
-    if args.save_every <= 0:
-        raise SystemExit("--save-every must be >= 1")
+    from ..models import WanConfig
+    from ..runio import RunError, RunStore
+
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.threads, "--threads")
+    if not math.isfinite(args.save_every_s) or args.save_every_s < 0:
+        fail(f"--save-every-s must be a number of seconds >= 0, got {args.save_every_s}")
     try:
         policy = make_policy(args.policy, args.score)
     except ValueError as e:
-        raise SystemExit(str(e))
-    settings = {"model": args.model, "checkpoint": args.checkpoint, "text_embeds": args.text_embeds,
-                "policy": args.policy, "score": args.score, "seed": args.seed, "batch_size": args.batch_size,
-                "latent_size": list(args.latent_size) if args.latent_size else None, "dtype": args.dtype,
-                "cache_dtype": args.cache_dtype or args.dtype, "backend": args.backend}
+        fail(str(e))
+    check_frames(args.frames, block=policy.block_frames)
+    cfg = WanConfig.from_name(args.model)
+    latent_size = tuple(args.latent_size) if args.latent_size else tuple(cfg.latent_size)
+    if min(latent_size) <= 0:
+        fail(f"--latent-size {latent_size[0]} {latent_size[1]}: both must be positive multiples of 2")
+    try:
+        cfg.token_grid(latent_size)
+    except ValueError as e:
+        fail(f"--latent-size {latent_size[0]} {latent_size[1]}: {e}")
+    device = check_device(args.device)
+    check_backend(args.backend, device)
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint}: " + ("is a directory, not a file" if os.path.isdir(args.checkpoint)
+                                                      else "no such file"))
+    text = load_text(args.text_embeds, cfg.text_dim, args.batch_size) if args.text_embeds else None
+    if args.resume and args.force:
+        fail("--resume and --force contradict each other: --resume continues the run at --out, --force replaces it")
+
+    store = RunStore(args.out)
+    try:
+        store.check_writable()
+    except RunError as e:
+        fail(str(e))
+    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and device.type == "cpu"
+                                                              else None)
+    settings = run_settings(args, policy, latent_size, device, threads)
 
     previous = None
-    if os.path.exists(args.out):
-        if args.resume:
-            previous = _load_run(args.out)
-            old = previous["settings"]
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            if diff:
-                raise SystemExit(f"cannot resume {args.out}: settings differ (saved, now): {diff}")
-            if previous.get("frames_done", 0) >= args.frames:
-                print(f"{args.out} already holds {previous['frames_done']} frames; nothing to do")
-                return 0
-        elif not args.force:
-            raise SystemExit(f"{args.out} exists: pass --resume to continue it or --force to overwrite it")
+    exists = os.path.exists(args.out)
+    if exists and args.resume:
+        try:
+            previous = store.read_for_resume()
+        except RunError as e:
+            fail(f"cannot resume {args.out}: {e}")
+        diff = settings_diff(previous["settings"], settings, cfg.latent_size)
+        if diff:
+            items = ", ".join(f"{k} {a!r} (saved) vs {b!r} (now)" for k, (a, b) in diff.items())
+            fail(f"cannot resume {args.out}: settings differ: {items}; pass the saved ones, or --force to start over")
+        on_disk = 0 if previous["latents"] is None else previous["latents"].shape[1]
+        if on_disk >= args.frames:
+            print(f"{args.out} already holds {on_disk} frames; nothing to do")
+            return 0
+    elif exists and not args.force:
+        fail(f"--out {args.out} exists: pass --resume to continue it or --force to replace it")
     elif args.resume:
         print(f"{args.out} does not exist yet: starting a new run", file=sys.stderr)
 
-    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and args.device == "cpu"
-                                                              else None)
-    if threads is not None and threads < 1:
-        raise SystemExit("--threads must be >= 1")
-    saved = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     try:
-        return _generate(args, policy, settings, previous)
+        store.lock()
+    except (RunError, OSError) as e:
+        fail(f"--out {args.out}: {e}")
+    try:
+        for p in store.clean_temporaries():
+            print(f"removed {p}, a temporary file left by an interrupted save", file=sys.stderr)
+        if exists and not args.resume:
+            store.remove()  # --force
+        saved = set_threads(threads)
+        try:
+            return _generate(args, policy, settings, previous, store, text, device)
+        finally:
+            torch.set_num_threads(saved)
     finally:
-        torch.set_num_threads(saved)
+        store.unlock()
 
 
-def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], previous: Optional[Dict]) -> int:
+class _StopRequest:
+    """SIGINT / SIGTERM during the loop: the first asks to stop after the block in progress (its state is then
+    saved), a second stops at once (KeyboardInterrupt; the last saved state stays the resume point)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\ndeepforcing generate: {signal.Signals(signum).name}: stopping after this block and saving the "
+              "resume state (send it again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _resume_point(args: argparse.Namespace, previous: Optional[Dict[str, Any]], store: Any,
+                  settings: Dict[str, Any], block_frames: int):
+    """(rollout state or None, frames on disk, what to log once the state is accepted); migrates a single-file
+    run of earlier versions to blocks."""
+    if previous is None:
+        return None, 0, None
+    lat = previous["latents"]
+    on_disk = 0 if lat is None else lat.shape[1]
+    if previous["layout"] == "single-file":
+        for f0 in range(0, on_disk - on_disk % block_frames, block_frames):
+            store.write_block(f0, lat[:, f0:f0 + block_frames])
+        on_disk -= on_disk % block_frames
+        saver = store.state_saver(background=False)
+        saver.save(on_disk, lambda: previous["state"])
+        return previous["state"], on_disk, (f"{args.out}: converted the single-file run ({on_disk} frames) to the "
+                                            f"block layout in {store.dir}; resuming from frame {on_disk}")
+    state, at = previous["state"], previous["state_frames"]
+    if state is not None and at > 0:
+        return state, on_disk, (f"resuming {args.out} from the state saved at frame {at} ({on_disk} frames on disk"
+                                + (f"; frames {at}..{on_disk - 1} are regenerated and checked" if on_disk > at
+                                   else "") + ")")
+    return None, on_disk, (f"no resume state saved in {args.out} yet: restarting from frame 0, the latest point that "
+                           "can be reproduced exactly"
+                           + (f" (the {on_disk} frames on disk are regenerated and checked)" if on_disk else ""))
+
+
+def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], previous: Optional[Dict],
+              store: Any, text: Optional[torch.Tensor], device: torch.device) -> int:
     from ..driver import generate
 
     dtype = DTYPES[args.dtype]
     try:
-        model = build_model(args.model, args.checkpoint, args.seed, dtype, args.device)
-    except ValueError as e:
-        raise SystemExit(f"cannot load {args.checkpoint}: {e}")
-    text = _load_text(args.text_embeds) if args.text_embeds else random_text_embeds(model.config, args.seed)
-    rollout = generate(model, text, args.frames, policy, args.seed, batch_size=args.batch_size,
-                       latent_size=args.latent_size, cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,
-                       backend=args.backend, progress=not args.no_progress,
-                       resume_from=previous["state"] if previous is not None else None)
-    blocks = []
-    if previous is not None:
-        lat = previous["latents"]
-        blocks.append(lat[None] if args.batch_size == 1 else lat)
-    settings["frames"] = args.frames
-
-    def save(complete: bool) -> None:
-        lat = torch.cat(blocks, dim=1)
-        atomic_save({"latents": lat[0] if args.batch_size == 1 else lat, "settings": settings,
-                     "frames_done": rollout.frames_done, "complete": complete,
-                     "state": _to_cpu(rollout.state_dict())}, args.out)
-
+        model = build_model(args.model, args.checkpoint, args.seed, dtype, str(device))
+    except (ValueError, TypeError, KeyError) as e:
+        fail(f"--checkpoint {args.checkpoint}: {_first_line(e)}")
+    if text is None:
+        text = random_text_embeds(model.config, args.seed)
+    state, on_disk, note = _resume_point(args, previous, store, settings, policy.block_frames)
+    try:
+        rollout = generate(model, text, args.frames, policy, args.seed, batch_size=args.batch_size,
+                           latent_size=tuple(settings["latent_size"]),
+                           cache_dtype=DTYPES[args.cache_dtype] if args.cache_dtype else None,
+                           backend=args.backend, progress=not args.no_progress, resume_from=state)
+    except (ValueError, TypeError, RuntimeError, KeyError) as e:
+        if state is not None:
+            where = os.path.join(store.dir, "state.pt") if previous["layout"] == "blocks" else args.out
+            fail(f"cannot resume {args.out}: the saved state {where} does not fit this run ({_first_line(e)})")
+        raise
+    if note:
+        print(note, file=sys.stderr)
+    bf = rollout.block_frames
+    store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
+                         frames_done=max(on_disk, rollout.frames_done), complete=False)
+    saver = store.state_saver()
     done_at_start, time_at_start = rollout.frames_done, rollout.elapsed_s
-    n = 0
-    for block in rollout:
-        blocks.append(block.detach().cpu())
-        n += 1
-        if n % args.save_every == 0 or rollout.frames_done >= args.frames:
-            save(rollout.frames_done >= args.frames)
+    last_save = time.monotonic()
+    mismatched = []
+    with _StopRequest() as stop:
+        try:
+            for block in rollout:
+                f0 = rollout.frames_done - bf
+                block = block.detach().cpu()
+                old = store.read_block(f0) if f0 < on_disk else None
+                if old is None or old.shape != block.shape or not torch.equal(old, block):
+                    if old is not None:
+                        mismatched.append(f0)
+                    store.write_block(f0, block)
+                done = rollout.frames_done
+                if stop.signum is not None:
+                    saver.save(done, rollout.state_dict, wait=True)
+                    print(f"stopped at frame {done} of {args.frames}; state saved in {saver.path}: --resume "
+                          "continues bit for bit", file=sys.stderr)
+                    return 128 + stop.signum
+                if done < args.frames and time.monotonic() - last_save >= args.save_every_s:
+                    saver.save(done, rollout.state_dict)
+                    last_save = time.monotonic()
+            saver.save(rollout.frames_done, rollout.state_dict, wait=True)
+        finally:
+            try:
+                saver.close()
+            except OSError as e:
+                print(f"deepforcing generate: {e}", file=sys.stderr)
+    if mismatched:
+        print(f"warning: the regenerated blocks at frames {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''} "
+              "differ from those on disk (another thread count, device or library version?); the new ones replace "
+              "them", file=sys.stderr)
+    store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
+                         frames_done=rollout.frames_done, complete=True)
     new = rollout.frames_done - done_at_start
     spent = rollout.elapsed_s - time_at_start
     fps = new / spent if spent > 0 else float("nan")
     print(f"wrote {args.out}: {rollout.frames_done} latent frames ({new} new, {fps:.1f} frames/s), "
-          f"policy {args.policy}, cache {rollout.cache_frames:g} frames")
+          f"policy {args.policy}, cache {rollout.cache_frames:g} frames; blocks and resume state in {store.dir}")
     return 0

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
 from .generate import POLICIES, make_policy
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4}
@@ -29,13 +30,20 @@ KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy")
-    parser.add_argument("--score", default=None, choices=("mass", "logits"), help="deep-forcing Top-C scoring")
+    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy (default deep-forcing)")
+    parser.add_argument("--score", default=None, choices=("mass", "logits"),
+                        help="deep-forcing Top-C scoring (default mass)")
     parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
-    parser.add_argument("--tokens-per-frame", type=int, default=2, help="tokens per frame (default 2)")
-    parser.add_argument("--plot", default="out/trace.png", help="PNG to write (default out/trace.png)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lines", type=int, default=10, help="blocks to describe in the text summary")
+    parser.add_argument("--tokens-per-frame", type=int, default=2, help="tokens per frame, 1..64 (default 2)")
+    parser.add_argument("--plot", default="out/trace.png",
+                        help="picture to write, exactly at this path (default out/trace.png); its extension picks "
+                             "the format (png, pdf, svg, ...; PNG for any other). Needs matplotlib: "
+                             'pip install "deepforcing_kernels[plot]"')
+    parser.add_argument("--no-plot", action="store_true", help="print the text summary only (no matplotlib needed)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random queries, keys and values (default 0)")
+    parser.add_argument("--lines", type=int, default=10,
+                        help="blocks to describe in the text summary, >= 1 (default 10; the first and the last ones "
+                             "when there are more)")
 
 
 @dataclass
@@ -134,10 +142,13 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
     n = tr.tokens_per_frame
     out = [f"policy {tr.policy.kind}: {len(tr.starts)} blocks, {tr.tokens_per_frame} tokens/frame; "
            f"cache after each block's first pass (frame@position; [the block])"]
+    if lines < 1:
+        raise ValueError(f"lines must be >= 1, got {lines}")
     idx = list(range(len(tr.starts)))
-    show = idx if len(idx) <= lines else idx[: lines - 2] + idx[-2:]
+    tail = 1 if lines < 4 else 2
+    show = idx if len(idx) <= lines else idx[: lines - tail] + idx[-tail:]
     for bi in show:
-        if len(show) < len(idx) and bi == idx[-2]:
+        if len(show) < len(idx) and bi == idx[-tail]:
             out.append("  ...")
         out.append(f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
                    f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi])}")
@@ -151,7 +162,7 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
 
 
 def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
-    """Draw the trace (see the module docstring) to a PNG."""
+    """Draw the trace (see the module docstring) to exactly ``path`` (format from the extension, else PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +220,7 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format=plot_format(path))
     plt.close(fig)
 
 
@@ -221,17 +232,24 @@ def _policy_label(policy: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.frames <= 0 or args.frames % 3:
-        raise SystemExit(f"--frames must be a positive multiple of 3, got {args.frames}")
+    check_frames(args.frames)
     if not 1 <= args.tokens_per_frame <= 64:
-        raise SystemExit("--tokens-per-frame must be in 1..64 (a picture, not a benchmark)")
+        fail(f"--tokens-per-frame must be in 1..64 (a picture, not a benchmark), got {args.tokens_per_frame}")
+    if args.lines < 1:
+        fail(f"--lines must be >= 1, got {args.lines}")
     try:
         policy = make_policy(args.policy, args.score)
     except ValueError as e:
-        raise SystemExit(str(e))
+        fail(str(e))
+    if not args.no_plot:  # before the work, not after it
+        require_matplotlib("--plot", "--no-plot")
+        check_output_file(args.plot, "--plot")
     tr = trace_policy(policy, args.frames, args.tokens_per_frame, args.seed)
     for line in summary(tr, args.lines):
         print(line)
-    plot(tr, args.plot)
-    print(f"wrote {args.plot}")
+    if not args.no_plot:
+        plot(tr, args.plot)
+        fmt = plot_format(args.plot)
+        ext = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        print(f"wrote {args.plot}" + (f" ({fmt.upper()})" if ext != fmt else ""))
     return 0

@@ -1,0 +1,76 @@
+"""Checks shared by the subcommands: every failure is one line naming the flag or file (exit code 1)."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
+#: matplotlib's savefig formats we let the extension choose; anything else is written as PNG at the exact path
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")
+
+
+class CommandError(SystemExit):
+    """A user error: ``deepforcing`` prints the message as one line and exits with code 1."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the message held
+
+
+def fail(message: str) -> "CommandError":
+    """Raise :class:`CommandError` (returned type for ``raise fail(...)`` readability)."""
+    raise CommandError(message)
+
+
+def require_matplotlib(flag: str, skip_hint: Optional[str] = None) -> None:
+    """Fail with the install line unless matplotlib can be imported."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        hint = f" (or pass {skip_hint})" if skip_hint else ""
+        fail(f"{flag} needs matplotlib, which is not installed: {PLOT_INSTALL}{hint}")
+
+
+def plot_format(path: str) -> str:
+    """The format a picture at ``path`` is written in: its extension when matplotlib knows it, else PNG."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    return ext if ext in PLOT_FORMATS else "png"
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+    """Fail unless ``path`` (a file to write after a run) can be written: not empty, not a directory, under a
+    directory that exists or can be created and accepts a new file."""
+    from ..runio import RunError, check_parent_writable
+
+    if path is None:
+        return
+    if not path.strip():
+        fail(f"{flag} is empty: give a file path")
+    if path.endswith(os.sep) or os.path.isdir(path):
+        fail(f"{flag} {path} is a directory, not a file")
+    try:
+        check_parent_writable(path, flag)
+    except RunError as e:
+        fail(str(e))
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        fail(f"{flag} {path} exists and is not writable")
+
+
+def check_positive(value: Optional[int], flag: str, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        fail(f"{flag} must be >= {minimum}, got {value}")
+
+
+def check_frames(frames: Optional[int], flag: str = "--frames", block: int = 3) -> None:
+    if frames is not None and (frames <= 0 or frames % block):
+        fail(f"{flag} must be a positive multiple of {block} (the block size), got {frames}")
+
+
+def set_threads(threads: Optional[int]) -> int:
+    """Set torch's intra-op threads when given; return the previous count (to restore)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return saved
