@@ -124,3 +124,97 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     name, args = sys.argv[1], sys.argv[2:]
     sys.exit(globals()[f"scenario_{name}"](*args))
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+POLICIES = {
+    "deep_forcing_mass": lambda CP: CP.deep_forcing(window_frames=9, sink_frames=3, budget_frames=7, recent_frames=3,
+                                                     score="mass"),
+    "deep_forcing_logits": lambda CP: CP.deep_forcing(window_frames=9, sink_frames=3, budget_frames=7,
+                                                       recent_frames=3, score="logits", unify_topc_rope=True),
+    "deep_sink": lambda CP: CP.deep_sink(window_frames=9, sink_frames=3),
+    "sliding": lambda CP: CP.sliding(window_frames=6),
+}
+LATENT = (6, 8)  # 3 x 4 = 12 tokens per frame: divisible by 2 and 3
+FRAMES = 24      # 8 blocks: several compressions / rolls
+
+
+def tiny_model(heads: int):
+    from deepforcing_kernels.models import CausalWanModel, WanConfig
+
+    cfg = WanConfig.tiny(num_heads=heads, dim=24 * heads, ffn_dim=48 * heads, latent_size=LATENT)
+    model = CausalWanModel(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    return model.eval()
+
+
+def _layout(cache):
+    """What must agree across ranks and with the single process, layer by layer: frames, kinds, shifts, reuse."""
+    out = []
+    for layer in cache.layers:
+        reuse = layer.reuse_counts()
+        out.append((layer.frames().tolist(), list(layer.kinds()), layer.shifts().tolist(),
+                    None if reuse is None else reuse.tolist()))
+    return out
+
+
+def scenario_rollout(heads: str, *policies: str) -> int:
+    """SP rollout == single-process rollout (latents to fp32 rounding; Top-C, layouts identical on all ranks;
+    K/V bytes per rank 1/P), and a resumed SP rollout continues exactly."""
+    from deepforcing_kernels.cache import CachePolicy
+    from deepforcing_kernels.driver import generate
+    from deepforcing_kernels.distributed.ulysses import SequenceParallelWan
+
+    init_from_env(timeout_s=60, device="cpu")
+    comm = SequenceComm()
+    P, r = comm.world, comm.rank
+    model = tiny_model(int(heads))
+    text = torch.randn(1, 16, model.config.text_dim, generator=torch.Generator().manual_seed(5))
+    for name in policies:
+        policy = POLICIES[name](CachePolicy)
+        single = generate(model, text, FRAMES, policy, seed=3, latent_size=LATENT, progress=False)
+        sp = SequenceParallelWan(model, comm, record_topc=True)
+        par = generate(sp, text, FRAMES, policy, seed=3, latent_size=LATENT, progress=False)
+        worst = 0.0
+        states = {}
+        for blk, (a, b) in enumerate(zip(single, par)):
+            # latents: the same to fp32 rounding on every rank
+            worst = max(worst, (a - b).abs().max().item())
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), f"{name} block {blk}: latents differ by {worst}"
+            assert _same_on_all_ranks(b, comm), f"{name} block {blk}: ranks hold different latents"
+            # cache layouts: identical on every rank and equal to the single process's
+            lay = _layout(par.cache)
+            gathered = [None] * P
+            dist.all_gather_object(gathered, lay)
+            assert all(g == gathered[0] for g in gathered), f"{name} block {blk}: layouts differ across ranks"
+            assert lay == _layout(single.cache), f"{name} block {blk}: layout differs from the single process"
+            for ls, lp in zip(single.cache.layers, par.cache.layers):
+                ks, kp = ls.keys(), lp.keys()
+                h = ks.shape[2] // P
+                assert kp.shape[2] == h and kp.numel() * kp.element_size() * P == ks.numel() * ks.element_size()
+                assert torch.allclose(kp, ks[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5), \
+                    f"{name} block {blk}: this rank's keys are not the single process's heads"
+                assert torch.allclose(lp.values(), ls.values()[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5)
+            if blk == 3:
+                states = par.state_dict()
+        # Top-C: every rank reduced to bit-identical totals (hence identical selections), one per compression
+        hist = sp.reduce_over_heads.history
+        compresses = policy.compresses
+        assert (len(hist) > 0) == compresses, f"{name}: {len(hist)} Top-C reductions"
+        counts = [None] * P
+        dist.all_gather_object(counts, len(hist))
+        assert len(set(counts)) == 1
+        for t in hist:
+            assert _same_on_all_ranks(t, comm), f"{name}: ranks reduced to different Top-C scores"
+        # resume: a new SP rollout from the state after block 3 continues exactly
+        par2 = generate(SequenceParallelWan(model, comm), text, FRAMES, policy, seed=3, latent_size=LATENT,
+                        progress=False, resume_from=states)
+        tail_a = torch.cat(list(par2), dim=1)
+        again = generate(SequenceParallelWan(model, comm), text, FRAMES, policy, seed=3, latent_size=LATENT,
+                         progress=False).run()
+        assert torch.equal(tail_a, again[:, 12:]), f"{name}: the resumed SP run does not continue exactly"
+        if r == 0:
+            print(f"{name}: P={P} heads={heads} max|latent diff|={worst:.3g} topc_reductions={len(hist)}",
+                  flush=True)
+    print("OK rollout", flush=True)
+    return 0

@@ -75,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: 1 for the tiny model on CPU, whose ops are too small to "
                              "gain from more; torch's default otherwise). Resume with the same count: CPU matmuls "
                              "may round differently with another")
+    # multi-GPU (deepforcing_kernels/distributed/cli.py; nothing of it is imported without --parallel)
+    parser.add_argument("--parallel", default=None, choices=("sequence", "data"),
+                        help="under torchrun: 'sequence' runs one stream on all ranks (Ulysses: tokens, heads and "
+                             "KV cache split P ways), 'data' splits the prompts of --text-embeds [N, L, D] across "
+                             "ranks")
+    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+                        help="with --parallel: a rank that waits longer than S seconds for another exits with an "
+                             "error (default 300)")
 
 
 def make_policy(name: str, score: Optional[str] = None) -> Any:
@@ -252,6 +260,11 @@ def settings_diff(saved: Dict[str, Any], now: Dict[str, Any], default_latent: An
 def run(args: argparse.Namespace) -> int:
     from ..models import WanConfig
     from ..runio import RunError, RunStore
+
+    if getattr(args, "parallel", None):  # torchrun ... --parallel sequence|data
+        from ..distributed.cli import run as run_parallel
+
+        return run_parallel(args)
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeV
 import torch
 import torch.distributed as dist
 
-__all__ = ["ParallelError", "init_from_env", "torchrun_env", "check_divisible", "check_same_settings",
+__all__ = ["ParallelError", "RankError", "init_from_env", "torchrun_env", "check_divisible", "check_same_settings",
            "settings_digest", "split_prompts", "run_ranked", "DEFAULT_TIMEOUT_S"]
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -35,6 +35,10 @@ T = TypeVar("T")
 
 class ParallelError(Exception):
     """An input error that every rank detects alike (printed once, by rank 0)."""
+
+
+class RankError(Exception):
+    """An error of this rank alone (printed by this rank, naming it)."""
 
 
 def torchrun_env() -> Optional[Dict[str, str]]:
@@ -163,7 +167,7 @@ def run_ranked(fn: Callable[[], int], *, rank: int, world: int, prog: str = "dee
     """Run ``fn`` on this rank and exit the process with its code; never returns.
 
     * :class:`ParallelError` / :class:`SystemExit` with a message: rank 0 prints ``prog: error: <message>``
-      (other ranks stay silent), exit code 1;
+      (other ranks stay silent), exit code 1; a :class:`RankError` is printed by its rank;
     * a failed collective (another rank died, or the process-group timeout passed): every surviving rank prints
       ``prog: error: rank R: lost contact with another rank ...``, exit code 1;
     * Ctrl-C or SIGTERM (what ``torchrun`` sends when it stops a job): exit code 130, one line on rank 0;
@@ -182,6 +186,8 @@ def run_ranked(fn: Callable[[], int], *, rank: int, world: int, prog: str = "dee
     except ParallelError as e:
         if rank == 0:
             print(f"{prog}: error: {e}", file=sys.stderr)
+    except RankError as e:
+        print(f"{prog}: error: rank {rank}: {e}", file=sys.stderr)
     except SystemExit as e:
         if isinstance(e.code, int) or e.code is None:
             code = e.code or 0

@@ -1,0 +1,118 @@
+"""Ulysses sequence parallelism for :class:`~deepforcing_kernels.models.CausalWanModel`.
+
+:class:`SequenceParallelWan` wraps a model that every rank holds whole. Its ``forward`` takes and returns the
+same full-block tensors as the model's (so the driver runs unchanged over it), but inside, each rank runs the
+blocks on its slice of every frame's tokens and self-attention on its ``H/P`` heads, through the two hooks of
+``models/wan.py`` (see :mod:`deepforcing_kernels.distributed.comm` for the layout). Its :meth:`cache_spec`
+reports ``H/P`` heads, so the cache the driver builds holds only this rank's heads (K/V bytes per rank = 1/P),
+and :attr:`reduce_over_heads` is the deterministic Top-C reduction the cache must be given.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .comm import SequenceComm
+from .launch import ParallelError, check_divisible
+from .reduce import HeadReducer
+
+__all__ = ["SequenceParallelWan"]
+
+
+class SequenceParallelWan(nn.Module):
+    """A :class:`CausalWanModel` run sequence-parallel over the ranks of ``comm``.
+
+    Args:
+        model: the full model (identical weights on every rank: :func:`check_same_weights` checks it).
+        comm: the ranks' :class:`SequenceComm` (default: the whole initialised world).
+        record_topc: keep every Top-C total in ``reduce_over_heads.history`` (tests).
+
+    Raises:
+        ParallelError: the world size does not divide the heads.
+    """
+
+    def __init__(self, model: nn.Module, comm: Optional[SequenceComm] = None, *, record_topc: bool = False) -> None:
+        super().__init__()
+        cfg = getattr(model, "config", None)
+        if cfg is None or not hasattr(cfg, "num_heads"):
+            raise TypeError(f"model must be a CausalWanModel (with .config), got {type(model).__name__}")
+        self.model = model
+        self.comm = comm if comm is not None else SequenceComm()
+        self.world, self.rank = self.comm.world, self.comm.rank
+        kv = getattr(cfg, "num_kv_heads", None)
+        if cfg.num_heads % self.world or (kv is not None and kv % self.world):
+            check_divisible(num_heads=cfg.num_heads, num_kv_heads=kv, tokens_per_frame=self.world, world=self.world)
+        self.reduce_over_heads = HeadReducer(self.comm, record=record_topc)
+
+    # ---------------------------------------------------------------- the model protocol
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def latent_channels(self) -> int:
+        return int(getattr(self.model, "latent_channels", self.model.config.in_dim))
+
+    @property
+    def text_dim(self) -> int:
+        return int(getattr(self.model, "text_dim", self.model.config.text_dim))
+
+    @property
+    def local_heads(self) -> int:
+        """Heads of this rank's cache and attention."""
+        return self.model.config.num_heads // self.world
+
+    def check_tokens(self, latent_size: Optional[Sequence[int]] = None) -> int:
+        """Tokens per frame at ``latent_size``; raises :class:`ParallelError` unless divisible by the world."""
+        n = self.model.config.tokens_per_frame(latent_size)
+        if n % self.world:
+            check_divisible(num_heads=self.world, num_kv_heads=None, tokens_per_frame=n, world=self.world)
+        return n
+
+    def cache_spec(self, latent_size: Optional[Sequence[int]] = None) -> Any:
+        """The model's cache spec with this rank's heads (``num_heads / P``, ``num_kv_heads / P``)."""
+        self.check_tokens(latent_size)
+        spec = self.model.cache_spec(latent_size)
+        kv = getattr(spec, "num_kv_heads", None)
+        return spec._replace(num_heads=spec.num_heads // self.world,
+                             **({"num_kv_heads": kv // self.world} if kv is not None else {}))
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, *, cache: Any,
+                start_frame: int) -> torch.Tensor:
+        """The model's flow for the whole block, computed sequence-parallel; identical on every rank."""
+        if latents.dim() == 5:
+            self.check_tokens(tuple(latents.shape[-2:]))
+        heads = getattr(cache, "num_heads", None)
+        if heads is not None and heads != self.local_heads:
+            raise ValueError(f"the cache holds {heads} heads but this rank attends with {self.local_heads} "
+                             f"({self.model.config.num_heads} heads over {self.world} ranks): build it from "
+                             "cache_spec()")
+        return self.model(latents, timestep, text_embeds, cache=cache, start_frame=start_frame,
+                          seq_parallel=self.comm)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world={self.world}, local_heads={self.local_heads}"
+
+
+def check_same_weights(model: nn.Module, comm: SequenceComm) -> None:
+    """Raise :class:`ParallelError` unless every rank holds bit-identical parameters (a float64 checksum of every
+    parameter's bits, all-gathered)."""
+    sums = []
+    for p in model.state_dict().values():
+        if isinstance(p, torch.Tensor) and p.numel():
+            b = p.detach().reshape(-1).contiguous()
+            bits = b.view(torch.int16 if b.element_size() == 2 else torch.int32 if b.element_size() == 4
+                          else torch.int64 if b.element_size() == 8 else torch.uint8)
+            w = torch.arange(1, bits.numel() + 1, dtype=torch.float64, device=bits.device) % 65521
+            sums.append((bits.to(torch.float64) * w).sum())
+    digest = torch.stack(sums).to(torch.float64).cpu() if sums else torch.zeros(1, dtype=torch.float64)
+    g = comm.all_gather(digest.to(next(model.parameters()).device), "weights_check").cpu()
+    for r in range(1, comm.world):
+        if not torch.equal(g[r], g[0]):
+            raise ParallelError(f"the model weights differ between rank 0 and rank {r}: every rank must load the "
+                                "same checkpoint (or the same --seed)")
+
+
+__all__.append("check_same_weights")
