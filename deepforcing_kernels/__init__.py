@@ -4,11 +4,11 @@ Deep Forcing (arXiv 2512.05081) turns a Self-Forcing-style autoregressive video 
 minute-long generator without training: a *Deep Sink* of early frames whose RoPE is re-phased to sit just behind
 the live context, and *Participative Compression* that keeps the most-attended tokens of the middle.
 """
+from . import ops as _ops  # noqa: F401  (defines torch.ops.deepforcing.sink_attention)
 from .attention import SinkAttentionOutput, available_backends, sink_attention
-from .reference.attention import release_logit_score
-from .reference.rope import apply_rope, rephase
+from .cache import CachePolicy, StreamingKVCache, release_logit_score
 from .rope import RopeSpec
-from .cache import CachePolicy, StreamingKVCache
+from .rotation import apply_rope, rephase
 
 __version__ = "0.1.0"
 

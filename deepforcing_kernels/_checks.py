@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # shifts and positions travel as int64 through every backend
 
 
 def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
@@ -55,29 +56,3 @@ def check_rope(name: str, rope: Any, head_dim: int) -> None:
         raise TypeError(f"{name} must be a RopeSpec, got {type(rope).__name__}")
     if rope.head_dim != head_dim:
         raise ValueError(f"{name}.head_dim is {rope.head_dim} but the tensors have head_dim {head_dim}")
-
-
-def all_finite(*tensors: torch.Tensor) -> bool:
-    """True when no tensor holds NaN or inf, with one host sync.
-
-    NaN and inf always propagate through a sum, so one vectorised float32 sum per tensor finds them about 20x faster
-    than ``isfinite(t).all()`` (which materialises a bool tensor). Only when the total is not finite (NaN/inf, or a
-    huge but finite tensor that overflowed the sum) does the exact elementwise check run.
-    """
-    floats = [t for t in tensors if t.is_floating_point()]
-    if not floats:
-        return True
-    if all(t.device.type == "cpu" and t.is_contiguous() for t in floats):
-        from . import _ext
-
-        mod = _ext.load()
-        if mod is not None and hasattr(mod, "all_finite"):
-            # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor
-            # costs more in fork/join than the scan itself
-            return bool(mod.all_finite(floats))
-    total = floats[0].sum(dtype=torch.float32)
-    for t in floats[1:]:
-        total = total + t.sum(dtype=torch.float32)
-    if bool(torch.isfinite(total)):
-        return True
-    return all(bool(torch.isfinite(t).all()) for t in floats)

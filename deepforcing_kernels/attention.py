@@ -1,26 +1,28 @@
 """The fused op: attention over a KV cache whose sink keys are re-phased on load.
 
-Public entry point :func:`sink_attention`; validation here, maths in the backends:
+Public entry point :func:`sink_attention`: full validation here, then the backend chosen by the registry of
+:mod:`deepforcing_kernels.backends`:
 
-* ``"triton"`` — :mod:`deepforcing_kernels.triton.attention` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``);
-* ``"cpp"`` — the compiled CPU kernel in ``csrc/`` (CPU tensors);
+* ``"triton"`` and ``"cpp"`` — the registered op ``torch.ops.deepforcing.sink_attention``
+  (:mod:`deepforcing_kernels.ops`: Triton kernels for CUDA tensors, the C++ kernel for CPU tensors);
 * ``"reference"`` — :mod:`deepforcing_kernels.reference.attention` (any device; the oracle).
 """
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from . import _ext
-from ._checks import FLOAT_DTYPES, check_bool, check_int, check_rope, check_tensor
-from .reference.attention import sink_attention_reference
+from ._checks import FLOAT_DTYPES, INT64_MAX, INT64_MIN, check_bool, check_int, check_rope, check_tensor
+from .backends import BACKEND_NAMES, available_backends, resolve, triton_interpreting
 from .rope import RopeSpec
+from .rotation import normalise_key_shift
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
+BACKENDS = BACKEND_NAMES
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+__all__ = ["sink_attention", "SinkAttentionOutput", "available_backends", "BACKENDS", "triton_interpreting"]
 
 
 class SinkAttentionOutput(NamedTuple):
@@ -79,14 +81,27 @@ def sink_attention(
     args = _validate(q, k, v, rope=rope, sink_len=sink_len, sink_shift=sink_shift, key_shift=key_shift,
                      softmax_scale=softmax_scale, return_lse=return_lse, return_mass=return_mass,
                      mass_q_range=mass_q_range)
-    impl = _resolve_backend(backend, q)
+    impl = resolve(backend, q.device, q.shape[-1], q.dtype)
     if q.shape[1] == 0:  # nothing to attend: empty outputs, zero mass, no kernel launch
         out, lse, mass = _empty_result(q, k, return_lse, return_mass)
     else:
-        out, lse, mass = impl(q, k, v, **args)
+        guard = softmax_scale is not None and _may_overflow(q, k, args["softmax_scale"])
+        out, lse, mass = impl.run(q, k, v, **(dict(args, return_lse=True) if guard else args))
+        if guard:
+            if not bool(torch.isfinite(lse).all()) and bool(torch.isfinite(q).all() and torch.isfinite(k).all()):
+                raise ValueError(f"softmax_scale={softmax_scale!r} makes q . k overflow float32 for these inputs "
+                                 "(the softmax would be NaN); use a smaller scale")
+            lse = lse if return_lse else None
     if not (return_lse or return_mass):
         return out
     return SinkAttentionOutput(out, lse, mass)
+
+
+def _may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
+    """Whether ``scale * q . k`` can leave float32's range (``scale * D * max|q| * max|k|`` bounds it); only then
+    is the result checked, so ordinary scales cost two reductions and no check."""
+    bound = scale * q.shape[-1] * float(q.abs().amax()) * float(k.abs().amax())
+    return not bound < FLOAT32_MAX / 2
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -115,16 +130,12 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
     if rope is not None:
         check_rope("rope", rope, D)
     sink_len = check_int("sink_len", sink_len, minimum=0, maximum=Lk)
-    sink_shift = check_int("sink_shift", sink_shift)
+    sink_shift = check_int("sink_shift", sink_shift, minimum=INT64_MIN, maximum=INT64_MAX)
     if key_shift is not None:
-        check_tensor("key_shift", key_shift)
-        if key_shift.dtype.is_floating_point or key_shift.dtype.is_complex or key_shift.dtype == torch.bool:
-            raise TypeError(f"key_shift must be an integer tensor, got dtype {key_shift.dtype}")
-        if key_shift.device != q.device:
-            raise ValueError(f"key_shift is on {key_shift.device} but q is on {q.device}")
-        if not (tuple(key_shift.shape) == (Lk,) or tuple(key_shift.shape) == (B, Lk)):
-            raise ValueError(f"key_shift must have shape [{Lk}] or [{B}, {Lk}], got {list(key_shift.shape)}")
-        key_shift = key_shift.to(torch.int64).expand(B, Lk).contiguous()
+        if isinstance(key_shift, torch.Tensor) and key_shift.dtype in _WIDE_UNSIGNED and key_shift.numel() \
+                and int(key_shift.max()) > INT64_MAX:
+            raise ValueError("key_shift holds values beyond int64 (the shifts every backend takes)")
+        key_shift = normalise_key_shift(key_shift, B, Lk, q.device)
         if rope is None:
             if bool((key_shift != 0).any()):
                 raise ValueError("key_shift re-phases keys, so rope must be given")
@@ -156,73 +167,12 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
                 mass_q_range=mass_q_range)
 
 
+_WIDE_UNSIGNED = tuple(getattr(torch, n) for n in ("uint64", "uint32") if hasattr(torch, n))
+
+
 def _empty_result(q, k, return_lse, return_mass):
     B, Lq, Hq, _ = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, Hq, Lq, dtype=torch.float32, device=q.device) if return_lse else None
     mass = torch.zeros(B, k.shape[2], k.shape[1], dtype=torch.float32, device=q.device) if return_mass else None
     return out, lse, mass
-
-
-# ---------------------------------------------------------------------------------------------- dispatch
-_warned_reference = False
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def available_backends(device: Union[str, torch.device] = "cpu") -> Tuple[str, ...]:
-    """Backends that can run on tensors of ``device`` in this process (``"auto"`` excluded)."""
-    dev = torch.device(device)
-    names = []
-    if (dev.type == "cuda" or triton_interpreting()) and _triton_importable():
-        names.append("triton")
-    if dev.type == "cpu" and _ext.load() is not None and hasattr(_ext.load(), "sink_attention_fwd"):
-        names.append("cpp")
-    names.append("reference")
-    return tuple(names)
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def _resolve_backend(backend: str, q: torch.Tensor):
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if q.device.type == "cuda" and _triton_importable():
-            backend = "triton"
-        elif q.device.type == "cpu" and "cpp" in available_backends("cpu"):
-            backend = "cpp"
-        else:
-            global _warned_reference
-            if not _warned_reference and q.device.type == "cpu":
-                _warned_reference = True
-                warnings.warn("deepforcing_kernels: the C++ CPU kernel is not built; using the slower PyTorch "
-                              "reference. Build it with `pip install --no-build-isolation -e .`.", stacklevel=3)
-            backend = "reference"
-    if backend == "reference":
-        return sink_attention_reference
-    if backend == "triton":
-        if not _triton_importable():
-            raise RuntimeError("backend='triton' needs the triton package, which cannot be imported here")
-        if q.device.type != "cuda" and not triton_interpreting():
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {q.device}")
-        from .triton.attention import sink_attention_triton
-
-        return sink_attention_triton
-    # cpp
-    if q.device.type != "cpu":
-        raise ValueError(f"backend='cpp' needs CPU tensors, got {q.device}")
-    _ext.require()
-    from .cpp import sink_attention_cpp
-
-    return sink_attention_cpp

@@ -49,7 +49,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .policy import CachePolicy, _int
 
-ACTIONS = ("overwrite", "append", "roll", "compress")
 SINK, TOPC, RECENT = "sink", "topc", "recent"
 UNKNOWN_FRAME = -1  # a Top-C slot in simulate(): which token the data picks is not known without tensors
 
@@ -72,15 +71,6 @@ class ScheduleState:
     stream_start: Optional[int] = None
     sink_start: Optional[int] = None
     compressed: bool = False
-
-    def block_end(self, policy: CachePolicy) -> Optional[int]:
-        return None if self.block_start is None else self.block_start + policy.block_frames
-
-    def sink_shift(self) -> int:
-        """Temporal shift (in frames) that attention applies to the sink keys."""
-        if self.sink_start is None or self.stream_start is None:
-            return 0
-        return self.sink_start - self.stream_start
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

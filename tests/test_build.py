@@ -37,7 +37,7 @@ def test_missing_extension_gives_clear_error(monkeypatch):
     import torch
 
     monkeypatch.setattr(_ext, "load", lambda: None)
-    with pytest.raises(RuntimeError, match="not built"):
+    with pytest.raises(ValueError, match="backend=.cpp.*not built"):
         deepforcing_kernels.sink_attention(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8),
                                            torch.randn(1, 2, 1, 8), backend="cpp")
 
@@ -54,7 +54,7 @@ def test_frame_sums_matches_torch(dtype):
     from conftest import require_cpp
 
     require_cpp()
-    from deepforcing_kernels.cache import _frame_sums
+    from deepforcing_kernels.backends import _cpp_frame_sums as _frame_sums
 
     q = torch.randn(2, 3 * 7, 4, 16).to(getattr(torch, dtype))
     want = q.reshape(2, 3, 7, 4, 16).sum(dim=2, dtype=torch.float32)

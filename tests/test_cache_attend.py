@@ -400,4 +400,4 @@ def test_non_contiguous_inputs_and_no_autograd_graph():
         out_b = b.layers[0].attend(qt, kt, vt, start_frame=f0)
         assert torch.equal(out_a, out_b) and not out_b.requires_grad
     assert torch.equal(a.layers[0].keys(), b.layers[0].keys())
-    assert not b.layers[0]._k.requires_grad
+    assert not b.layers[0].storage.k.requires_grad

@@ -252,7 +252,7 @@ def test_engine_matches_brute_force_release_model(policy, n, passes, seed):
         L = len(layer)
         if policy.kind != "full":
             assert L <= policy.window_frames * n  # the attended cache never exceeds the window
-            assert layer._k.shape[1] == (policy.window_frames + F) * n  # storage never reallocated
+            assert layer.storage.k.shape[1] == (policy.window_frames + F) * n  # storage never reallocated
         # mass mode: the picks come from attention mass, which the model cannot know; all else must agree
         keep = [kd != "topc" or policy.score != "mass" for kd in layer.kinds()]
         for b in range(B):

@@ -248,11 +248,11 @@ def test_storage_is_preallocated_and_never_reallocated(name):
     policy = POLICIES[name]
     cache = make(policy, layers=1)
     layer = cache.layers[0]
-    ptrs = (layer._k.data_ptr(), layer._v.data_ptr())
-    cap = layer._k.shape[1]
+    ptrs = (layer.storage.k.data_ptr(), layer.storage.v.data_ptr())
+    cap = layer.storage.k.shape[1]
     assert cap == (policy.window_frames + policy.block_frames) * cache.tokens_per_frame
     run(cache, inputs(cache, blocks=15, passes=2))
-    assert (layer._k.data_ptr(), layer._v.data_ptr()) == ptrs and layer._k.shape[1] == cap
+    assert (layer.storage.k.data_ptr(), layer.storage.v.data_ptr()) == ptrs and layer.storage.k.shape[1] == cap
 
 
 def test_finite_check_can_be_turned_off():

@@ -322,8 +322,12 @@ def test_cpp_entry_checks_its_assumptions():
 # ------------------------------------------------------------------------------------------ torch.library
 def _op_args(dtype, key_shift: bool, mass: bool):
     q, k, v = _inputs(1, 13, 24, 4, 2, 64, dtype)
+    from deepforcing_kernels.ops import sink_attention_op  # noqa: F401  (defines the op)
+    from deepforcing_kernels.rotation import rotation_tables
+
     ks = torch.randint(-99, 99, (1, 24)) if key_shift else None
-    return (q, k, v, ks, WAN64.temporal_freqs(), True, 8, 5, 0.125, mass, 2, 11)
+    cos, sin, rot_len = rotation_tables(WAN64, 8, 5, ks, 1, 24, q.device)
+    return (q, k, v, cos, sin, rot_len, True, 0.125, mass, 2, 11)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -335,14 +339,14 @@ def test_opcheck(dtype, key_shift, mass):
 
 def test_torch_compile_fullgraph():
     """The custom op traces into one graph (no break) and gives the eager result."""
-    from deepforcing_kernels.cpp import sink_attention_cpp
+    from deepforcing_kernels.backends import get_backend
 
     q, k, v = _inputs(1, 16, 40, 4, 2, 64, torch.float32)
+    run = get_backend("cpp").run
 
     def f(q, k, v):
-        out, lse, mass = sink_attention_cpp(q, k, v, rope=WAN64, sink_len=10, sink_shift=6, key_shift=None,
-                                            softmax_scale=0.125, return_lse=True, return_mass=True,
-                                            mass_q_range=(0, 16))
+        out, lse, mass = run(q, k, v, rope=WAN64, sink_len=10, sink_shift=6, key_shift=None, softmax_scale=0.125,
+                             return_lse=True, return_mass=True, mass_q_range=(0, 16))
         return out * 2, lse, mass
 
     t0 = time.perf_counter()

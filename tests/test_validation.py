@@ -90,7 +90,7 @@ def test_good_input_variants_accepted():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_all_finite_finds_every_nan_and_inf(dtype):
-    from deepforcing_kernels._checks import all_finite
+    from deepforcing_kernels.backends import _cpp_all_finite as all_finite
 
     x = torch.randn(3, 50, dtype=dtype)
     assert all_finite(x, x.clone())

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..reference.rope import apply_rope
+from ..rotation import apply_rope
 from ..rope import RopeSpec
 
 __all__ = [

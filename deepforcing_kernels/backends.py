@@ -1,0 +1,247 @@
+"""The backend registry: which implementation of the fused op runs a call, decided once.
+
+Each :class:`Backend` is data: a name, the devices it runs on, an availability check (is its code importable or
+built in this process), a capability check (can it take this head_dim / dtype), and its trusted entry point
+``run`` (arguments already validated by :func:`deepforcing_kernels.sink_attention`). ``"auto"`` picks the first
+backend, in :data:`PRIORITY` order, whose checks accept the call, so a head_dim the Triton kernel cannot take
+falls back to the next one instead of failing; an explicitly named backend that cannot take a call fails with its
+reason. :class:`~deepforcing_kernels.StreamingKVCache` resolves its backend once, at construction, and calls
+``run`` on every pass; the public op resolves per call.
+
+The compiled extension ``_C`` is reached only from here (and from :mod:`deepforcing_kernels.ops`, the op's CPU
+kernel): its host helpers (:meth:`Backend.all_finite`, :meth:`Backend.frame_sums`) come with the backend, so
+``backend="reference"`` runs no C++ at all.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _ext
+from .rotation import rotation_tables
+
+__all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "get_backend", "resolve", "available_backends",
+           "triton_interpreting", "torch_all_finite", "torch_frame_sums"]
+
+BACKEND_NAMES = ("auto", "triton", "cpp", "reference")
+PRIORITY = ("triton", "cpp", "reference")
+Result = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def triton_interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------- host helpers
+def torch_all_finite(*tensors: torch.Tensor) -> bool:
+    """True when no tensor holds NaN or inf, with one host sync.
+
+    NaN and inf propagate through a sum, so one float32 sum per tensor finds them ~20x faster than
+    ``isfinite(t).all()``; only when the total is not finite (or a huge finite tensor overflowed it) does the exact
+    elementwise check run."""
+    floats = [t for t in tensors if t.is_floating_point()]
+    if not floats:
+        return True
+    total = floats[0].sum(dtype=torch.float32)
+    for t in floats[1:]:
+        total = total + t.sum(dtype=torch.float32)
+    if bool(torch.isfinite(total)):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in floats)
+
+
+def torch_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
+    """float32 ``[B, frames, H, D]``: the sum of each frame's query tokens (no float32 copy of q)."""
+    B, L, H, D = q.shape
+    return q.reshape(B, frames, L // frames, H, D).sum(dim=2, dtype=torch.float32)
+
+
+def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
+    floats = [t for t in tensors if t.is_floating_point()]
+    if floats and all(t.device.type == "cpu" and t.is_contiguous() for t in floats):
+        # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs
+        # more in fork/join than the scan itself
+        return bool(_ext.require().all_finite(floats))
+    return torch_all_finite(*tensors)
+
+
+def _cpp_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
+    if q.device.type == "cpu" and q.is_contiguous():
+        return _ext.require().frame_sums(q, frames)  # one thread: this runs on every pass
+    return torch_frame_sums(q, frames)
+
+
+# ---------------------------------------------------------------------------------------------- entries
+_OP = None
+
+
+def registered_op():
+    """``torch.ops.deepforcing.sink_attention.default``, defined on first use (defining it imports triton when
+    that is installed, which a CPU-only ``import deepforcing_kernels`` should not pay for)."""
+    global _OP
+    if _OP is None:
+        from . import ops  # noqa: F401  (defines the op)
+
+        _OP = torch.ops.deepforcing.sink_attention.default
+    return _OP
+
+
+def _op_run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
+            mass_q_range) -> Result:
+    """The registered op (device dispatch by the dispatcher) over rotation tables built here."""
+    op = _OP if _OP is not None else registered_op()
+    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
+    interleaved = True if rope is None else rope.interleaved
+    out, lse, mass = op(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_q_range[0],
+                        mass_q_range[1])
+    return out, (lse if return_lse else None), (mass if return_mass else None)
+
+
+def _triton_run(q, k, v, **kw) -> Result:
+    if q.device.type == "cuda":
+        return _op_run(q, k, v, **kw)
+    # CPU tensors under TRITON_INTERPRET=1: the dispatcher would route CPU to the C++ kernel, so call the
+    # Triton implementation directly
+    from .triton.op import sink_attention_cuda
+
+    rope, m0, m1 = kw["rope"], kw["mass_q_range"][0], kw["mass_q_range"][1]
+    cos, sin, rot_len = rotation_tables(rope, kw["sink_len"], kw["sink_shift"], kw["key_shift"], q.shape[0],
+                                        k.shape[1], q.device)
+    out, lse, mass = sink_attention_cuda(q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved,
+                                         kw["softmax_scale"], kw["return_mass"], m0, m1)
+    return out, (lse if kw["return_lse"] else None), (mass if kw["return_mass"] else None)
+
+
+def _reference_run(q, k, v, **kw) -> Result:
+    from .reference.attention import sink_attention_reference  # the oracle, used only as this backend
+
+    return sink_attention_reference(q, k, v, **kw)
+
+
+def _triton_available() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
+        return f"the triton package cannot be imported ({type(e).__name__}: {e})"
+    return None
+
+
+def _cpp_available() -> Optional[str]:
+    mod = _ext.load()
+    if mod is None or not hasattr(mod, "sink_attention_fwd"):
+        return ("the C++ extension deepforcing_kernels._C is not built; install a C++ compiler and run "
+                "`pip install --no-build-isolation -e .`")
+    return None
+
+
+def _triton_supports(head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return f"the triton kernels need head_dim a power of two in [16, 256], got {head_dim}"
+    return None
+
+
+def _any(head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the fused op.
+
+    Attributes:
+        name: ``"triton"``, ``"cpp"`` or ``"reference"``.
+        devices: device types it runs on (``"cpu"`` for Triton only under ``TRITON_INTERPRET=1``).
+        available: ``() -> None | reason``: whether its code can run in this process.
+        supports: ``(head_dim, dtype) -> None | reason``: whether it can take such a call.
+        run: trusted entry ``run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse,
+            return_mass, mass_q_range) -> (out, lse | None, mass | None)`` over validated arguments.
+        all_finite, frame_sums: the host helpers the cache uses with this backend.
+    """
+
+    name: str
+    devices: Tuple[str, ...]
+    available: Callable[[], Optional[str]]
+    supports: Callable[[int, torch.dtype], Optional[str]]
+    run: Callable[..., Result]
+    all_finite: Callable[..., bool] = torch_all_finite
+    frame_sums: Callable[[torch.Tensor, int], torch.Tensor] = torch_frame_sums
+
+    def runs_on(self, device: torch.device) -> bool:
+        if self.name == "triton" and device.type == "cpu":
+            return triton_interpreting()
+        return device.type in self.devices or "any" in self.devices
+
+    def reason_against(self, device: torch.device, head_dim: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """None when this backend can run such a call here, else why not (one line)."""
+        if not self.runs_on(device):
+            where = "CUDA tensors (or TRITON_INTERPRET=1)" if self.name == "triton" else \
+                " / ".join(d.upper() if d == "cpu" else d for d in self.devices) + " tensors"
+            return f"backend {self.name!r} needs {where}, got {device.type}"
+        why = self.available()
+        if why is None and head_dim is not None:
+            why = self.supports(head_dim, dtype)
+        return why
+
+
+_REGISTRY: Dict[str, Backend] = {
+    "triton": Backend("triton", ("cuda",), _triton_available, _triton_supports, _triton_run),
+    "cpp": Backend("cpp", ("cpu",), _cpp_available, _any, _op_run, _cpp_all_finite, _cpp_frame_sums),
+    "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
+}
+_warned_reference = False
+
+
+def get_backend(name: str) -> Backend:
+    """The registry entry called ``name`` (not ``"auto"``)."""
+    return _REGISTRY[name]
+
+
+def resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int] = None,
+            dtype: Optional[torch.dtype] = None) -> Backend:
+    """The backend that runs a call of ``head_dim`` / ``dtype`` on ``device``.
+
+    ``name="auto"`` takes the first of :data:`PRIORITY` that accepts the call (warning once when a CPU call falls
+    back to the reference because the C++ kernel is not built). Raises TypeError / ValueError for an unknown name
+    and ValueError with the reason when the named backend cannot take the call.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    dev = torch.device(device)
+    if name != "auto":
+        b = _REGISTRY[name]
+        why = b.reason_against(dev, head_dim, dtype)
+        if why is not None:
+            raise ValueError(f"backend={name!r} cannot run this call: {why}")
+        return b
+    for cand in PRIORITY:
+        b = _REGISTRY[cand]
+        if cand == "triton" and dev.type != "cuda":
+            continue  # auto never picks the interpreter
+        if b.reason_against(dev, head_dim, dtype) is None:
+            if cand == "reference" and dev.type == "cpu":
+                global _warned_reference
+                if not _warned_reference:
+                    _warned_reference = True
+                    warnings.warn("deepforcing_kernels: the C++ CPU kernel is not built; using the slower PyTorch "
+                                  "reference. Build it with `pip install --no-build-isolation -e .`.", stacklevel=3)
+            return b
+    return _REGISTRY["reference"]
+
+
+def available_backends(device: Union[str, torch.device] = "cpu") -> Tuple[str, ...]:
+    """Backends that can run on tensors of ``device`` in this process (``"auto"`` excluded), best first."""
+    dev = torch.device(device)
+    return tuple(n for n in PRIORITY if _REGISTRY[n].reason_against(dev) is None)
+
+
+def names(include_auto: bool = True) -> Sequence[str]:
+    """Backend names a user can pass."""
+    return BACKEND_NAMES if include_auto else PRIORITY

@@ -1,0 +1,268 @@
+"""The pass executor: one cache layer runs a :class:`~deepforcing_kernels.schedule.PassPlan` on its storage.
+
+:meth:`CacheLayer.attend` writes the pass's K/V (after a FIFO eviction for a roll), lets the scorer see the
+queries, compresses before attention (logit score) or after it (mass score), and calls the backend resolved
+once by the cache. :func:`attention_layout` is the one place that turns a schedule state into what attention
+applies to the keys (the sink's shift, or per-key shifts when Top-C RoPE is unified).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from ..policy import ArgumentTypeError, CachePolicy
+from ..rotation import key_shifts, rephase
+from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
+from .scoring import LogitScorer, MassScorer, Scorer, compress_step
+from .storage import LayerStorage
+
+__all__ = ["CacheLayer", "attention_layout"]
+
+
+def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, sink_start: Optional[int],
+                     stream_start: Optional[int], compressed: bool, frame_tab: torch.Tensor) -> Dict[str, Any]:
+    """``sink_len``, ``sink_shift`` (tokens / frames) and ``key_shift`` (int64 ``[B, L]`` or None) that attention
+    applies over the first ``frames`` frames of slots, for a layer whose sink encodes ``sink_start``.
+
+    Shifts are in frames (the temporal RoPE unit). With ``unify_topc_rope`` and a Top-C region, Top-C slot ``i``
+    is placed right after the sink at ``sink_start + i // tokens_per_frame``, so every key gets its own shift.
+    """
+    n = tokens_per_frame
+    shift = 0 if sink_start is None else sink_start - (stream_start if stream_start is not None else 0)
+    sink_len = min(policy.sink_frames, frames) * n if shift else 0
+    key_shift = None
+    if policy.unify_topc_rope and compressed and sink_start is not None:
+        L, S_tok, C_tok = frames * n, policy.sink_frames * n, policy.topc_frames * n
+        slot = torch.arange(S_tok, S_tok + C_tok, device=frame_tab.device)
+        key_shift = torch.zeros(frame_tab.shape[0], L, dtype=torch.int64, device=frame_tab.device)
+        key_shift[:, :S_tok] = shift
+        key_shift[:, S_tok:S_tok + C_tok] = sink_start + slot // n - frame_tab[:, S_tok:S_tok + C_tok]
+        sink_len, shift = 0, 0
+    return {"sink_len": sink_len, "sink_shift": shift, "key_shift": key_shift}
+
+
+class CacheLayer:
+    """One layer's slice of a :class:`~deepforcing_kernels.StreamingKVCache` (``cache.layers[i]``)."""
+
+    def __init__(self, cache: Any, index: int) -> None:
+        self.cache = cache
+        self.index = index
+        self.policy = p = cache.policy
+        c = cache
+        self.scorer: Optional[Scorer] = None
+        if p.compresses:
+            if p.score == "logits":
+                self.scorer = LogitScorer(batch=c.batch_size, num_heads=c.num_heads, head_dim=c.head_dim,
+                                          recent_frames=p.recent_frames, block_frames=p.block_frames,
+                                          device=c.device, frame_sums=c.backend_impl.frame_sums,
+                                          reduce_over_heads=c.reduce_over_heads)
+            else:
+                self.scorer = MassScorer(c.reduce_over_heads)
+        extra: Dict[str, torch.dtype] = {}
+        if p.compresses:
+            extra["reuse"] = torch.int32  # Top-C reuse counters travel with their tokens
+            extra.update(self.scorer.slot_buffers)
+        self.storage = LayerStorage(batch=c.batch_size, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                    tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
+                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c._scratch)
+        self._state = ScheduleState()
+        self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
+
+    def _reset(self) -> None:
+        self._state = ScheduleState()
+        self._args_cache = None
+        if self.scorer is not None:
+            self.scorer.reset()
+
+    # ------------------------------------------------------------------ read-only views
+    @property
+    def state(self) -> ScheduleState:
+        """The layer's schedule state (frames in cache, current block, sink placement)."""
+        return self._state
+
+    @property
+    def _len(self) -> int:
+        return self._state.frames * self.cache.tokens_per_frame
+
+    def __len__(self) -> int:
+        """Token slots in use."""
+        return self._len
+
+    def keys(self) -> torch.Tensor:
+        """``[B, L, Hkv, D]`` keys as stored (RoPE'd at their original positions), a copy."""
+        return self.storage.k[:, :self._len].clone()
+
+    def values(self) -> torch.Tensor:
+        """``[B, L, Hkv, D]`` values, a copy."""
+        return self.storage.v[:, :self._len].clone()
+
+    def frames(self) -> torch.Tensor:
+        """``[B, L]`` int64: the frame each slot's token came from."""
+        return self.storage.frames[:, :self._len].clone()
+
+    def kinds(self) -> Tuple[str, ...]:
+        """Kind of each slot (shared by the batch): ``"sink"``, ``"topc"`` or ``"recent"``."""
+        s = self._state
+        return slot_kinds(self.policy, s.frames, s.compressed, self.cache.tokens_per_frame)
+
+    def reuse_counts(self) -> Optional[torch.Tensor]:
+        """``[B, L]`` int32: how often each token was chosen as Top-C (``deep_forcing`` only, else None)."""
+        t = self.storage.extra.get("reuse")
+        return None if t is None else t[:, :self._len].clone()
+
+    def attention_args(self) -> Dict[str, Any]:
+        """``sink_len``, ``sink_shift`` and ``key_shift`` that attention uses over the current cache (pass them
+        to :func:`~deepforcing_kernels.sink_attention` with ``keys()`` / ``values()``)."""
+        s = self._state
+        return attention_layout(self.policy, self.cache.tokens_per_frame, s.frames, s.sink_start, s.stream_start,
+                                s.compressed, self.storage.frames)
+
+    def shifts(self) -> torch.Tensor:
+        """``[B, L]`` int64: the temporal shift each slot's key gets at attention (position - frame)."""
+        B, L = self.cache.batch_size, self._len
+        s = key_shifts(B, L, device=self.cache.device, **self.attention_args())
+        return torch.zeros(B, L, dtype=torch.int64, device=self.cache.device) if s is None else s.clone()
+
+    def positions(self) -> torch.Tensor:
+        """``[B, L]`` int64: the temporal position each slot is attended at."""
+        return self.frames() + self.shifts()
+
+    def effective_keys(self) -> torch.Tensor:
+        """``[B, L, Hkv, D]`` float32: the keys as attention sees them (re-phasing applied, in float32 as the
+        kernels rotate them)."""
+        k = self.storage.k[:, :self._len].float()
+        if self.cache.rope is None:
+            return k
+        return rephase(k, self.cache.rope, self.shifts())
+
+    # ------------------------------------------------------------------ the pass
+    @torch.no_grad()  # inference only: a graph through the persistent storage would grow with the stream
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
+        """Write this pass's K/V, run the schedule, and attend.
+
+        Args:
+            q: queries ``[B, block_tokens, num_heads, head_dim]`` (RoPE'd at absolute positions).
+            k, v: keys / values ``[B, block_tokens, num_kv_heads, head_dim]`` (keys RoPE'd at absolute positions).
+                All three in the cache's dtype and on its device.
+            start_frame: the block's first frame. The current block's start overwrites its slots (passes 2..5);
+                a frame at or after the current block's end starts a new block.
+
+        Returns:
+            ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype (computed under ``torch.no_grad``:
+            the cache is for inference).
+
+        Raises:
+            ValueError (TypeError too for wrong kinds) before anything is mutated. (A failure inside the
+            attention backend itself, such as running out of memory, can leave the layer half-updated: call
+            ``cache.reset()`` or load a state dict before using it again.)
+        """
+        self._check_inputs(q, k, v)
+        plan = plan_pass(self.policy, self._state, start_frame)
+        c, p, st = self.cache, self.policy, self.storage
+        n, Lb = c.tokens_per_frame, c.block_tokens
+        if plan.new_block and (plan.frames_before + p.block_frames) * n > st.capacity:
+            st.grow(plan.frames_before + p.block_frames, self._len)  # `full` only (others fit window + block)
+        L0 = plan.frames_before * n
+        # ---- write the block's K/V (after FIFO eviction for a roll)
+        if plan.action == "overwrite":
+            st.write(L0 - Lb, k, v)
+            T = L0
+        else:
+            if plan.action == "roll" and plan.evict_frames:
+                e = plan.evict_frames * n
+                st.evict(p.sink_frames * n, e, L0)
+                L0 -= e
+            st.write_new(L0, k, v, plan.start_frame, p.block_frames)
+            T = L0 + Lb  # tokens in the (augmented) cache
+        if self.scorer is not None:
+            self.scorer.observe(q)
+        if plan.action == "compress" and not plan.compress_after_attend:
+            S_tok, R_tok = p.sink_frames * n, p.recent_frames * n
+            # the release scores the whole augmented cache; only the candidates' scores are ever read
+            self._compress(self.scorer.scores(st.k[:, S_tok:T - R_tok]), T)
+        out = self._attend(q, plan, T)
+        self._state = plan.state
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _check_inputs(self, q, k, v) -> None:
+        c = self.cache
+        want_q, want_kv = c._want_q, c._want_kv
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != c.dtype:
+                raise ArgumentTypeError(f"{name} has dtype {t.dtype} but the cache stores {c.dtype}: cast q, k, v "
+                                        "to the cache's dtype (and the output back)")
+            if t.device != c.device:
+                raise ValueError(f"{name} is on {t.device} but the cache is on {c.device}")
+            want = want_q if name == "q" else want_kv
+            if t.shape != want:
+                raise ValueError(f"{name} must have shape [batch, block_frames * tokens_per_frame, heads, head_dim]"
+                                 f" = {list(want)}, got {list(t.shape)}")
+        if c.check_finite:
+            # one host sync for all three; name the culprit only on the (rare) failure path
+            finite = c.backend_impl.all_finite
+            if not finite(q, k, v):
+                bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not finite(t)]
+                raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
+                                 "(the cache would stay poisoned for the rest of the stream)")
+
+    def _layout(self, plan: PassPlan) -> Dict[str, Any]:
+        return attention_layout(self.policy, self.cache.tokens_per_frame, plan.attend_frames,
+                                plan.attend_sink_start, self._state.stream_start, plan.attend_compressed,
+                                self.storage.frames)
+
+    def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
+        c, p, n = self.cache, self.policy, self.cache.tokens_per_frame
+        L = plan.attend_frames * n
+        if self._args_cache is not None and not plan.new_block:
+            args = self._args_cache  # passes 2..5 of a block attend to the same layout
+        else:
+            args = self._layout(plan)
+        # a mass-mode compression attends to the augmented layout, which the block's later passes do not see
+        self._args_cache = None if plan.compress_after_attend else args
+        run, common = c.backend_impl.run, c._run_kw
+        kk, vv = self.storage.k[:, :L], self.storage.v[:, :L]
+        Lq = q.shape[1]
+        if not (plan.compress_after_attend or plan.carry_mass):
+            return run(q, kk, vv, return_mass=False, mass_q_range=(0, Lq), **args, **common)[0]
+        tail = (p.recent_frames - p.block_frames) * n  # queries whose mass the next compression reuses
+        scorer: MassScorer = self.scorer
+        if not plan.compress_after_attend:
+            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(Lq - tail, Lq), **args, **common)
+            scorer.carry(self.storage, L, mass)
+            return out
+        # mass-mode compression: score = carried mass + mass of every query of this pass, over Kaug
+        if plan.carry_mass and tail:
+            if Lq > tail:
+                h_out, _, h_mass = run(q[:, :Lq - tail], kk, vv, return_mass=True, mass_q_range=(0, Lq - tail),
+                                       **args, **common)
+            else:  # every query of the pass is in the carried tail
+                h_out = q[:, :0]
+                h_mass = torch.zeros(q.shape[0], kk.shape[2], L, dtype=torch.float32, device=q.device)
+            t_out, _, t_mass = run(q[:, Lq - tail:], kk, vv, return_mass=True, mass_q_range=(0, tail), **args,
+                                   **common)
+            out = torch.cat([h_out, t_out], dim=1)
+            score = scorer.scores(self.storage, L, h_mass, t_mass)
+            scorer.carry(self.storage, L, t_mass)  # gathered with the tokens by the compaction below
+        else:
+            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args, **common)
+            score = scorer.scores(self.storage, L, mass)
+        self._compress(score[:, p.sink_frames * n:T - p.recent_frames * n], T)
+        return out
+
+    def _compress(self, cand_score: torch.Tensor, T: int) -> None:
+        p, n = self.policy, self.cache.tokens_per_frame
+        compress_step(self.storage, cand_score, sink_tokens=p.sink_frames * n, topc_tokens=p.topc_frames * n,
+                      recent_tokens=p.recent_frames * n, end=T, max_reuse=p.topc_max_reuse)
+
+    # ------------------------------------------------------------------ state dict
+    def _state_dict(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"schedule": self._state.to_dict()}
+        tensors = self.storage.state(self._len)
+        d.update(k=tensors["k"], v=tensors["v"], frames=tensors["frames"], reuse=tensors.get("reuse"),
+                 mass=tensors.get("mass"))
+        d["qbuf"] = self.scorer.state() if self.scorer is not None else None
+        return d

@@ -1,0 +1,155 @@
+"""The one registered op: ``torch.ops.deepforcing.sink_attention``.
+
+Schema (tables precomputed by :func:`deepforcing_kernels.rotation.rotation_tables`)::
+
+    sink_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, int rot_len, bool interleaved,
+                   float softmax_scale, bool return_mass, int mass_start, int mass_end)
+        -> (Tensor out, Tensor lse, Tensor mass)
+
+``out [B, Lq, Hq, D]`` in q's dtype, ``lse [B, Hq, Lq]`` float32, ``mass [B, Hkv, Lk]`` float32 (shape ``[0]``
+when ``return_mass`` is False: ops cannot return None). Implementations:
+
+* CUDA: the Triton kernels, registered through ``torch.library.triton_op`` so ``torch.compile`` and CUDA graphs
+  see the kernel launches (:mod:`deepforcing_kernels.triton.op`);
+* CPU: the C++ kernel of ``deepforcing_kernels._C``, itself wrapped as the opaque op
+  ``deepforcing::sink_attention_cpu`` so compiled graphs keep it as one node;
+* a fake (meta) implementation that gives the output shapes;
+* one autograd rule for every device: the backward recomputes the attention in PyTorch maths (float32) from the
+  saved inputs and differentiates that (no gradient flows into the rotation tables or the mass).
+
+Defining the op imports neither triton nor the extension: the CUDA path imports the Triton module on its first
+call (a clear error when triton is missing), and the backend registry never routes CPU calls to an unbuilt
+extension.
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from . import _ext
+from .rotation import rotate_keys
+
+__all__ = ["OP_NAME", "sink_attention_op", "attention_maths"]
+
+OP_NAME = "deepforcing::sink_attention"
+Result = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("deepforcing::sink_attention_cpu", mutates_args=(), device_types="cpu")
+def _cpu_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_len: int,
+            interleaved: bool, softmax_scale: float, return_mass: bool, mass_start: int,
+            mass_end: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The C++ kernel as an opaque op (what the public op calls for CPU tensors; compiled graphs keep it whole)."""
+    mod = _ext.require()
+    if getattr(mod, "TABLES_API", False):
+        return mod.sink_attention_fwd(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass,
+                                      mass_start, mass_end)
+    # an extension built before the tables interface: rotate here (float32) and run the kernel unshifted
+    if rot_len:
+        kr = rotate_keys(k, cos, sin, rot_len, interleaved)
+        out, lse, mass = mod.sink_attention_fwd(q.float(), kr, v.float(), None, None, interleaved, 0, 0,
+                                                softmax_scale, return_mass, mass_start, mass_end)
+        return out.to(q.dtype), lse, mass
+    return mod.sink_attention_fwd(q, k, v, None, None, interleaved, 0, 0, softmax_scale, return_mass, mass_start,
+                                  mass_end)
+
+
+def _shapes(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_start, mass_end) -> Result:
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    out = q.new_empty((B, Lq, Hq, D))
+    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    mass = q.new_empty((B, Hkv, Lk) if return_mass else (0,), dtype=torch.float32)
+    return out, lse, mass
+
+
+_cpu_op.register_fake(_shapes)
+
+
+def _sink_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    rot_len: int, interleaved: bool, softmax_scale: float, return_mass: bool, mass_start: int,
+                    mass_end: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused sink attention over precomputed rotation tables (see the module docstring)."""
+    if q.device.type == "cuda":
+        try:
+            from .triton.op import sink_attention_cuda
+        except ImportError as e:
+            raise RuntimeError("deepforcing::sink_attention on CUDA needs the triton package, which cannot be "
+                               f"imported here ({e}): pip install triton") from None
+        return sink_attention_cuda(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass,
+                                   mass_start, mass_end)
+    if q.device.type == "cpu":
+        return torch.ops.deepforcing.sink_attention_cpu(q, k, v, cos, sin, rot_len, interleaved, softmax_scale,
+                                                        return_mass, mass_start, mass_end)
+    if q.device.type == "meta":
+        return _shapes(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_start, mass_end)
+    raise RuntimeError(f"deepforcing::sink_attention has no kernel for {q.device.type} tensors "
+                       "(use backend='reference')")
+
+
+def _define():
+    # triton_op makes the Triton launches visible to torch.compile / CUDA graphs on CUDA; it runs the function
+    # itself as the fake implementation, so the function must (and does) work on fake tensors of any device.
+    if hasattr(torch.library, "triton_op"):
+        return torch.library.triton_op(OP_NAME, _sink_attention, mutates_args=())
+    op = torch.library.custom_op(OP_NAME, _sink_attention, mutates_args=())
+    op.register_fake(_shapes)
+    return op
+
+
+sink_attention_op = _define()
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def attention_maths(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    rot_len: int, interleaved: bool, softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable float32 maths of the op: ``(out float32 [B, Lq, Hq, D], lse [B, Hq, Lq])``.
+
+    Used by the backward (recomputation) only; the forward of every device runs its kernel."""
+    Hq, Hkv = q.shape[2], k.shape[2]
+    kf = rotate_keys(k, cos, sin, rot_len, interleaved)
+    qf, vf = q.float(), v.float()
+    if Hq != Hkv:  # contiguous head groups share a KV head (flash-attn convention)
+        kf = kf.repeat_interleave(Hq // Hkv, dim=2)
+        vf = vf.repeat_interleave(Hq // Hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * softmax_scale
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", p, vf), lse
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cos, sin, rot_len, interleaved, softmax_scale = inputs[:8]
+    ctx.save_for_backward(q, k, v, cos, sin)
+    ctx.rot_len, ctx.interleaved, ctx.softmax_scale = rot_len, interleaved, softmax_scale
+
+
+def _backward(ctx, grad_out, grad_lse, grad_mass):
+    q, k, v, cos, sin = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:3]
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
+        out, lse = attention_maths(*leaves, cos, sin, ctx.rot_len, ctx.interleaved, ctx.softmax_scale)
+        terms, grads = [], []
+        if grad_out is not None:
+            terms.append(out)
+            grads.append(grad_out.float())
+        if grad_lse is not None:
+            terms.append(lse)
+            grads.append(grad_lse.float())
+        wrt = [t for t, n in zip(leaves, needs) if n]
+        got = torch.autograd.grad(terms, wrt, grads, allow_unused=True) if terms and wrt else []
+    it = iter(got)
+    dq, dk, dv = (next(it) if n else None for n in needs)
+    dq, dk, dv = ((g.to(t.dtype) if g is not None else None) for g, t in zip((dq, dk, dv), (q, k, v)))
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+sink_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def default_scale(head_dim: int) -> float:
+    """``1 / sqrt(head_dim)``."""
+    return 1.0 / math.sqrt(head_dim)
