@@ -7,11 +7,15 @@
   replay (rewind) the same continuation.
 * generate(..., resume_from=...): a chain of rollouts, each resumed from the file the previous one saved after one
   block, equals the uninterrupted rollout bit for bit, across compressions, in a bf16 cache.
-* `deepforcing generate` killed with SIGKILL mid-run: the output file is always a complete, loadable snapshot that
-  holds every finished block (equal to the straight run's), and --resume finishes it identically.
+* `deepforcing generate` killed with SIGKILL mid-run: the run on disk always loads and holds every finished block
+  (equal to the straight run's), and --resume finishes it identically; SIGINT / SIGTERM save the state after the
+  block in progress; --resume after a failure mid-block continues from the last saved state, or with none saved
+  from frame 0 (checking the blocks on disk); single-file runs of earlier versions are resumed and converted.
 """
+import dataclasses
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -22,8 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
+from deepforcing_kernels.cli import main as cli_main
 from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig
+from deepforcing_kernels.runio import RunError, load_run, parts_dir
 
 from test_reliability_cache_fuzz import policies, state_equal
 
@@ -159,7 +165,8 @@ def test_generate_resumed_after_every_block_from_disk(policy, batch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the command
 GEN = [sys.executable, "-m", "deepforcing_kernels", "generate", "--model", "tiny", "--latent-size", "4", "4",
-       "--no-progress", "--policy", "deep-forcing", "--seed", "3", "--threads", "1"]
+       "--no-progress", "--policy", "deep-forcing", "--seed", "3", "--threads", "1", "--device", "cpu"]
+FRAMES = 60
 
 
 def _env():
@@ -169,45 +176,173 @@ def _env():
     return env
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("straight") / "straight.pt")
+    subprocess.run(GEN + ["--frames", str(FRAMES), "--out", out], check=True, env=_env(),
+                   stdout=subprocess.DEVNULL, timeout=300)
+    ref = load_run(out)
+    assert ref["complete"] and ref["latents"].shape[0] == FRAMES
+    return ref["latents"]
+
+
+def _run_until(argv, out, frames_at_least, deadline_s=240):
+    """Start `argv`; poll the run on disk (every state it shows must load) until it holds `frames_at_least`."""
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = 0
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out):
+            try:
+                run = load_run(out)  # never half written
+            except RunError as e:  # pragma: no cover - the failure this test exists for
+                proc.kill()
+                raise AssertionError(f"the run on disk is damaged while it runs: {e}")
+            seen += 1
+            if run["frames_done"] >= frames_at_least:
+                return proc, seen
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the run finished (or hung) before it could be interrupted: make it longer")
+
+
+def _no_temporaries(out):
+    d = os.path.dirname(out)
+    return [f for f in os.listdir(d) + os.listdir(parts_dir(out)) if f.startswith(".tmp-")]
+
+
 @pytest.mark.slow
-def test_killed_generate_keeps_finished_blocks_and_resumes(tmp_path):
-    frames = 60
-    straight, killed = str(tmp_path / "straight.pt"), str(tmp_path / "killed.pt")
-    subprocess.run(GEN + ["--frames", str(frames), "--out", straight], check=True, env=_env(),
-                   stdout=subprocess.DEVNULL, timeout=300)
-    ref = torch.load(straight, weights_only=True)
-    assert ref["complete"] and ref["latents"].shape[0] == frames
-
-    proc = subprocess.Popen(GEN + ["--frames", str(frames), "--out", killed], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    snapshots = 0
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if os.path.exists(killed):
-                d = torch.load(killed, weights_only=True)  # never half written: always loads
-                snapshots += 1
-                if d["frames_done"] >= 9:
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed: make it longer"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert snapshots >= 1
-    part = torch.load(killed, weights_only=True)
+def test_killed_generate_keeps_finished_blocks_and_resumes(straight_run, tmp_path):
+    killed = str(tmp_path / "killed.pt")
+    proc, seen = _run_until(GEN + ["--frames", str(FRAMES), "--out", killed, "--save-every-s", "0.3"], killed, 9)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert seen >= 1
+    part = load_run(killed)
     done = part["frames_done"]
-    assert part["complete"] is False and 9 <= done < frames and done % 3 == 0
-    assert part["latents"].shape[0] == done, "the file must hold exactly the finished blocks"
-    assert torch.equal(part["latents"], ref["latents"][:done]), "finished blocks differ from the straight run"
+    assert part["complete"] is False and 9 <= done < FRAMES and done % 3 == 0
+    assert torch.equal(part["latents"], straight_run[:done]), "finished blocks differ from the straight run"
+    # a SIGKILL during a save leaves a temporary behind: the next start removes it
+    stale = os.path.join(parts_dir(killed), ".tmp-state.pt-deadbeef")
+    open(stale, "wb").close()
+    p = subprocess.run(GEN + ["--frames", str(FRAMES), "--out", killed, "--resume"], env=_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert "removed" in p.stderr and ".tmp-state.pt-deadbeef" in p.stderr
+    fin = load_run(killed)
+    assert fin["complete"] and fin["frames_done"] == FRAMES
+    assert torch.equal(fin["latents"], straight_run)
+    assert _no_temporaries(killed) == []
 
-    subprocess.run(GEN + ["--frames", str(frames), "--out", killed, "--resume"], check=True, env=_env(),
-                   stdout=subprocess.DEVNULL, timeout=300)
-    fin = torch.load(killed, weights_only=True)
-    assert fin["complete"] and fin["frames_done"] == frames
-    assert torch.equal(fin["latents"], ref["latents"])
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_the_state_after_the_block_and_resume_is_bit_for_bit(sig, straight_run, tmp_path):
+    """The default budget (60 s) saves no state during a short run; SIGINT / SIGTERM finish the block in progress,
+    save the state and exit 128 + signal; --resume continues from exactly there."""
+    out = str(tmp_path / "sig.pt")
+    old = os.umask(0o022)
+    try:
+        proc, _ = _run_until(GEN + ["--frames", str(FRAMES), "--out", out], out, 9)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 128 + sig, err
+    assert "Traceback" not in err and "state saved" in err
+    part = load_run(out, with_state=True)
+    assert part["state_frames"] == part["frames_done"] and part["frames_done"] < FRAMES
+    assert torch.equal(part["latents"], straight_run[:part["frames_done"]])
+    for d, _, files in os.walk(tmp_path):  # the umask is honoured (0644), never mkstemp's 0600
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o644, f
+    p = subprocess.run(GEN + ["--frames", str(FRAMES), "--out", out, "--resume"], env=_env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert f"from the state saved at frame {part['frames_done']}" in p.stderr
+    fin = load_run(out)
+    assert fin["complete"] and torch.equal(fin["latents"], straight_run)
+
+
+# ---------------------------------------------------------------------------------------------- in process
+CLI = ["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--policy", "deep-forcing",
+       "--seed", "3", "--device", "cpu", "--frames", "27"]
+
+
+def _interrupt_at(monkeypatch, block_index):
+    import deepforcing_kernels.driver as driver
+
+    real, calls = driver.Rollout._block, []
+
+    def interrupted(self, f0):
+        calls.append(f0)
+        if len(calls) == block_index + 1:
+            raise KeyboardInterrupt  # mid-block: the cache is half updated, nothing of this block is saved
+        return real(self, f0)
+
+    monkeypatch.setattr(driver.Rollout, "_block", interrupted)
+
+
+@pytest.fixture(scope="module")
+def straight_27(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("s27") / "s.pt")
+    assert cli_main(CLI + ["--out", out]) == 0
+    return load_run(out)["latents"]
+
+
+@pytest.mark.parametrize("budget,expect", [("0", "from the state saved at frame 12"),
+                                           ("1000", "restarting from frame 0")], ids=["state", "no_state"])
+def test_resume_after_a_mid_block_failure(budget, expect, straight_27, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "r.pt")
+    _interrupt_at(monkeypatch, 4)
+    assert cli_main(CLI + ["--out", out, "--save-every-s", budget]) == 130
+    monkeypatch.undo()
+    part = load_run(out)
+    assert part["frames_done"] == 12 and not part["complete"]
+    assert part["state_frames"] == (12 if budget == "0" else 0)
+    capsys.readouterr()
+    assert cli_main(CLI + ["--out", out, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert expect in err and "differ" not in err
+    assert torch.equal(load_run(out)["latents"], straight_27)
+
+
+def test_resume_replaces_a_regenerated_block_that_differs_and_says_so(straight_27, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "r.pt")
+    _interrupt_at(monkeypatch, 5)
+    assert cli_main(CLI + ["--out", out]) == 130  # no state: the resume regenerates 0..14 and checks them
+    monkeypatch.undo()
+    p = os.path.join(parts_dir(out), "latents-00000006.pt")
+    blk = torch.load(p, weights_only=True)
+    blk["latents"] = blk["latents"] + 1
+    torch.save(blk, p)
+    capsys.readouterr()
+    assert cli_main(CLI + ["--out", out, "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "differ" in err and "[6]" in err
+    assert torch.equal(load_run(out)["latents"], straight_27)
+
+
+def test_resume_of_a_single_file_run_of_earlier_versions(straight_27, tmp_path, capsys):
+    """Runs written before the block layout (one .pt with latents + state) are resumed and converted."""
+    import deepforcing_kernels.commands.generate as gen
+
+    m = gen.build_model("tiny", None, 3)
+    text = gen.random_text_embeds(m.config, 3)
+    ro = generate(m, text, 27, CachePolicy.deep_forcing(), 3, latent_size=(4, 4), progress=False)
+    blocks = [next(ro) for _ in range(3)]
+    settings = {"model": "tiny", "checkpoint": None, "text_embeds": None, "policy": "deep-forcing", "score": None,
+                "seed": 3, "batch_size": 1, "latent_size": [4, 4], "dtype": "float32", "cache_dtype": "float32",
+                "backend": "auto", "frames": 27}
+    out = str(tmp_path / "old.pt")
+    torch.save({"latents": torch.cat(blocks, 1)[0], "settings": settings, "frames_done": 9, "complete": False,
+                "state": ro.state_dict()}, out)
+    assert load_run(out)["layout"] == "single-file"
+    assert cli_main(CLI + ["--out", out, "--resume"]) == 0
+    assert "converted" in capsys.readouterr().err
+    run = load_run(out)
+    assert run["layout"] == "blocks" and torch.equal(run["latents"], straight_27)
+
 
 
 @pytest.mark.parametrize("policy", [CachePolicy.deep_forcing(8, 2, 6, 2, score="mass", block_frames=1),
@@ -218,7 +353,6 @@ def test_killed_generate_keeps_finished_blocks_and_resumes(tmp_path):
 def test_failure_inside_attention_recovers_from_the_last_state(policy, monkeypatch):
     """The documented recovery: a failure inside the backend (out of memory, Ctrl-C) during a rolling or compressing
     pass may leave the layer half-updated; loading the last state dict (or reset()) makes it exact again."""
-    import deepforcing_kernels.cache as cache_mod
     from deepforcing_kernels.schedule import plan_pass
 
     rope = RopeSpec.wan(16)
@@ -235,15 +369,15 @@ def test_failure_inside_attention_recovers_from_the_last_state(policy, monkeypat
         play(cache, calls[cut:cut + 1])
         cut += 1
     saved = cache.state_dict()
-    real = cache_mod.sink_attention
+    real = cache.backend_impl
 
     def boom(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cache_mod, "sink_attention", boom)
+    monkeypatch.setattr(cache, "backend_impl", dataclasses.replace(real, run=boom))  # the backend fails mid-pass
     with pytest.raises(KeyboardInterrupt):
         play(cache, calls[cut:cut + 1])
-    monkeypatch.setattr(cache_mod, "sink_attention", real)
+    monkeypatch.setattr(cache, "backend_impl", real)
     cache.load_state_dict(saved)
     got = play(cache, calls[cut:])
     for a, b in zip(got, straight[cut:]):
