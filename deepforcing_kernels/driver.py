@@ -1,16 +1,10 @@
 """The Self-Forcing generation driver: roll a causal Wan DiT block by block over a :class:`StreamingKVCache`.
 
-Per block of ``block_frames`` (3) latent frames starting at frame ``f0`` (SPEC.md section 1):
-
-1. draw the block's noise ``x`` from the driver's own ``torch.Generator``;
-2. four denoising passes at the shift-5 warp of ``[1000, 750, 500, 250]`` = ``[1000, 937.5, 833.33.., 625]``:
-   ``flow = model(x, t)``, ``x0 = x - sigma_t * flow`` (flow matching, ``sigma_t = t / 1000``, in float64 as the
-   release), and between steps fresh noise: ``x = (1 - sigma_next) * x0 + sigma_next * noise``;
-3. a fifth "clean context" pass at ``t = 0`` on the final ``x0`` whose only purpose is to overwrite the block's
-   K/V in the cache with clean ones (its output is discarded);
-4. yield ``x0`` ``[B, block_frames, C, H, W]``.
-
-All five passes use the block's start frame, so the cache appends on the first and overwrites on the other four.
+The driver reads nothing model-specific: it builds the cache from the model's
+:meth:`~deepforcing_kernels.models.CausalVideoModel.cache_spec`, and runs each block with the sampler of
+:mod:`deepforcing_kernels.sampler` (four warped flow-matching steps, then a clean pass at ``t = 0`` that rewrites
+the block's K/V). Per block of ``block_frames`` latent frames starting at ``f0`` it draws the block's noise from
+its own ``torch.Generator``, denoises, runs the clean pass, and yields ``x0 [B, block_frames, C, H, W]``.
 
 Deliberate differences from the release: noise is drawn per block (the release draws the whole video's noise up
 front), so a stream has no length limit and its state is small; everything random comes from one generator owned
@@ -22,40 +16,26 @@ seed and settings continues bit for bit, as if the run had never stopped.
 """
 from __future__ import annotations
 
-import inspect
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from .cache import StreamingKVCache
+from .models.base import build_cache, check_model
+from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
 
 __all__ = ["generate", "Rollout", "warp_timesteps", "DENOISING_STEPS", "STATE_FORMAT"]
 
-# Self-Forcing's 4-step schedule before the warp, and the warp's shift.
-DENOISING_STEPS: Tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
-SHIFT = 5.0
 STATE_FORMAT = "deepforcing-rollout-v1"
 
 
-def warp_timesteps(steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT) -> List[float]:
-    """The flow-matching shift warp: ``s = t / 1000``, ``t' = 1000 * shift * s / (1 + (shift - 1) * s)``.
-
-    ``warp_timesteps()`` is ``[1000.0, 937.5, 833.333..., 625.0]`` (floats: rounding 833.33 to 833 changes the
-    output by several percent).
-    """
-    out = []
-    for t in steps:
-        if not 0.0 <= float(t) <= 1000.0:
-            raise ValueError(f"timesteps must lie in [0, 1000], got {t}")
-        s = float(t) / 1000.0
-        out.append(1000.0 * shift * s / (1.0 + (shift - 1.0) * s))
-    return out
-
-
-def _model_dtype_device(model: torch.nn.Module) -> Tuple[torch.dtype, torch.device]:
-    p = next(model.parameters())
-    return p.dtype, p.device
+def _model_dtype_device(model: Any) -> Tuple[torch.dtype, torch.device]:
+    params = getattr(model, "parameters", None)
+    p = next(params(), None) if callable(params) else None
+    if p is not None:
+        return p.dtype, p.device
+    return getattr(model, "dtype", torch.float32), torch.device(getattr(model, "device", "cpu"))
 
 
 def _generator_for(device: torch.device, seed: int) -> torch.Generator:
@@ -74,9 +54,7 @@ class Rollout:
                  denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  resume_from: Optional[Dict[str, Any]] = None):
-        cfg = getattr(model, "config", None)
-        if cfg is None or not hasattr(cfg, "num_layers"):
-            raise TypeError(f"model must be a CausalWanModel (with .config), got {type(model).__name__}")
+        check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -101,15 +79,17 @@ class Rollout:
         self.batch_size = int(batch_size) if batch_size is not None else b_text
         if self.batch_size <= 0 or b_text not in (1, self.batch_size):
             raise ValueError(f"batch_size {batch_size} does not match text_embeds batch {b_text}")
-        if text_embeds.shape[-1] != cfg.text_dim:
-            raise ValueError(f"text_embeds has width {text_embeds.shape[-1]}, the model takes {cfg.text_dim}")
+        if text_embeds.shape[-1] != model.text_dim:
+            raise ValueError(f"text_embeds has width {text_embeds.shape[-1]}, the model takes {model.text_dim}")
         self.text = text_embeds.to(self.device, self.dtype).expand(self.batch_size, -1, -1)
 
-        self.latent_size = tuple(int(v) for v in (latent_size if latent_size is not None else cfg.latent_size))
-        rows, cols = cfg.token_grid(self.latent_size)
-        self.tokens_per_frame = rows * cols
+        self.latent_size = tuple(int(v) for v in (latent_size if latent_size is not None
+                                                  else model.default_latent_size))
+        self.latent_channels = int(model.latent_channels)
         self.timesteps = warp_timesteps(denoising_steps, shift)
-        self.cache = self._make_cache(cfg, backend)
+        self.cache = build_cache(model, policy, latent_size=self.latent_size, batch_size=self.batch_size,
+                                 dtype=self.cache_dtype, device=self.device, backend=backend)
+        self.tokens_per_frame = self.cache.tokens_per_frame
 
         self.frames_done = 0
         self.generator = _generator_for(self.device, seed)
@@ -119,17 +99,6 @@ class Rollout:
         self._pbar = None
 
     # ------------------------------------------------------------ setup
-    def _make_cache(self, cfg: Any, backend: str) -> StreamingKVCache:
-        kw: Dict[str, Any] = dict(num_layers=cfg.num_layers, batch_size=self.batch_size, num_heads=cfg.num_heads,
-                                  head_dim=cfg.head_dim, tokens_per_frame=self.tokens_per_frame, rope=cfg.rope(),
-                                  dtype=self.cache_dtype, device=self.device)
-        params = inspect.signature(StreamingKVCache).parameters
-        if "backend" in params:
-            kw["backend"] = backend
-        elif backend != "auto":
-            raise ValueError(f"backend={backend!r} cannot be chosen: this StreamingKVCache picks its own")
-        return StreamingKVCache(self.policy, **kw)
-
     def _settings(self) -> Dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
@@ -204,23 +173,16 @@ class Rollout:
 
     @torch.no_grad()
     def _block(self, f0: int) -> torch.Tensor:
-        cfg, g = self.model.config, self.generator
-        shape = (self.batch_size, self.block_frames, cfg.in_dim) + self.latent_size
+        g = self.generator
+        shape = (self.batch_size, self.block_frames, self.latent_channels) + self.latent_size
         noise = lambda: torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)  # noqa: E731
-        x = noise().to(self.dtype)
-        x0 = x
-        last = len(self.timesteps) - 1
-        for i, t in enumerate(self.timesteps):
-            ts = torch.full((self.batch_size, self.block_frames), t, dtype=torch.float32, device=self.device)
-            flow = self.model(x, ts, self.text, cache=self.cache, start_frame=f0)
-            sigma = t / 1000.0
-            x0 = (x.double() - sigma * flow.double()).to(self.dtype)
-            if i < last:
-                s_next = self.timesteps[i + 1] / 1000.0
-                x = ((1.0 - s_next) * x0.float() + s_next * noise()).to(self.dtype)
-        # clean context pass: rewrites the block's K/V from the clean x0 at t = 0; its output is not used
-        zeros = torch.zeros((self.batch_size, self.block_frames), dtype=torch.float32, device=self.device)
-        self.model(x0, zeros, self.text, cache=self.cache, start_frame=f0)
+
+        def flow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.model(x, t, self.text, cache=self.cache, start_frame=f0)
+
+        x0 = denoise_block(flow, noise, self.timesteps, batch_size=self.batch_size, block_frames=self.block_frames,
+                           dtype=self.dtype, device=self.device)
+        clean_pass(flow, x0)
         return x0
 
 
@@ -233,15 +195,15 @@ def generate(model: torch.nn.Module, text_embeds: torch.Tensor, num_frames: int,
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
-        model: a :class:`~deepforcing_kernels.models.CausalWanModel` (any dtype / device; it is not modified).
+        model: a :class:`~deepforcing_kernels.models.CausalVideoModel` such as
+            :class:`~deepforcing_kernels.models.CausalWanModel` (any dtype / device; it is not modified).
         text_embeds: ``[L, text_dim]`` or ``[B, L, text_dim]`` text-encoder output.
         num_frames: latent frames to produce, a multiple of the policy's ``block_frames``; no upper limit.
         policy: a :class:`~deepforcing_kernels.cache.CachePolicy` (full, sliding, frame_sink, deep_sink,
             deep_forcing); the driver builds the :class:`StreamingKVCache` from it and the model's sizes.
         seed: seeds the rollout's own ``torch.Generator`` (on the model's device).
         batch_size: videos generated together (default: the text batch; one prompt may drive several).
-        latent_size: latent ``(H, W)``; default ``model.config.latent_size`` (60 x 104 for Wan 1.3B). Tokens per
-            frame are ``(H / 2) * (W / 2)``.
+        latent_size: latent ``(H, W)``; default ``model.default_latent_size`` (60 x 104 for Wan 1.3B).
         cache_dtype: dtype of the cached K/V and of attention (default: the model's dtype).
         backend: attention backend, passed to the cache when it takes one.
         denoising_steps, shift: the schedule before the warp (see :func:`warp_timesteps`).

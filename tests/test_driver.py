@@ -33,6 +33,8 @@ class Spy(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.inner, self.config, self.calls = model, model.config, []
+        self.latent_channels, self.text_dim = model.latent_channels, model.text_dim
+        self.default_latent_size, self.cache_spec = model.default_latent_size, model.cache_spec
 
     def forward(self, latents, timestep, text_embeds, *, cache, start_frame):
         out = self.inner(latents, timestep, text_embeds, cache=cache, start_frame=start_frame)
@@ -165,3 +167,59 @@ def test_bad_arguments():
         generate(m, text(), 9, CachePolicy.sliding(), 0, resume_from={"frames_done": 3}, progress=False)
     with pytest.raises(TypeError):
         generate(torch.nn.Linear(2, 2), text(), 9, CachePolicy.sliding(), 0, progress=False)
+
+
+class TinyMixer(torch.nn.Module):
+    """A second model family in a few lines (not Wan): one token per latent pixel, a 1-D RoPE over frames, one
+    cached self-attention layer and a linear read-out. It implements CausalVideoModel and nothing else."""
+
+    latent_channels, text_dim, default_latent_size = 3, 8, (2, 2)
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.qkv = torch.nn.Linear(3, 3 * 16)
+        self.out = torch.nn.Linear(16 + 8, 3)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+        from deepforcing_kernels import RopeSpec
+
+        self.rope = RopeSpec.gptj(8)
+
+    def cache_spec(self, latent_size):
+        from deepforcing_kernels.models import CacheSpec
+
+        return CacheSpec(1, 2, 2, 8, latent_size[0] * latent_size[1], self.rope)
+
+    def forward(self, latents, timestep, text, *, cache, start_frame):
+        from deepforcing_kernels import apply_rope
+
+        b, f, c, h, w = latents.shape
+        x = latents.permute(0, 1, 3, 4, 2).reshape(b, f * h * w, c) * (1 + timestep.mean() / 1000)
+        q, k, v = self.qkv(x).view(b, f * h * w, 3, 2, 8).unbind(2)
+        # one temporal position per frame: rotate each frame's tokens at their frame (grid of one token)
+        q, k = (torch.cat([apply_rope(t[:, i * h * w:(i + 1) * h * w].reshape(b * h * w, 1, 2, 8), self.rope,
+                                      frame_offset=start_frame + i, grid=(1,)).reshape(b, h * w, 2, 8)
+                           for i in range(f)], dim=1) for t in (q, k))
+        a = cache.layers[0].attend(q, k, v, start_frame=start_frame).reshape(b, f * h * w, 16)
+        y = self.out(torch.cat([a, text.mean(1, keepdim=True).expand(b, f * h * w, 8)], -1))
+        return y.view(b, f, h, w, c).permute(0, 1, 4, 2, 3)
+
+
+@pytest.mark.parametrize("policy", ["deep_forcing", "deep_sink", "sliding"])
+def test_a_second_model_family_runs_through_generate(policy):
+    """The driver reads nothing Wan-specific: a protocol-only model rolls out past the window, deterministically."""
+    from deepforcing_kernels.presets import make_policy
+
+    model = TinyMixer()
+    txt = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(1))
+    run = lambda: generate(model, txt, num_frames=30, policy=make_policy(policy), seed=3, progress=False).run()  # noqa: E731
+    a = run()
+    assert a.shape == (1, 30, 3, 2, 2) and torch.isfinite(a).all()
+    assert torch.equal(a, run())
+    assert not torch.equal(a[:, :3], a[:, 27:])  # the stream moves
+
+
+def test_a_model_without_the_protocol_is_refused_by_name():
+    with pytest.raises(TypeError, match="CausalVideoModel.*cache_spec"):
+        generate(torch.nn.Linear(2, 2), torch.zeros(1, 2, 2), num_frames=3, policy=CachePolicy.sliding(), seed=0)

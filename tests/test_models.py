@@ -82,8 +82,27 @@ def test_configs():
         WanConfig.tiny(num_heads=5)
     with pytest.raises(ValueError):
         WanConfig.tiny(patch_size=(2, 2, 2))
-    with pytest.raises(ValueError):
-        WanConfig.from_name("wan-14b")
+    assert WanConfig.from_name("wan-14b") == WanConfig.from_name("wan_14b") == WanConfig.wan_14b()
+    with pytest.raises(ValueError, match="unknown model"):
+        WanConfig.from_name("wan-7b")
+
+
+def _wan_parameter_count(dim, ffn, layers, text_dim=4096, in_dim=16, out_dim=16, freq_dim=256, patch=4):
+    """Parameters of a Wan2.1 T2V DiT from wan/modules/model.py, counted by hand (weights + biases)."""
+    lin = lambda i, o: i * o + o  # noqa: E731
+    attn = 4 * lin(dim, dim) + 2 * dim  # q, k, v, o + the q / k RMSNorm weights
+    block = 2 * attn + 2 * dim + lin(dim, ffn) + lin(ffn, dim) + 6 * dim  # self, cross, norm3 (affine), ffn, mod.
+    return (in_dim * patch * dim + dim + lin(text_dim, dim) + lin(dim, dim) + lin(freq_dim, dim) + lin(dim, dim)
+            + lin(dim, 6 * dim) + layers * block + lin(dim, patch * out_dim) + 2 * dim)
+
+
+@pytest.mark.parametrize("name,sizes", [("wan_1_3b", (1536, 8960, 30)), ("wan_14b", (5120, 13824, 40))])
+def test_parameter_count_on_meta_matches_the_published_architecture(name, sizes):
+    with torch.device("meta"):
+        m = CausalWanModel(WanConfig.from_name(name))
+    n = sum(p.numel() for p in m.parameters())
+    assert n == _wan_parameter_count(*sizes)
+    assert (1.40e9 < n < 1.43e9) if name == "wan_1_3b" else (14.0e9 < n < 14.4e9)  # "14B" is 14.29 B
 
 
 def test_parameter_names_and_1_3b_size():

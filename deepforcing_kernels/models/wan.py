@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ..rotation import apply_rope
 from ..rope import RopeSpec
+from .base import CacheSpec
 
 __all__ = [
     "WanConfig", "CausalWanModel", "load_wan_state_dict", "unpatchify", "sinusoidal_embedding", "WanRMSNorm",
@@ -114,14 +115,21 @@ class WanConfig:
         return cls(**kw)
 
     @classmethod
+    def wan_14b(cls, **overrides: Any) -> "WanConfig":
+        """Published Wan2.1-T2V-14B sizes (the base of Krea Realtime 14B): dim 5120, FFN 13824, 40 heads of 128,
+        40 layers."""
+        kw: Dict[str, Any] = dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, in_dim=16,
+                                  out_dim=16, freq_dim=256, text_len=512, eps=1e-6, latent_size=(60, 104))
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "WanConfig":
-        """``"tiny"`` or ``"wan-1.3b"`` (also ``"wan_1_3b"``)."""
-        key = name.lower().replace("_", "-")
-        if key == "tiny":
-            return cls.tiny(**overrides)
-        if key in ("wan-1.3b", "wan-1-3b", "wan2.1-1.3b"):
-            return cls.wan_1_3b(**overrides)
-        raise ValueError(f"unknown model name {name!r}; expected 'tiny' or 'wan-1.3b'")
+        """A named preset of :mod:`deepforcing_kernels.presets` (``tiny``, ``wan_1_3b`` / ``wan-1.3b``,
+        ``wan_14b``)."""
+        from ..presets import model_config
+
+        return model_config(name, **overrides)
 
     # ------------------------------------------------------------ derived
     @property
@@ -326,6 +334,28 @@ class CausalWanModel(nn.Module):
         self.head = WanHead(c)
         self.rope = c.rope()
         self.init_weights()
+
+    # ------------------------------------------------------------ the CausalVideoModel protocol
+    @property
+    def latent_channels(self) -> int:
+        """Latent channels in (``in_dim``)."""
+        return self.config.in_dim
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings (4096 for umT5-XXL)."""
+        return self.config.text_dim
+
+    @property
+    def default_latent_size(self) -> Tuple[int, int]:
+        """Latent ``(H, W)`` generated when none is given (60 x 104 is 480 x 832 pixels)."""
+        return tuple(self.config.latent_size)
+
+    def cache_spec(self, latent_size: Sequence[int]) -> CacheSpec:
+        """Cache geometry at ``latent_size``: one layer per block, all heads, Wan's 3-D RoPE."""
+        c = self.config
+        rows, cols = c.token_grid(latent_size)
+        return CacheSpec(c.num_layers, c.num_heads, c.num_heads, c.head_dim, rows * cols, self.rope)
 
     @torch.no_grad()
     def init_weights(self, *, generator: Optional[torch.Generator] = None, zero_head: bool = True) -> None:

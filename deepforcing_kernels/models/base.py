@@ -1,0 +1,73 @@
+"""The seam between the generation driver and a model: what a causal video model must offer.
+
+The driver (:mod:`deepforcing_kernels.driver`) reads nothing model-specific: it asks the model for its cache
+geometry at a latent size (:meth:`CausalVideoModel.cache_spec`), its latent channels and text width, and calls
+it block by block. Any ``nn.Module`` with these members runs through ``generate`` (the tests add a few-line
+second family); :class:`~deepforcing_kernels.models.CausalWanModel` is the production one.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+import torch
+
+from ..rope import RopeSpec
+
+__all__ = ["CacheSpec", "CausalVideoModel", "check_model", "build_cache"]
+
+
+class CacheSpec(NamedTuple):
+    """Geometry of the streaming KV cache a model needs (per rank for a head-sharded model)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tokens_per_frame: int
+    rope: Optional[RopeSpec]
+
+
+@runtime_checkable
+class CausalVideoModel(Protocol):
+    """A block-causal video model the driver can roll out.
+
+    Attributes:
+        latent_channels: channels of the latents it denoises (16 for the Wan VAE).
+        text_dim: width of the text embeddings it cross-attends to.
+        default_latent_size: latent ``(H, W)`` used when the caller gives none.
+    """
+
+    latent_channels: int
+    text_dim: int
+    default_latent_size: Tuple[int, int]
+
+    def cache_spec(self, latent_size: Sequence[int]) -> CacheSpec:
+        """The cache geometry for latents of ``latent_size`` (raise ValueError for a size it cannot take)."""
+        ...
+
+    def __call__(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, *, cache: Any,
+                 start_frame: int) -> torch.Tensor:
+        """Flow prediction ``[B, F, C, H, W]`` for a block of latents ``[B, F, C, H, W]`` at timesteps
+        ``[B, F]``, attending through ``cache`` (one layer per transformer block) at absolute ``start_frame``."""
+        ...
+
+
+def check_model(model: Any) -> None:
+    """TypeError naming what is missing when ``model`` does not implement :class:`CausalVideoModel`."""
+    missing = [n for n in ("latent_channels", "text_dim", "default_latent_size", "cache_spec")
+               if not hasattr(model, n)]
+    if missing or not callable(model):
+        raise TypeError(f"model must implement deepforcing_kernels.models.CausalVideoModel (missing: "
+                        f"{', '.join(missing) or '__call__'}), got {type(model).__name__}")
+
+
+def build_cache(model: Any, policy: Any, *, latent_size: Sequence[int], batch_size: int, dtype: torch.dtype,
+                device: torch.device, **cache_kw: Any):
+    """The :class:`~deepforcing_kernels.StreamingKVCache` ``model`` needs for ``policy`` at ``latent_size``."""
+    from ..cache import StreamingKVCache
+
+    spec = model.cache_spec(tuple(latent_size))
+    return StreamingKVCache(policy, num_layers=spec.num_layers, batch_size=batch_size, num_heads=spec.num_heads,
+                            num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                            tokens_per_frame=spec.tokens_per_frame, rope=spec.rope, dtype=dtype, device=device,
+                            **cache_kw)
