@@ -1,4 +1,4 @@
-"""The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``.
+"""The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``, ``gpu-check``.
 
 Each subcommand lives in :mod:`deepforcing_kernels.commands` as a module with ``add_parser(subparsers)`` and
 ``run(args) -> int``, imported only when it runs, so ``deepforcing --help`` stays fast.
@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": "generate a long video's latents block by block",
     "trace": "run the cache schedule alone and draw it",
     "bench": "benchmark the op, the compression step and whole rollouts",
+    "gpu-check": "correctness, op timing and model rollouts on one CUDA GPU (--dry-run: tiny, on CPU)",
 }
 
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deepforcing", description="Deep Forcing kernels and generation driver")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, help_text in COMMANDS.items():
-        mod = importlib.import_module(f"deepforcing_kernels.commands.{name}")
+        mod = importlib.import_module(f"deepforcing_kernels.commands.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=help_text, description=help_text)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
