@@ -3,16 +3,36 @@
 Deep Forcing (arXiv 2512.05081) turns a Self-Forcing-style autoregressive video diffusion model into a
 minute-long generator without training: a *Deep Sink* of early frames whose RoPE is re-phased to sit just behind
 the live context, and *Participative Compression* that keeps the most-attended tokens of the middle.
+
+The public names below load on first use (so ``deepforcing --help`` and ``import deepforcing_kernels`` stay
+light); using any of them registers ``torch.ops.deepforcing.sink_attention``.
 """
-from . import ops as _ops  # noqa: F401  (defines torch.ops.deepforcing.sink_attention)
-from .attention import SinkAttentionOutput, available_backends, sink_attention
-from .cache import CachePolicy, StreamingKVCache, release_logit_score
-from .rope import RopeSpec
-from .rotation import apply_rope, rephase
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "RopeSpec", "apply_rope", "rephase", "sink_attention", "SinkAttentionOutput", "available_backends",
-    "release_logit_score", "CachePolicy", "StreamingKVCache", "__version__",
-]
+#: public name -> module that defines it
+_EXPORTS = {
+    "RopeSpec": "rope", "apply_rope": "rotation", "rephase": "rotation", "sink_attention": "attention",
+    "SinkAttentionOutput": "attention", "available_backends": "attention", "release_logit_score": "cache",
+    "CachePolicy": "cache", "StreamingKVCache": "cache",
+}
+
+__all__ = list(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'deepforcing_kernels' has no attribute {name!r}")
+    importlib.import_module(__name__ + ".ops")  # the op is registered before anything can call it
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -59,7 +59,11 @@ class Rollout:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.block_frames = int(getattr(policy, "block_frames", 3))
+        from .policy import CachePolicy
+
+        if not isinstance(policy, CachePolicy):
+            raise TypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
+        self.block_frames = policy.block_frames
         if num_frames % self.block_frames:
             raise ValueError(f"num_frames ({num_frames}) must be a multiple of the policy's block_frames "
                              f"({self.block_frames})")

@@ -22,6 +22,10 @@ KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")
 SCORES = ("mass", "logits")
 
 
+#: Latent frames per block in the Self-Forcing family (SPEC section 1): the default of every policy.
+BLOCK_FRAMES = 3
+
+
 class ArgumentTypeError(TypeError, ValueError):
     """An argument of the wrong kind. It is both a TypeError (the package's convention for the wrong kind of
     thing) and a ValueError (what the cache promises for every bad configuration or call), so either
@@ -59,7 +63,7 @@ class CachePolicy:
     """
 
     kind: str
-    block_frames: int = 3
+    block_frames: int = BLOCK_FRAMES
     window_frames: Optional[int] = None
     sink_frames: int = 0
     rephase_sink: bool = False
@@ -72,23 +76,23 @@ class CachePolicy:
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
-    def full(cls, *, block_frames: int = 3) -> "CachePolicy":
+    def full(cls, *, block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
         """Keep every frame (the cache grows; for short clips and as ground truth)."""
         return cls("full", block_frames=block_frames)
 
     @classmethod
-    def sliding(cls, window_frames: int = 21, *, block_frames: int = 3) -> "CachePolicy":
+    def sliding(cls, window_frames: int = 21, *, block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
         """Self-Forcing: the last ``window_frames`` frames, first in first out."""
         return cls("sliding", block_frames=block_frames, window_frames=window_frames)
 
     @classmethod
-    def frame_sink(cls, window_frames: int = 21, sink_frames: int = 3, *, block_frames: int = 3) -> "CachePolicy":
+    def frame_sink(cls, window_frames: int = 21, sink_frames: int = 3, *, block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
         """LongLive / StreamingLLM: the first ``sink_frames`` frames forever at their own positions, then FIFO."""
         return cls("frame_sink", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames)
 
     @classmethod
     def deep_sink(cls, window_frames: int = 21, sink_frames: int = 14, sink_gap: Optional[int] = None, *,
-                  block_frames: int = 3) -> "CachePolicy":
+                  block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
         """Deep Sink: the first ``sink_frames`` frames forever, re-phased behind the live context, then FIFO."""
         return cls("deep_sink", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
                    rephase_sink=True, sink_gap=sink_gap)
@@ -97,7 +101,7 @@ class CachePolicy:
     def deep_forcing(cls, window_frames: int = 21, sink_frames: int = 10, budget_frames: int = 16,
                      recent_frames: int = 4, score: str = "mass", topc_max_reuse: Optional[int] = 7,
                      unify_topc_rope: bool = False, sink_gap: Optional[int] = None, *,
-                     block_frames: int = 3) -> "CachePolicy":
+                     block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
         """Deep Sink + Participative Compression (SPEC section 3).
 
         When a new block would push the cache past ``window_frames``, it is compressed to ``budget_frames``:

@@ -76,9 +76,7 @@ def _sink_table(rope: RopeSpec, shift: int, device: torch.device) -> Tuple[torch
     return c.to(torch.float32).to(device), s.to(torch.float32).to(device)
 
 
-@functools.lru_cache(maxsize=16)
-def _no_table(device: torch.device) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.float32, device=device)
+_NO_TABLE: dict = {}  # device -> the shared empty table (a dict: an lru_cache costs more per call than a lookup)
 
 
 def rotation_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, key_shift: Optional[torch.Tensor],
@@ -88,14 +86,18 @@ def rotation_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, ke
     Arguments as validated by :func:`deepforcing_kernels.sink_attention` (``key_shift`` None or int64
     ``[B, Lk]``; ``rope`` None only when no key moves). Sink tables are cached per ``(rope, shift, device)``.
     """
+    if key_shift is None and (sink_len == 0 or sink_shift == 0 or rope is None):  # the common case, first
+        e = _NO_TABLE.get(device)
+        if e is None:
+            e = _NO_TABLE[device] = torch.empty(0, dtype=torch.float32, device=device)
+        return e, e, 0
     if rope is not None and key_shift is not None:
         c, s = shift_tables(rope, key_shift.to(torch.int64).expand(batch, lk))
         return c.to(torch.float32).contiguous(), s.to(torch.float32).contiguous(), lk
     if rope is not None and sink_len > 0 and sink_shift != 0:
         c, s = _sink_table(rope, int(sink_shift), torch.device(device))
         return c, s, int(sink_len)
-    e = _no_table(torch.device(device))
-    return e, e, 0
+    return rotation_tables(rope, 0, 0, None, batch, lk, device)
 
 
 def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_len: int,

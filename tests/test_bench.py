@@ -97,21 +97,11 @@ def test_timing_helpers():
     assert paired_ratio(res, "x") == 0.5
 
 
-def test_minimal_compression_matches_engine_selection():
-    """The stand-in step keeps the same tokens as the engine's select_topc (distinct scores, some capped)."""
-    from deepforcing_kernels.bench.compression import compress_step
-    from deepforcing_kernels.cache import select_topc
+def test_compression_bench_times_the_engine_step():
+    """The bench's step is the engine's compress_step: after one call its storage holds sink, Top-C, recent."""
+    from deepforcing_kernels.bench.compression import CompressionGeometry, _case_fns
 
-    g = torch.Generator().manual_seed(1)
-    B, T, S, R, C = 2, 40, 10, 8, 6
-    k = torch.randn(B, T, 2, 4, generator=g)
-    score = torch.randn(B, T, generator=g)
-    reuse = torch.randint(0, 9, (B, T), generator=g)
-    idx = select_topc(score[:, S:T - R], reuse[:, S:T - R], C, 7) + S
-    k0 = k.clone()
-    k2, v2, _ = compress_step(k, k.clone(), score, reuse.clone(), sink_tok=S, recent_tok=R, topc_tok=C, max_reuse=7)
-    k = k0
-    assert torch.equal(k2, v2)
-    want = torch.stack([k[b, idx[b]] for b in range(B)])
-    assert torch.equal(k2[:, S:S + C], want)
-    assert torch.equal(k2[:, :S], k[:, :S]) and torch.equal(k2[:, S + C:], k[:, T - R:])
+    fns = _case_fns(2, torch.float32, "mass", CompressionGeometry(), "reference", 0)
+    assert set(fns) == {"engine", "refill", "attention"}
+    fns["engine"]()
+    fns["attention"]()
