@@ -21,7 +21,6 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
-from .cache import StreamingKVCache
 from .models.base import build_cache, check_model
 from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
 

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ..attention import available_backends, sink_attention
 from ..rope import RopeSpec
+from . import ops
+from .ops import attention_flops
 from .timing import interleaved, median
 
 #: The head geometry of Wan2.1-1.3B: every op case uses it.
@@ -46,11 +48,6 @@ class OpGrid:
     def tiny(cls) -> "OpGrid":
         """For tests: seconds, not minutes."""
         return cls(dtypes=(torch.float32,), kv_frames=(4,), tokens_per_frame=(8,), repeats=1)
-
-
-def attention_flops(lq: int, lk: int, heads: int = HEADS, head_dim: int = HEAD_DIM, batch: int = 1) -> float:
-    """FLOPs of attention counted as its two GEMMs (2 * Lq * Lk * D each, per head); softmax not counted."""
-    return 4.0 * batch * heads * lq * lk * head_dim
 
 
 def op_backends(device: str = "cpu") -> List[str]:
@@ -89,19 +86,9 @@ def _group_candidates(dtype: torch.dtype, kv_frames: int, tpf: int, backends: Se
     return fns
 
 
-def _ops_module():
-    """The C++ engineer's :mod:`deepforcing_kernels.bench.ops` (``bench_op_case``), or None before it lands."""
-    try:
-        from . import ops
-    except Exception:  # noqa: BLE001
-        return None
-    return ops if callable(getattr(ops, "bench_op_case", None)) else None
-
-
 def _rows_from_ops(grid: OpGrid, backends: Sequence[str], log) -> List[dict]:
     """The CPU grid through ``bench.ops.bench_op_case``: one call per (dtype, T, KV, rephase, mass), each timing
     the backends, SDPA and the GEMM pair interleaved; baselines are listed once per group (from its first call)."""
-    ops = _ops_module()
     rows: List[dict] = []
     for dtype in grid.dtypes:
         for tpf in grid.tokens_per_frame:
@@ -139,11 +126,11 @@ def run_ops(grid: OpGrid = OpGrid(), *, seed: int = 0, log: Optional[Callable[[s
     ``rephase, mass`` (None for the baselines), ``time_s`` (median), ``ratio_to_sdpa`` (time / SDPA's median,
     interleaved in the same call), ``gflops`` (attention FLOPs / time).
 
-    On CPU the timing is :func:`deepforcing_kernels.bench.ops.bench_op_case` (the kernel owner's harness) when
-    present; on CUDA (Triton rows), or before that module exists, the local interleaved loop below.
+    On CPU the timing is :func:`deepforcing_kernels.bench.ops.bench_op_case`; on CUDA (Triton rows) the
+    interleaved loop below. Both time with :func:`deepforcing_kernels.bench.timing.interleaved`.
     """
     backends = list(grid.backends) if grid.backends is not None else op_backends(grid.device)
-    if torch.device(grid.device).type == "cpu" and _ops_module() is not None:
+    if torch.device(grid.device).type == "cpu":
         return _rows_from_ops(grid, backends, log)
     rows: List[dict] = []
     for dtype in grid.dtypes:
@@ -152,7 +139,7 @@ def run_ops(grid: OpGrid = OpGrid(), *, seed: int = 0, log: Optional[Callable[[s
                 fns = _group_candidates(dtype, kvf, tpf, backends, grid.device, seed)
                 samples = interleaved(fns, repeats=grid.repeats, warmup=1)
                 lq, lk = BLOCK_FRAMES * tpf, kvf * tpf
-                flops = attention_flops(lq, lk)
+                flops = attention_flops(1, HEADS, lq, lk, HEAD_DIM)
                 sdpa = median(samples["sdpa"])
                 for name, xs in samples.items():
                     impl, rephase, mass = (name.split("|") + [None, None])[:3]

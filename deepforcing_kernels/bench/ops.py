@@ -6,7 +6,6 @@ against a baseline timed in the same process, alternating with it (A B C A B C .
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -14,8 +13,9 @@ import torch.nn.functional as F
 
 from ..attention import available_backends, sink_attention
 from ..rope import RopeSpec
+from .timing import interleaved
 
-__all__ = ["bench_op_case", "op_case_fns", "make_case", "attention_flops", "time_interleaved"]
+__all__ = ["bench_op_case", "op_case_fns", "make_case", "attention_flops"]
 
 
 def attention_flops(batch: int, heads: int, lq: int, lk: int, head_dim: int) -> float:
@@ -37,25 +37,6 @@ def make_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int 
     return dict(q=q, k=k, v=v, sink_len=sink_frames * tokens_per_frame,
                 # the release placement after a roll: the sink sits kv_frames + q_frames behind the live block
                 sink_shift=kv_frames + q_frames - sink_frames, rope=RopeSpec.wan(head_dim))
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 2,
-                     inner: int = 1) -> Dict[str, list]:
-    """Seconds per call of every function, interleaved round-robin so machine noise hits all alike.
-
-    Returns ``{name: [seconds of each repeat]}`` (each repeat averages ``inner`` back-to-back calls).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: Dict[str, list] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - t0) / inner)
-    return times
 
 
 def op_case_fns(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int = 19, sink_frames: int = 10,
@@ -145,7 +126,7 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
         fns, meta = op_case_fns(tokens_per_frame=tokens_per_frame, q_frames=q_frames, kv_frames=kv_frames,
                                 sink_frames=sink_frames, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                 batch=batch, dtype=dtype, rephase=rephase, mass=mass, backends=backends)
-        times = time_interleaved(fns, repeats=repeats, warmup=warmup)
+        times = interleaved(fns, repeats=repeats, warmup=warmup)
         gflop = meta["gflop"]
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results = {}

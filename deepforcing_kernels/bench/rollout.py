@@ -138,12 +138,9 @@ def _order(names: Sequence[str], rng: "random.Random") -> List[str]:
 
 def _attend_frames(layer: Any, start_frame: int) -> Optional[int]:
     """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap)."""
-    try:
-        from ..schedule import plan_pass
+    from ..schedule import plan_pass
 
-        return int(plan_pass(layer.policy, layer.state, start_frame).attend_frames)
-    except Exception:  # noqa: BLE001 - an older engine: fall back to the cache length after the pass
-        return None
+    return int(plan_pass(layer.policy, layer.state, start_frame).attend_frames)
 
 
 # ---------------------------------------------------------------------------------------------- the release, measured
