@@ -39,11 +39,12 @@ def free_port() -> int:
 
 def launch_local(nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0, threads: int = 1,
                  env: Optional[Dict[str, str]] = None, per_rank_env: Optional[Sequence[Dict[str, str]]] = None,
+                 per_rank_args: Optional[Sequence[Sequence[str]]] = None,
                  cwd: Optional[str] = None) -> List[RankResult]:
     """Run ``python argv...`` as ``nprocs`` ranks with ``torchrun``'s variables (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT) and ``threads`` intra-op threads each; wait for all of them.
 
-    Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
+    ``per_rank_env`` / ``per_rank_args`` add variables / trailing arguments rank by rank. Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
     failure the caller can assert on, never a stuck test).
     """
     port = free_port()
@@ -59,7 +60,8 @@ def launch_local(nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0, 
         if per_rank_env:
             e.update(per_rank_env[r])
         files.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))  # no pipe to fill up
-        procs.append(subprocess.Popen([sys.executable, *argv], env=e, cwd=cwd, stdout=files[-1][0],
+        extra = list(per_rank_args[r]) if per_rank_args else []
+        procs.append(subprocess.Popen([sys.executable, *argv, *extra], env=e, cwd=cwd, stdout=files[-1][0],
                                       stderr=files[-1][1], text=True))
     ends: List[Optional[float]] = [None] * nprocs
     ended_at: List[Optional[float]] = [None] * nprocs

@@ -60,6 +60,10 @@ class SequenceParallelWan(nn.Module):
         return int(getattr(self.model, "text_dim", self.model.config.text_dim))
 
     @property
+    def default_latent_size(self) -> Any:
+        return tuple(getattr(self.model, "default_latent_size", self.model.config.latent_size))
+
+    @property
     def local_heads(self) -> int:
         """Heads of this rank's cache and attention."""
         return self.model.config.num_heads // self.world
@@ -73,6 +77,7 @@ class SequenceParallelWan(nn.Module):
 
     def cache_spec(self, latent_size: Optional[Sequence[int]] = None) -> Any:
         """The model's cache spec with this rank's heads (``num_heads / P``, ``num_kv_heads / P``)."""
+        latent_size = tuple(latent_size) if latent_size is not None else self.default_latent_size
         self.check_tokens(latent_size)
         spec = self.model.cache_spec(latent_size)
         kv = getattr(spec, "num_kv_heads", None)
@@ -89,6 +94,11 @@ class SequenceParallelWan(nn.Module):
             raise ValueError(f"the cache holds {heads} heads but this rank attends with {self.local_heads} "
                              f"({self.model.config.num_heads} heads over {self.world} ranks): build it from "
                              "cache_spec()")
+        red = getattr(cache, "reduce_over_heads", self.reduce_over_heads)
+        if red is not self.reduce_over_heads and getattr(getattr(cache, "policy", None), "compresses", False):
+            raise ValueError("this cache would choose Top-C from this rank's heads alone: build it with "
+                             "reduce_over_heads=model.reduce_over_heads (deepforcing_kernels.models.build_cache, "
+                             "which the driver uses, does)")
         return self.model(latents, timestep, text_embeds, cache=cache, start_frame=start_frame,
                           seq_parallel=self.comm)
 

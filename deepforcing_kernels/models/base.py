@@ -67,6 +67,8 @@ def build_cache(model: Any, policy: Any, *, latent_size: Sequence[int], batch_si
     from ..cache import StreamingKVCache
 
     spec = model.cache_spec(tuple(latent_size))
+    if getattr(model, "reduce_over_heads", None) is not None:  # head-sharded (sequence parallel): one Top-C
+        cache_kw.setdefault("reduce_over_heads", model.reduce_over_heads)
     return StreamingKVCache(policy, num_layers=spec.num_layers, batch_size=batch_size, num_heads=spec.num_heads,
                             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                             tokens_per_frame=spec.tokens_per_frame, rope=spec.rope, dtype=dtype, device=device,

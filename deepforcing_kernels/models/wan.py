@@ -218,17 +218,21 @@ class WanSelfAttention(_WanAttention):
     one layer of the streaming cache."""
 
     def forward(self, x: torch.Tensor, *, grid: Tuple[int, int, int], start_frame: int, rope: RopeSpec,
-                layer_cache: Any, attn_dtype: torch.dtype) -> torch.Tensor:
+                layer_cache: Any, attn_dtype: torch.dtype, seq_parallel: Any = None) -> torch.Tensor:
         b, s = x.shape[:2]
         n, d = self.num_heads, self.head_dim
         q = self.norm_q(self.q(x)).view(b, s, n, d)
         k = self.norm_k(self.k(x)).view(b, s, n, d)
         v = self.v(x).view(b, s, n, d)
+        if seq_parallel is not None:  # Ulysses: [tokens/P, all heads] -> [all tokens, heads/P], after the norms
+            q, k, v = seq_parallel.tokens_to_heads((q, k, v), grid[0])
         # The release rotates in float64 and then casts to the storage dtype; do the same (the cache keeps keys
         # exactly as written, so this rounding happens once per key, never again).
         q = apply_rope(q.double(), rope, frame_offset=start_frame, grid=grid)
         k = apply_rope(k.double(), rope, frame_offset=start_frame, grid=grid)
         out = layer_cache.attend(q.to(attn_dtype), k.to(attn_dtype), v.to(attn_dtype), start_frame=start_frame)
+        if seq_parallel is not None:
+            out = seq_parallel.heads_to_tokens(out, grid[0])
         return self.o(out.to(x.dtype).flatten(2))
 
 
@@ -435,7 +439,7 @@ class CausalWanModel(nn.Module):
             raise ValueError(f"cache has {len(layers)} layers but the model has {c.num_layers} blocks")
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text_embeds: torch.Tensor, *, cache: Any,
-                start_frame: int) -> torch.Tensor:
+                start_frame: int, seq_parallel: Any = None) -> torch.Tensor:
         """Flow prediction for one block of latent frames.
 
         Args:
@@ -446,6 +450,9 @@ class CausalWanModel(nn.Module):
                 k, v, start_frame=)``) with one layer per block; q, k, v are cast to its ``dtype`` (when it has
                 one) and the result cast back.
             start_frame: absolute index of the block's first frame (RoPE position and cache schedule).
+            seq_parallel: the sequence-parallel hook (a :class:`~deepforcing_kernels.distributed.comm.SequenceComm`,
+                passed by :class:`~deepforcing_kernels.distributed.ulysses.SequenceParallelWan`): the blocks run on
+                this rank's slice of every frame's tokens and self-attention on its heads. None (default): all here.
 
         Returns:
             the flow ``[B, F, out_dim, H, W]`` in the model's dtype.
@@ -462,10 +469,14 @@ class CausalWanModel(nn.Module):
         if context.shape[0] != b:
             context = context.expand(b, -1, -1)
         attn_dtype = getattr(cache, "dtype", None) or dtype
+        if seq_parallel is not None:
+            x = seq_parallel.shard(x, grid[0])  # this rank's slice of every frame
         for i, block in enumerate(self.blocks):
             x = block(x, e0, context, grid=grid, start_frame=start_frame, rope=self.rope,
-                      layer_cache=cache.layers[i], attn_dtype=attn_dtype)
+                      layer_cache=cache.layers[i], attn_dtype=attn_dtype, seq_parallel=seq_parallel)
         x = self.head(x, e)
+        if seq_parallel is not None:
+            x = seq_parallel.gather(x, grid[0])
         return unpatchify(x, grid, c.patch_size, c.out_dim)
 
 
