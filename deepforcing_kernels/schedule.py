@@ -64,6 +64,8 @@ class ScheduleState:
         sink_start: temporal position of sink frame 0; None while the sink sits at its own positions (never
             re-phased yet, or a policy that does not re-phase).
         compressed: a Top-C region (``topc_frames`` frames' worth of tokens) follows the sink.
+        first_block_frames: frames of the stream's first block when it is shorter than ``block_frames`` (an
+            image prefix run as its own block, Self-Forcing's ``independent_first_frame``); None otherwise.
     """
 
     frames: int = 0
@@ -71,14 +73,21 @@ class ScheduleState:
     stream_start: Optional[int] = None
     sink_start: Optional[int] = None
     compressed: bool = False
+    first_block_frames: Optional[int] = None
+
+    def current_block_frames(self, policy: CachePolicy) -> int:
+        """Frames of the current (last written) block."""
+        if self.first_block_frames is not None and self.block_start == self.stream_start:
+            return self.first_block_frames
+        return policy.block_frames
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ScheduleState":
-        if not isinstance(d, dict) or set(d) != {"frames", "block_start", "stream_start", "sink_start",
-                                                 "compressed"}:
+        keys = {"frames", "block_start", "stream_start", "sink_start", "compressed"}
+        if not isinstance(d, dict) or set(d) not in (keys, keys | {"first_block_frames"}):
             raise ValueError(f"a schedule state dict is expected, got {d!r}")
         _int("frames", d["frames"], minimum=0)
         for name in ("block_start", "stream_start", "sink_start"):
@@ -86,6 +95,8 @@ class ScheduleState:
                 _int(name, d[name])
         if not isinstance(d["compressed"], bool):
             raise ValueError("compressed must be a bool")
+        if d.get("first_block_frames") is not None:
+            _int("first_block_frames", d["first_block_frames"], minimum=1)
         return cls(**d)
 
 
@@ -129,7 +140,8 @@ class PassPlan:
         return self.attend_sink_start - self.state.stream_start
 
 
-def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int) -> PassPlan:
+def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
+              frames: Optional[int] = None) -> PassPlan:
     """Decide what a pass starting at ``start_frame`` does. Pure: nothing is mutated.
 
     Args:
@@ -137,40 +149,55 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int) -> Pa
         state: the layer's state before the pass.
         start_frame: f0 of the pass. The current block's start overwrites its slots; anything at or after the
             current block's end starts a new block; the first pass of a stream may start at any frame >= 0.
+        frames: frames of the pass (default ``policy.block_frames``). Only a stream's first block may be shorter
+            (``1 <= frames <= block_frames``: an image prefix as its own block); passes over the current block
+            must repeat its length.
 
     Returns:
         A :class:`PassPlan` whose ``state`` is the layer's state after the pass.
 
     Raises:
-        ValueError: ``start_frame`` is negative, inside the current block, or before it.
+        ValueError: ``start_frame`` is negative, inside the current block, or before it; or ``frames`` is not
+        allowed here.
     """
     f0 = _int("start_frame", start_frame, minimum=0)
-    F = policy.block_frames
-    if state.block_start is not None and f0 == state.block_start:
-        carry = _carry_mass(policy, state.frames)
-        return PassPlan("overwrite", f0, state.frames, 0, state.frames, state.sink_start, state.compressed,
-                        False, carry, state)
-    if state.block_start is not None and f0 < state.block_start + F:
-        raise ValueError(f"start_frame {f0} is neither the current block's start ({state.block_start}) nor at "
-                         f"or after its end ({state.block_start + F}): streams only move forward by whole blocks")
+    B = policy.block_frames
+    F = B if frames is None else _int("frames", frames, minimum=1)
+    if state.block_start is not None:
+        cur = state.current_block_frames(policy)
+        if f0 == state.block_start:
+            if F != cur:
+                raise ValueError(f"a pass over the current block must have its {cur} frames, got {F}")
+            carry = _carry_mass(policy, state.frames)
+            return PassPlan("overwrite", f0, state.frames, 0, state.frames, state.sink_start, state.compressed,
+                            False, carry, state)
+        if f0 < state.block_start + cur:
+            raise ValueError(f"start_frame {f0} is neither the current block's start ({state.block_start}) nor "
+                             f"at or after its end ({state.block_start + cur}): streams only move forward by "
+                             "whole blocks")
+        if F != B:
+            raise ValueError(f"only a stream's first block may have other than {B} frames, got {F}")
+    elif F > B:
+        raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
+    first = state.first_block_frames if state.block_start is not None else (F if F != B else None)
     stream_start = f0 if state.stream_start is None else state.stream_start
     L, W = state.frames, policy.window_frames
     if policy.kind == "full" or L + F <= W:
-        after = ScheduleState(L + F, f0, stream_start, state.sink_start, state.compressed)
+        after = ScheduleState(L + F, f0, stream_start, state.sink_start, state.compressed, first)
         return PassPlan("append", f0, L, 0, L + F, state.sink_start, state.compressed, False,
                         _carry_mass(policy, L + F), after)
     g = policy.gap_frames
     if policy.compresses:
         N = policy.budget_frames
         sink_after = f0 + F - N - g
-        after = ScheduleState(N, f0, stream_start, sink_after, True)
+        after = ScheduleState(N, f0, stream_start, sink_after, True, first)
         if policy.score == "mass":
             # the pass attends to the augmented cache, so that is the cache the placement rule applies to
             return PassPlan("compress", f0, L, 0, L + F, f0 + F - (L + F) - g, state.compressed, True,
                             _carry_mass(policy, N), after)
         return PassPlan("compress", f0, L, 0, N, sink_after, True, False, False, after)
     sink_after = f0 + F - W - g if policy.rephase_sink else None
-    after = ScheduleState(W, f0, stream_start, sink_after, False)
+    after = ScheduleState(W, f0, stream_start, sink_after, False, first)
     return PassPlan("roll", f0, L, L + F - W, W, sink_after, False, False, False, after)
 
 

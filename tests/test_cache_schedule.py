@@ -302,3 +302,43 @@ def test_simulate_unified_topc_positions_and_token_counts():
     # gap 0: sink 0@8..9@17, Top-C (2 frames = 4 tokens) at 18..19, recent 20..23: one contiguous run
     assert blk.attended.describe() == "0@8..9@17 | topc x4@18..19 | 20@20..23@23"
     assert blk.attended.kinds.count("topc") == 4 and len(blk.attended) == 32
+
+
+# ------------------------------------------------------------------------------------------------ short first block
+@pytest.mark.parametrize("name", ["full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits"])
+def test_a_short_first_block_runs_through_every_policy(name):
+    """An image prefix is its own 1-frame first block (Self-Forcing's independent_first_frame); then whole blocks."""
+    from deepforcing_kernels.presets import make_policy
+
+    policy = make_policy(name)
+    st = ScheduleState()
+    plan = plan_pass(policy, st, 0, frames=1)
+    assert plan.action == "append" and plan.state.frames == 1 and plan.state.first_block_frames == 1
+    assert plan_pass(policy, plan.state, 0, frames=1).action == "overwrite"
+    with pytest.raises(ValueError, match="current block"):
+        plan_pass(policy, plan.state, 0)  # a pass over the 1-frame block must repeat its length
+    st, f0, held = plan.state, 1, []
+    for _ in range(40):
+        plan = plan_pass(policy, st, f0)
+        st, f0 = plan.state, f0 + 3
+        held.append(st.frames)
+    assert max(held) <= (policy.window_frames if name != "full" else 10 ** 9)
+    assert st.first_block_frames == 1 and ScheduleState.from_dict(st.to_dict()) == st
+    with pytest.raises(ValueError, match="first block"):
+        plan_pass(policy, st, f0, frames=2)
+
+
+def test_a_short_first_block_on_tensors_keeps_the_image_as_sink():
+    torch.manual_seed(0)
+    policy = CachePolicy.deep_forcing()
+    cache = StreamingKVCache(policy, num_layers=1, batch_size=1, num_heads=2, head_dim=16, tokens_per_frame=2,
+                             rope=RopeSpec.wan(16), dtype=torch.float32)
+    layer = cache.layers[0]
+    q, k, v = (torch.randn(1, 2, 2, 16) for _ in range(3))
+    layer.attend(q, k, v, start_frame=0)
+    image_key = layer.keys()[:, :2].clone()
+    for f0 in range(1, 61, 3):
+        q, k, v = (torch.randn(1, 6, 2, 16) for _ in range(3))
+        layer.attend(q, k, v, start_frame=f0)
+    assert layer.frames()[0, :2].tolist() == [0, 0] and torch.equal(layer.keys()[:, :2], image_key)
+    assert layer.kinds()[:2] == ("sink", "sink") and layer.state.compressed

@@ -142,7 +142,8 @@ class CacheLayer:
         """Write this pass's K/V, run the schedule, and attend.
 
         Args:
-            q: queries ``[B, block_tokens, num_heads, head_dim]`` (RoPE'd at absolute positions).
+            q: queries ``[B, block_tokens, num_heads, head_dim]`` (RoPE'd at absolute positions); a stream's first
+                block may be shorter (whole frames: an image prefix as its own block).
             k, v: keys / values ``[B, block_tokens, num_kv_heads, head_dim]`` (keys RoPE'd at absolute positions).
                 All three in the cache's dtype and on its device.
             start_frame: the block's first frame. The current block's start overwrites its slots (passes 2..5);
@@ -157,12 +158,12 @@ class CacheLayer:
             attention backend itself, such as running out of memory, can leave the layer half-updated: call
             ``cache.reset()`` or load a state dict before using it again.)
         """
-        self._check_inputs(q, k, v)
-        plan = plan_pass(self.policy, self._state, start_frame)
+        F = self._check_inputs(q, k, v)
+        plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
         c, p, st = self.cache, self.policy, self.storage
-        n, Lb = c.tokens_per_frame, c.block_tokens
-        if plan.new_block and (plan.frames_before + p.block_frames) * n > st.capacity:
-            st.grow(plan.frames_before + p.block_frames, self._len)  # `full` only (others fit window + block)
+        n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
+        if plan.new_block and (plan.frames_before + F) * n > st.capacity:
+            st.grow(plan.frames_before + F, self._len)  # `full` only (others fit window + block)
         L0 = plan.frames_before * n
         # ---- write the block's K/V (after FIFO eviction for a roll)
         if plan.action == "overwrite":
@@ -173,10 +174,10 @@ class CacheLayer:
                 e = plan.evict_frames * n
                 st.evict(p.sink_frames * n, e, L0)
                 L0 -= e
-            st.write_new(L0, k, v, plan.start_frame, p.block_frames)
+            st.write_new(L0, k, v, plan.start_frame, F)
             T = L0 + Lb  # tokens in the (augmented) cache
         if self.scorer is not None:
-            self.scorer.observe(q)
+            self.scorer.observe(q, F)
         if plan.action == "compress" and not plan.compress_after_attend:
             S_tok, R_tok = p.sink_frames * n, p.recent_frames * n
             # the release scores the whole augmented cache; only the candidates' scores are ever read
@@ -186,9 +187,16 @@ class CacheLayer:
         return out
 
     # ------------------------------------------------------------------ internals
-    def _check_inputs(self, q, k, v) -> None:
+    def _check_inputs(self, q, k, v) -> int:
+        """Validate a pass's inputs; returns its frames (``block_frames``, or fewer for a first block)."""
         c = self.cache
         want_q, want_kv = c._want_q, c._want_kv
+        frames = self.policy.block_frames
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != c.block_tokens and \
+                0 < q.shape[1] < c.block_tokens and q.shape[1] % c.tokens_per_frame == 0:
+            frames = q.shape[1] // c.tokens_per_frame  # a short first block (the schedule checks it may be)
+            want_q = torch.Size((want_q[0], q.shape[1]) + tuple(want_q[2:]))
+            want_kv = torch.Size((want_kv[0], q.shape[1]) + tuple(want_kv[2:]))
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -208,6 +216,7 @@ class CacheLayer:
                 bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not finite(t)]
                 raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
                                  "(the cache would stay poisoned for the rest of the stream)")
+        return frames
 
     def _layout(self, plan: PassPlan) -> Dict[str, Any]:
         return attention_layout(self.policy, self.cache.tokens_per_frame, plan.attend_frames,

@@ -80,8 +80,8 @@ class Scorer:
     def __init__(self, reduce_over_heads: Optional[Reduce] = None) -> None:
         self.reduce_over_heads: Reduce = reduce_over_heads or identity_reduce
 
-    def observe(self, q: torch.Tensor) -> None:
-        """Called with every pass's queries (before any compression of that pass)."""
+    def observe(self, q: torch.Tensor, frames: int) -> None:
+        """Called with every pass's queries (``frames`` frames; before any compression of that pass)."""
 
     def reset(self) -> None:
         """Forget the stream."""
@@ -111,9 +111,9 @@ class LogitScorer(Scorer):
         self.block_frames, self.frame_sums = block_frames, frame_sums
         self.qbuf = torch.zeros(batch, recent_frames, num_heads, head_dim, dtype=torch.float32, device=device)
 
-    def observe(self, q: torch.Tensor) -> None:
-        F, R = self.block_frames, self.qbuf.shape[1]
-        sums = self.frame_sums(q, F)
+    def observe(self, q: torch.Tensor, frames: int) -> None:
+        F, R = min(frames, self.qbuf.shape[1]), self.qbuf.shape[1]
+        sums = self.frame_sums(q, frames)[:, frames - F:]
         move_left(self.qbuf, F, 0, R - F)
         self.qbuf[:, R - F:] = sums
 
