@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["WanSizes", "layer_pass_flops", "layer_pass_bytes", "efficiency", "model_table", "main"]
+__all__ = ["WanSizes", "layer_pass_flops", "layer_pass_bytes", "efficiency", "model_table", "measure", "main"]
 
 
 @dataclass(frozen=True)
@@ -110,14 +110,122 @@ def model_table(kv_frames: Sequence[int] = (16, 21), worlds: Sequence[int] = (2,
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------- measured
+#: the CPU geometry: 2 heads of 64, 256 tokens per frame (32 x 32 latents), a 12-frame window: per layer-pass,
+#: attention over ~3000 keys is ~85 % of the FLOPs (projections, FFN and cross-attention the rest)
+BENCH = dict(dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_len=16, latent=(32, 32), warm_frames=12,
+             timed_frames=6)
+
+
+def _bench_policy():
+    from ..cache import CachePolicy
+
+    return CachePolicy.deep_forcing(window_frames=12, sink_frames=3, budget_frames=9, recent_frames=3)
+
+
+def _bench_rank(args: argparse.Namespace) -> int:
+    """One rank of the measurement (or the single process when not under the torchrun environment)."""
+    import torch
+
+    from ..driver import generate
+    from ..models import CausalWanModel, WanConfig
+
+    torch.set_num_threads(1)
+    cfg = WanConfig.tiny(dim=BENCH["dim"], ffn_dim=BENCH["ffn_dim"], num_heads=BENCH["num_heads"],
+                         num_layers=BENCH["num_layers"], text_len=BENCH["text_len"], latent_size=BENCH["latent"])
+    model = CausalWanModel(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    model.eval()
+    text = torch.randn(1, BENCH["text_len"], cfg.text_dim, generator=torch.Generator().manual_seed(1))
+    comm = None
+    if args.parallel:
+        from ..distributed.comm import SequenceComm
+        from ..distributed.launch import init_from_env
+        from ..distributed.ulysses import SequenceParallelWan
+
+        init_from_env(device="cpu", timeout_s=120)
+        comm = SequenceComm()
+        comm.all_gather(torch.zeros(1))  # connect before timing
+        model = SequenceParallelWan(model, comm)
+    warm = BENCH["warm_frames"]
+    rollout = generate(model, text, warm + BENCH["timed_frames"], _bench_policy(), seed=0,
+                       latent_size=BENCH["latent"], progress=False)
+    it = iter(rollout)
+    block_s, comm_s, comm_bytes = [], [], []
+    while True:
+        if comm is not None:
+            comm.stats.reset()
+            comm.stats.enabled = rollout.frames_done >= warm
+        t0 = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            break
+        dt = time.perf_counter() - t0
+        if rollout.frames_done > warm:
+            block_s.append(dt)
+            comm_s.append(comm.stats.seconds if comm is not None else 0.0)
+            comm_bytes.append(comm.stats.bytes_sent if comm is not None else 0)
+    if comm is None or comm.rank == 0:
+        print("BENCH " + json.dumps({"world": comm.world if comm else 1, "block_s": block_s, "comm_s": comm_s,
+                                     "comm_bytes": comm_bytes, "passes_per_block": 5}), flush=True)
+    return 0
+
+
+def _run_config(parallel: bool, timeout_s: float) -> Dict[str, Any]:
+    from ..distributed.testing import launch_local
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {"PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    argv = ["-m", "deepforcing_kernels.bench.distributed", "rank"] + (["--parallel"] if parallel else [])
+    res = launch_local(2 if parallel else 1, argv, timeout_s=timeout_s, env=env)
+    for r in res:
+        if r.returncode != 0:
+            raise RuntimeError(f"benchmark rank {r.rank} failed (rc={r.returncode}): {r.stderr.strip()[-800:]}")
+    line = next(ln for ln in res[0].stdout.splitlines() if ln.startswith("BENCH "))
+    return json.loads(line[len("BENCH "):])
+
+
+def measure(repeats: int = 2, timeout_s: float = 300.0) -> Dict[str, Any]:
+    """1 process x 1 thread vs 2 Gloo ranks x 1 thread, alternated ``repeats`` times; the best block of each
+    configuration (a loaded machine only ever adds time)."""
+    single, par = [], []
+    for _ in range(repeats):
+        single.append(_run_config(False, timeout_s))
+        par.append(_run_config(True, timeout_s))
+    t1 = min(min(r["block_s"]) for r in single) / 5
+    best = min((b, c, n) for r in par for b, c, n in zip(r["block_s"], r["comm_s"], r["comm_bytes"]))
+    t2, c2, nb = best[0] / 5, best[1] / 5, best[2] / 5
+    return {"geometry": dict(BENCH, policy="deep_forcing(window 12, sink 3, budget 9, recent 3), mass"),
+            "single_pass_s": t1, "sp2_pass_s": t2, "speedup": t1 / t2, "comm_pass_s": c2, "comm_share": c2 / t2,
+            "comm_bytes_per_pass_per_rank": nb,
+            "raw": {"single": single, "sp2": par}}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deepforcing_kernels.bench.distributed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("model", help="print the analytic communication model (markdown)")
+    m = sub.add_parser("measure", help="2 CPU ranks x 1 thread vs 1 process x 1 thread")
+    m.add_argument("--repeats", type=int, default=2)
+    m.add_argument("--json", default=None, help="also write the figures here")
+    r = sub.add_parser("rank", help=argparse.SUPPRESS)
+    r.add_argument("--parallel", action="store_true")
     args = ap.parse_args(argv)
     if args.cmd == "model":
         print(model_table())
+    elif args.cmd == "rank":
+        return _bench_rank(args)
+    else:
+        res = measure(args.repeats)
+        print(f"per pass: 1 process {res['single_pass_s'] * 1e3:.1f} ms, 2 ranks {res['sp2_pass_s'] * 1e3:.1f} ms: "
+              f"speed-up {res['speedup']:.2f}x; collectives {res['comm_pass_s'] * 1e3:.1f} ms per pass "
+              f"({res['comm_share'] * 100:.0f} % of it, {res['comm_bytes_per_pass_per_rank'] / 1e6:.2f} MB sent "
+              "per rank)")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
     return 0
 
 

@@ -113,7 +113,7 @@ def _common(args: argparse.Namespace):
 # ------------------------------------------------------------------------------------------------ sequence
 def _run_sequence(args: argparse.Namespace) -> int:
     from ..driver import generate
-    from ..runio import RunError, RunStore, StateSaver
+    from ..runio import RunError, RunStore, atomic_save, to_cpu
     from .comm import SequenceComm
     from .launch import check_divisible, init_from_env
     from .ulysses import SequenceParallelWan, check_same_weights
@@ -143,7 +143,30 @@ def _run_sequence(args: argparse.Namespace) -> int:
     store = RunStore(args.out)
     digest = hashlib.sha256(repr(sorted((k, repr(v)) for k, v in settings.items()
                                         if k not in ("frames", "threads"))).encode()).hexdigest()
+    err = None
+    if rank == 0:  # rank 0 owns the run's files, as a single process does
+        try:
+            store.check_writable()
+        except RunError as e:
+            err = str(e)
+    _agree(err)
     state, start = _resume_sequence(args, store, settings, rank, world, digest, g, cfg)
+    if rank == 0:
+        _, err = _local(store.lock)
+        if err is None:
+            for p in store.clean_temporaries():
+                print(f"removed {p}, a temporary file left by an interrupted save", file=sys.stderr)
+    _agree(err)  # the parts directory exists from here on
+    try:
+        return _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, settings, state, start,
+                              rank, world, digest, comm, device, atomic_save, to_cpu)
+    finally:
+        if rank == 0:
+            (getattr(store, "close", None) or store.unlock)()
+
+
+def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, settings, state, start, rank, world,
+                   digest, comm, device, atomic_save, to_cpu) -> int:
     rollout = generate(sp, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                        latent_size=latent_size, cache_dtype=g.DTYPES[args.cache_dtype] if args.cache_dtype else None,
                        backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
@@ -151,7 +174,6 @@ def _run_sequence(args: argparse.Namespace) -> int:
     if rank == 0:
         store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
                              frames_done=max(start, rollout.frames_done), complete=False)
-    saver = StateSaver(shard_path(store.dir, rank, world), background=False)
     last = time.monotonic()
     t_start, f_start = rollout.elapsed_s, rollout.frames_done
 
@@ -159,8 +181,9 @@ def _run_sequence(args: argparse.Namespace) -> int:
         cur = shard_path(store.dir, rank, world)
         if os.path.exists(cur):
             os.replace(cur, shard_path(store.dir, rank, world, prev=True))
-        saver.save(rollout.frames_done, lambda: dict(rollout.state_dict(), shard={
-            "format": SHARD_FORMAT, "rank": rank, "world_size": world, "digest": digest}), wait=True)
+        shard = {"format": SHARD_FORMAT, "rank": rank, "world_size": world, "digest": digest}
+        atomic_save({"format": SHARD_FORMAT, "frames_done": rollout.frames_done,
+                     "rollout": dict(to_cpu(rollout.state_dict()), shard=shard)}, cur)
         _agree(None)  # every shard of this frame count is on disk before anyone goes on
 
     for block in rollout:
@@ -211,6 +234,9 @@ def _resume_sequence(args, store, settings, rank, world, digest, g, cfg) -> Tupl
     if exists and args.force and not args.resume:
         if rank == 0:
             store.remove()
+        for p in (shard_path(store.dir, rank, world), shard_path(store.dir, rank, world, prev=True)):
+            if os.path.exists(p):
+                os.unlink(p)
         _agree(None)
         return None, 0
     if not (exists and args.resume):
@@ -273,7 +299,9 @@ def _run_data(args: argparse.Namespace) -> int:
     if not isinstance(text, torch.Tensor) or text.dim() not in (2, 3):
         raise ParallelError(f"--text-embeds {args.text_embeds} must hold a tensor [N, L, {cfg.text_dim}]")
     text = text[None] if text.dim() == 2 else text
-    check_same_settings({"argv": sorted(f"{k}={v!r}" for k, v in vars(args).items() if k != "no_progress"),
+    plain = (str, int, float, bool, list, tuple, type(None))
+    check_same_settings({"argv": sorted(f"{k}={v!r}" for k, v in vars(args).items()
+                                        if k != "no_progress" and isinstance(v, plain)),
                          "prompts": int(text.shape[0]), "text_digest": _digest(text)})
     root, ext = os.path.splitext(args.out)
     mine = split_prompts(list(range(text.shape[0])), rank, world)
