@@ -336,7 +336,10 @@ def run(args: argparse.Namespace) -> int:
         finally:
             torch.set_num_threads(saved)
     finally:
-        store.unlock()
+        try:
+            store.close()  # every queued block reaches the disk, whatever happened
+        except OSError as e:
+            print(f"deepforcing generate: {e}", file=sys.stderr)
 
 
 class _StopRequest:
@@ -418,6 +421,9 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
     bf = rollout.block_frames
     store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
                          frames_done=max(on_disk, rollout.frames_done), complete=False)
+    from ..runio import retain_freed_host_memory
+
+    retain_freed_host_memory()  # each state snapshot reuses the previous one's host pages
     saver = store.state_saver()
     done_at_start, time_at_start = rollout.frames_done, rollout.elapsed_s
     last_save = time.monotonic()
@@ -431,7 +437,7 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
                 if old is None or old.shape != block.shape or not torch.equal(old, block):
                     if old is not None:
                         mismatched.append(f0)
-                    store.write_block(f0, block)
+                    store.write_block(f0, block, background=True)  # the writer thread writes it meanwhile
                 done = rollout.frames_done
                 if stop.signum is not None:
                     saver.save(done, rollout.state_dict, wait=True)
