@@ -168,12 +168,19 @@ def scenario_rollout(heads: str, *policies: str) -> int:
     text = torch.randn(1, 16, model.config.text_dim, generator=torch.Generator().manual_seed(5))
     for name in policies:
         policy = POLICIES[name](CachePolicy)
-        single = generate(model, text, FRAMES, policy, seed=3, latent_size=LATENT, progress=False)
+        # the single-process reference, run once (rank 0) and sent to everyone: per block the latents, the
+        # layout, and every layer's keys and values
+        ref = [None]
+        if r == 0:
+            single = generate(model, text, FRAMES, policy, seed=3, latent_size=LATENT, progress=False)
+            ref[0] = [(blk, _layout(single.cache), [(ls.keys(), ls.values()) for ls in single.cache.layers])
+                      for blk in single]
+        dist.broadcast_object_list(ref, src=0)
         sp = SequenceParallelWan(model, comm, record_topc=True)
         par = generate(sp, text, FRAMES, policy, seed=3, latent_size=LATENT, progress=False)
         worst = 0.0
         states, blocks = {}, []
-        for blk, (a, b) in enumerate(zip(single, par)):
+        for blk, ((a, lay_single, kv_single), b) in enumerate(zip(ref[0], par)):
             blocks.append(b)
             # latents: the same to fp32 rounding on every rank
             worst = max(worst, (a - b).abs().max().item())
@@ -184,14 +191,14 @@ def scenario_rollout(heads: str, *policies: str) -> int:
             gathered = [None] * P
             dist.all_gather_object(gathered, lay)
             assert all(g == gathered[0] for g in gathered), f"{name} block {blk}: layouts differ across ranks"
-            assert lay == _layout(single.cache), f"{name} block {blk}: layout differs from the single process"
-            for ls, lp in zip(single.cache.layers, par.cache.layers):
-                ks, kp = ls.keys(), lp.keys()
+            assert lay == lay_single, f"{name} block {blk}: layout differs from the single process"
+            for (ks, vs), lp in zip(kv_single, par.cache.layers):
+                kp = lp.keys()
                 h = ks.shape[2] // P
                 assert kp.shape[2] == h and kp.numel() * kp.element_size() * P == ks.numel() * ks.element_size()
                 assert torch.allclose(kp, ks[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5), \
                     f"{name} block {blk}: this rank's keys are not the single process's heads"
-                assert torch.allclose(lp.values(), ls.values()[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5)
+                assert torch.allclose(lp.values(), vs[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5)
             if blk == 3:
                 states = par.state_dict()  # after the first compression: carried mass, reuse counters, qbuf
         # Top-C: every rank reduced to bit-identical totals (hence identical selections), one per compression
