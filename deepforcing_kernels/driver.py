@@ -17,7 +17,7 @@ seed and settings continues bit for bit, as if the run had never stopped.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -43,16 +43,21 @@ def _generator_for(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-class Rollout:
-    """An in-progress Self-Forcing rollout; iterate it to get blocks ``[B, block_frames, C, H, W]`` as they are
-    produced. Built by :func:`generate` (see there for the arguments)."""
+TextSchedule = Sequence[Tuple[int, torch.Tensor]]
 
-    def __init__(self, model: torch.nn.Module, text_embeds: torch.Tensor, num_frames: int, policy: Any, seed: int,
-                 *, batch_size: Optional[int] = None, latent_size: Optional[Sequence[int]] = None,
+
+class Rollout:
+    """An in-progress Self-Forcing rollout; iterate it to get blocks ``[B, frames, C, H, W]`` as they are produced
+    (``block_frames`` frames each; a prefix's blocks come first, unchanged). Built by :func:`generate` (see there
+    for the arguments)."""
+
+    def __init__(self, model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_frames: int, policy: Any,
+                 seed: int, *, batch_size: Optional[int] = None, latent_size: Optional[Sequence[int]] = None,
                  cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
                  denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
-                 resume_from: Optional[Dict[str, Any]] = None):
+                 resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
+                 text_schedule: Optional[TextSchedule] = None, recache: bool = False):
         check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -62,38 +67,58 @@ class Rollout:
 
         if not isinstance(policy, CachePolicy):
             raise TypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
-        self.block_frames = policy.block_frames
-        if num_frames % self.block_frames:
-            raise ValueError(f"num_frames ({num_frames}) must be a multiple of the policy's block_frames "
-                             f"({self.block_frames})")
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable(block, start_frame)")
+        if not isinstance(recache, bool):
+            raise TypeError(f"recache must be a bool, got {type(recache).__name__}")
+        self.block_frames = F = policy.block_frames
         self.model, self.policy, self.seed, self.num_frames = model, policy, seed, num_frames
         self.callback, self.progress = callback, progress
         self.dtype, self.device = _model_dtype_device(model)
         self.cache_dtype = cache_dtype or self.dtype
-
-        # text: [L, D] or [B, L, D]; one prompt may drive a whole batch
-        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() not in (2, 3):
-            raise ValueError("text_embeds must be a tensor [L, text_dim] or [B, L, text_dim]")
-        if text_embeds.dim() == 2:
-            text_embeds = text_embeds[None]
-        b_text = text_embeds.shape[0]
-        self.batch_size = int(batch_size) if batch_size is not None else b_text
-        if self.batch_size <= 0 or b_text not in (1, self.batch_size):
-            raise ValueError(f"batch_size {batch_size} does not match text_embeds batch {b_text}")
-        if text_embeds.shape[-1] != model.text_dim:
-            raise ValueError(f"text_embeds has width {text_embeds.shape[-1]}, the model takes {model.text_dim}")
-        self.text = text_embeds.to(self.device, self.dtype).expand(self.batch_size, -1, -1)
-
         self.latent_size = tuple(int(v) for v in (latent_size if latent_size is not None
                                                   else model.default_latent_size))
         self.latent_channels = int(model.latent_channels)
+
+        # text: one tensor, or a schedule of (first frame, tensor); [L, D] or [B, L, D]; one prompt may drive a batch
+        if text_schedule is None:
+            if text_embeds is None:
+                raise ValueError("give text_embeds or text_schedule")
+            text_schedule = [(0, text_embeds)]
+        texts = self._check_schedule(text_schedule, model.text_dim)
+        b_text = max(t.shape[0] for _, t in texts)
+        self.batch_size = int(batch_size) if batch_size is not None else b_text
+        if self.batch_size <= 0 or any(t.shape[0] not in (1, self.batch_size) for _, t in texts):
+            raise ValueError(f"batch_size {batch_size} does not match the text embeddings' batch {b_text}")
+        self.switch_frames = [f for f, _ in texts]
+        self._texts = [t.to(self.device, self.dtype).expand(self.batch_size, -1, -1) for _, t in texts]
+        self._contexts: Dict[int, Any] = {}
+        self.recache = recache
+
+        # prefix: the stream's first P frames, given (image-to-video: P = 1; video continuation: P > 1)
+        self.prefix = None
+        P = 0
+        if prefix_latents is not None:
+            self.prefix = self._check_prefix(prefix_latents)
+            P = self.prefix.shape[1]
+        self.prefix_frames = P
+        if P % F not in (0, 1):
+            raise ValueError(f"prefix_latents has {P} frames: a prefix is whole blocks of {F} frames, or one "
+                             f"image frame then whole blocks (1 + {F}k), as in Self-Forcing")
+        if num_frames < P or (num_frames - P) % F:
+            raise ValueError(f"num_frames ({num_frames}) must be the prefix's {P} frames plus a multiple of the "
+                             f"policy's block_frames ({F})")
+        for f in self.switch_frames[1:]:
+            if not self.is_block_start(f):
+                raise ValueError(f"text_schedule switches at frame {f}, which is not a block boundary (blocks start "
+                                 f"at {self._starts_hint()}): switches happen between blocks")
+
         self.timesteps = warp_timesteps(denoising_steps, shift)
         self.cache = build_cache(model, policy, latent_size=self.latent_size, batch_size=self.batch_size,
                                  dtype=self.cache_dtype, device=self.device, backend=backend)
         self.tokens_per_frame = self.cache.tokens_per_frame
-
+        # clean latents the re-cache needs: the sink's frames and the last window of frames (bounded)
+        self._clean: Dict[int, torch.Tensor] = {}
         self.frames_done = 0
         self.generator = _generator_for(self.device, seed)
         self.elapsed_s = 0.0
@@ -101,34 +126,131 @@ class Rollout:
             self._load_state(resume_from)
         self._pbar = None
 
-    # ------------------------------------------------------------ setup
+    # ------------------------------------------------------------ checks
+    @staticmethod
+    def _check_schedule(schedule: TextSchedule, text_dim: int) -> List[Tuple[int, torch.Tensor]]:
+        if not isinstance(schedule, (list, tuple)) or not schedule:
+            raise ValueError("text_schedule must be a non-empty list of (start_frame, text_embeds) pairs")
+        out: List[Tuple[int, torch.Tensor]] = []
+        for i, item in enumerate(schedule):
+            if not isinstance(item, (list, tuple)) or len(item) != 2:
+                raise ValueError(f"text_schedule[{i}] must be a (start_frame, text_embeds) pair")
+            f, t = item
+            if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+                raise ValueError(f"text_schedule[{i}] starts at {f!r}: frames are non-negative ints")
+            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+                raise ValueError(f"text_schedule[{i}]'s text_embeds must be a tensor [L, text_dim] or "
+                                 "[B, L, text_dim]")
+            if t.shape[-1] != text_dim:
+                raise ValueError(f"text_embeds has width {t.shape[-1]}, the model takes {text_dim}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"text_schedule[{i}]'s text_embeds hold NaN or inf (or are not floating point)")
+            if i == 0 and f != 0:
+                raise ValueError(f"text_schedule must start at frame 0, got {f}")
+            if i and f <= out[-1][0]:
+                raise ValueError(f"text_schedule must be in increasing frame order, got {out[-1][0]} then {f}")
+            out.append((f, t[None] if t.dim() == 2 else t))
+        return out
+
+    def _check_prefix(self, prefix: Any) -> torch.Tensor:
+        if not isinstance(prefix, torch.Tensor) or prefix.dim() not in (4, 5) or not prefix.is_floating_point():
+            raise ValueError("prefix_latents must be a float tensor [B, P, C, h, w] (or [P, C, h, w])")
+        if prefix.dim() == 4:
+            prefix = prefix[None]
+        want = (self.latent_channels,) + self.latent_size
+        if tuple(prefix.shape[2:]) != want or prefix.shape[1] == 0:
+            raise ValueError(f"prefix_latents must be [B, P >= 1, {', '.join(map(str, want))}] (latent channels and "
+                             f"size of this run), got {list(prefix.shape)}")
+        if not bool(torch.isfinite(prefix).all()):
+            raise ValueError("prefix_latents hold NaN or inf")
+        return prefix.to(self.device, self.dtype)
+
+    def is_block_start(self, frame: int) -> bool:
+        """Whether a block of this stream starts at ``frame``."""
+        P, F = self.prefix_frames, self.block_frames
+        if frame < P:
+            return frame == 0 or (frame - P % F) % F == 0
+        return (frame - P) % F == 0
+
+    def _starts_hint(self) -> str:
+        starts = [f for f in range(0, max(self.prefix_frames, 0) + 4 * self.block_frames) if self.is_block_start(f)]
+        return ", ".join(map(str, starts[:5])) + ", ..."
+
+    def _block_at(self, f0: int) -> Tuple[int, bool]:
+        """``(frames, from the prefix)`` of the block starting at ``f0``."""
+        P, F = self.prefix_frames, self.block_frames
+        if f0 < P:
+            return (1 if (f0 == 0 and P % F == 1) else F), True
+        return F, False
+
+    def _text_index(self, f0: int) -> int:
+        return max(i for i, f in enumerate(self.switch_frames) if f <= f0)
+
+    def _context(self, index: int) -> Any:
+        """The text a block cross-attends to: the model's prepared form when it has one (computed once per
+        prompt), else the embeddings."""
+        ctx = self._contexts.get(index)
+        if ctx is None:
+            prepare = getattr(self.model, "prepare_text", None)
+            ctx = prepare(self._texts[index]) if callable(prepare) else self._texts[index]
+            self._contexts = {index: ctx}  # one prompt's context at a time
+        return ctx
+
+    # ------------------------------------------------------------ state
     def _settings(self) -> Dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
-                "cache_dtype": str(self.cache_dtype).replace("torch.", "")}
+                "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
+                "switch_frames": list(self.switch_frames), "recache": self.recache}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"resume_from must be a state from Rollout.state_dict() (format {STATE_FORMAT!r})")
+        settings = state.get("settings")
+        if not isinstance(settings, dict):
+            raise ValueError("resume_from has no settings: not a Rollout.state_dict()")
         mine = self._settings()
-        for key, value in state["settings"].items():
+        for key, value in settings.items():
+            if key in ("prefix_frames", "switch_frames", "recache") or key not in mine:
+                continue
             if mine.get(key) != value:
                 raise ValueError(f"cannot resume: {key} was {value!r} in the saved run but is {mine.get(key)!r} now")
-        done = int(state["frames_done"])
-        if done % self.block_frames or done > self.num_frames:
-            raise ValueError(f"cannot resume at frame {done} of a {self.num_frames}-frame run")
+        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache", False)):
+            if settings.get(key, default) != mine[key]:
+                raise ValueError(f"cannot resume: {key} was {settings.get(key, default)!r} in the saved run but is "
+                                 f"{mine[key]!r} now")
+        done = state.get("frames_done")
+        if isinstance(done, bool) or not isinstance(done, int) or done < 0 or done > self.num_frames or \
+                (done and not (done == self.num_frames or self.is_block_start(done))):
+            raise ValueError(f"cannot resume at frame {done!r} of a {self.num_frames}-frame run")
+        gen = state.get("generator")
+        if not isinstance(gen, torch.Tensor) or gen.dtype != torch.uint8:
+            raise ValueError("cannot resume: the saved generator state is not a uint8 tensor")
+        clean = state.get("clean", {"frames": [], "latents": None})
+        if not isinstance(clean, dict) or not isinstance(clean.get("frames"), list):
+            raise ValueError("cannot resume: the saved re-cache latents are malformed")
+        probe = _generator_for(torch.device("cpu"), 0)
+        try:
+            probe.set_state(gen.to("cpu"))
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"cannot resume: the saved generator state is invalid ({e})") from None
         self.cache.load_state_dict(state["cache"])
-        self.generator.set_state(state["generator"].to("cpu"))
+        self.generator.set_state(gen.to("cpu"))
         self.frames_done = done
         self.elapsed_s = float(state.get("elapsed_s", 0.0))
+        lat = clean.get("latents")
+        self._clean = {} if lat is None else {f: lat[:, i].to(self.device, self.dtype)
+                                              for i, f in enumerate(clean["frames"])}
 
-    # ------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to continue this rollout exactly: tensors and plain values only (so
         ``torch.load(weights_only=True)`` reads it back). Take it between blocks."""
+        frames = sorted(self._clean)
+        clean = {"frames": frames,
+                 "latents": torch.stack([self._clean[f] for f in frames], dim=1) if frames else None}
         return {"format": STATE_FORMAT, "frames_done": self.frames_done, "num_frames": self.num_frames,
                 "settings": self._settings(), "generator": self.generator.get_state(),
-                "cache": self.cache.state_dict(), "elapsed_s": self.elapsed_s}
+                "cache": self.cache.state_dict(), "elapsed_s": self.elapsed_s, "clean": clean}
 
     @property
     def cache_frames(self) -> float:
@@ -150,11 +272,17 @@ class Rollout:
                               dynamic_ncols=True)
         t0 = time.perf_counter()
         f0 = self.frames_done
-        block = self._block(f0)
-        self.frames_done = f0 + self.block_frames
+        frames, given = self._block_at(f0)
+        idx = self._text_index(f0)
+        if self.recache and idx and self.switch_frames[idx] == f0:
+            self._recache(idx)
+        block = self._prefix_block(f0, frames, idx) if given else self._block(f0, idx)
+        if self.recache and len(self.switch_frames) > 1:
+            self._keep_clean(f0, block)
+        self.frames_done = f0 + frames
         self.elapsed_s += time.perf_counter() - t0
         if self._pbar is not None:
-            self._pbar.update(self.block_frames)
+            self._pbar.update(frames)
             self._pbar.set_postfix(cache=f"{self.cache_frames:g}f", refresh=False)
         if self.callback is not None:
             self.callback(block, f0)
@@ -174,34 +302,78 @@ class Rollout:
             raise ValueError("nothing left to generate")
         return torch.cat(blocks, dim=1)
 
-    @torch.no_grad()
-    def _block(self, f0: int) -> torch.Tensor:
+    def _noise_fn(self, frames: int) -> Callable[[], torch.Tensor]:
         g = self.generator
-        shape = (self.batch_size, self.block_frames, self.latent_channels) + self.latent_size
-        noise = lambda: torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)  # noqa: E731
+        shape = (self.batch_size, frames, self.latent_channels) + self.latent_size
+        return lambda: torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
 
-        def flow(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.model(x, t, self.text, cache=self.cache, start_frame=f0)
+    def _flow(self, f0: int, idx: int, cache: Any = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        ctx, cache = self._context(idx), self.cache if cache is None else cache
+        return lambda x, t: self.model(x, t, ctx, cache=cache, start_frame=f0)
 
-        x0 = denoise_block(flow, noise, self.timesteps, batch_size=self.batch_size, block_frames=self.block_frames,
-                           dtype=self.dtype, device=self.device)
+    @torch.no_grad()
+    def _block(self, f0: int, idx: int) -> torch.Tensor:
+        flow = self._flow(f0, idx)
+        x0 = denoise_block(flow, self._noise_fn(self.block_frames), self.timesteps, batch_size=self.batch_size,
+                           block_frames=self.block_frames, dtype=self.dtype, device=self.device)
         clean_pass(flow, x0)
         return x0
 
+    @torch.no_grad()
+    def _prefix_block(self, f0: int, frames: int, idx: int) -> torch.Tensor:
+        """A given block: one clean pass writes its K/V (as Self-Forcing's context caching); it comes back as
+        is. A whole-block prefix consumes the noise a generated block would, so the rest of the stream draws the
+        same noise as a run that generated these blocks."""
+        x0 = self.prefix[:, f0:f0 + frames]
+        if x0.shape[0] != self.batch_size:
+            x0 = x0.expand(self.batch_size, -1, -1, -1, -1)
+        if frames == self.block_frames:
+            noise = self._noise_fn(frames)
+            for _ in self.timesteps:
+                noise()
+        clean_pass(self._flow(f0, idx), x0)
+        return x0
 
-def generate(model: torch.nn.Module, text_embeds: torch.Tensor, num_frames: int, policy: Any, seed: int = 0, *,
+    # ------------------------------------------------------------ prompt switches
+    def _keep_clean(self, f0: int, block: torch.Tensor) -> None:
+        """Keep the clean latents the re-cache may need: frames of the sink (the first ``sink_frames`` of the
+        stream) and the last ``window_frames`` frames; at most ``sink + window`` frames, whatever the length."""
+        p = self.policy
+        for i in range(block.shape[1]):
+            self._clean[f0 + i] = block[:, i]
+        end = f0 + block.shape[1]
+        keep_sink = p.sink_frames if p.rephase_sink or p.kind == "frame_sink" else 0
+        window = p.window_frames if p.kind != "full" else end
+        for f in [f for f in self._clean if f >= keep_sink and f < end - window]:
+            del self._clean[f]
+
+    @torch.no_grad()
+    def _recache(self, idx: int) -> None:
+        """At a prompt switch: recompute the K/V of every frame the cache holds whole (sink and recent; Top-C
+        tokens keep theirs) by clean passes under the new prompt, in time order, each block-causal over the
+        slots before it (LongLive's KV re-cache, on a compressed, re-phased cache)."""
+        from .cache.executor import RecacheView
+
+        for slot_start, first, frames in self.cache.layers[0].whole_frame_groups():
+            lat = torch.stack([self._clean[f] for f in range(first, first + frames)], dim=1)
+            clean_pass(self._flow(first, idx, RecacheView(self.cache, slot_start)), lat)
+
+
+def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_frames: int, policy: Any, seed: int = 0, *,
              batch_size: Optional[int] = None, latent_size: Optional[Sequence[int]] = None,
              cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
              denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
              callback: Optional[Callable[[torch.Tensor, int], None]] = None,
-             resume_from: Optional[Dict[str, Any]] = None) -> Rollout:
+             resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
+             text_schedule: Optional[TextSchedule] = None, recache: bool = False) -> Rollout:
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
         model: a :class:`~deepforcing_kernels.models.CausalVideoModel` such as
             :class:`~deepforcing_kernels.models.CausalWanModel` (any dtype / device; it is not modified).
         text_embeds: ``[L, text_dim]`` or ``[B, L, text_dim]`` text-encoder output.
-        num_frames: latent frames to produce, a multiple of the policy's ``block_frames``; no upper limit.
+        num_frames: latent frames of the stream, a multiple of the policy's ``block_frames`` (plus the prefix's
+            frames when one is given); no upper limit.
         policy: a :class:`~deepforcing_kernels.cache.CachePolicy` (full, sliding, frame_sink, deep_sink,
             deep_forcing); the driver builds the :class:`StreamingKVCache` from it and the model's sizes.
         seed: seeds the rollout's own ``torch.Generator`` (on the model's device).
@@ -215,6 +387,18 @@ def generate(model: torch.nn.Module, text_embeds: torch.Tensor, num_frames: int,
             ``generate(..., callback=f).run()`` is the callback form.
         resume_from: a :meth:`Rollout.state_dict` saved by an earlier run with the same model, text, policy, seed
             and settings; the rollout continues from there bit for bit (``num_frames`` may grow).
+        prefix_latents: ``[B, P, C, h, w]`` (or ``[P, C, h, w]``) frames the stream starts with (image-to-video:
+            ``P = 1``; video continuation: ``P`` whole blocks, or ``1 +`` whole blocks). They are written into the
+            cache by clean passes (``t = 0``) block by block (a single first frame is its own block, as
+            Self-Forcing's ``independent_first_frame``) and yielded unchanged (in the model's dtype and device) as
+            the stream's first ``P`` frames; ``num_frames`` counts them. With Deep Forcing they are the sink.
+        text_schedule: ``[(0, emb_a), (f1, emb_b), ...]``: blocks starting at or after ``f1`` cross-attend to
+            ``emb_b``; switch frames must be block starts (ValueError otherwise), in increasing order, the first 0.
+            Replaces ``text_embeds``.
+        recache: at each switch, recompute the K/V of the frames the cache holds whole (sink and recent frames;
+            Top-C tokens keep theirs) under the new prompt, by clean passes over their clean latents at the same
+            slots and positions. The rollout keeps the clean latents this needs: the sink's frames and the last
+            ``window_frames`` frames, never more.
 
     Returns:
         a :class:`Rollout`: iterate it for blocks ``[B, block_frames, C, H, W]`` in frame order; its
@@ -229,4 +413,5 @@ def generate(model: torch.nn.Module, text_embeds: torch.Tensor, num_frames: int,
     """
     return Rollout(model, text_embeds, num_frames, policy, seed, batch_size=batch_size, latent_size=latent_size,
                    cache_dtype=cache_dtype, backend=backend, denoising_steps=denoising_steps, shift=shift,
-                   progress=progress, callback=callback, resume_from=resume_from)
+                   progress=progress, callback=callback, resume_from=resume_from, prefix_latents=prefix_latents,
+                   text_schedule=text_schedule, recache=recache)

@@ -288,14 +288,21 @@ def _check_layer_values(cache: "StreamingKVCache", index: int, st: ScheduleState
             bad(f"{name!r} must be a dense tensor on the CPU or {cache.device}, got {t.layout} on {t.device}")
     if st.stream_start is None:
         return
+    # the current block may be a short first block (an image prefix); every other block has F frames
+    cur, first = st.current_block_frames(p), st.first_block_frames
+    if first is not None and not 1 <= first < F:
+        bad(f"first_block_frames={first} must lie in [1, {F})")
+
+    def whole(frames: int) -> bool:  # whole blocks, counting a short first block
+        return frames % F == 0 or (first is not None and (frames - first) % F == 0)
     if st.stream_start < 0:
         bad(f"stream_start={st.stream_start} is negative")
     if st.block_start < st.stream_start:
         bad(f"block_start={st.block_start} is before stream_start={st.stream_start}")
-    produced = st.block_start + F - st.stream_start
-    if not F <= st.frames <= produced:
+    produced = st.block_start + cur - st.stream_start
+    if not cur <= st.frames <= produced:
         bad(f"{st.frames} frames cannot be held after the stream produced {produced} (and the current block "
-            f"has {F})")
+            f"has {cur})")
     W = p.window_frames
     if p.compresses:
         if st.compressed != (st.sink_start is not None):
@@ -303,18 +310,18 @@ def _check_layer_values(cache: "StreamingKVCache", index: int, st: ScheduleState
                 "sink and an uncompressed one does not")
         if st.compressed and (st.frames < p.budget_frames or (st.frames - p.budget_frames) % F):
             bad(f"a compressed cache holds {p.budget_frames} frames plus whole blocks, not {st.frames}")
-        if not st.compressed and st.frames % F:
+        if not st.compressed and not whole(st.frames):
             bad(f"an uncompressed cache holds whole blocks, not {st.frames} frames")
     elif p.kind != "full":
-        if st.frames % F and st.frames != W:
+        if not whole(st.frames) and st.frames != W:
             bad(f"the cache holds whole blocks or its window, not {st.frames} frames")
         if st.sink_start is not None and st.frames != W:
             bad(f"sink_start={st.sink_start} (a re-phased sink) with {st.frames} frames: the sink is re-phased "
                 f"only once the window ({W}) rolls")
-    elif st.frames % F:
+    elif not whole(st.frames):
         bad(f"a full cache holds whole blocks, not {st.frames} frames")
     if st.sink_start is not None:
-        lo_s, hi_s = st.stream_start - p.gap_frames, st.block_start + F - st.frames - p.gap_frames
+        lo_s, hi_s = st.stream_start - p.gap_frames, st.block_start + cur - st.frames - p.gap_frames
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
     # tensor values
@@ -326,14 +333,14 @@ def _check_layer_values(cache: "StreamingKVCache", index: int, st: ScheduleState
         bad("'mass' holds negative values")
     fr = d["frames"]
     B, L = fr.shape
-    lo, hi = st.stream_start, st.block_start + F
+    lo, hi = st.stream_start, st.block_start + cur
     if bool((fr < lo).any()) or bool((fr >= hi).any()):
         bad(f"slot frames outside the stream's frames [{lo}, {hi})")
     if L > 1 and bool((fr[:, 1:] < fr[:, :-1]).any()):
         bad("slot frames are not in time order")
-    block = st.block_start + torch.arange(F, device=fr.device).repeat_interleave(n)
-    if not bool((fr[:, L - F * n:] == block).all()):
-        bad(f"the last {F * n} slots do not hold the current block (frames {st.block_start}..{hi - 1})")
+    block = st.block_start + torch.arange(cur, device=fr.device).repeat_interleave(n)
+    if not bool((fr[:, L - cur * n:] == block).all()):
+        bad(f"the last {cur * n} slots do not hold the current block (frames {st.block_start}..{hi - 1})")
     S_tok = min(p.sink_frames, st.frames) * n
     C_tok = p.topc_frames * n if st.compressed else 0
     fixed = torch.cat([fr[:, :S_tok], fr[:, S_tok + C_tok:]], dim=1).view(B, -1, n)

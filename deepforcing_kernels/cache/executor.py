@@ -7,7 +7,7 @@ applies to the keys (the sink's shift, or per-key shifts when Top-C RoPE is unif
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -186,6 +186,54 @@ class CacheLayer:
         self._state = plan.state
         return out
 
+    # ------------------------------------------------------------------ re-cache (prompt switch)
+    def whole_frame_groups(self) -> List[Tuple[int, int, int]]:
+        """The frames this layer holds whole (the sink and the recent frames; not Top-C tokens), as
+        ``(slot_start, first_frame, frames)`` groups of at most ``block_frames`` consecutive frames, in slot
+        order: what :meth:`recompute` rewrites at a prompt switch."""
+        n, p, st = self.cache.tokens_per_frame, self.policy, self._state
+        if st.frames == 0:
+            return []
+        fr = self.storage.frames[0, :self._len:n].tolist()  # one entry per frame slot (whole frames only)
+        S = min(p.sink_frames, st.frames)
+        C = p.topc_frames if st.compressed else 0
+        groups: List[Tuple[int, int, int]] = []
+        for lo, hi in ((0, S), (S + C, st.frames)):
+            f = lo
+            while f < hi:
+                g = 1
+                while f + g < hi and g < p.block_frames and fr[f + g] == fr[f] + g:
+                    g += 1
+                groups.append((f * n, int(fr[f]), g))
+                f += g
+        return groups
+
+    @torch.no_grad()
+    def recompute(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_start: int) -> torch.Tensor:
+        """Rewrite the K/V of the whole frames at ``slot_start`` (a :meth:`whole_frame_groups` entry) and attend
+        block-causally: over the slots before them and themselves, with the current layout (re-phased sink,
+        unified Top-C). ``q, k`` are RoPE'd at the frames' own positions; for sink frames the queries are moved
+        to where the sink now sits (the keys stay stored at their own positions, as always). The schedule is not
+        touched."""
+        c, n = self.cache, self.cache.tokens_per_frame
+        Lb = q.shape[1]
+        end = slot_start + Lb
+        if slot_start < 0 or end > self._len or Lb % n:
+            raise ValueError(f"slots [{slot_start}, {end}) are not whole frames held by layer {self.index}")
+        self.storage.write(slot_start, k, v)
+        args = dict(self.attention_args())
+        if args["key_shift"] is not None:
+            args["key_shift"] = args["key_shift"][:, :end].contiguous()
+            qshift = int(args["key_shift"][0, slot_start]) if slot_start < self.policy.sink_frames * n else 0
+        else:
+            qshift = args["sink_shift"] if slot_start < args["sink_len"] else 0
+            args["sink_len"] = min(args["sink_len"], end)
+        if qshift:
+            q = rephase(q, c.rope, qshift)
+        out, _, _ = c.backend_impl.run(q, self.storage.k[:, :end], self.storage.v[:, :end], return_mass=False,
+                                       mass_q_range=(0, Lb), **args, **c._run_kw)
+        return out
+
     # ------------------------------------------------------------------ internals
     def _check_inputs(self, q, k, v) -> int:
         """Validate a pass's inputs; returns its frames (``block_frames``, or fewer for a first block)."""
@@ -275,3 +323,25 @@ class CacheLayer:
                  mass=tensors.get("mass"))
         d["qbuf"] = self.scorer.state() if self.scorer is not None else None
         return d
+
+
+class _RecacheLayer:
+    def __init__(self, layer: CacheLayer, slot_start: int) -> None:
+        self.layer, self.slot_start = layer, slot_start
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
+        return self.layer.recompute(q, k, v, self.slot_start)
+
+
+class RecacheView:
+    """A cache-shaped view that makes one model pass rewrite held frames instead of streaming forward.
+
+    ``model(latents, zeros, new_text, cache=RecacheView(cache, slot_start), start_frame=first_frame)`` recomputes
+    the K/V of the whole frames at ``slot_start`` in every layer (:meth:`CacheLayer.recompute`) under the new
+    text; the schedule, Top-C slots and all other frames stay as they are. The groups to rewrite, in order, are
+    ``cache.layers[0].whole_frame_groups()`` (the same slots in every layer).
+    """
+
+    def __init__(self, cache: Any, slot_start: int) -> None:
+        self.dtype = cache.dtype
+        self.layers = tuple(_RecacheLayer(layer, slot_start) for layer in cache.layers)
