@@ -30,7 +30,7 @@ def test_generate_writes_plain_pt(tmp_path):
     d = _load(out)
     assert d["latents"].shape == (6, 4, 4, 4) and torch.isfinite(d["latents"]).all()
     assert d["complete"] is True and d["frames_done"] == 6
-    assert d["settings"]["policy"] == "deep-forcing" and d["settings"]["score"] == "logits"
+    assert d["settings"]["policy"] == "deep_forcing" and d["settings"]["score"] == "logits"  # canonical spelling
     assert not [f for f in os.listdir(tmp_path) + os.listdir(parts_dir(out)) if f.startswith(".tmp-")]
     # an existing output is not clobbered by accident
     assert main(GEN + ["--frames", "6", "--out", out]) == 1
@@ -46,11 +46,11 @@ def test_generate_interrupted_then_resumed_matches_a_straight_run(tmp_path, monk
 
     real_block, calls = driver.Rollout._block, []
 
-    def interrupted(self, f0):
+    def interrupted(self, f0, *rest):
         calls.append(f0)
         if len(calls) == 3:
             raise KeyboardInterrupt  # as Ctrl-C during the third block
-        return real_block(self, f0)
+        return real_block(self, f0, *rest)
 
     monkeypatch.setattr(driver.Rollout, "_block", interrupted)
     assert main(GEN + args + ["--out", broken]) == 130

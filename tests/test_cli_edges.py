@@ -279,6 +279,17 @@ def test_explicit_default_score_resumes_a_run_saved_without_it(finished_run, tmp
     assert_one_line_error(code, so, se, "score", "settings differ")
 
 
+def test_policy_spellings_are_one_policy(finished_run, tmp_path, capsys):
+    """The run was saved as deep_forcing (the default); --policy deep-forcing is the same policy."""
+    out = _copy_run(finished_run, str(tmp_path))
+    code, so, se = run_cli(GEN + ["--frames", "9", "--seed", "2", "--out", out, "--resume", "--policy", "deep-forcing"],
+                           capsys)
+    assert code == 0, se
+    code, so, se = run_cli(GEN + ["--frames", "12", "--seed", "2", "--out", out, "--resume", "--policy",
+                                  "deep_forcing_logits"], capsys)
+    assert_one_line_error(code, so, se, "settings differ", "policy")
+
+
 def test_settings_that_differ_are_named(finished_run, tmp_path, capsys):
     out = _copy_run(finished_run, str(tmp_path))
     code, so, se = run_cli(GEN + ["--frames", "9", "--seed", "3", "--out", out, "--resume"], capsys)
@@ -402,7 +413,9 @@ def test_bench_triton_on_cpu(capsys, monkeypatch):
 def test_bench_help_lists_policy_names(capsys):
     from deepforcing_kernels.bench.rollout import POLICY_NAMES
 
-    assert bench_cmd.BENCH_POLICIES == POLICY_NAMES  # the spelled-out list stays the benchmark's
+    from deepforcing_kernels.presets import POLICY_NAMES as PRESET_NAMES
+
+    assert bench_cmd.BENCH_POLICIES == POLICY_NAMES == PRESET_NAMES  # the spelled-out list stays the table's
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     out = " ".join(capsys.readouterr().out.split())

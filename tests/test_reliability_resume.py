@@ -274,11 +274,11 @@ def _interrupt_at(monkeypatch, block_index):
 
     real, calls = driver.Rollout._block, []
 
-    def interrupted(self, f0):
+    def interrupted(self, f0, *rest):
         calls.append(f0)
         if len(calls) == block_index + 1:
             raise KeyboardInterrupt  # mid-block: the cache is half updated, nothing of this block is saved
-        return real(self, f0)
+        return real(self, f0, *rest)
 
     monkeypatch.setattr(driver.Rollout, "_block", interrupted)
 

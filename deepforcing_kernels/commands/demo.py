@@ -108,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
     print(f"tiny Wan causal DiT: dim {cfg.dim}, {cfg.num_layers} layers, {cfg.num_heads} heads of {cfg.head_dim}, "
           f"latents {cfg.in_dim}x{cfg.latent_size[0]}x{cfg.latent_size[1]} ({n} tokens/frame), random weights, "
           f"{torch.get_num_threads()} threads")
-    policy = make_policy("deep-forcing")
+    policy = make_policy("deep_forcing")
     rollout_stats(model, text, 3, policy, args.seed, progress=False)  # warm-up: first calls allocate and dispatch
     print(f"1) Deep Forcing rollout: {args.frames} latent frames = {args.frames // 3} blocks x 5 passes")
     st = rollout_stats(model, text, args.frames, policy, args.seed, progress=True)
@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     if not args.no_compare:
         print(f"2) every policy, {args.frames} frames each:")
         print(f"   {'policy':<14} {'frames/s':>9} {'cache max':>10} {'cache last':>11}")
-        for name in ("full", "sliding", "frame-sink", "deep-sink", "deep-forcing"):
+        for name in ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits"):
             s = rollout_stats(model, text, args.frames, make_policy(name), args.seed, progress=False)
             print(f"   {name:<14} {s['fps']:9.1f} {max(s['sizes']):10g} {s['sizes'][-1]:11g}")
 

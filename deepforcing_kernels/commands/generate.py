@@ -30,21 +30,43 @@ import torch
 
 from ._common import check_frames, check_positive, fail, set_threads
 
-POLICIES = ("full", "sliding", "frame-sink", "deep-sink", "deep-forcing")
+from ..presets import MODEL_NAMES, POLICY_NAMES, canonical_model_name, canonical_policy_name
+
+POLICIES = POLICY_NAMES  # spelled with underscores; the hyphenated aliases (deep-forcing) are accepted too
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
-MODELS = ("tiny", "wan-1.3b")
+MODELS = MODEL_NAMES
+
+
+def policy_name(value: str) -> str:
+    """argparse type of ``--policy``: the canonical name (``deep-forcing`` -> ``deep_forcing``)."""
+    try:
+        return canonical_policy_name(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown policy {value!r}; choose from {', '.join(POLICY_NAMES)} "
+                                         "(hyphens or underscores)") from None
+
+
+def model_name(value: str) -> str:
+    """argparse type of ``--model``: the canonical name (``wan-1.3b`` -> ``wan_1_3b``)."""
+    try:
+        return canonical_model_name(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="tiny", choices=MODELS, help="model size (default tiny)")
+    parser.add_argument("--model", default="tiny", type=model_name,
+                        help=f"model size: {', '.join(MODEL_NAMES)} (default tiny)")
     parser.add_argument("--checkpoint", default=None, help="Wan / Self-Forcing state dict (.pt or .safetensors); "
                                                            "default: random weights from --seed")
     parser.add_argument("--text-embeds", default=None,
                         help="a .pt / .safetensors holding a tensor [L, text_dim] or [B, L, text_dim] (or a dict with "
                              "'text_embeds' / 'prompt_embeds'); default: random from --seed")
     parser.add_argument("--frames", type=int, default=30, help="latent frames, a multiple of 3 (default 30)")
-    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy (default deep-forcing)")
+    parser.add_argument("--policy", default="deep_forcing", type=policy_name,
+                        help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. "
+                             "accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass; logits = the release)")
     parser.add_argument("--seed", type=int, default=0,
@@ -86,22 +108,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_policy(name: str, score: Optional[str] = None) -> Any:
-    """The :class:`CachePolicy` for a command-line name (``deep-forcing`` takes ``score``)."""
-    from ..cache import CachePolicy
+    """The :class:`CachePolicy` for a command-line name (:mod:`deepforcing_kernels.presets`; ``deep_forcing``
+    takes ``score``). ValueError naming ``--policy`` / ``--score``."""
+    from .. import presets
 
-    if score is not None and name != "deep-forcing":
-        raise ValueError(f"--score applies to the deep-forcing policy only, not {name!r}")
-    if name == "full":
-        return CachePolicy.full()
-    if name == "sliding":
-        return CachePolicy.sliding()
-    if name == "frame-sink":
-        return CachePolicy.frame_sink()
-    if name == "deep-sink":
-        return CachePolicy.deep_sink()
-    if name == "deep-forcing":
-        return CachePolicy.deep_forcing(score=score or "mass")
-    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+    key = canonical_policy_name(name)
+    if score is not None and key != "deep_forcing":
+        if key == "deep_forcing_logits" and score == "logits":
+            score = None
+        else:
+            raise ValueError(f"--score applies to the deep_forcing policy only, not {key!r}")
+    return presets.make_policy(key, score=score)
 
 
 def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dtype = torch.float32,
@@ -109,7 +126,7 @@ def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dt
     """A :class:`CausalWanModel`: loaded from ``checkpoint``, or randomly initialised from ``seed``."""
     from ..models import CausalWanModel, WanConfig, load_wan_state_dict
 
-    model = CausalWanModel(WanConfig.from_name(name))
+    model = CausalWanModel(WanConfig.from_name(canonical_model_name(name)))
     if checkpoint:
         load_wan_state_dict(model, read_tensors(checkpoint, "--checkpoint"))
     else:
@@ -249,6 +266,11 @@ def settings_diff(saved: Dict[str, Any], now: Dict[str, Any], default_latent: An
     """``{key: (saved, now)}`` for the settings that differ; runs of earlier versions are normalised first (an
     implicit ``--score`` is the policy's default, a missing latent size the model's)."""
     old = dict(saved)
+    for key, canon in (("policy", canonical_policy_name), ("model", canonical_model_name)):
+        try:  # runs of earlier versions spelled deep-forcing / wan-1.3b
+            old[key] = canon(old[key]) if key in old else old.get(key)
+        except (TypeError, ValueError):
+            pass
     if "policy_config" not in old and "policy" in old:
         old.update(_policy_settings(old["policy"], old.get("score")))
     if old.get("latent_size") is None:
@@ -275,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         fail(str(e))
     check_frames(args.frames, block=policy.block_frames)
-    cfg = WanConfig.from_name(args.model)
+    cfg = WanConfig.from_name(args.model)  # args.model is canonical (model_name)
     latent_size = tuple(args.latent_size) if args.latent_size else tuple(cfg.latent_size)
     if min(latent_size) <= 0:
         fail(f"--latent-size {latent_size[0]} {latent_size[1]}: both must be positive multiples of 2")

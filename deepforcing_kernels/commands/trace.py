@@ -23,14 +23,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
-from .generate import POLICIES, make_policy
+from .generate import POLICIES, make_policy, policy_name
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4}
 KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", default="deep-forcing", choices=POLICIES, help="cache policy (default deep-forcing)")
+    parser.add_argument("--policy", default="deep_forcing", type=policy_name,
+                        help=f"cache policy: {', '.join(POLICIES)} (default deep_forcing; deep-forcing etc. accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass)")
     parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
