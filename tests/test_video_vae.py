@@ -170,3 +170,50 @@ def test_tiny_shapes_and_dtype():
     out = vae.decode(torch.randn(1, 2, 4, 2, 3))
     assert out.shape == (1, 5, 3, 16, 24) and out.dtype == torch.bfloat16
     assert out.abs().max() <= 1
+
+
+def test_weights_folders(tmp_path):
+    """load_front_end finds the text encoder, tokenizer and VAE in both published folder layouts."""
+    from deepforcing_kernels.video import load_front_end, weights_layout
+    from deepforcing_kernels.video.t5 import random_original_state_dict as t5_sd
+    from test_video_t5 import _tokenizer_folder
+    vcfg = dict(dim=4, z_dim=4, num_res_blocks=1)
+    tcfg = dict(vocab=300, dim=24, dim_attn=32, dim_ffn=40, num_heads=4, num_layers=2, num_buckets=32)
+    orig = tmp_path / "Wan2.1-T2V-1.3B"
+    orig.mkdir()
+    with pytest.raises(FileNotFoundError, match="neither an original"):
+        weights_layout(orig)
+    torch.save(random_original_state_dict(seed=0, **vcfg), orig / "Wan2.1_VAE.pth")
+    with pytest.raises(FileNotFoundError, match="lacks .*models_t5_umt5-xxl-enc-bf16.pth"):
+        weights_layout(orig)
+    torch.save(t5_sd(seed=0, **tcfg), orig / "models_t5_umt5-xxl-enc-bf16.pth")
+    _tokenizer_folder(orig / "google" / "umt5-xxl")
+    assert weights_layout(orig) == "original"
+    enc, vae = load_front_end(orig, text_len=10, vae_config=vcfg, text_config=tcfg)
+    emb = enc(["a red fox"])
+    lat = torch.randn(1, 2, 4, 2, 2)
+    diff = tmp_path / "Wan2.1-T2V-1.3B-Diffusers"
+    vae.model.save_pretrained(str(diff / "vae"))
+    enc.model.save_pretrained(str(diff / "text_encoder"))
+    with pytest.raises(FileNotFoundError, match="diffusers-format but lacks .*tokenizer"):
+        weights_layout(diff)
+    _tokenizer_folder(diff / "tokenizer")
+    assert weights_layout(diff) == "diffusers"
+    enc2, vae2 = load_front_end(diff, text_len=10)
+    torch.testing.assert_close(enc2(["a red fox"]), emb, atol=1e-6, rtol=0)
+    assert torch.equal(vae2.decode(lat), vae.decode(lat))
+
+
+def test_import_is_light():
+    """import deepforcing_kernels (and .video, .checkpoints) loads none of the optional libraries; a missing one
+    gives one ImportError naming the extra."""
+    import subprocess
+    import sys
+    code = ("import sys, deepforcing_kernels, deepforcing_kernels.video, deepforcing_kernels.checkpoints\n"
+            "bad = [m for m in ('diffusers', 'transformers', 'av', 'safetensors') if m in sys.modules]\n"
+            "assert not bad, bad\n"
+            "sys.modules['diffusers'] = None\n"
+            "from deepforcing_kernels.video import WanVAE\n"
+            "try:\n    WanVAE.tiny()\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 'pip install "deepforcing_kernels[video]"' in out.stdout, out.stdout + out.stderr

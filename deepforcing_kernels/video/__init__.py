@@ -11,14 +11,17 @@ safetensors). Importing this package costs nothing; each class imports its libra
   loads ``models_t5_umt5-xxl-enc-bf16.pth`` or a diffusers ``text_encoder/`` folder.
 * :class:`VideoWriter` (``writer.py``): H.264 mp4 through PyAV, frames appended as they come.
 * :class:`ByteTokenizer` (``tokenizer.py``): the byte-level stand-in tokenizer of the tiny random models.
+* :func:`load_front_end` / :func:`weights_layout` (``weights.py``): both from a Wan2.1 weights folder, original
+  or diffusers layout.
 """
 from typing import Any
 
 __all__ = ["WanVAE", "StreamDecoder", "UMT5Encoder", "VideoWriter", "ByteTokenizer", "WAN21_LATENT_MEAN",
-           "WAN21_LATENT_STD"]
+           "WAN21_LATENT_STD", "load_front_end", "weights_layout"]
 
 _WHERE = {"WanVAE": "vae", "StreamDecoder": "vae", "WAN21_LATENT_MEAN": "vae", "WAN21_LATENT_STD": "vae",
-          "UMT5Encoder": "t5", "VideoWriter": "writer", "ByteTokenizer": "tokenizer"}
+          "UMT5Encoder": "t5", "VideoWriter": "writer", "ByteTokenizer": "tokenizer", "load_front_end": "weights",
+          "weights_layout": "weights"}
 
 
 def __getattr__(name: str) -> Any:
