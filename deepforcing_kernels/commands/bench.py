@@ -29,6 +29,9 @@ from ._common import check_frames, check_output_file, check_positive, fail, plot
 SECTIONS = ("ops", "compression", "rollout", "model", "profile")
 #: the rollout rows (deepforcing_kernels.bench.rollout.POLICY_NAMES, spelled out so --help needs no torch)
 BENCH_POLICIES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
+#: benchmark baselines that are not policies (bench.rollout.BASELINE_NAMES): the release's data movement, measured;
+#: rollout section only (the model rollout skips it)
+BENCH_BASELINES = ("release",)
 BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
 
 
@@ -53,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention backend for the rollouts (default auto)")
     parser.add_argument("--policies", default=None,
                         help=f"comma-separated subset of the rollout policies ({', '.join(BENCH_POLICIES)}; default: "
-                             "all six); keep 'sliding', the baseline of every ratio")
+                             "all six), plus the baseline 'release' (the authors' data movement, cache rollout only); "
+                             "keep 'sliding', the baseline of every ratio")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, >= 1 (default: torch's)")
@@ -189,9 +193,10 @@ def check_args(args: argparse.Namespace) -> None:
             fail(f"--sections: unknown {','.join(bad) or repr(args.sections)}; choose from {','.join(SECTIONS)}")
     if args.policies is not None:
         names = args.policies.split(",")
-        bad = [p for p in names if p not in BENCH_POLICIES]
+        known = BENCH_POLICIES + BENCH_BASELINES
+        bad = [p for p in names if p not in known]
         if bad or not args.policies:
-            fail(f"--policies: unknown {','.join(bad) or repr(args.policies)}; choose from {','.join(BENCH_POLICIES)}")
+            fail(f"--policies: unknown {','.join(bad) or repr(args.policies)}; choose from {','.join(known)}")
     if args.backend != "auto":
         import torch
 
