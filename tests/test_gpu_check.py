@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 ENV_KEYS = {"python", "torch", "triton", "cuda_runtime", "platform", "device", "gpu_name", "capability",
             "memory_bytes", "driver", "clocks_mhz"}
-CASE_KEYS = {"case", "dtype", "mass", "shape", "variant", "errors", "wall_s", "ok"}
+CASE_KEYS = {"case", "dtype", "mass", "shape", "variant", "errors", "error", "wall_s", "ok"}
 ROLLOUT_KEYS = {"policy", "dtype", "blocks", "blocks_planned", "passes_per_block", "tokens_per_frame",
                 "max_abs_diff", "tol", "frames_equal", "ok"}
 OP_ROW_KEYS = {"case", "kv_frames", "Lq", "Lk", "impl", "ms", "tflops", "ratio_to_triton", "error"}
@@ -58,7 +58,7 @@ def test_correctness_section(dry_run):
         for dt in ("float16", "bfloat16"):
             assert (v, dt, False) in variants and (v, dt, True) in variants
     for x in c["cases"]:
-        assert set(x) == CASE_KEYS
+        assert set(x) == CASE_KEYS and x["error"] is None
         assert set(x["errors"]) == ({"out", "lse", "mass"} if x["mass"] else {"out", "lse"})
         for e in x["errors"].values():
             assert set(e) == {"err", "err_torch", "budget"} and e["err"] >= 0
