@@ -151,23 +151,25 @@ def _bench_rank(args: argparse.Namespace) -> int:
     rollout = generate(model, text, warm + BENCH["timed_frames"], _bench_policy(), seed=0,
                        latent_size=BENCH["latent"], progress=False)
     it = iter(rollout)
-    block_s, comm_s, comm_bytes = [], [], []
+    block_s, cpu_s, comm_s, comm_bytes = [], [], [], []
     while True:
         if comm is not None:
             comm.stats.reset()
             comm.stats.enabled = rollout.frames_done >= warm
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             next(it)
         except StopIteration:
             break
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if rollout.frames_done > warm:
             block_s.append(dt)
+            cpu_s.append(dc)
             comm_s.append(comm.stats.seconds if comm is not None else 0.0)
             comm_bytes.append(comm.stats.bytes_sent if comm is not None else 0)
     if comm is None or comm.rank == 0:
-        print("BENCH " + json.dumps({"world": comm.world if comm else 1, "block_s": block_s, "comm_s": comm_s,
+        print("BENCH " + json.dumps({"world": comm.world if comm else 1, "block_s": block_s, "cpu_s": cpu_s,
+                                     "comm_s": comm_s,
                                      "comm_bytes": comm_bytes, "passes_per_block": 5}), flush=True)
     return 0
 
@@ -196,10 +198,13 @@ def measure(repeats: int = 2, timeout_s: float = 300.0) -> Dict[str, Any]:
     t1 = min(min(r["block_s"]) for r in single) / 5
     best = min((b, c, n) for r in par for b, c, n in zip(r["block_s"], r["comm_s"], r["comm_bytes"]))
     t2, c2, nb = best[0] / 5, best[1] / 5, best[2] / 5
+    # CPU seconds (rank 0's process time): what the work costs whatever the machine's load
+    cpu1 = min(min(r["cpu_s"]) for r in single) / 5
+    cpu2 = min(min(r["cpu_s"]) for r in par) / 5
     return {"geometry": dict(BENCH, policy="deep_forcing(window 12, sink 3, budget 9, recent 3), mass"),
             "single_pass_s": t1, "sp2_pass_s": t2, "speedup": t1 / t2, "comm_pass_s": c2, "comm_share": c2 / t2,
-            "comm_bytes_per_pass_per_rank": nb,
-            "raw": {"single": single, "sp2": par}}
+            "comm_bytes_per_pass_per_rank": nb, "single_pass_cpu_s": cpu1, "sp2_pass_cpu_s_per_rank": cpu2,
+            "cpu_speedup": cpu1 / cpu2, "raw": {"single": single, "sp2": par}}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -222,7 +227,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"per pass: 1 process {res['single_pass_s'] * 1e3:.1f} ms, 2 ranks {res['sp2_pass_s'] * 1e3:.1f} ms: "
               f"speed-up {res['speedup']:.2f}x; collectives {res['comm_pass_s'] * 1e3:.1f} ms per pass "
               f"({res['comm_share'] * 100:.0f} % of it, {res['comm_bytes_per_pass_per_rank'] / 1e6:.2f} MB sent "
-              "per rank)")
+              f"per rank); CPU time per pass {res['single_pass_cpu_s'] * 1e3:.1f} ms vs "
+              f"{res['sp2_pass_cpu_s_per_rank'] * 1e3:.1f} ms per rank ({res['cpu_speedup']:.2f}x)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=1)
