@@ -16,4 +16,17 @@ package). See ``docs/distributed.md`` for the communication model.
 """
 from __future__ import annotations
 
-__all__ = ["ulysses", "reduce", "launch"]
+from typing import Any
+
+__all__ = ["SequenceParallelWan", "SequenceComm", "HeadReducer", "split_prompts", "init_from_env", "ParallelError"]
+
+_WHERE = {"SequenceParallelWan": "ulysses", "SequenceComm": "comm", "HeadReducer": "reduce",
+          "split_prompts": "launch", "init_from_env": "launch", "ParallelError": "launch"}
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing the package costs nothing until a name is used
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
