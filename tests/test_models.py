@@ -407,3 +407,27 @@ def test_load_errors_list_missing_and_unexpected():
         load_wan_state_dict(CausalWanModel(cfg), clash)
     with pytest.raises(TypeError):
         load_wan_state_dict(CausalWanModel(cfg), [1, 2])
+
+
+def test_text_prepared_once_gives_the_same_flow():
+    """The cross-attention K/V computed once per prompt (prepare_text) give the flow of the raw text."""
+    from deepforcing_kernels import CachePolicy, StreamingKVCache
+
+    cfg = WanConfig.tiny()
+    m = CausalWanModel(cfg).eval()
+    m.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    x, t, txt = inputs(cfg)
+
+    def cache():
+        return StreamingKVCache(CachePolicy.sliding(), num_layers=cfg.num_layers, batch_size=x.shape[0],
+                                num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=16,
+                                rope=cfg.rope(), dtype=torch.float32)
+    with torch.no_grad():
+        a = m(x, t, txt, cache=cache(), start_frame=0)
+        ctx = m.prepare_text(txt)
+        b = m(x, t, ctx, cache=cache(), start_frame=0)
+    torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert len(ctx.kv) == cfg.num_layers and ctx.kv[0][0].shape == (txt.shape[0], cfg.num_heads, cfg.text_len,
+                                                                     cfg.head_dim)
+    with pytest.raises(ValueError, match="text context"):
+        m(x, t, type(ctx)(ctx.kv[:1]), cache=cache(), start_frame=0)

@@ -31,7 +31,7 @@ from .base import CacheSpec
 
 __all__ = [
     "WanConfig", "CausalWanModel", "load_wan_state_dict", "unpatchify", "sinusoidal_embedding", "WanRMSNorm",
-    "WanLayerNorm", "LoadResult",
+    "WanLayerNorm", "LoadResult", "WanTextContext",
 ]
 
 
@@ -239,13 +239,34 @@ class WanSelfAttention(_WanAttention):
 class WanCrossAttention(_WanAttention):
     """Text cross-attention (T2V): q/k RMSNorm, no mask, no RoPE."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape[0], self.num_heads, self.head_dim
-        q = self.norm_q(self.q(x)).view(b, -1, n, d).transpose(1, 2)
+    def text_kv(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the embedded text ``[B, L, dim]``: ``[B, heads, L, head_dim]`` each."""
+        b, n, d = context.shape[0], self.num_heads, self.head_dim
         k = self.norm_k(self.k(context)).view(b, -1, n, d).transpose(1, 2)
         v = self.v(context).view(b, -1, n, d).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, text: Any) -> torch.Tensor:
+        """``text``: the embedded text ``[B, L, dim]``, or its precomputed ``(k, v)`` (:meth:`text_kv`)."""
+        b, n, d = x.shape[0], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, -1, n, d).transpose(1, 2)
+        k, v = text if isinstance(text, tuple) else self.text_kv(text)
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.o(out.transpose(1, 2).flatten(2))
+
+
+class WanTextContext(NamedTuple):
+    """A prompt prepared once (:meth:`CausalWanModel.prepare_text`): the cross-attention keys and values of
+    every block, ``[B, heads, L, head_dim]`` each, reused by every pass and block of the stream (Self-Forcing's
+    cross-attention cache)."""
+
+    kv: Tuple[Tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def batch(self) -> int:
+        return self.kv[0][0].shape[0]
 
 
 class WanAttentionBlock(nn.Module):
@@ -412,8 +433,26 @@ class CausalWanModel(nn.Module):
         e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
         return e.unflatten(0, (b, nf)), e0.unflatten(0, (b, nf))
 
+    @torch.no_grad()
+    def prepare_text(self, text_embeds: torch.Tensor) -> WanTextContext:
+        """Embed ``text_embeds [B, L, text_dim]`` (zero-padded to ``text_len``) and project it to every block's
+        cross-attention keys and values, once per prompt; pass the result to :meth:`forward` as the text."""
+        if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 3 or \
+                text_embeds.shape[2] != self.config.text_dim:
+            raise ValueError(f"text_embeds must be [B, L, {self.config.text_dim}]")
+        dtype = self.patch_embedding.weight.dtype
+        context = self.embed_text(text_embeds.to(dtype))
+        return WanTextContext(tuple(blk.cross_attn.text_kv(context) for blk in self.blocks))
+
     def _check_inputs(self, latents: Any, timestep: Any, text_embeds: Any, cache: Any, start_frame: Any) -> None:
         c = self.config
+        if isinstance(text_embeds, WanTextContext):
+            if len(text_embeds.kv) != c.num_layers:
+                raise ValueError(f"the text context has {len(text_embeds.kv)} blocks, the model {c.num_layers}")
+            if isinstance(latents, torch.Tensor) and latents.dim() == 5 and \
+                    text_embeds.batch not in (1, latents.shape[0]):
+                raise ValueError(f"the text context has batch {text_embeds.batch}, the latents {latents.shape[0]}")
+            text_embeds = torch.zeros(1, 1, c.text_dim)  # the tensor checks below then pass for the text
         for name, t, nd in (("latents", latents, 5), ("timestep", timestep, 2), ("text_embeds", text_embeds, 3)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -445,7 +484,8 @@ class CausalWanModel(nn.Module):
         Args:
             latents: ``[B, F, C, H, W]`` noisy latents of the block (``F`` frames starting at ``start_frame``).
             timestep: ``[B, F]`` float timesteps in ``[0, 1000]`` (floats: 833.33 is not 833).
-            text_embeds: ``[B or 1, L_text, text_dim]`` text-encoder output; zero-padded to ``text_len`` rows.
+            text_embeds: ``[B or 1, L_text, text_dim]`` text-encoder output (zero-padded to ``text_len`` rows), or
+                the :class:`WanTextContext` of :meth:`prepare_text` (the same text, projected once).
             cache: a :class:`~deepforcing_kernels.cache.StreamingKVCache` (or anything with ``.layers[i].attend(q,
                 k, v, start_frame=)``) with one layer per block; q, k, v are cast to its ``dtype`` (when it has
                 one) and the result cast back.
@@ -465,14 +505,18 @@ class CausalWanModel(nn.Module):
         grid = tuple(int(v) for v in x.shape[2:])
         x = x.flatten(2).transpose(1, 2)  # tokens frame-major, then row, column
         e, e0 = self.embed_time(timestep, dtype)
-        context = self.embed_text(text_embeds.to(dtype))
-        if context.shape[0] != b:
-            context = context.expand(b, -1, -1)
+        if isinstance(text_embeds, WanTextContext):
+            texts = text_embeds.kv  # precomputed once per prompt
+        else:
+            context = self.embed_text(text_embeds.to(dtype))
+            if context.shape[0] != b:
+                context = context.expand(b, -1, -1)
+            texts = (context,) * len(self.blocks)
         attn_dtype = getattr(cache, "dtype", None) or dtype
         if seq_parallel is not None:
             x = seq_parallel.shard(x, grid[0])  # this rank's slice of every frame
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, context, grid=grid, start_frame=start_frame, rope=self.rope,
+            x = block(x, e0, texts[i], grid=grid, start_frame=start_frame, rope=self.rope,
                       layer_cache=cache.layers[i], attn_dtype=attn_dtype, seq_parallel=seq_parallel)
         x = self.head(x, e)
         if seq_parallel is not None:
