@@ -342,6 +342,14 @@ def test_unwritable_plot_path_fails_before_the_run(cmd, where, tmp_path, capsys,
     assert "f0=" not in so  # nothing ran
 
 
+def test_demo_out_dir_that_is_a_file_fails_before_the_rollouts(tmp_path, capsys):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    code, so, se = run_cli(["demo", "--frames", "3", "--no-compare", "--out-dir", str(f)], capsys)
+    assert_one_line_error(code, so, se, "--out-dir", str(f))
+    assert "frames/s" not in so
+
+
 def test_extensionless_plot_path_is_written_exactly(tmp_path, capsys):
     path = str(tmp_path / "name")
     code, so, se = run_cli(["trace", "--frames", "9", "--plot", path], capsys)

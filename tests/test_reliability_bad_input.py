@@ -253,3 +253,11 @@ def test_generate_with_nan_text_fails_clearly_instead_of_a_nan_video():
     ro = generate(m.eval(), txt, 6, CachePolicy.deep_sink(), 0, latent_size=(4, 4), progress=False)
     with pytest.raises(ValueError, match="NaN|inf|finite"):
         next(ro)
+
+
+@pytest.mark.parametrize("d", [{}, {"window_frames": 21}, {"kind": "sliding", "window_frames": 21, "bogus": 1},
+                               {"kind": "nonsense"}, "sliding"])
+def test_policy_from_dict_raises_value_error(d):
+    """Documented: a dict that is not a policy raises ValueError (a missing 'kind' raised TypeError before)."""
+    with pytest.raises(ValueError):
+        CachePolicy.from_dict(d)
