@@ -233,6 +233,26 @@ def resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int]
     back to the reference because the C++ kernel is not built). Raises TypeError / ValueError for an unknown name
     and ValueError with the reason when the named backend cannot take the call.
     """
+    # memoised per call signature: availability is fixed for a process, except what tests change on purpose
+    # (the extension loader, TRITON_INTERPRET), which is part of the key
+    key = (name, device, head_dim, dtype, _ext.load, triton_interpreting())
+    try:
+        hit = _RESOLVED.get(key)
+    except TypeError:  # an unhashable argument: the checks below name it
+        hit, key = None, None
+    if hit is not None:
+        return hit
+    b = _resolve(name, device, head_dim, dtype)
+    if key is not None and len(_RESOLVED) < 256:
+        _RESOLVED[key] = b
+    return b
+
+
+_RESOLVED: Dict[tuple, "Backend"] = {}
+
+
+def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int],
+             dtype: Optional[torch.dtype]) -> "Backend":
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name not in BACKEND_NAMES:
