@@ -160,6 +160,23 @@ def test_stuck_rank_times_out_instead_of_hanging():
     assert res[0].ended_at - _wait_from(res[0]) < 8 and res[0].ended_at < res[1].ended_at, _explain(res)
 
 
+@pytest.mark.slow
+def test_all_to_alls_trace_into_one_compiled_graph():
+    _ok(_run(2, "compile"), "OK compile")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank(tmp_path):
+    import signal
+
+    out = str(tmp_path / "long.pt")
+    res = launch_local(2, GEN + ["--policy", "sliding", "--frames", "3000", "--out", out, "--parallel", "sequence"],
+                       timeout_s=150.0, env=_env(), signal_when=(out, signal.SIGINT))  # once the run has begun
+    assert [r.returncode for r in res] == [130, 130], _explain(res)
+    assert "interrupted: stopping all 2 ranks" in res[0].stderr and "Traceback" not in res[0].stderr + \
+        res[1].stderr, _explain(res)
+
+
 # ------------------------------------------------------------------------------------------ in process
 def test_parallel_without_torchrun_is_one_line(capsys, monkeypatch):
     from deepforcing_kernels.cli import main

@@ -27,6 +27,11 @@ import torch.distributed as dist
 
 __all__ = ["SequenceComm", "CommStats", "shard_tokens", "unshard_tokens", "reference_heads"]
 
+def _compiling() -> bool:
+    comp = getattr(torch, "compiler", None)
+    return bool(comp is not None and hasattr(comp, "is_compiling") and comp.is_compiling())
+
+
 try:  # functional collectives: traceable by torch.compile (torch >= 2.1)
     import torch.distributed._functional_collectives as _fc
 except ImportError:  # pragma: no cover - very old torch
@@ -108,15 +113,21 @@ class SequenceComm:
         return f"SequenceComm(rank={self.rank}, world={self.world}, functional={self.functional})"
 
     # ---------------------------------------------------------------- raw collectives
-    def _record(self, kind: str, t0: float, x: torch.Tensor, fraction: float = 1.0) -> None:
-        if self.stats.enabled:
+    def _clock(self) -> Optional[float]:
+        """A start time when the stats are on (never while torch.compile traces: the graph has no clock)."""
+        if self.stats.enabled and not _compiling():
+            return time.perf_counter()
+        return None
+
+    def _record(self, kind: str, t0: Optional[float], x: torch.Tensor, fraction: float = 1.0) -> None:
+        if t0 is not None:
             self.stats.add(kind, time.perf_counter() - t0, int(x.numel() * x.element_size() * fraction))
 
     def all_to_all(self, x: torch.Tensor, kind: str = "all_to_all") -> torch.Tensor:
         """``x [P, ...]`` contiguous: chunk ``j`` goes to rank ``j``; returns ``[P, ...]`` whose chunk ``i`` came
         from rank ``i``."""
         x = x.contiguous()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if self.functional:
             y = _fc.wait_tensor(_fc.all_to_all_single(x, None, None, self.group))
         else:
@@ -128,7 +139,7 @@ class SequenceComm:
     def all_gather(self, x: torch.Tensor, kind: str = "all_gather") -> torch.Tensor:
         """``[P, *x.shape]``: every rank's ``x``, in rank order."""
         x = x.contiguous()
-        t0 = time.perf_counter()
+        t0 = self._clock()
         if self.functional:
             gather = getattr(_fc, "all_gather_single", None) or _fc.all_gather_tensor
             y = _fc.wait_tensor(gather(x, 0, self.group)).view(self.world, *x.shape)

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["RankResult", "free_port", "launch_local"]
 
@@ -39,12 +39,13 @@ def free_port() -> int:
 
 def launch_local(nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0, threads: int = 1,
                  env: Optional[Dict[str, str]] = None, per_rank_env: Optional[Sequence[Dict[str, str]]] = None,
-                 per_rank_args: Optional[Sequence[Sequence[str]]] = None,
-                 cwd: Optional[str] = None) -> List[RankResult]:
+                 per_rank_args: Optional[Sequence[Sequence[str]]] = None, cwd: Optional[str] = None,
+                 signal_when: Optional[Tuple[str, int]] = None) -> List[RankResult]:
     """Run ``python argv...`` as ``nprocs`` ranks with ``torchrun``'s variables (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR, MASTER_PORT) and ``threads`` intra-op threads each; wait for all of them.
 
-    ``per_rank_env`` / ``per_rank_args`` add variables / trailing arguments rank by rank. Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
+    ``per_rank_env`` / ``per_rank_args`` add variables / trailing arguments rank by rank. ``signal_when=(path,
+    signum)`` sends ``signum`` to every rank once ``path`` exists (what Ctrl-C does to a ``torchrun`` job). Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
     failure the caller can assert on, never a stuck test).
     """
     port = free_port()
@@ -66,7 +67,13 @@ def launch_local(nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0, 
     ends: List[Optional[float]] = [None] * nprocs
     ended_at: List[Optional[float]] = [None] * nprocs
     deadline = t0 + timeout_s
+    signalled = False
     while any(p.poll() is None for p in procs) and time.perf_counter() < deadline:
+        if signal_when is not None and not signalled and os.path.exists(signal_when[0]):
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal_when[1])
+            signalled = True
         for i, p in enumerate(procs):
             if ends[i] is None and p.poll() is not None:
                 ends[i], ended_at[i] = time.perf_counter() - t0, time.time()
