@@ -159,3 +159,15 @@ def test_resume_covers_prefix_schedule_and_recache(model):
     assert torch.equal(torch.cat(part + [rest], 1), straight)
     with pytest.raises(ValueError, match="switch_frames"):
         _run(model, 46, resume_from=state, **dict(kw, text_schedule=[(0, a), (25, b)]))
+
+
+def test_trace_prefix_shows_the_prefix_as_the_sink(capsys):
+    from deepforcing_kernels.cli import main
+
+    assert main(["trace", "--policy", "deep_forcing", "--frames", "60", "--prefix", "1", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "prefix: frames 0..0 given; 1 of them still held at the end (the sink)" in out
+    assert main(["trace", "--policy", "sliding", "--frames", "60", "--prefix", "3", "--no-plot"]) == 0
+    assert "none held at the end" in capsys.readouterr().out
+    assert main(["trace", "--frames", "30", "--prefix", "2", "--no-plot"]) == 1
+    assert "--prefix" in capsys.readouterr().err

@@ -11,6 +11,10 @@ kind (sink / Top-C / recent / the block being generated). The picture has four p
 3. the temporal RoPE position minus f0 (the sink re-phased just behind the live context shows as a band
    that stays at a constant offset);
 4. a Top-C selection-frequency strip: how often each source frame's tokens were kept as Top-C.
+
+``--prefix N`` starts the stream with N given frames (image-to-video: 1; continuation: whole blocks, or 1 + whole
+blocks), each written by one clean pass as the driver does; their slots are drawn as "prefix". With Deep Forcing
+(and Deep Sink) the prefix frames are the sink: they stay for the whole stream, re-phased behind the live block.
 """
 from __future__ import annotations
 
@@ -25,8 +29,8 @@ import torch
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
 from .generate import POLICIES, make_policy, policy_name
 
-KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4}
-KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728"]
+KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5}
+KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              'pip install "deepforcing_kernels[plot]"')
     parser.add_argument("--no-plot", action="store_true", help="print the text summary only (no matplotlib needed)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the random queries, keys and values (default 0)")
+    parser.add_argument("--prefix", type=int, default=0, metavar="N",
+                        help="start the stream with N given frames (1: an image; else whole blocks of 3, or 1 + "
+                             "whole blocks), written by clean passes; default 0")
     parser.add_argument("--lines", type=int, default=10,
                         help="blocks to describe in the text summary, >= 1 (default 10; the first and the last ones "
                              "when there are more)")
@@ -82,9 +89,10 @@ def _kinds(layer: Any, policy: Any, frames: List[int]) -> List[str]:
 
 
 def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: int = 0,
-                 passes_per_block: int = 5) -> CacheTrace:
+                 passes_per_block: int = 5, prefix_frames: int = 0) -> CacheTrace:
     """Run ``policy`` on a one-layer cache with random q, k, v and record the layout after each block's first
-    pass. ``num_frames`` is rounded up to whole blocks."""
+    pass. ``num_frames`` (after the ``prefix_frames`` given frames) is rounded up to whole blocks; a given block
+    gets one (clean) pass, a one-frame image its own block."""
     from ..cache import StreamingKVCache
     from ..rope import RopeSpec
 
@@ -99,9 +107,13 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
     bf = policy.block_frames
     L = bf * tokens_per_frame
     tr = CacheTrace(policy, tokens_per_frame)
-    for f0 in range(0, num_frames, bf):
-        for p in range(passes_per_block):
-            q, k, v = torch.randn(3, 1, L, H, D, generator=g).unbind(0)
+    P = prefix_frames
+    starts = ([0] if P % bf == 1 else []) + list(range(P % bf if P % bf == 1 else 0, P + num_frames, bf))
+    for f0 in starts:
+        frames = 1 if (f0 == 0 and P % bf == 1) else bf
+        given = f0 < P
+        for p in range(1 if given else passes_per_block):
+            q, k, v = torch.randn(3, 1, frames * tokens_per_frame, H, D, generator=g).unbind(0)
             layer.attend(q, k, v, start_frame=f0)
             if p == 0:
                 fr = layer.frames()[0].tolist()
@@ -109,8 +121,9 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
                 tr.frames.append(fr)
                 tr.positions.append(layer.positions()[0].tolist())
                 kinds = _kinds(layer, policy, fr)
-                # the block being generated is "recent" to the cache; draw it apart
-                tr.kinds.append(["block" if f >= f0 else kd for f, kd in zip(fr, kinds)])
+                # the block being generated is "recent" to the cache; draw it apart, and the given frames too
+                tr.kinds.append(["block" if f >= f0 else "prefix" if f < P and kd != "topc" else kd
+                                 for f, kd in zip(fr, kinds)])
     return tr
 
 
@@ -143,6 +156,12 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
     n = tr.tokens_per_frame
     out = [f"policy {tr.policy.kind}: {len(tr.starts)} blocks, {tr.tokens_per_frame} tokens/frame; "
            f"cache after each block's first pass (frame@position; [the block])"]
+    prefix = sorted({f for fr, kd in zip(tr.frames, tr.kinds) for f, k in zip(fr, kd) if k == "prefix"})
+    if prefix:
+        held = [k for k in tr.kinds[-1] if k == "prefix"]
+        out.append(f"prefix: frames {prefix[0]}..{prefix[-1]} given; " +
+                   (f"{len(held) // tr.tokens_per_frame} of them still held at the end (the sink)" if held else
+                    "none held at the end (this policy keeps no sink)"))
     if lines < 1:
         raise ValueError(f"lines must be >= 1, got {lines}")
     idx = list(range(len(tr.starts)))
@@ -189,9 +208,9 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     fig, axes = plt.subplots(4, 1, figsize=(13, 13), gridspec_kw={"height_ratios": [3, 3, 3, 1.3]})
     common = dict(aspect="auto", origin="lower", extent=extent, interpolation="nearest")
     ax = axes[0]
-    im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=4.5, **common)
-    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(5))
-    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block"])
+    im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=5.5, **common)
+    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(6))
+    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block", "prefix (given)"])
     ax.set_title("slot kind")
     ax = axes[1]
     im = ax.imshow(np.ma.masked_invalid(frames), cmap="viridis", vmin=0, vmax=last, **common)
@@ -245,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:  # before the work, not after it
         require_matplotlib("--plot", "--no-plot")
         check_output_file(args.plot, "--plot")
-    tr = trace_policy(policy, args.frames, args.tokens_per_frame, args.seed)
+    if args.prefix < 0 or args.prefix % policy.block_frames not in (0, 1):
+        fail(f"--prefix must be 0, whole blocks of {policy.block_frames} frames, or 1 + whole blocks; got {args.prefix}")
+    tr = trace_policy(policy, args.frames, args.tokens_per_frame, args.seed, prefix_frames=args.prefix)
     for line in summary(tr, args.lines):
         print(line)
     if not args.no_plot:
