@@ -7,30 +7,32 @@
 
 namespace deepforcing {
 
-// Forward pass. Arguments are validated and normalised by the Python op (deepforcing_kernels/attention.py); this
-// entry re-checks what the kernel relies on and raises c10::Error (RuntimeError in Python) otherwise.
+// Forward pass. Arguments are validated and normalised by the Python op; this entry re-checks what the kernel
+// relies on and raises c10::Error (RuntimeError in Python) otherwise.
 //
-//   q               [B, Lq, Hq, D]   float32 / bfloat16 / float16 (any strides: made contiguous here)
+//   q               [B, Lq, Hq, D]   float32 / bfloat16 / float16 (any strides: made contiguous here), D even
 //   k, v            [B, Lk, Hkv, D]  same dtype as q, Hq % Hkv == 0; query head h reads KV head h / (Hq / Hkv)
-//   key_shift       optional int64 [B, Lk]: per-key temporal shift (overrides sink_len / sink_shift)
-//   temporal_freqs  optional float64 [T]: the frequency of each temporal RoPE pair (T <= D / 2); required when
-//                   any key moves. Pair t is channels (2t, 2t+1) when `interleaved`, else (t, t + D/2).
-//   sink_len, sink_shift   keys [0, sink_len) are rotated by sink_shift positions (when key_shift is None)
-//   softmax_scale   multiplier of q.k
-//   return_mass     compute mass [B, Hkv, Lk] (fp32) over query rows [mass_start, mass_end)
+//   cos, sin        float32 rotation tables over the first T temporal RoPE pairs (T <= D / 2); pair t is channels
+//                   (2t, 2t+1) when `interleaved`, else (t, t + D/2), and (re, im) of a key that moves becomes
+//                   (re*c - im*s, re*s + im*c):
+//                     [T]        keys [0, rot_len) all use this one table (sink mode), 0 <= rot_len <= Lk;
+//                     [B, Lk, T] key j of batch b uses row [b, j] (per-key mode), rot_len == Lk;
+//                     [0]        nothing rotates, rot_len == 0.
+//   softmax_scale   multiplier of q.k (finite, > 0)
+//   return_mass     compute mass [B, Hkv, Lk] (fp32) over query rows [mass_start, mass_end), summed over the
+//                   query heads of each KV group
 //
 // Returns (out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] fp32 natural log, mass [B, Hkv, Lk] fp32 or an
-// empty tensor when return_mass is false).
+// empty tensor of shape [0] when return_mass is false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& key_shift,
-    const c10::optional<at::Tensor>& temporal_freqs, bool interleaved, int64_t sink_len, int64_t sink_shift,
-    double softmax_scale, bool return_mass, int64_t mass_start, int64_t mass_end);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
+    int64_t rot_len, bool interleaved, double softmax_scale, bool return_mass, int64_t mass_start,
+    int64_t mass_end);
 
-// Keys as the kernel sees them: k [B, Lk, Hkv, D] re-phased by the same rules as sink_attention_fwd, in float32
-// (a test hook for the re-phase step alone).
-at::Tensor sink_rephase_keys(const at::Tensor& k, const c10::optional<at::Tensor>& key_shift,
-                             const at::Tensor& temporal_freqs, bool interleaved, int64_t sink_len,
-                             int64_t sink_shift);
+// Keys as the kernel's fp32 paths see them: k [B, Lk, Hkv, D] re-phased by the same tables and rules as
+// sink_attention_fwd, in float32 (a test hook for the re-phase step alone).
+at::Tensor sink_rephase_keys(const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin, int64_t rot_len,
+                             bool interleaved);
 
 // Query rows per task (exposed for benchmarks and tests; 0 = automatic).
 void set_block_rows(int64_t rows);

@@ -14,14 +14,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("frame_sums", &deepforcing::frame_sums, "per-frame float32 sums of a [B, F*n, H, D] block (one thread)");
   m.def("all_finite", &deepforcing::all_finite, "whether contiguous CPU tensors hold no NaN / inf (one thread)");
   m.def("sink_attention_fwd", &deepforcing::sink_attention_fwd,
-        "Fused sink attention forward on CPU: (out, lse, mass-or-empty). See csrc/sink_attention_cpu.h.",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_shift"), py::arg("temporal_freqs"),
-        py::arg("interleaved"), py::arg("sink_len"), py::arg("sink_shift"), py::arg("softmax_scale"),
-        py::arg("return_mass"), py::arg("mass_start"), py::arg("mass_end"));
+        "Fused sink attention forward on CPU with precomputed float32 rotation tables: (out, lse, mass-or-empty). "
+        "See csrc/sink_attention_cpu.h.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("rot_len"),
+        py::arg("interleaved"), py::arg("softmax_scale"), py::arg("return_mass"), py::arg("mass_start"),
+        py::arg("mass_end"));
   m.def("sink_rephase_keys", &deepforcing::sink_rephase_keys,
-        "Keys as the CPU kernel sees them (fp32, re-phased): a test hook for the re-phase step.", py::arg("k"),
-        py::arg("key_shift"), py::arg("temporal_freqs"), py::arg("interleaved"), py::arg("sink_len"),
-        py::arg("sink_shift"));
+        "Keys as the CPU kernel sees them (fp32, re-phased by the same tables): a test hook for the re-phase step.",
+        py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("rot_len"), py::arg("interleaved"));
   m.def("sink_attention_set_block_rows", &deepforcing::set_block_rows,
         "Query rows per task of the CPU kernel (0 = automatic); for tuning and tests.", py::arg("rows"));
   m.def("sink_attention_set_bf16_gemm", &deepforcing::set_bf16_gemm,

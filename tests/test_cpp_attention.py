@@ -166,6 +166,25 @@ def test_huge_sink_shift(shift, dtype):
     _check(q, k, v, rope=WAN128, sink_len=50, sink_shift=shift)
 
 
+@pytest.mark.parametrize("shift", [10**15, -(2**62), 2**63 - 1], ids=["1e15", "-2^62", "2^63-1"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_extreme_shifts_within_budget(shift, dtype):
+    """Any int64 shift: the rotation tables are formed once on the host from the raw float64 angle (as the oracle
+    forms it), so the kernel only rotates in fp32. Sink mode and per-key mode; bf16 on both of its paths."""
+    q, k, v = _inputs(1, 31, 70, 4, 4, 128, dtype)
+    ks = torch.randint(-10**6, 10**6, (70,))
+    ks[::3] = shift
+    ks[1::7] = -shift
+    c = _C()
+    try:
+        for bf16_gemm in ([True, False] if dtype == torch.bfloat16 else [True]):
+            c.sink_attention_set_bf16_gemm(bf16_gemm)
+            _check(q, k, v, rope=WAN128, sink_len=50, sink_shift=shift)
+            _check(q, k, v, rope=WAN128, key_shift=ks)
+    finally:
+        c.sink_attention_set_bf16_gemm(True)
+
+
 @pytest.mark.parametrize("per", ["Lk", "B,Lk"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_per_key_shift(per, dtype, block_rows):
@@ -199,17 +218,46 @@ def test_layouts(rope, dtype):
 @pytest.mark.parametrize("rope", [WAN128, LLAMA64, GPTJ64], ids=["wan128", "llama64", "gptj64"])
 def test_rephase_hook_matches_reference(rope):
     """The re-phase step alone: the kernel's fp32 keys against the reference rotation done in float64."""
+    from deepforcing_kernels.rotation import rotation_tables
+
     D = rope.head_dim
     k = torch.randn(2, 50, 3, D)
-    freqs = rope.temporal_freqs()
     ks = torch.randint(-10**7, 10**7, (2, 50))
-    got = _C().sink_rephase_keys(k, ks, freqs, rope.interleaved, 0, 0)
+    cos, sin, rot_len = rotation_tables(rope, 0, 0, ks, 2, 50, k.device)
+    assert tuple(cos.shape) == (2, 50, rope.temporal_pairs) and rot_len == 50
+    got = _C().sink_rephase_keys(k, cos, sin, rot_len, rope.interleaved)
     want = rephase(k.double(), rope, ks)
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
-    got = _C().sink_rephase_keys(k, None, freqs, rope.interleaved, 20, 123_456)
+    cos, sin, rot_len = rotation_tables(rope, 20, 123_456, None, 2, 50, k.device)
+    assert tuple(cos.shape) == (rope.temporal_pairs,) and rot_len == 20
+    got = _C().sink_rephase_keys(k, cos, sin, rot_len, rope.interleaved)
     want = rephase(k.double(), rope, torch.tensor([123_456] * 20 + [0] * 30))
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
     assert torch.equal(got[:, 20:], k[:, 20:])  # resting keys untouched
+    empty = torch.empty(0)
+    assert torch.equal(_C().sink_rephase_keys(k, empty, empty, 0, rope.interleaved), k)
+
+
+def test_rephase_hook_applies_tables_exactly():
+    """The kernel rotates by the tables it is given, whatever they hold: (re, im) -> (re*c - im*s, re*s + im*c)
+    in float32 on the first T pairs, every other channel copied; per-key rows index [b, j]."""
+    rope = RopeSpec.llama(16)  # half layout: pair t = channels (t, t + 8)
+    B, Lk, H, D, T = 2, 5, 3, 16, 3
+    k = torch.randn(B, Lk, H, D)
+    cos, sin = torch.randn(B, Lk, T), torch.randn(B, Lk, T)
+    got = _C().sink_rephase_keys(k, cos, sin, Lk, False)
+    want = k.clone()
+    re, im = k[..., :T], k[..., 8:8 + T]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    want[..., :T], want[..., 8:8 + T] = re * c - im * s, re * s + im * c
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    got = _C().sink_rephase_keys(k, cos[0, 0], sin[0, 0], 2, True)  # sink mode, interleaved, 2 keys
+    want = k.clone()
+    re, im = k[:, :2, :, 0:2 * T:2], k[:, :2, :, 1:2 * T:2]
+    want[:, :2, :, 0:2 * T:2] = re * cos[0, 0] - im * sin[0, 0]
+    want[:, :2, :, 1:2 * T:2] = re * sin[0, 0] + im * cos[0, 0]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[:, 2:], k[:, 2:])
 
 
 # ------------------------------------------------------------------------------------------ mass
@@ -305,18 +353,35 @@ def test_cpp_entry_checks_its_assumptions():
     """The C++ entry re-checks what it relies on (the Python op validates first; this is the second line)."""
     c = _C()
     q, k, v = _inputs(1, 4, 5, 2, 1, 64, torch.float32)
+    e = torch.empty(0)
+    cos, sin = torch.ones(3), torch.zeros(3)
     with pytest.raises(RuntimeError, match="share one dtype"):
-        c.sink_attention_fwd(q, k.double(), v, None, None, True, 0, 0, 0.125, False, 0, 4)
+        c.sink_attention_fwd(q, k.double(), v, e, e, 0, True, 0.125, False, 0, 4)
     with pytest.raises(RuntimeError, match="multiple of Hkv"):
-        c.sink_attention_fwd(q, torch.randn(1, 5, 3, 64), torch.randn(1, 5, 3, 64), None, None, True, 0, 0, 0.125,
-                             False, 0, 4)
-    with pytest.raises(RuntimeError, match="temporal_freqs is None"):
-        c.sink_attention_fwd(q, k, v, None, None, True, 2, 5, 0.125, False, 0, 4)
-    with pytest.raises(RuntimeError, match="key_shift must be an int64"):
-        c.sink_attention_fwd(q, k, v, torch.zeros(5, dtype=torch.int64), WAN64.temporal_freqs(), True, 0, 0,
-                             0.125, False, 0, 4)
+        c.sink_attention_fwd(q, torch.randn(1, 5, 3, 64), torch.randn(1, 5, 3, 64), e, e, 0, True, 0.125, False,
+                             0, 4)
+    with pytest.raises(RuntimeError, match="float32 CPU tensors"):
+        c.sink_attention_fwd(q, k, v, cos.double(), sin.double(), 2, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="shapes differ"):
+        c.sink_attention_fwd(q, k, v, cos, torch.zeros(4), 2, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="rot_len must be in"):
+        c.sink_attention_fwd(q, k, v, cos, sin, 6, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="rot_len must be 0"):
+        c.sink_attention_fwd(q, k, v, e, e, 2, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="rot_len must be Lk"):
+        c.sink_attention_fwd(q, k, v, torch.ones(1, 5, 3), torch.zeros(1, 5, 3), 4, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match=r"must have shape \[T\], \[B, Lk, T\]"):
+        c.sink_attention_fwd(q, k, v, torch.ones(5, 3), torch.zeros(5, 3), 5, True, 0.125, False, 0, 4)
+    with pytest.raises(RuntimeError, match="has only 32"):
+        c.sink_attention_fwd(q, k, v, torch.ones(33), torch.zeros(33), 2, True, 0.125, False, 0, 4)
     with pytest.raises(RuntimeError, match="mass range"):
-        c.sink_attention_fwd(q, k, v, None, None, True, 0, 0, 0.125, True, 3, 9)
+        c.sink_attention_fwd(q, k, v, e, e, 0, True, 0.125, True, 3, 9)
+    with pytest.raises(RuntimeError, match="sink_rephase_keys: rot_len"):
+        c.sink_rephase_keys(k, cos, sin, 9, True)
+    # identity tables rotate nothing: the same output as no tables
+    out, lse, _ = c.sink_attention_fwd(q, k, v, cos, sin, 5, True, 0.125, False, 0, 4)
+    out0, lse0, _ = c.sink_attention_fwd(q, k, v, e, e, 0, True, 0.125, False, 0, 4)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
 
 
 # ------------------------------------------------------------------------------------------ torch.library

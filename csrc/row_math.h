@@ -1,0 +1,137 @@
+#pragma once
+// Row maths of the CPU kernel's softmax, on one score row at a time: row max, exp2 sweeps (fp32 in place, or fp32
+// and a bf16 copy for P V) and the weighted column sums of the attention mass. AVX-512 where compiled for, with
+// scalar loops for the remainder and for other targets.
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace deepforcing {
+namespace detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+#if defined(__AVX512F__)
+// 2^x for x <= 0 (scores minus their row max): x = n + f, f in [-0.5, 0.5], 2^f by its degree-7 Taylor
+// polynomial in f (truncation 5e-9, below fp32 rounding), scaled by 2^n with vscalefps (exact, denormals too).
+inline __m512 exp2_ps(__m512 x) {
+  // max(-150, x) in this operand order returns x when x is NaN (vmaxps passes its second operand on NaN), so a
+  // NaN score stays NaN and poisons its row instead of turning into a plausible 0.
+  x = _mm512_max_ps(_mm512_set1_ps(-150.f), x);
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);                  // ln2^7 / 7!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f));  // ln2^6 / 6!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f));  // ln2^5 / 5!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));  // ln2^4 / 4!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));  // ln2^3 / 3!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));  // ln2^2 / 2!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));  // ln2
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
+#endif
+
+// Row max of x[0, n).
+inline float row_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(x + j));
+  if (j < n) vm = _mm512_mask_max_ps(vm, tail_mask(n - j), vm, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
+  m = _mm512_reduce_max_ps(vm);
+  j = n;
+#endif
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = 2^(alpha * x[j] - am) in place (am = alpha * rowmax); returns the sum.
+inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(alpha), vm = _mm512_set1_ps(am);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  for (; j + 32 <= n; j += 32) {
+    const __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), va, vm));
+    const __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(x + j + 16), va, vm));
+    _mm512_storeu_ps(x + j, e0);
+    _mm512_storeu_ps(x + j + 16, e1);
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
+    const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, x + j), va, vm));
+    _mm512_mask_storeu_ps(x + j, mk, e);
+    acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(mk, e));
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+  for (; j < n; ++j) {
+    x[j] = std::exp2(alpha * x[j] - am);
+    s += x[j];
+  }
+  return s;
+}
+
+// One softmax sweep for the bf16 path: e[j] = 2^(alpha * x[j] - am) where am = alpha * rowmax; e is stored in fp32
+// back into x (when keep_f32: the mass needs it) and rounded to bf16 into p (the operand of P V). Returns the sum
+// of the fp32 values.
+inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha, float am, bool keep_f32) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  const __m512 va = _mm512_set1_ps(alpha), vm = _mm512_set1_ps(am);
+  __m512 acc = _mm512_setzero_ps();
+  for (; j < n; j += 16) {
+    const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
+    const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, x + j), va, vm));
+    if (keep_f32) _mm512_mask_storeu_ps(x + j, mk, e);
+    const __m256bh eb = _mm512_cvtneps_pbh(e);
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + j), mk, reinterpret_cast<const __m256i&>(eb));
+    acc = _mm512_add_ps(acc, _mm512_maskz_mov_ps(mk, e));
+  }
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; j < n; ++j) {
+    const float e = std::exp2(alpha * x[j] - am);
+    if (keep_f32) x[j] = e;
+    p[j] = c10::BFloat16(e);
+    s += e;
+  }
+  return s;
+}
+
+// col[j] += sum_r w[r] * P[r, j] over `rows` rows of P (leading dimension ld); four rows per sweep so the column
+// vector is loaded and stored a quarter as often.
+inline void column_sums(float* col, const float* P, int64_t ld, const float* w, int64_t rows, int64_t n) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *p0 = P + r * ld, *p1 = p0 + ld, *p2 = p1 + ld, *p3 = p2 + ld;
+    const float w0 = w[r], w1 = w[r + 1], w2 = w[r + 2], w3 = w[r + 3];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col[j] += w0 * p0[j] + w1 * p1[j] + w2 * p2[j] + w3 * p3[j];
+  }
+  for (; r < rows; ++r) {
+    const float* p0 = P + r * ld;
+    const float w0 = w[r];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) col[j] += w0 * p0[j];
+  }
+}
+
+}  // namespace detail
+}  // namespace deepforcing

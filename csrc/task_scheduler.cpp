@@ -1,0 +1,64 @@
+// Block size choice and deterministic mass partials of the CPU kernel's scheduler (see task_scheduler.h).
+#include "task_scheduler.h"
+
+#include <c10/util/Exception.h>
+
+#include "row_math.h"
+#include "sink_attention_cpu.h"
+
+namespace deepforcing {
+namespace detail {
+namespace {
+
+std::atomic<int64_t> g_block_rows{0};
+
+}  // namespace
+
+int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t bytes_per_score) {
+  const int64_t forced = g_block_rows.load();
+  if (forced > 0) return std::min(forced, Lq);
+  // Keep the score block within about 1 MiB (a core's L2 on current x86 parts) ...
+  int64_t rows = std::max<int64_t>(16, (int64_t(1) << 20) / (bytes_per_score * Lk));
+  rows = std::min<int64_t>(rows, 64);
+  // ... and make enough tasks for every thread (at least 4 each) so the last wave is not half idle.
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  while (rows > 16 && B * Hq * ((Lq + rows - 1) / rows) < want) rows /= 2;
+  return std::min(rows, Lq);
+}
+
+MassPartials::MassPartials(const Problem& p, const Segments& seg) : p_(p), seg_(seg) {
+  if (p.mass == nullptr) return;
+  part_ = at::zeros({seg.count, p.Lk}, at::TensorOptions().dtype(at::kFloat));
+  base_ = part_.data_ptr<float>();
+}
+
+void MassPartials::add(float* col, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) const {
+  if (col == nullptr) return;
+  const int64_t a = std::max(i0, p_.mass_start), e = std::min(i0 + m, p_.mass_end);
+  if (a < e) column_sums(col, P + (a - i0) * ld, ld, inv + (a - i0), e - a, p_.Lk);
+}
+
+void MassPartials::reduce() const {
+  if (p_.mass == nullptr) return;
+  const int64_t Lk = p_.Lk, per = seg_.per_group;
+  // serial on purpose: a few vector adds per key, less than the fork/join of a parallel region would cost
+  for (int64_t bg = 0; bg < p_.B * p_.Hkv; ++bg) {
+    float* dst = p_.mass + bg * Lk;
+    for (int64_t sgm = 0; sgm < per; ++sgm) {
+      const float* src = base_ + (bg * per + sgm) * Lk;
+#pragma omp simd
+      for (int64_t j = 0; j < Lk; ++j) dst[j] += src[j];
+    }
+  }
+}
+
+}  // namespace detail
+
+void set_block_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "block rows must be >= 0 (0 = automatic)");
+  detail::g_block_rows.store(rows);
+}
+
+int64_t get_block_rows() { return detail::g_block_rows.load(); }
+
+}  // namespace deepforcing
