@@ -8,6 +8,8 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deepforcing_kernels C++ kernels";
+  // sink_attention_fwd / sink_rephase_keys take float32 rotation tables (cos, sin, rot_len), not shifts
+  m.attr("TABLES_API") = true;
   m.def("version", &deepforcing::version, "version the extension was built as");
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");
