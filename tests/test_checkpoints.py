@@ -136,7 +136,8 @@ def test_safetensors_krea_layout(tmp_path):
     from safetensors.torch import save_file
     m = _model()
     sd = _random_sd(m, 5)
-    save_file({f"model.{k}": v.contiguous() for k, v in sd.items()}, str(tmp_path / "krea-realtime-video-14b.safetensors"))
+    save_file({f"model.{k}": v.contiguous() for k, v in sd.items()},
+              str(tmp_path / "krea-realtime-video-14b.safetensors"))
     info = load_checkpoint(m, tmp_path / "krea-realtime-video-14b.safetensors")
     assert info.layout == "safetensors" and info.sizes["dim"] == 96
     _assert_loaded(m, sd)

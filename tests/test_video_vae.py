@@ -84,6 +84,15 @@ def test_real_size_key_table_matches_diffusers_script():
         assert original_to_diffusers_key(k) == v
 
 
+def test_decode_matches_diffusers_decode():
+    """WanVAE.decode runs diffusers' decoder frame by frame; AutoencoderKLWan.decode of the raw latents agrees."""
+    vae = WanVAE.tiny(seed=4)
+    lat = torch.randn(1, 5, vae.latent_channels, 3, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = vae.model.decode(vae._unnormalise(lat)).sample.permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(vae.decode(lat), want, atol=1e-6, rtol=0)
+
+
 def _chunks(n, sizes):
     out, a = [], 0
     for s in sizes:

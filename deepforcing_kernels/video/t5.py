@@ -272,7 +272,10 @@ class UMT5Encoder(torch.nn.Module):
             else:
                 missing = _missing_tokenizer_files(tok) if tok.is_dir() else ["the folder itself"]
                 hint = f"{tok} lacks {' and '.join(missing)}"
-        return cls(model.to(device=device), tokenizer=tokenizer, text_len=text_len, tokenizer_hint=hint)
+        model = model.to(device=device)
+        if next(model.parameters()).dtype != dtype:  # transformers < 4.56 reads torch_dtype=, not dtype=
+            model = model.to(dtype=dtype)
+        return cls(model, tokenizer=tokenizer, text_len=text_len, tokenizer_hint=hint)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, dim: int = 32, text_len: int = 16, dtype: torch.dtype = torch.float32,

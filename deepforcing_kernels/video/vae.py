@@ -12,9 +12,9 @@ The network is diffusers' own; this module adds what Wan2.1 users need on top of
   Both are applied here, in that exact arithmetic.
 * :meth:`WanVAE.stream_decoder` keeps the causal decoder's feature cache (the last two frames of the input of
   each causal 3-D convolution, plus the ``"Rep"`` marker of the temporal upsamplers) across calls. Wan2.1 and
-  diffusers decode one latent frame at a time through that cache anyway, so decoding a stream block by block
-  gives bit for bit the frames of one decode of the whole stream, and memory is the cache (constant) plus one
-  block's frames.
+  diffusers decode one latent frame at a time through that cache anyway (and here the 1x1x1 ``post_quant_conv``
+  too), so decoding a stream block by block gives bit for bit the frames of one decode of the whole stream, and
+  memory is the cache (constant) plus one block's frames.
 
 Shapes: latents ``[B, F, z_dim, h, w]`` (frame-major, as the DiT produces them); video ``[B, T, 3, H, W]`` in
 [-1, 1] with ``T = 1 + 4 (F - 1)`` and ``H, W = 8 h, 8 w`` for Wan2.1's configuration.
@@ -258,7 +258,8 @@ class WanVAE(torch.nn.Module):
         if not (p / "config.json").exists():
             hint = ""
             if (p / "Wan2.1_VAE.pth").exists():
-                hint = f"; it holds the original Wan2.1_VAE.pth: use WanVAE.from_original({str(p / 'Wan2.1_VAE.pth')!r})"
+                hint = ("; it holds the original Wan2.1_VAE.pth: use "
+                        f"WanVAE.from_original({str(p / 'Wan2.1_VAE.pth')!r})")
             raise FileNotFoundError(f"WanVAE.from_pretrained: {str(p / 'config.json')!r} is missing "
                                     f"(not a diffusers-format vae/ folder){hint}")
         diffusers = require("diffusers", "WanVAE")
@@ -298,12 +299,17 @@ class WanVAE(torch.nn.Module):
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode normalised latents ``[B, F, C, h, w]`` to video ``[B, 1 + 4 (F - 1), 3, 8h, 8w]`` in [-1, 1]
-        (clamped, as Wan2.1), by diffusers' ``AutoencoderKLWan.decode`` (one latent frame at a time)."""
+        (clamped, as Wan2.1).
+
+        This is diffusers' ``AutoencoderKLWan._decode`` (one latent frame at a time through the decoder and its
+        feature cache) with one difference: the 1x1x1 ``post_quant_conv`` is also applied frame by frame, so that
+        the result does not depend on how many frames one call holds (a GEMM over more columns may sum in another
+        order) and :class:`StreamDecoder` reproduces it bit for bit whatever its block sizes.
+        """
         self._check_latents(latents)
         if latents.shape[1] == 0:
             raise ValueError("latents has no frames (dim 1 is 0)")
-        out = self.model.decode(self._unnormalise(latents)).sample
-        return out.permute(0, 2, 1, 3, 4)
+        return StreamDecoder(self).decode(latents)
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -375,13 +381,13 @@ class StreamDecoder:
             return torch.empty(b, 0, 3, h * sf, w * sf, dtype=vae.latent_mean.dtype, device=vae.latent_mean.device)
         self._shape = (b, h, w)
         model = vae.model
-        x = model.post_quant_conv(vae._unnormalise(block))
+        z = vae._unnormalise(block)
         outs = []
         for i in range(f):
-            outs.append(model.decoder(x[:, :, i:i + 1], feat_cache=self._cache, feat_idx=[0],
-                                      first_chunk=self._frames_in == 0))
+            x = model.post_quant_conv(z[:, :, i:i + 1])  # per frame: see WanVAE.decode
+            outs.append(model.decoder(x, feat_cache=self._cache, feat_idx=[0], first_chunk=self._frames_in == 0))
             self._frames_in += 1
-        del x
+        del z, x
         out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
         del outs
         return torch.clamp(out, min=-1.0, max=1.0).permute(0, 2, 1, 3, 4)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from .t5 import UMT5Encoder
+    from .vae import WanVAE
 
 __all__ = ["weights_layout", "load_front_end", "ORIGINAL_FILES", "DIFFUSERS_FILES"]
 
@@ -37,14 +41,15 @@ def weights_layout(folder: Union[str, os.PathLike]) -> str:
         missing = [str(p / f) for f in ORIGINAL_FILES if f not in orig]
         raise FileNotFoundError(f"weights folder {str(p)!r} looks like an original Wan2.1 folder but lacks "
                                 f"{', '.join(missing)}")
-    raise FileNotFoundError(f"weights folder {str(p)!r} is neither an original Wan2.1 folder ({', '.join(ORIGINAL_FILES)}) "
+    raise FileNotFoundError(f"weights folder {str(p)!r} is neither an original Wan2.1 folder "
+                            f"({', '.join(ORIGINAL_FILES)}) "
                             f"nor a diffusers one ({', '.join(DIFFUSERS_FILES)})")
 
 
 def load_front_end(folder: Union[str, os.PathLike], *, dtype: torch.dtype = torch.float32,
                    device: Union[str, torch.device] = "cpu", text_len: int = 512,
                    text_dtype: Optional[torch.dtype] = None, vae_config: Optional[Dict[str, Any]] = None,
-                   text_config: Optional[Dict[str, Any]] = None) -> Tuple["UMT5Encoder", "WanVAE"]:  # noqa: F821
+                   text_config: Optional[Dict[str, Any]] = None) -> Tuple["UMT5Encoder", "WanVAE"]:
     """The text encoder (with its tokenizer) and the VAE of a Wan2.1 weights folder of either layout.
 
     Args:
