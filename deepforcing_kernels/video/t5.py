@@ -130,6 +130,16 @@ class UMT5Encoder(torch.nn.Module):
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's dtype."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The encoder's device."""
+        return next(self.model.parameters()).device
+
     # ------------------------------------------------------------------ tokenizer
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use ``tokenizer``: a folder of transformers tokenizer files, a transformers tokenizer, or a callable

@@ -147,9 +147,11 @@ def _diffusers_model(dim: int, z_dim: int, dim_mult: Sequence[int], num_res_bloc
 
 
 def _place(model: Any, dtype: torch.dtype, device: Union[str, torch.device]) -> Any:
-    model = model.to(device=device)
+    # nn.Module.to, not ModelMixin.to: the latter warns about "modules to keep in float32" even when that list is
+    # empty, as it is for AutoencoderKLWan
+    torch.nn.Module.to(model, device=device)
     if next(model.parameters()).dtype != dtype:
-        model = model.to(dtype=dtype)
+        torch.nn.Module.to(model, dtype=dtype)
     return model
 
 
@@ -183,6 +185,16 @@ class WanVAE(torch.nn.Module):
         self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
         conv = require("diffusers.models.autoencoders.autoencoder_kl_wan", "WanVAE").WanCausalConv3d
         self._num_decoder_convs = sum(isinstance(m, conv) for m in model.decoder.modules())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's dtype."""
+        return self.latent_mean.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device."""
+        return self.latent_mean.device
 
     # ------------------------------------------------------------------ constructors
     @classmethod
