@@ -85,6 +85,8 @@ OPTION_CASES = [
     ("frames 0", ["--frames", "0"], ["--frames"]),
     ("threads 0", ["--threads", "0"], ["--threads"]),
     ("save-every-s -1", ["--save-every-s", "-1"], ["--save-every-s"]),
+    ("save-every-s nan", ["--save-every-s", "nan"], ["--save-every-s"]),
+    ("max-save-overhead 1", ["--max-save-overhead", "1"], ["--max-save-overhead"]),
     ("score on sliding", ["--policy", "sliding", "--score", "mass"], ["--score"]),
     ("policy bogus", ["--policy", "bogus"], ["--policy"]),
     ("frames not an int", ["--frames", "x"], ["--frames"]),

@@ -2,7 +2,8 @@
 
 The run is a small manifest at ``--out`` plus a directory ``<out>.d/`` (see :mod:`deepforcing_kernels.runio`):
 each finished block is appended as its own file (never rewritten), and the resume state (cache, generator,
-frames done) is saved at most every ``--save-every-s`` seconds (default 60), on SIGINT / SIGTERM (after the
+frames done) is saved at most every ``--save-every-s`` seconds (default 60; longer when a save's snapshot would
+hold generation for more than ``--max-save-overhead`` of the time, default 2 %), on SIGINT / SIGTERM (after the
 block in progress; a second signal stops at once) and at the end. ``--resume`` continues bit for bit from the
 last saved state; with none saved yet it restarts from frame 0, the latest point it can reproduce exactly, and
 checks the blocks already on disk as it regenerates them. Read a run with
@@ -92,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="save the resume state (the whole cache) at most every S seconds (default 60; 0: after "
                              "every block); it is also saved on SIGINT / SIGTERM and at the end. Finished blocks "
                              "are always written at once")
+    parser.add_argument("--max-save-overhead", type=float, default=0.02, metavar="FRACTION",
+                        help="stretch the save interval so that the time a save holds generation (its snapshot) "
+                             "stays below this fraction of the run (default 0.02; 0: never stretch)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: 1 for the tiny model on CPU, whose ops are too small to "
@@ -292,6 +296,8 @@ def run(args: argparse.Namespace) -> int:
     check_positive(args.threads, "--threads")
     if not math.isfinite(args.save_every_s) or args.save_every_s < 0:
         fail(f"--save-every-s must be a number of seconds >= 0, got {args.save_every_s}")
+    if not math.isfinite(args.max_save_overhead) or not 0 <= args.max_save_overhead < 1:
+        fail(f"--max-save-overhead must be a fraction in [0, 1), got {args.max_save_overhead}")
     try:
         policy = make_policy(args.policy, args.score)
     except ValueError as e:
@@ -362,6 +368,14 @@ def run(args: argparse.Namespace) -> int:
             store.close()  # every queued block reaches the disk, whatever happened
         except OSError as e:
             print(f"deepforcing generate: {e}", file=sys.stderr)
+
+
+def save_interval(every_s: float, max_overhead: float, blocked_s: float) -> float:
+    """Seconds until the next state save: ``--save-every-s``, stretched so that a save holding generation for
+    ``blocked_s`` costs at most ``max_overhead`` of the run (``blocked_s / max_overhead``)."""
+    if max_overhead <= 0:
+        return every_s
+    return max(every_s, blocked_s / max_overhead)
 
 
 class _StopRequest:
@@ -449,6 +463,7 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
     saver = store.state_saver()
     done_at_start, time_at_start = rollout.frames_done, rollout.elapsed_s
     last_save = time.monotonic()
+    gap = args.save_every_s
     mismatched = []
     with _StopRequest() as stop:
         try:
@@ -466,9 +481,11 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
                     print(f"stopped at frame {done} of {args.frames}; state saved in {saver.path}: --resume "
                           "continues bit for bit", file=sys.stderr)
                     return 128 + stop.signum
-                if done < args.frames and time.monotonic() - last_save >= args.save_every_s:
+                if done < args.frames and time.monotonic() - last_save >= gap:
+                    b0 = saver.blocked_s
                     saver.save(done, rollout.state_dict)
                     last_save = time.monotonic()
+                    gap = save_interval(args.save_every_s, args.max_save_overhead, saver.blocked_s - b0)
             saver.save(rollout.frames_done, rollout.state_dict, wait=True)
         finally:
             try:
