@@ -224,10 +224,23 @@ def scenario_rollout(heads: str, *policies: str) -> int:
 
 def scenario_all(heads: str, *policies: str) -> int:
     """One launch for everything that passes: the collectives, the consistent checks, the rollouts."""
+    from deepforcing_kernels.distributed.ulysses import check_same_weights
+
     scenario_comm()
     P = dist.get_world_size()
     check_divisible(num_heads=int(heads), num_kv_heads=None, tokens_per_frame=4 * P, world=P)
     check_same_settings({"policy": "deep_forcing", "seed": 0, "frames": 6})
+    model, comm = tiny_model(int(heads)), SequenceComm()
+    check_same_weights(model, comm)
+    if comm.rank == P - 1:
+        with torch.no_grad():
+            model.blocks[1].ffn[0].weight[3, 5] = torch.nextafter(model.blocks[1].ffn[0].weight[3, 5],
+                                                                  torch.tensor(1.0))  # one bit on one rank
+    try:
+        check_same_weights(model, comm)
+        raise AssertionError("a one-bit weight difference was not detected")
+    except ParallelError as e:
+        assert f"differ between rank 0 and rank {P - 1}" in str(e)
     return scenario_rollout(heads, *policies)
 
 

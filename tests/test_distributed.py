@@ -53,6 +53,19 @@ def _explain(res):
                      for r in res)
 
 
+def _single_process_run(argv):
+    """``deepforcing`` with ``argv`` in a fresh interpreter, which must not import the distributed package nor
+    initialise torch.distributed (the single-process path pays nothing for it)."""
+    code = ("import sys, torch\n"
+            "from deepforcing_kernels.cli import main\n"
+            f"assert main({list(argv)!r}) == 0\n"
+            "assert not [m for m in sys.modules if m.startswith('deepforcing_kernels.distributed')]\n"
+            "assert not torch.distributed.is_initialized()\n")
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **_env()), capture_output=True, text=True,
+                       timeout=150)
+    assert p.returncode == 0, p.stderr
+
+
 def _ok(res, marker):
     assert all(r.returncode == 0 and marker in r.stdout for r in res), _explain(res)
 
@@ -67,7 +80,6 @@ def test_sequence_parallel_matches_single_process(nprocs, heads):
 
 
 def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path):
-    from deepforcing_kernels.cli import main
     from deepforcing_kernels.runio import load_run
 
     out, ref = str(tmp_path / "sp.pt"), str(tmp_path / "ref.pt")
@@ -80,7 +92,7 @@ def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path):
     res = _cli(2, *args, "--frames", "12", "--out", out, "--parallel", "sequence", "--resume")
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     assert "resuming" in res[0].stderr and "from frame 6 on 2 ranks" in res[0].stderr, _explain(res)
-    assert main(GEN[2:] + args + ["--frames", "12", "--out", ref, "--threads", "1"]) == 0
+    _single_process_run(GEN[2:] + args + ["--frames", "12", "--out", ref, "--threads", "1"])
     a, b = load_run(out)["latents"], load_run(ref)["latents"]
     assert a.shape == b.shape == (12, 4, 4, 4)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # (compressions with resume: the rollout tests)
@@ -187,17 +199,6 @@ def test_parallel_without_torchrun_is_one_line(capsys, monkeypatch):
         assert main(GEN[2:] + ["--frames", "6", "--parallel", mode]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--parallel {mode} needs torchrun" in err[0], err
-
-
-def test_single_process_path_does_not_touch_distributed(tmp_path):
-    code = ("import sys, torch\n"
-            "from deepforcing_kernels.cli import main\n"
-            f"assert main({GEN[2:]!r} + ['--frames', '3', '--out', {str(tmp_path / 'a.pt')!r}]) == 0\n"
-            "assert not [m for m in sys.modules if m.startswith('deepforcing_kernels.distributed')]\n"
-            "assert not torch.distributed.is_initialized()\n")
-    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **_env()), capture_output=True, text=True,
-                       timeout=120)
-    assert p.returncode == 0, p.stderr
 
 
 def test_divisibility_checks():

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import glob
 import hashlib
 import math
 import os

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -93,16 +94,10 @@ def check_divisible(*, num_heads: int, num_kv_heads: Optional[int], tokens_per_f
     if num_heads % world or kv % world:
         raise ParallelError(f"--parallel sequence over {world} ranks needs the heads divisible by {world}: "
                             f"the model has {num_heads} heads ({kv} KV heads); use a world size dividing "
-                            f"{_gcd(num_heads, kv)}")
+                            f"{math.gcd(num_heads, kv)}")
     if tokens_per_frame % world:
         raise ParallelError(f"--parallel sequence over {world} ranks needs the tokens of a frame divisible by "
                             f"{world}: this latent size gives {tokens_per_frame} tokens per frame")
-
-
-def _gcd(a: int, b: int) -> int:
-    import math
-
-    return math.gcd(a, b)
 
 
 def settings_digest(settings: Mapping[str, Any]) -> str:

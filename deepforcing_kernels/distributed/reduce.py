@@ -10,7 +10,7 @@ sum, but not one that is guaranteed to be bit-identical on every rank for every 
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, List
 
 import torch
 
@@ -54,8 +54,3 @@ class HeadReducer:
 
     def __repr__(self) -> str:
         return f"HeadReducer({self.comm!r}, calls={self.calls})"
-
-
-def identity(score: torch.Tensor) -> torch.Tensor:  # pragma: no cover - documentation of the default
-    """The single-process default of ``reduce_over_heads``."""
-    return score

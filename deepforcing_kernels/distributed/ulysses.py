@@ -18,7 +18,7 @@ from .comm import SequenceComm
 from .launch import ParallelError, check_divisible
 from .reduce import HeadReducer
 
-__all__ = ["SequenceParallelWan"]
+__all__ = ["SequenceParallelWan", "check_same_weights"]
 
 
 class SequenceParallelWan(nn.Module):
@@ -107,22 +107,22 @@ class SequenceParallelWan(nn.Module):
 
 
 def check_same_weights(model: nn.Module, comm: SequenceComm) -> None:
-    """Raise :class:`ParallelError` unless every rank holds bit-identical parameters (a float64 checksum of every
-    parameter's bits, all-gathered)."""
+    """Raise :class:`ParallelError` unless every rank holds bit-identical parameters: per tensor, the sum of its
+    bits and the sum of its bits weighted by position (int64, exact; wrapping is the same on every rank), all
+    gathered and compared."""
     sums = []
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     for p in model.state_dict().values():
         if isinstance(p, torch.Tensor) and p.numel():
             b = p.detach().reshape(-1).contiguous()
-            bits = b.view(torch.int16 if b.element_size() == 2 else torch.int32 if b.element_size() == 4
-                          else torch.int64 if b.element_size() == 8 else torch.uint8)
-            w = torch.arange(1, bits.numel() + 1, dtype=torch.float64, device=bits.device) % 65521
-            sums.append((bits.to(torch.float64) * w).sum())
-    digest = torch.stack(sums).to(torch.float64).cpu() if sums else torch.zeros(1, dtype=torch.float64)
-    g = comm.all_gather(digest.to(next(model.parameters()).device), "weights_check").cpu()
+            bits = b.view(ints[b.element_size()]).to(torch.int64)
+            w = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device) % 65521
+            sums.append(torch.stack([bits.sum(), (bits * w).sum()]))
+    device = next(model.parameters()).device
+    digest = torch.cat(sums) if sums else torch.zeros(2, dtype=torch.int64, device=device)
+    g = comm.all_gather(digest.to(device), "weights_check").cpu()
     for r in range(1, comm.world):
         if not torch.equal(g[r], g[0]):
             raise ParallelError(f"the model weights differ between rank 0 and rank {r}: every rank must load the "
                                 "same checkpoint (or the same --seed)")
 
-
-__all__.append("check_same_weights")
