@@ -218,4 +218,4 @@ def test_save_interval_keeps_the_snapshot_under_its_share():
     assert save_interval(60.0, 0.02, 0.5) == 60.0  # 0.5 s every 60 s is under 2 %
     assert save_interval(60.0, 0.02, 3.0) == pytest.approx(150.0)  # stretched: 3 s per 150 s = 2 %
     assert save_interval(60.0, 0.0, 30.0) == 60.0  # never stretched
-    assert save_interval(0.0, 0.02, 0.0) == 0.0
+    assert save_interval(0.0, 0.02, 5.0) == 0.0  # 0 = after every block, as asked

@@ -91,8 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default auto)")
     parser.add_argument("--save-every-s", type=float, default=60.0, metavar="S",
                         help="save the resume state (the whole cache) at most every S seconds (default 60; 0: after "
-                             "every block); it is also saved on SIGINT / SIGTERM and at the end. Finished blocks "
-                             "are always written at once")
+                             "every block, whatever --max-save-overhead says); it is also saved on SIGINT / SIGTERM "
+                             "and at the end. Finished blocks are always written at once")
     parser.add_argument("--max-save-overhead", type=float, default=0.02, metavar="FRACTION",
                         help="stretch the save interval so that the time a save holds generation (its snapshot) "
                              "stays below this fraction of the run (default 0.02; 0: never stretch)")
@@ -372,8 +372,9 @@ def run(args: argparse.Namespace) -> int:
 
 def save_interval(every_s: float, max_overhead: float, blocked_s: float) -> float:
     """Seconds until the next state save: ``--save-every-s``, stretched so that a save holding generation for
-    ``blocked_s`` costs at most ``max_overhead`` of the run (``blocked_s / max_overhead``)."""
-    if max_overhead <= 0:
+    ``blocked_s`` costs at most ``max_overhead`` of the run (``blocked_s / max_overhead``). ``every_s == 0``
+    (after every block) is taken as asked."""
+    if max_overhead <= 0 or every_s == 0:
         return every_s
     return max(every_s, blocked_s / max_overhead)
 
