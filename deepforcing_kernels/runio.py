@@ -386,6 +386,9 @@ class BackgroundWriter:
                 if done is not None:
                     done(n, dt)
             finally:
+                # drop the job before waiting for the next one: a multi-GB snapshot must be freed now, so that the
+                # next snapshot reuses its pages instead of faulting fresh ones in
+                job = obj = done = None
                 self._q.task_done()
 
     def submit(self, obj: Any, path: str, done: Optional[Callable[[Optional[int], float], None]] = None) -> None:
