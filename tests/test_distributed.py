@@ -178,15 +178,25 @@ def test_all_to_alls_trace_into_one_compiled_graph():
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_every_rank(tmp_path):
+def test_ctrl_c_stops_every_rank_at_one_frame_and_resumes(tmp_path):
     import signal
 
+    from deepforcing_kernels.runio import load_run
+
     out = str(tmp_path / "long.pt")
-    res = launch_local(2, GEN + ["--policy", "sliding", "--frames", "3000", "--out", out, "--parallel", "sequence"],
-                       timeout_s=150.0, env=_env(), signal_when=(out, signal.SIGINT))  # once the run has begun
+    args = ["--policy", "sliding", "--out", out, "--parallel", "sequence"]
+    res = launch_local(2, GEN + args + ["--frames", "3000"], timeout_s=150.0, env=_env(),
+                       signal_when=(out, signal.SIGINT))  # Ctrl-C reaches every rank once the run has begun
     assert [r.returncode for r in res] == [130, 130], _explain(res)
-    assert "interrupted: stopping all 2 ranks" in res[0].stderr and "Traceback" not in res[0].stderr + \
-        res[1].stderr, _explain(res)
+    assert "stopped at frame" in res[0].stderr and "on all 2 ranks" in res[0].stderr, _explain(res)
+    assert "Traceback" not in res[0].stderr + res[1].stderr and res[1].stderr.strip() == "", _explain(res)
+    done = [torch.load(os.path.join(out + ".d", f"state.rank{r}-of-2.pt"), weights_only=True)["frames_done"]
+            for r in range(2)]
+    assert done[0] == done[1] and done[0] % 3 == 0 and done[0] < 3000, done
+    res = _cli(2, *args, "--frames", str(done[0] + 3), "--resume")
+    assert [r.returncode for r in res] == [0, 0] and f"from frame {done[0]} on 2 ranks" in res[0].stderr, \
+        _explain(res)
+    assert load_run(out)["latents"].shape[0] == done[0] + 3
 
 
 # ------------------------------------------------------------------------------------------ in process

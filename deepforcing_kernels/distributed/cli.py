@@ -20,6 +20,7 @@ import copy
 import hashlib
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -170,6 +171,7 @@ def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, sett
                        latent_size=latent_size, cache_dtype=g.DTYPES[args.cache_dtype] if args.cache_dtype else None,
                        backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
     bf = rollout.block_frames
+    stop = _Stop().__enter__()  # from before the run's first file: a Ctrl-C from here on stops at a block end
     if rank == 0:
         store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
                              frames_done=max(start, rollout.frames_done), complete=False)
@@ -185,17 +187,26 @@ def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, sett
                      "rollout": dict(to_cpu(rollout.state_dict()), shard=shard)}, cur)
         _agree(None)  # every shard of this frame count is on disk before anyone goes on
 
-    for block in rollout:
-        f0 = rollout.frames_done - bf
-        if rank == 0:
-            store.write_block(f0, block.detach().cpu())
-        # one rank's clock decides when to save, so every rank saves the same frame count
-        flag = torch.tensor([float(time.monotonic() - last >= args.save_every_s)], device=device)
-        flag = comm.all_gather(flag)[0]
-        if rollout.frames_done < args.frames and bool(flag.item() > 0):
-            save()
-            last = time.monotonic()
-    save()
+    with stop:
+        for block in rollout:
+            f0 = rollout.frames_done - bf
+            if rank == 0:
+                store.write_block(f0, block.detach().cpu())
+            # rank 0's clock decides when to save, so every rank saves the same frame count; a stop request on
+            # any rank (Ctrl-C reaches every rank, torchrun's SIGTERM too) stops them all after this block
+            flags = torch.tensor([float(time.monotonic() - last >= args.save_every_s),
+                                  float(stop.signum is not None)], device=device)
+            flags = comm.all_gather(flags).cpu()
+            if bool(flags[:, 1].max() > 0):
+                save()
+                if rank == 0:
+                    print(f"stopped at frame {rollout.frames_done} of {args.frames} on all {world} ranks; their "
+                          f"states are saved in {store.dir}: --resume continues bit for bit", file=sys.stderr)
+                return 128 + (stop.signum or signal.SIGINT)
+            if rollout.frames_done < args.frames and bool(flags[0, 0] > 0):
+                save()
+                last = time.monotonic()
+        save()
     if rank == 0:
         store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
                              frames_done=rollout.frames_done, complete=True)
@@ -205,6 +216,32 @@ def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, sett
               f"{new / spent if spent > 0 else float('nan'):.1f} frames/s) on {world} ranks (sequence parallel), "
               f"policy {args.policy}; per-rank resume states in {store.dir}")
     return 0
+
+
+class _Stop:
+    """SIGINT / SIGTERM in the generation loop: the first asks every rank to stop after the block in progress
+    (states saved); a second stops at once (KeyboardInterrupt: exit code 130, the last saved states stay)."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> "_Stop":
+        import threading
+
+        if not self._old and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def _read_shard(path: str, rank: int, world: int, digest: str) -> Tuple[Optional[Dict[str, Any]], str]:
