@@ -1,0 +1,69 @@
+"""``torch.compile`` of the whole model (inductor, CPU) with the op inside: a short rollout matches eager.
+
+The rollout: the tiny model through a small ``deep_forcing`` cache (window 6 frames, sink 1, budget 5, recent 3,
+so a compression and a sink re-phasing happen by the third block), 3 passes per block. Every op call is traced
+into the graph (inductor keeps it as an extern call to the op's CPU kernel); dynamo breaks the graph only around
+the cache's host-side checks.
+
+Tolerance: rtol = atol = 1e-4 on the float32 flow of every pass. Inductor fuses the pointwise ops and re-orders
+the reductions of LayerNorm / RMSNorm / the FFN (about 1e-7 relative per op in float32; measured: at most 4.2e-7
+over the rollout), and the cache carries each pass's keys into the next; 1e-4 leaves room for that drift on other
+CPUs while a wrong cache position, a skipped re-phasing, a graph that baked in one start_frame or a wrong
+compaction is off by 1e-2 or more (the mass-mode failure below is 4e-2 to 3e-1).
+"""
+import pytest
+import torch
+
+from deepforcing_kernels.cache import CachePolicy, StreamingKVCache
+from deepforcing_kernels.models import CausalWanModel, WanConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _rollout(model, score, blocks, passes=3, seed=0):
+    c = model.config
+    policy = CachePolicy.deep_forcing(window_frames=6, sink_frames=1, budget_frames=5, recent_frames=3, score=score)
+    cache = StreamingKVCache(policy, num_layers=c.num_layers, batch_size=1, num_heads=c.num_heads,
+                             head_dim=c.head_dim, tokens_per_frame=c.tokens_per_frame(c.latent_size), rope=c.rope(),
+                             dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(1, c.text_len or 16, c.text_dim, generator=g)
+    outs = []
+    with torch.no_grad():
+        for b in range(blocks):
+            x = torch.randn(1, 3, c.in_dim, *c.latent_size, generator=g)
+            for t in (1000.0, 500.0, 0.0)[:passes]:
+                x = model(x, torch.full((1, 3), t), text, cache=cache, start_frame=3 * b)
+                outs.append(x.clone())
+    assert cache.layers[0].state.compressed  # the comparison covered a compression and the re-phased sink
+    return outs
+
+
+def _model():
+    model = CausalWanModel(WanConfig.tiny()).eval()
+    model.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
+    return model
+
+
+def _compare(score, blocks):
+    model = _model()
+    eager = _rollout(model, score, blocks)
+    compiled = _rollout(torch.compile(model, backend="inductor"), score, blocks)
+    assert len(eager) == len(compiled) == 3 * blocks
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"pass {i}: {m}")
+
+
+def test_compiled_model_matches_eager_logits_scoring():
+    _compare("logits", blocks=4)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "inductor, mass scoring: the passes after the first compression diverge (4e-2 .. 3e-1, varying from run to "
+    "run, and in some runs not at all: not deterministic). dynamo alone "
+    "(backend='eager') and aot_eager are bit-exact, and a graph break before the compaction "
+    "(torch.compiler.disable on cache.executor.compress_step or on MassScorer.scores/carry) makes inductor match "
+    "to 3e-7; inductor fuses the whole compaction of the storage (graph inputs) into one in-place C++ kernel after "
+    "the op. The op itself is not involved: its outputs on the compressing pass match."))
+def test_compiled_model_matches_eager_mass_scoring():
+    _compare("mass", blocks=3)
