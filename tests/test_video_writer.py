@@ -134,3 +134,31 @@ def test_sigint_leaves_a_playable_file(tmp_path):
     codec, pix, _, got = _read(out)
     assert codec == "h264" and len(got) >= 12 and got[0].shape == (32, 32, 3)
     assert not list(Path(tmp_path).glob(".*writing*"))
+
+
+def test_tiny_front_end_end_to_end(tmp_path):
+    """prompt -> tiny umT5 -> tiny DiT rollout -> streaming VAE decode -> mp4, block by block: the mp4 has
+    1 + 4 (F - 1) frames of 8x the latent size, and they are the one-shot decode of the latents."""
+    pytest.importorskip("diffusers")
+    from deepforcing_kernels.driver import generate
+    from deepforcing_kernels.models import CausalWanModel, WanConfig
+    from deepforcing_kernels.presets import make_policy
+    from deepforcing_kernels.video import UMT5Encoder, WanVAE
+
+    enc, vae = UMT5Encoder.tiny(seed=0), WanVAE.tiny(seed=0)
+    model = CausalWanModel(WanConfig.tiny()).eval()
+    text = enc(["a red fox"])
+    dec = vae.stream_decoder()
+    blocks = []
+    with VideoWriter(tmp_path / "fox.mp4") as w:
+        for block in generate(model, text, 6, make_policy("deep_forcing"), seed=0, progress=False):
+            blocks.append(block)
+            w.write(dec.decode(block))
+    lat = torch.cat(blocks, 1)
+    _, _, _, got = _read(tmp_path / "fox.mp4")
+    assert len(got) == 1 + 4 * (6 - 1) and got[0].shape == (64, 64, 3)
+    want = ((vae.decode(lat)[0] + 1) * 127.5).round().permute(0, 2, 3, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114])  # noise loses its chroma to yuv420p; compare brightness
+    frame = torch.from_numpy(got[7]).float() @ luma
+    right, wrong = (frame - want[7] @ luma).abs().mean(), (frame - want[13] @ luma).abs().mean()
+    assert right < 0.5 * wrong, (right, wrong)  # frame 7 of the file is frame 7 of the decode
