@@ -17,7 +17,7 @@ $(VENV)/.deps: requirements.txt
 
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml csrc/sources.txt $(EXT_SOURCES)
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-	$(PY) -c "import deepforcing_kernels._C as c; print('C++ extension built:', c.version(), 'openmp' if c.has_openmp() else 'no openmp')" \
+	$(PY) -c "import torch, deepforcing_kernels._C as c; print('C++ extension built:', c.version(), 'openmp' if c.has_openmp() else 'no openmp')" \
 	  || echo "warning: C++ extension not built; the reference backend will be used"
 	touch $@
 

@@ -9,6 +9,8 @@ from typing import Optional
 @functools.lru_cache(maxsize=1)
 def load() -> Optional[ModuleType]:
     """The ``_C`` module, or None when the extension was not built (no compiler at install time)."""
+    import torch  # noqa: F401  (the extension links against libtorch: load it first)
+
     try:
         from . import _C  # noqa: F401
     except ImportError:
@@ -17,6 +19,8 @@ def load() -> Optional[ModuleType]:
 
 
 def import_error() -> str:
+    import torch  # noqa: F401
+
     try:
         from . import _C  # noqa: F401
     except ImportError as e:  # pragma: no cover - message only

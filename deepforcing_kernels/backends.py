@@ -62,12 +62,12 @@ def torch_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
-    floats = [t for t in tensors if t.is_floating_point()]
-    if floats and all(t.device.type == "cpu" and t.is_contiguous() for t in floats):
-        # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs
-        # more in fork/join than the scan itself
-        return bool(_ext.require().all_finite(floats))
-    return torch_all_finite(*tensors)
+    for t in tensors:
+        if not (t.is_cpu and t.is_floating_point() and t.is_contiguous()):
+            return torch_all_finite(*tensors)
+    # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs more in
+    # fork/join than the scan itself
+    return bool(_ext.require().all_finite(tensors))
 
 
 def _cpp_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
@@ -114,13 +114,13 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def _cpp_run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
              mass_q_range) -> Result:
     """The C++ kernel: directly for eager inference, else through the registered op (autograd, tracing)."""
-    mod = _ext.load()
-    if not (_eager(q, k, v) and getattr(mod, "TABLES_API", False)):
+    if not _eager(q, k, v):
         return _op_run(q, k, v, rope=rope, sink_len=sink_len, sink_shift=sink_shift, key_shift=key_shift,
                        softmax_scale=softmax_scale, return_lse=return_lse, return_mass=return_mass,
                        mass_q_range=mass_q_range)
     cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
-    out, lse, mass = mod.sink_attention_fwd(q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved,
+    out, lse, mass = _ext.require().sink_attention_fwd(q, k, v, cos, sin, rot_len,
+                                                       True if rope is None else rope.interleaved,
                                             softmax_scale, return_mass, mass_q_range[0], mass_q_range[1])
     return out, (lse if return_lse else None), (mass if return_mass else None)
 
@@ -129,14 +129,21 @@ def _triton_run(q, k, v, **kw) -> Result:
     if q.device.type == "cuda" and not _eager(q, k, v):
         return _op_run(q, k, v, **kw)
     # eager inference calls the Triton implementation directly (no dispatcher cost); so do CPU tensors under
-    # TRITON_INTERPRET=1, which the dispatcher would route to the C++ kernel
-    from .triton.op import sink_attention_cuda
-
+    # TRITON_INTERPRET=1, which the dispatcher would route to the C++ kernel (with the op's autograd rule when a
+    # gradient is wanted)
     rope, m0, m1 = kw["rope"], kw["mass_q_range"][0], kw["mass_q_range"][1]
     cos, sin, rot_len = rotation_tables(rope, kw["sink_len"], kw["sink_shift"], kw["key_shift"], q.shape[0],
                                         k.shape[1], q.device)
-    out, lse, mass = sink_attention_cuda(q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved,
-                                         kw["softmax_scale"], kw["return_mass"], m0, m1)
+    args = (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, kw["softmax_scale"],
+            kw["return_mass"], m0, m1)
+    if _eager(q, k, v):
+        from .triton.op import sink_attention_cuda
+
+        out, lse, mass = sink_attention_cuda(*args)
+    else:
+        from .ops import InterpretedTriton
+
+        out, lse, mass = InterpretedTriton.apply(*args)
     return out, (lse if kw["return_lse"] else None), (mass if kw["return_mass"] else None)
 
 
@@ -159,6 +166,9 @@ def _cpp_available() -> Optional[str]:
     if mod is None or not hasattr(mod, "sink_attention_fwd"):
         return ("the C++ extension deepforcing_kernels._C is not built; install a C++ compiler and run "
                 "`pip install --no-build-isolation -e .`")
+    if not getattr(mod, "TABLES_API", False):
+        return ("the C++ extension deepforcing_kernels._C is older than this package (no rotation-table "
+                "entry); rebuild it with `pip install --no-build-isolation -e .`")
     return None
 
 

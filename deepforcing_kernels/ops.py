@@ -42,18 +42,8 @@ def _cpu_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
             interleaved: bool, softmax_scale: float, return_mass: bool, mass_start: int,
             mass_end: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The C++ kernel as an opaque op (what the public op calls for CPU tensors; compiled graphs keep it whole)."""
-    mod = _ext.require()
-    if getattr(mod, "TABLES_API", False):
-        return mod.sink_attention_fwd(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass,
-                                      mass_start, mass_end)
-    # an extension built before the tables interface: rotate here (float32) and run the kernel unshifted
-    if rot_len:
-        kr = rotate_keys(k, cos, sin, rot_len, interleaved)
-        out, lse, mass = mod.sink_attention_fwd(q.float(), kr, v.float(), None, None, interleaved, 0, 0,
-                                                softmax_scale, return_mass, mass_start, mass_end)
-        return out.to(q.dtype), lse, mass
-    return mod.sink_attention_fwd(q, k, v, None, None, interleaved, 0, 0, softmax_scale, return_mass, mass_start,
-                                  mass_end)
+    return _ext.require().sink_attention_fwd(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass,
+                                             mass_start, mass_end)
 
 
 def _shapes(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_start, mass_end) -> Result:
@@ -126,12 +116,12 @@ def _setup_context(ctx, inputs, output):
     ctx.rot_len, ctx.interleaved, ctx.softmax_scale = rot_len, interleaved, softmax_scale
 
 
-def _backward(ctx, grad_out, grad_lse, grad_mass):
-    q, k, v, cos, sin = ctx.saved_tensors
-    needs = ctx.needs_input_grad[:3]
+def recompute_grads(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, grad_out, grad_lse, needs):
+    """Gradients ``(dq, dk, dv)`` (None where not needed) of ``out`` / ``lse`` by recomputing the attention in
+    float32 PyTorch maths: the one backward every backend shares (the mass is a statistic: no gradient)."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(n) for t, n in zip((q, k, v), needs)]
-        out, lse = attention_maths(*leaves, cos, sin, ctx.rot_len, ctx.interleaved, ctx.softmax_scale)
+        out, lse = attention_maths(*leaves, cos, sin, rot_len, interleaved, softmax_scale)
         terms, grads = [], []
         if grad_out is not None:
             terms.append(out)
@@ -142,9 +132,35 @@ def _backward(ctx, grad_out, grad_lse, grad_mass):
         wrt = [t for t, n in zip(leaves, needs) if n]
         got = torch.autograd.grad(terms, wrt, grads, allow_unused=True) if terms and wrt else []
     it = iter(got)
-    dq, dk, dv = (next(it) if n else None for n in needs)
-    dq, dk, dv = ((g.to(t.dtype) if g is not None else None) for g, t in zip((dq, dk, dv), (q, k, v)))
+    d = [next(it) if n else None for n in needs]
+    return tuple((g.to(t.dtype) if g is not None else None) for g, t in zip(d, (q, k, v)))
+
+
+def _backward(ctx, grad_out, grad_lse, grad_mass):
+    q, k, v, cos, sin = ctx.saved_tensors
+    dq, dk, dv = recompute_grads(q, k, v, cos, sin, ctx.rot_len, ctx.interleaved, ctx.softmax_scale, grad_out,
+                                 grad_lse, ctx.needs_input_grad[:3])
     return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+class InterpretedTriton(torch.autograd.Function):
+    """The Triton implementation on CPU tensors (``TRITON_INTERPRET=1``, which the dispatcher would route to the
+    C++ kernel), with the op's autograd rule, so the interpreter path differentiates like the others."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_start, mass_end):
+        from .triton.op import sink_attention_cuda
+
+        ctx.save_for_backward(q, k, v, cos, sin)
+        ctx.rot_len, ctx.interleaved, ctx.softmax_scale = rot_len, interleaved, softmax_scale
+        out, lse, mass = sink_attention_cuda(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass,
+                                             mass_start, mass_end)
+        ctx.mark_non_differentiable(mass)
+        return out, lse, mass
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_mass):
+        return _backward(ctx, grad_out, grad_lse, grad_mass)
 
 
 sink_attention_op.register_autograd(_backward, setup_context=_setup_context)

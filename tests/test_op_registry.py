@@ -134,3 +134,4 @@ def test_trusted_entry_equals_the_public_op():
     out, lse, mass = b.run(q, k, v, rope=ROPE, sink_len=5, sink_shift=4, key_shift=None, softmax_scale=0.125,
                            return_lse=False, return_mass=True, mass_q_range=(0, 6))
     assert torch.equal(out, want.out) and torch.equal(mass, want.mass) and lse is None
+

@@ -137,7 +137,6 @@ class CacheLayer:
         return rephase(k, self.cache.rope, self.shifts())
 
     # ------------------------------------------------------------------ the pass
-    @torch.no_grad()  # inference only: a graph through the persistent storage would grow with the stream
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
         """Write this pass's K/V, run the schedule, and attend.
 
@@ -158,6 +157,12 @@ class CacheLayer:
             attention backend itself, such as running out of memory, can leave the layer half-updated: call
             ``cache.reset()`` or load a state dict before using it again.)
         """
+        if torch.is_grad_enabled():  # inference only: a graph through the persistent storage would grow
+            with torch.no_grad():
+                return self._pass(q, k, v, start_frame)
+        return self._pass(q, k, v, start_frame)
+
+    def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> torch.Tensor:
         F = self._check_inputs(q, k, v)
         plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
         c, p, st = self.cache, self.policy, self.storage
@@ -240,6 +245,16 @@ class CacheLayer:
         c = self.cache
         want_q, want_kv = c._want_q, c._want_kv
         frames = self.policy.block_frames
+        try:  # the common case in one expression; the loop below names the culprit otherwise
+            ok = (q.shape == want_q and k.shape == want_kv and v.shape == want_kv and q.dtype == c.dtype
+                  and k.dtype == c.dtype and v.dtype == c.dtype and q.device == c.device and k.device == c.device
+                  and v.device == c.device)
+        except AttributeError:
+            ok = False
+        if ok:
+            if c.check_finite and not c.backend_impl.all_finite(q, k, v):
+                self._reject_non_finite(q, k, v)
+            return frames
         if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != c.block_tokens and \
                 0 < q.shape[1] < c.block_tokens and q.shape[1] % c.tokens_per_frame == 0:
             frames = q.shape[1] // c.tokens_per_frame  # a short first block (the schedule checks it may be)
@@ -257,14 +272,15 @@ class CacheLayer:
             if t.shape != want:
                 raise ValueError(f"{name} must have shape [batch, block_frames * tokens_per_frame, heads, head_dim]"
                                  f" = {list(want)}, got {list(t.shape)}")
-        if c.check_finite:
-            # one host sync for all three; name the culprit only on the (rare) failure path
-            finite = c.backend_impl.all_finite
-            if not finite(q, k, v):
-                bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not finite(t)]
-                raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
-                                 "(the cache would stay poisoned for the rest of the stream)")
+        if c.check_finite and not c.backend_impl.all_finite(q, k, v):  # one host sync for all three
+            self._reject_non_finite(q, k, v)
         return frames
+
+    def _reject_non_finite(self, q, k, v) -> None:
+        finite = self.cache.backend_impl.all_finite
+        bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not finite(t)]
+        raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
+                         "(the cache would stay poisoned for the rest of the stream)")
 
     def _layout(self, plan: PassPlan) -> Dict[str, Any]:
         return attention_layout(self.policy, self.cache.tokens_per_frame, plan.attend_frames,
@@ -284,7 +300,12 @@ class CacheLayer:
         kk, vv = self.storage.k[:, :L], self.storage.v[:, :L]
         Lq = q.shape[1]
         if not (plan.compress_after_attend or plan.carry_mass):
-            return run(q, kk, vv, return_mass=False, mass_q_range=(0, Lq), **args, **common)[0]
+            kw = args.get("_plain")
+            if kw is None or kw["mass_q_range"][1] != Lq:
+                kw = args["_plain"] = dict(return_mass=False, mass_q_range=(0, Lq), **common,
+                                           **{n: a for n, a in args.items() if not n.startswith("_")})
+            return run(q, kk, vv, **kw)[0]
+        args = {n: a for n, a in args.items() if not n.startswith("_")}
         tail = (p.recent_frames - p.block_frames) * n  # queries whose mass the next compression reuses
         scorer: MassScorer = self.scorer
         if not plan.compress_after_attend:
