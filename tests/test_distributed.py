@@ -134,6 +134,13 @@ def test_cli_data_parallel_splits_prompts(tmp_path):
         assert main(GEN[2:] + ["--policy", "sliding", "--frames", "6", "--text-embeds", one, "--out", ref,
                                "--threads", "1"]) == 0
         assert torch.equal(load_run(str(tmp_path / f"dp.p{i:04d}.pt"))["latents"], load_run(ref)["latents"])
+    # resuming with another prompt list never continues a run with the wrong prompt: each rank says which
+    torch.save({"text_embeds": text.flip(0)}, tpath)
+    res = _cli(2, "--policy", "sliding", "--frames", "9", "--text-embeds", tpath, "--out", out, "--parallel", "data",
+               "--resume")
+    assert [r.returncode for r in res] == [1, 1], _explain(res)
+    for r, i in ((res[0], 0), (res[1], 2)):
+        assert f"rank {r.rank}: prompt {i}: " in r.stderr and "holds other text embeddings" in r.stderr, _explain(res)
 
 
 @pytest.mark.parametrize("case", ["heads", "settings"])

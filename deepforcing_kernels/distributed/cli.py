@@ -351,8 +351,16 @@ def _run_data(args: argparse.Namespace) -> int:
             sub.device = info["device"]
         from ..runio import atomic_save
 
-        if not os.path.exists(sub.text_embeds):
-            atomic_save({"text_embeds": text[i].clone()}, sub.text_embeds)
+        if os.path.exists(sub.text_embeds) and not args.force:
+            _, why = _local(torch.load, sub.text_embeds, map_location="cpu", weights_only=True)
+            old = None if why else _
+            same = isinstance(old, dict) and isinstance(old.get("text_embeds"), torch.Tensor) \
+                and torch.equal(old["text_embeds"], text[i].float())
+            if not same:  # the run at sub.out was made from another prompt: never continue it with this one
+                raise RankError(f"prompt {i}: {sub.text_embeds} holds other text embeddings (did the prompt list "
+                                "change?); pass --force to start these runs over")
+        else:
+            atomic_save({"text_embeds": text[i].float().clone()}, sub.text_embeds)
         try:
             code = g.run(sub)
         except SystemExit as e:  # a failure of this prompt's run: this rank reports it
