@@ -178,6 +178,6 @@ class SequenceComm:
         P = self.world
         b, s, hl, d = y.shape
         fsl = s // (frames * P)
-        x = y.view(b, frames, P, fsl, hl, d).permute(2, 0, 1, 3, 4, 5)  # [P(dst), B, nf, fsl, hl, d]
+        x = y.reshape(b, frames, P, fsl, hl, d).permute(2, 0, 1, 3, 4, 5)  # [P(dst), B, nf, fsl, hl, d]
         z = self.all_to_all(x, "heads_to_tokens")  # [P(src = head group), B, nf, fsl, hl, d]
         return z.permute(1, 2, 3, 0, 4, 5).reshape(b, frames * fsl, P * hl, d)
