@@ -361,6 +361,10 @@ class BackgroundWriter:
             raise e
 
     def _run(self) -> None:
+        try:  # the generation loop has the CPU first; the writer takes what is left (Linux: nice per thread)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             job = self._q.get()
             try:

@@ -129,13 +129,15 @@ def measure_geometry(*, num_layers: int = 30, tokens_per_frame: int = 1560, num_
         store.lock()
         saves: List[Dict[str, float]] = []
         saver = store.state_saver()  # one saver for the run, as generate has
-        probe_alone = _probe()
         for r in range(repeats):
+            probe_alone = min(_probe(), _probe())  # paired with the probe during this save's write
             b0, w0, n0 = saver.blocked_s, saver.write_s, saver.bytes_written
             t0 = time.perf_counter()
             saver.save(frames, lambda: _rollout_state(cache, gen, frames))
             blocked = saver.blocked_s - b0
             probe = _probe()  # the loop's own work while the state is written in the background
+            if saver.writer._thread is not None and saver._idle.is_set():
+                log("  (the write ended before the probe did: its slowdown is diluted)")
             saver.close()
             total = time.perf_counter() - t0
             saves.append({"blocked_s": blocked, "write_s": saver.write_s - w0, "total_s": total,
