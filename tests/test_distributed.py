@@ -134,10 +134,18 @@ def test_cli_data_parallel_splits_prompts(tmp_path):
         assert main(GEN[2:] + ["--policy", "sliding", "--frames", "6", "--text-embeds", one, "--out", ref,
                                "--threads", "1"]) == 0
         assert torch.equal(load_run(str(tmp_path / f"dp.p{i:04d}.pt"))["latents"], load_run(ref)["latents"])
-    # resuming with another prompt list never continues a run with the wrong prompt: each rank says which
-    torch.save({"text_embeds": text.flip(0)}, tpath)
-    res = _cli(2, "--policy", "sliding", "--frames", "9", "--text-embeds", tpath, "--out", out, "--parallel", "data",
-               "--resume")
+
+
+@pytest.mark.slow
+def test_cli_data_parallel_never_resumes_with_another_prompt(tmp_path):
+    text = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    tpath, out = str(tmp_path / "text.pt"), str(tmp_path / "dp.pt")
+    torch.save({"text_embeds": text}, tpath)
+    args = ["--policy", "sliding", "--text-embeds", tpath, "--out", out, "--parallel", "data"]
+    res = _cli(2, *args, "--frames", "3")
+    assert [r.returncode for r in res] == [0, 0], _explain(res)
+    torch.save({"text_embeds": text.flip(0)}, tpath)  # another prompt list: each rank names its changed prompt
+    res = _cli(2, *args, "--frames", "6", "--resume")
     assert [r.returncode for r in res] == [1, 1], _explain(res)
     for r, i in ((res[0], 0), (res[1], 2)):
         assert f"rank {r.rank}: prompt {i}: " in r.stderr and "holds other text embeddings" in r.stderr, _explain(res)
