@@ -302,6 +302,10 @@ def _resume_sequence(args, store, settings, rank, world, digest, g, cfg) -> Tupl
     everyone: List[Any] = [None] * world
     dist.all_gather_object(everyone, (sorted(mine), notes))
     common = set(everyone[0][0]).intersection(*(set(e[0]) for e in everyone[1:]))
+    if not any(e[0] or e[1] for e in everyone):  # nothing saved yet anywhere: frame 0 is the exact resume point
+        if rank == 0:
+            print(f"no per-rank state saved in {args.out} yet: restarting from frame 0", file=sys.stderr)
+        return None, 0
     if not common:
         bad = "; ".join(n for e in everyone for n in e[1]) or "no per-rank state saved yet"
         raise ParallelError(f"cannot resume {args.out}: no frame count has a valid state on every rank ({bad}); "
