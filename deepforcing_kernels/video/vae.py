@@ -30,8 +30,12 @@ import torch
 
 from ._deps import require
 
-__all__ = ["WanVAE", "StreamDecoder", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD", "original_to_diffusers_key",
+__all__ = ["WanVAE", "StreamDecoder", "STREAM_DECODER_FORMAT", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD",
+           "original_to_diffusers_key",
            "WAN21_VAE_CONFIG", "TINY_VAE_CONFIG"]
+
+#: ``format`` of :meth:`StreamDecoder.state_dict`
+STREAM_DECODER_FORMAT = "deepforcing-stream-decoder/1"
 
 #: Wan2.1's per-channel latent statistics (``wan/modules/vae.py``, class ``WanVAE``).
 WAN21_LATENT_MEAN: Tuple[float, ...] = (
@@ -378,6 +382,48 @@ class StreamDecoder:
     def cache_bytes(self) -> int:
         """Bytes held by the feature cache (bounded: two frames per causal convolution)."""
         return sum(c.numel() * c.element_size() for c in self._cache if isinstance(c, torch.Tensor))
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The stream's decoding state: the feature cache (one entry per causal convolution of the decoder: a
+        tensor, or None before the first frame reached it), the indices of the temporal upsamplers' ``"Rep"``
+        markers, the latent frames decoded so far and the stream's batch / latent size. Tensors (cloned) and plain
+        values only, so ``torch.load(weights_only=True)`` reads it back; :meth:`load_state_dict` on a decoder of
+        the same VAE continues the stream exactly as if it had never stopped."""
+        cache = [c.clone() if isinstance(c, torch.Tensor) else None for c in self._cache]
+        rep = [i for i, c in enumerate(self._cache) if isinstance(c, str)]
+        return {"format": STREAM_DECODER_FORMAT, "latent_frames": self._frames_in,
+                "shape": None if self._shape is None else list(self._shape), "num_convs": len(self._cache),
+                "cache": cache, "rep": rep}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the stream saved by :meth:`state_dict` (ValueError naming what does not fit)."""
+        if not isinstance(state, Mapping) or state.get("format") != STREAM_DECODER_FORMAT:
+            raise ValueError(f"decoder state must come from StreamDecoder.state_dict() (format "
+                             f"{STREAM_DECODER_FORMAT!r})")
+        n = len(self._cache)
+        cache, rep = state.get("cache"), state.get("rep", [])
+        if state.get("num_convs") != n or not isinstance(cache, (list, tuple)) or len(cache) != n:
+            raise ValueError(f"decoder state has {state.get('num_convs')!r} causal convolutions but this VAE's "
+                             f"decoder has {n}: it was saved for another VAE")
+        if not isinstance(rep, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) or
+                                                     not 0 <= i < n or cache[i] is not None for i in rep):
+            raise ValueError("decoder state's 'rep' markers are malformed")
+        frames, shape = state.get("latent_frames"), state.get("shape")
+        if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
+            raise ValueError(f"decoder state's latent_frames must be a non-negative int, got {frames!r}")
+        if shape is not None and (not isinstance(shape, (list, tuple)) or len(shape) != 3):
+            raise ValueError(f"decoder state's shape must be [batch, h, w] or None, got {shape!r}")
+        dt, dev = self.vae.latent_mean.dtype, self.vae.latent_mean.device
+        new: List[Any] = []
+        for i, c in enumerate(cache):
+            if c is not None and not isinstance(c, torch.Tensor):
+                raise ValueError(f"decoder state's cache[{i}] is a {type(c).__name__}, not a tensor or None")
+            new.append(c.to(device=dev, dtype=dt, copy=True) if isinstance(c, torch.Tensor) else None)
+        for i in rep:
+            new[i] = "Rep"
+        self._cache = new
+        self._frames_in = frames
+        self._shape = None if shape is None else tuple(int(v) for v in shape)
 
     @torch.no_grad()
     def decode(self, block: torch.Tensor) -> torch.Tensor:
