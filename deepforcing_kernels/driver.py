@@ -24,9 +24,17 @@ import torch
 from .models.base import build_cache, check_model
 from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
 
-__all__ = ["generate", "Rollout", "warp_timesteps", "DENOISING_STEPS", "STATE_FORMAT"]
+__all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS", "STATE_FORMAT"]
 
 STATE_FORMAT = "deepforcing-rollout-v1"
+
+
+def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
+    """A ``deepforcing generate`` output, whatever its on-disk layout: ``{"latents": [B, F, C, h, w] (or
+    [F, C, h, w] for batch 1), "settings": {...}, ...}`` (see :func:`deepforcing_kernels.runio.load_run`)."""
+    from .runio import load_run as _load_run
+
+    return _load_run(path, with_state=with_state)
 
 
 def _model_dtype_device(model: Any) -> Tuple[torch.dtype, torch.device]:
