@@ -104,7 +104,8 @@ def model_table(kv_frames: Sequence[int] = (16, 21), worlds: Sequence[int] = (2,
                         cells.append("-")
                         continue
                     e = efficiency(m, p, kv_frames=kv, bandwidth=bw, latency_s=lat, flops_per_s=H100_BF16)
-                    cells.append(f"{e['efficiency'] * 100:.0f} % ({e['speedup']:.2f}x, comm {e['comm_share'] * 100:.0f} %)")
+                    cells.append(f"{e['efficiency'] * 100:.0f} % ({e['speedup']:.2f}x, "
+                                 f"comm {e['comm_share'] * 100:.0f} %)")
                 t1 = sum(layer_pass_flops(m, kv_frames=kv).values()) / H100_BF16 * 1e3
                 out.append(f"| {m.name} | {kv} | {link} | {t1:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(out)

@@ -167,11 +167,12 @@ def _run_sequence(args: argparse.Namespace) -> int:
 
 def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, settings, state, start, rank, world,
                    digest, comm, device, atomic_save, to_cpu) -> int:
+    stop = _Stop().__enter__()  # on every rank before the run's first file: a Ctrl-C from then on stops at a block end
     rollout = generate(sp, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                        latent_size=latent_size, cache_dtype=g.DTYPES[args.cache_dtype] if args.cache_dtype else None,
                        backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
     bf = rollout.block_frames
-    stop = _Stop().__enter__()  # from before the run's first file: a Ctrl-C from here on stops at a block end
+    _agree(None)  # every rank has its stop handler before rank 0 writes anything
     if rank == 0:
         store.write_manifest(settings, frames=args.frames, block_frames=bf, batch_size=args.batch_size,
                              frames_done=max(start, rollout.frames_done), complete=False)

@@ -45,7 +45,8 @@ def launch_local(nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0, 
     MASTER_ADDR, MASTER_PORT) and ``threads`` intra-op threads each; wait for all of them.
 
     ``per_rank_env`` / ``per_rank_args`` add variables / trailing arguments rank by rank. ``signal_when=(path,
-    signum)`` sends ``signum`` to every rank once ``path`` exists (what Ctrl-C does to a ``torchrun`` job). Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
+    signum)`` sends ``signum`` to every rank once ``path`` exists (what Ctrl-C does to a ``torchrun`` job).
+    Ranks still running after ``timeout_s`` are killed and reported with ``returncode=None`` (a hang is a
     failure the caller can assert on, never a stuck test).
     """
     port = free_port()
