@@ -105,10 +105,12 @@ def test_segments_hold_n_frames_and_concatenate_to_the_one_file(pipe, tmp_path, 
     assert res.bytes == sum(p.stat().st_size for p in want)
 
 
-@pytest.mark.parametrize("n, stop_after", [(20, 21), (20, 33), (21, 21), (None, 21), (10, 9)])
-def test_resume_of_a_pipeline_run_equals_a_straight_run(pipe, tmp_path, n, stop_after):
-    """Stop after the chunk ending at video frame ``stop_after`` (KeyboardInterrupt, as Ctrl-C), with the state
-    saved there; resume: the final files decode to exactly the frames of an uninterrupted run's files."""
+@pytest.mark.parametrize("n, stop_after, saved_at", [(20, 21, 21), (20, 33, 33), (21, 21, 21), (None, 21, 21),
+                                                     (10, 9, 9), (20, 33, 9)])
+def test_resume_of_a_pipeline_run_equals_a_straight_run(pipe, tmp_path, n, stop_after, saved_at):
+    """Save the state after the chunk ending at video frame ``saved_at``, stop after the one ending at
+    ``stop_after`` (KeyboardInterrupt, as Ctrl-C); resume from the state: the final files decode to exactly the
+    frames of an uninterrupted run's files (an older state rewrites the segments written after it)."""
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref_dir.mkdir()
     run_dir.mkdir()
@@ -116,15 +118,16 @@ def test_resume_of_a_pipeline_run_equals_a_straight_run(pipe, tmp_path, n, stop_
     saved = {}
 
     def stop(chunk, run):
-        if chunk.frame_end == stop_after:
+        if chunk.frame_end == saved_at:
             saved["state"] = _roundtrip(run.state_dict())
+        if chunk.frame_end == stop_after:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         pipe.write(run_dir / "v.mp4", "a red fox", F, seed=5, progress=False, segment_frames=n, on_block=stop)
     st = saved["state"]
-    if n is not None and stop_after % n:  # an open segment: its anchor holds the latents from its first block
-        assert st["anchor"] is not None and st["anchor"]["frame_start"] <= st["open_start"] < stop_after
+    if n is not None and saved_at % n:  # an open segment: its anchor holds the latents from its first block
+        assert st["anchor"] is not None and st["anchor"]["frame_start"] <= st["open_start"] < saved_at
         assert st["anchor"]["latents"].shape[1] <= n // 4 + 3 + 1
         assert any(".partial" in p.name for p in run_dir.iterdir())
     res = pipe.write(run_dir / "v.mp4", "a red fox", F, seed=5, progress=False, segment_frames=n, resume=st)
