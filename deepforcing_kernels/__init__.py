@@ -5,7 +5,10 @@ minute-long generator without training: a *Deep Sink* of early frames whose RoPE
 the live context, and *Participative Compression* that keeps the most-attended tokens of the middle.
 
 The public names below load on first use (so ``deepforcing --help`` and ``import deepforcing_kernels`` stay
-light); using any of them registers ``torch.ops.deepforcing.sink_attention``.
+light). The registered op ``torch.ops.deepforcing.sink_attention`` is defined by ``import
+deepforcing_kernels.ops`` (defining a ``triton_op`` imports torch's compiler stack, a second or more): the
+backends import it the first time a call needs it (autograd, ``torch.compile``); eager inference calls the kernels
+directly and never pays for it.
 """
 from __future__ import annotations
 
@@ -28,7 +31,6 @@ def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'deepforcing_kernels' has no attribute {name!r}")
-    importlib.import_module(__name__ + ".ops")  # the op is registered before anything can call it
     value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
     globals()[name] = value
     return value
