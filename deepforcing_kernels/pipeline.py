@@ -76,6 +76,21 @@ def _partial(p: Path) -> Path:
     return p.with_name(f"{p.stem}.partial{p.suffix or '.mp4'}")
 
 
+def _remove_dead_temporaries(target: Path) -> None:
+    """Remove ``.NAME.PID.writing.mp4`` files of ``target`` left by a process that no longer runs (killed)."""
+    folder = target.parent if str(target.parent) else Path(".")
+    for p in folder.glob(f".{target.stem}.*.writing{target.suffix}"):
+        pid = p.name[len(target.stem) + 2:-len(".writing" + target.suffix)]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
 def _u8_to_unit(x: torch.Tensor) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
@@ -378,6 +393,7 @@ class VideoRun:
 
         target = self.file_for(self.segment)
         _partial(target).unlink(missing_ok=True)  # a stale partial of this segment from a stopped run
+        _remove_dead_temporaries(target)
         self._writer = VideoWriter(target, fps=self.fps, codec=self.codec, crf=self.crf, on_error=self.on_error)
 
     def _close_writer(self) -> None:
@@ -606,7 +622,9 @@ class VideoPipeline:
                      text_dtype: Optional[torch.dtype] = None, lora: Any = None, lora_alpha: Optional[float] = None,
                      use_ema: Optional[bool] = None, trust_pickle: bool = False,
                      cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
-                     latent_size: Optional[Sequence[int]] = None) -> "VideoPipeline":
+                     latent_size: Optional[Sequence[int]] = None, text_len: Optional[int] = None,
+                     vae_config: Optional[Dict[str, Any]] = None,
+                     text_config: Optional[Dict[str, Any]] = None) -> "VideoPipeline":
         """A pipeline from a Wan2.1-T2V folder (the original release or its diffusers form) and a DiT checkpoint.
 
         Args:
@@ -619,9 +637,12 @@ class VideoPipeline:
                 ``diffusion_pytorch_model.safetensors.index.json``) -- that is Wan2.1's bidirectional base model,
                 not trained for block-causal rollout; a diffusers folder's ``transformer/`` uses diffusers' names,
                 which the DiT does not read, so there ``checkpoint`` is required.
-            model: a model name of :mod:`deepforcing_kernels.presets` (``wan_1_3b``, ``wan_14b``).
+            model: a model name of :mod:`deepforcing_kernels.presets` (``wan_1_3b``, ``wan_14b``) or a
+                :class:`~deepforcing_kernels.models.WanConfig`.
             dtype, device: of the DiT (and the VAE / text encoder unless ``vae_dtype`` / ``text_dtype``).
             lora, lora_alpha, use_ema, trust_pickle: passed to ``load_checkpoint``.
+            text_len, vae_config, text_config: passed to ``load_front_end`` (default: the model's ``text_len``
+                and the real Wan2.1 sizes; original-format folders only for the configs).
 
         Raises:
             FileNotFoundError naming the missing file or folder; ValueError for weights that do not match.
@@ -637,8 +658,13 @@ class VideoPipeline:
             checkpoint = cls._own_dit(folder, layout)
         elif not isinstance(checkpoint, Mapping) and not Path(checkpoint).exists():
             raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
-        enc, vae = load_front_end(folder, dtype=vae_dtype or dtype, device=device, text_dtype=text_dtype or dtype)
-        dit = CausalWanModel(model_config(model)).eval()
+        from .models import WanConfig
+
+        cfg = model if isinstance(model, WanConfig) else model_config(model)
+        enc, vae = load_front_end(folder, dtype=vae_dtype or dtype, device=device, text_dtype=text_dtype or dtype,
+                                  text_len=text_len or cfg.text_len or 512, vae_config=vae_config,
+                                  text_config=text_config)
+        dit = CausalWanModel(cfg).eval()
         load_checkpoint(dit, checkpoint, lora=lora, lora_alpha=lora_alpha, use_ema=use_ema,
                         trust_pickle=trust_pickle)
         dit = dit.to(device=device, dtype=dtype)

@@ -203,3 +203,46 @@ def test_from_weights_errors_name_the_file(tmp_path):
     (o / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         VideoPipeline.from_weights(o)
+
+
+def test_from_weights_original_folder_and_checkpoint(pipe, tmp_path):
+    """A tiny original-layout folder (random Wan2.1_VAE.pth, umT5 .pth, a tokenizer, the DiT safetensors) and a
+    Self-Forcing-style checkpoint: the pipeline loads each piece and writes an mp4."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from deepforcing_kernels.models import WanConfig
+    from deepforcing_kernels.video import t5, vae
+
+    o = tmp_path / "Wan2.1-tiny"
+    (o / "google" / "umt5-xxl").mkdir(parents=True)
+    torch.save(vae.random_original_state_dict(seed=3, **vae.TINY_VAE_CONFIG), o / "Wan2.1_VAE.pth")
+    torch.save(t5.random_original_state_dict(seed=3, **t5.TINY_T5_CONFIG), o / "models_t5_umt5-xxl-enc-bf16.pth")
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(o / "google" / "umt5-xxl"))
+    own = {k: v.contiguous() for k, v in pipe.model.state_dict().items()}
+    save_file(own, str(o / "diffusion_pytorch_model.safetensors"))
+    kw = dict(model=WanConfig.tiny(latent_size=LAT), dtype=torch.float32, vae_config=vae.TINY_VAE_CONFIG,
+              text_config=t5.TINY_T5_CONFIG, policy="sliding")
+    p = VideoPipeline.from_weights(o, **kw)
+    assert all(torch.equal(v, own[k]) for k, v in p.model.state_dict().items())
+    assert p.text_encoder.text_len == 16 and p.policy.kind == "sliding"
+    res = p.write(tmp_path / "o.mp4", "a red fox", 6, seed=0, progress=False)
+    assert len(_read(tmp_path / "o.mp4")) == 21 and res.paths == [tmp_path / "o.mp4"]
+    # checkpoint= wins over the folder's DiT: a Self-Forcing training checkpoint ("generator", "model." prefixes)
+    other = {k: v + 1 for k, v in own.items()}
+    torch.save({"generator": {"model." + k: v for k, v in other.items()}}, tmp_path / "sf.pt")
+    p2 = VideoPipeline.from_weights(o, tmp_path / "sf.pt", **kw)
+    assert all(torch.equal(v, other[k]) for k, v in p2.model.state_dict().items())
+
+
+def test_progress_bar_shows_generation_and_decoding_rates(pipe, tmp_path, capsys):
+    pipe.write(tmp_path / "p.mp4", "a", 6, seed=0, progress=True)
+    err = capsys.readouterr().err
+    assert "21/21" in err and "gen=" in err and "dec=" in err and "f/s" in err

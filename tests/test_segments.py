@@ -1,6 +1,7 @@
 """Segmented output and resume: segments hold exactly N frames and concatenate to the one-file video; the stream
 decoder's state round-trips; a stopped pipeline run resumed from its state equals a straight run."""
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,15 @@ def test_resume_rejects_other_settings(pipe, tmp_path):
     with pytest.raises(ValueError, match="VideoRun.state_dict"):
         pipe.write(tmp_path / "v.mp4", "a", 6, seed=0, progress=False, resume={"format": "nope"})
     assert not Path(tmp_path / "v_00001.mp4").exists()
+
+
+def test_a_killed_runs_temporary_is_removed_when_its_segment_reopens(pipe, tmp_path):
+    import subprocess
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".v_00000.{dead.pid}.writing.mp4"
+    stale.write_bytes(b"half")
+    alive = tmp_path / f".v_00000.{os.getppid()}.writing.mp4"  # another live process's: left alone
+    alive.write_bytes(b"busy")
+    pipe.write(tmp_path / "v.mp4", "a", 3, seed=0, progress=False, segment_frames=100)
+    assert not stale.exists() and alive.exists() and (tmp_path / "v_00000.mp4").exists()
