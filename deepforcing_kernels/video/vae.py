@@ -361,7 +361,8 @@ class StreamDecoder:
     frames ``[B, f', 3, 8h, 8w]`` (f' = 1 + 4 (f - 1) for the first block, 4 f after). The frames of all blocks,
     concatenated, equal ``vae.decode`` of the whole stream bit for bit on CPU. What is kept between calls is the
     feature cache only (per causal convolution, at most the last two frames of its input) and the batch / size of
-    the stream, so memory does not grow with the stream's length. ``reset()`` starts a new stream.
+    the stream, so memory does not grow with the stream's length. ``reset()`` starts a new stream;
+    ``state_dict()`` / ``load_state_dict()`` save a stream between blocks and continue it exactly.
     """
 
     def __init__(self, vae: WanVAE) -> None:
