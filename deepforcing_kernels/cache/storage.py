@@ -4,6 +4,11 @@ A layer's slots hold, in time order, the sink, then Top-C tokens, then recent fr
 the value, the source frame, and any per-slot buffers registered by others (the Top-C reuse counters, the mass
 scorer's carried mass); every move (roll, compaction, Top-C gather) moves all of them together, so a token's
 bookkeeping travels with it. Nothing here knows about policies or scores.
+
+The in-place moves (:meth:`LayerStorage.evict`, :meth:`LayerStorage.gather_topc`) run eagerly even inside
+``torch.compile``: they read and write overlapping parts of one buffer in a fixed order, and inductor fused such a
+compaction into one parallel in-place kernel whose result depended on thread timing. They are pure data movement,
+so a compiled graph loses nothing by leaving them out.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ class LayerStorage:
         return [self.k, self.v, self.frames] + list(self.extra.values())
 
     # ------------------------------------------------------------------ moves
+    @torch.compiler.disable
     def evict(self, keep: int, count: int, used: int) -> None:
         """Drop slots ``[keep, keep + count)`` by moving ``[keep + count, used)`` left (FIFO after the sink)."""
         for t in self.per_slot():
@@ -77,6 +83,7 @@ class LayerStorage:
         self.k[:, off:off + Lb].copy_(k)
         self.v[:, off:off + Lb].copy_(v)
 
+    @torch.compiler.disable
     def gather_topc(self, idx: torch.Tensor, keep_head: int, recent_src: int, recent_dst: int,
                     recent_len: int) -> None:
         """Compaction: slots ``[0, keep_head)`` stay, the Top-C slots ``idx`` (int64 ``[B, C]``, ascending) follow
