@@ -26,6 +26,7 @@ build: setup
 
 demo: setup
 	$(PY) -m deepforcing_kernels demo
+	$(PY) -m deepforcing_kernels generate --model tiny --prompt "a red fox" --frames 30 --out out/fox.mp4 --force
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: setup

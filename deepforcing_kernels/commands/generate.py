@@ -29,7 +29,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ._common import check_frames, check_positive, fail, set_threads
+from ._common import check_frames, check_output_file, check_positive, fail, set_threads
 
 from ..presets import MODEL_NAMES, POLICY_NAMES, canonical_model_name, canonical_policy_name
 
@@ -37,6 +37,16 @@ POLICIES = POLICY_NAMES  # spelled with underscores; the hyphenated aliases (dee
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
 MODELS = MODEL_NAMES
+
+
+def _switch(value: str):
+    """argparse type of --switch FRAME:TEXT."""
+    try:
+        from ..pipeline import parse_switch
+
+        return parse_switch(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def policy_name(value: str) -> str:
@@ -64,7 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-embeds", default=None,
                         help="a .pt / .safetensors holding a tensor [L, text_dim] or [B, L, text_dim] (or a dict with "
                              "'text_embeds' / 'prompt_embeds'); default: random from --seed")
-    parser.add_argument("--frames", type=int, default=30, help="latent frames, a multiple of 3 (default 30)")
+    parser.add_argument("--frames", type=int, default=30,
+                        help="latent frames of the stream, a multiple of 3 (default 30; no upper bound); with "
+                             "--image / --video they include the given frames. Each latent frame is 4 video frames "
+                             "(the first one 1)")
     parser.add_argument("--policy", default="deep_forcing", type=policy_name,
                         help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. "
                              "accepted)")
@@ -101,6 +114,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: 1 for the tiny model on CPU, whose ops are too small to "
                              "gain from more; torch's default otherwise). Resume with the same count: CPU matmuls "
                              "may round differently with another")
+    # prompt -> mp4 (deepforcing_kernels/commands/video.py; the video libraries load only on this path)
+    parser.add_argument("--prompt", default=None, metavar="TEXT",
+                        help="the prompt: the run goes prompt -> text encoder -> rollout -> streaming decode -> mp4 "
+                             "(--out NAME.mp4)")
+    parser.add_argument("--prompt-file", default=None, metavar="FILE",
+                        help="one prompt a line, one video each (NAME_000.mp4, NAME_001.mp4, ...)")
+    parser.add_argument("--weights", default=None, metavar="DIR",
+                        help="an original Wan2.1-T2V-1.3B folder (Wan2.1_VAE.pth, models_t5_umt5-xxl-enc-bf16.pth, "
+                             "google/umt5-xxl/) or a diffusers one (vae/, text_encoder/, tokenizer/); default with "
+                             "--model tiny: the embedded tiny random VAE and text encoder (the video is noise)")
+    parser.add_argument("--image", default=None, metavar="PATH",
+                        help="image-to-video: the stream starts from this picture (its first latent frame, which "
+                             "Deep Forcing keeps as the sink); --frames then counts it: 1 + a multiple of 3")
+    parser.add_argument("--video", default=None, metavar="PATH",
+                        help="continue this video: its last frames, encoded, start the stream (trimmed to whole "
+                             "blocks, or 1 + whole blocks, of latent frames)")
+    parser.add_argument("--switch", action="append", default=[], type=_switch, metavar="FRAME:TEXT",
+                        help="change the prompt at latent frame FRAME (a block start), e.g. --switch 48:'a red "
+                             "fox runs'; repeatable")
+    parser.add_argument("--recache", action="store_true",
+                        help="at each --switch, recompute the K/V of the frames the cache holds whole (sink and "
+                             "recent) under the new prompt")
+    parser.add_argument("--segment-frames", type=int, default=None, metavar="N",
+                        help="write the mp4 as numbered segments of N video frames each (NAME_00000.mp4, ...): a "
+                             "run of hours never holds more than one open")
+    parser.add_argument("--fps", type=float, default=16.0, help="mp4 frames per second (default 16, as Wan2.1)")
     # multi-GPU (deepforcing_kernels/distributed/cli.py; nothing of it is imported without --parallel)
     parser.add_argument("--parallel", default=None, choices=("sequence", "data"),
                         help="under torchrun: 'sequence' runs one stream on all ranks (Ulysses: tokens, heads and "
@@ -302,7 +341,18 @@ def run(args: argparse.Namespace) -> int:
         policy = make_policy(args.policy, args.score)
     except ValueError as e:
         fail(str(e))
-    check_frames(args.frames, block=policy.block_frames)
+    from .video import run_video, wants_video
+
+    video = wants_video(args)
+    if not video:
+        check_frames(args.frames, block=policy.block_frames)
+        for flag in ("image", "video", "weights", "segment_frames"):
+            if getattr(args, flag) not in (None, False):
+                fail(f"--{flag.replace('_', '-')} needs a video run: --prompt TEXT and --out NAME.mp4")
+        if args.switch or args.recache:
+            fail("--switch / --recache need a video run: --prompt TEXT and --out NAME.mp4")
+    elif args.frames <= 0:
+        fail(f"--frames must be positive, got {args.frames}")
     cfg = WanConfig.from_name(args.model)  # args.model is canonical (model_name)
     latent_size = tuple(args.latent_size) if args.latent_size else tuple(cfg.latent_size)
     if min(latent_size) <= 0:
@@ -316,9 +366,14 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint}: " + ("is a directory, not a file" if os.path.isdir(args.checkpoint)
                                                       else "no such file"))
-    text = load_text(args.text_embeds, cfg.text_dim, args.batch_size) if args.text_embeds else None
     if args.resume and args.force:
         fail("--resume and --force contradict each other: --resume continues the run at --out, --force replaces it")
+    if video:
+        if args.text_embeds:
+            fail("--text-embeds and a video run (--prompt / .mp4) contradict each other: the prompt is encoded here")
+        check_output_file(args.out, "--out")
+        return run_video(args, policy, device)
+    text = load_text(args.text_embeds, cfg.text_dim, args.batch_size) if args.text_embeds else None
 
     store = RunStore(args.out)
     try:
