@@ -158,3 +158,16 @@ def test_release_logit_score_brute_force():
             for h in range(4):
                 want[b, j] += float(qb[b, :, h].double().sum(0) @ k[b, j, h // 2].double())
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+
+
+def test_production_logit_score_matches_the_float64_oracle():
+    """The cache's chunked float32 GEMV score (what compression uses) against the oracle's float64 einsum."""
+    from deepforcing_kernels.cache import release_logit_score as production
+    from deepforcing_kernels.reference.attention import release_logit_score as oracle
+
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        qb = torch.randn(2, 4, 12, 128, generator=g)
+        k = torch.randn(2, 9000, 4, 128, generator=g).to(dtype)  # several GEMV chunks, GQA 12 / 4
+        got, want = production(qb, k), oracle(qb, k)
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-5)

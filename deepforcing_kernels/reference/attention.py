@@ -78,35 +78,11 @@ def sink_attention_reference(
 
 
 def release_logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """The release's Participative Compression score: raw logits, no softmax.
-
-    ``score[b, j] = sum_h q_sum[b, h] . k[b, j, h // group]`` with ``q_sum = q_buffer.sum(tokens)``, computed in
-    float32. One score per token, shared by all heads.
-
-    Args:
-        q_buffer: recent queries ``[B, Lb, Hq, D]`` (already RoPE'd).
-        k: keys of the augmented cache ``[B, Lk, Hkv, D]`` (as stored: the release scores before re-phasing).
-
-    Returns:
-        float32 ``[B, Lk]``.
+    """The release's Participative Compression score, ``score[b, j] = sum_h q_sum[b, h] . k[b, j, h // group]``
+    with ``q_sum = q_buffer.sum(tokens)``: the oracle's plain float64 einsum (the production scorer,
+    :func:`deepforcing_kernels.cache.release_logit_score`, computes it in float32 GEMV chunks). float32 ``[B, Lk]``.
     """
-    from .._checks import check_tensor
-
-    check_tensor("q_buffer", q_buffer, ndim=4)
-    check_tensor("k", k, ndim=4)
-    if q_buffer.shape[0] != k.shape[0] or q_buffer.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q_buffer {list(q_buffer.shape)} and k {list(k.shape)} disagree on batch or head_dim")
-    Hq, Hkv = q_buffer.shape[2], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"q_buffer heads ({Hq}) must be a multiple of k heads ({Hkv})")
-    B, Lk, _, D = k.shape
-    q_sum = q_buffer.sum(dim=1, dtype=torch.float32)  # [B, Hq, D]
-    q_sum = q_sum.view(B, Hkv, Hq // Hkv, D).sum(dim=2)  # heads of a group share their key
-    # One [rows, Hkv*D] x [Hkv*D] float32 product per chunk of keys: upcasting the whole cache at once (or an
-    # einsum) streams it through memory twice and is ~10x slower on CPU; chunks of ~1M elements stay in cache.
-    k2, q2 = k.reshape(B, Lk, Hkv * D), q_sum.reshape(B, Hkv * D, 1)
-    score = torch.empty(B, Lk, dtype=torch.float32, device=k.device)
-    rows = max(1, (1 << 20) // (Hkv * D))
-    for s in range(0, Lk, rows):
-        score[:, s:s + rows] = torch.bmm(k2[:, s:s + rows].float(), q2).squeeze(-1)
-    return score
+    B, Lk, Hkv, D = k.shape
+    Hq = q_buffer.shape[2]
+    q_sum = q_buffer.double().sum(dim=1).view(B, Hkv, Hq // Hkv, D).sum(dim=2)  # [B, Hkv, D]
+    return torch.einsum("bhd,bjhd->bj", q_sum, k.double()).float()
