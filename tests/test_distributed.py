@@ -136,6 +136,20 @@ def test_cli_data_parallel_splits_prompts(tmp_path):
         assert torch.equal(load_run(str(tmp_path / f"dp.p{i:04d}.pt"))["latents"], load_run(ref)["latents"])
 
 
+def test_cli_data_parallel_prompt_file_one_mp4_each(tmp_path):
+    """--parallel data with --prompt-file: 3 prompts over 2 ranks, each mp4 written once, by its rank."""
+    av = pytest.importorskip("av")
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red fox\na blue whale\na green tree\n")
+    out = str(tmp_path / "dp.mp4")
+    res = _cli(2, "--policy", "sliding", "--frames", "6", "--prompt-file", str(pf), "--out", out, "--parallel", "data")
+    assert [r.returncode for r in res] == [0, 0], _explain(res)
+    assert "prompts [0, 1]" in res[0].stdout and "prompts [2]" in res[1].stdout, _explain(res)
+    for i in range(3):
+        with av.open(str(tmp_path / f"dp_{i:03d}.mp4")) as c:
+            assert sum(1 for _ in c.decode(c.streams.video[0])) == 21
+
+
 @pytest.mark.slow
 def test_cli_data_parallel_never_resumes_with_another_prompt(tmp_path):
     text = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))

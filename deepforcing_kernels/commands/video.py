@@ -80,8 +80,11 @@ def _pipeline(args: argparse.Namespace, policy: Any, device: Any):
                                       **kw)
 
 
-def run_video(args: argparse.Namespace, policy: Any, device: Any) -> int:
-    """The prompt -> mp4 path of ``deepforcing generate`` (arguments already checked by ``generate.run``)."""
+def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optional[List[int]] = None) -> int:
+    """The prompt -> mp4 path of ``deepforcing generate`` (arguments already checked by ``generate.run``).
+
+    ``indices``: only these prompts of the list (``--parallel data`` gives each rank its share); outputs keep
+    their global numbering."""
     import torch
 
     from .generate import _StopRequest, save_interval
@@ -107,6 +110,8 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any) -> int:
     if args.batch_size != 1:
         fail("--batch-size applies to latents output (.pt); a video run writes one stream per prompt")
     outs = _outputs(args.out, len(prompts))
+    if indices is not None:
+        prompts, outs = [prompts[i] for i in indices], [outs[i] for i in indices]
     for out in outs:
         st = state_path(out)
         if args.resume and not os.path.exists(st) and os.path.exists(out):

@@ -328,9 +328,27 @@ def _run_data(args: argparse.Namespace) -> int:
     info = init_from_env(timeout_s=args.dist_timeout, device=_device(args), flag="--parallel data")
     rank, world = info["rank"], info["world_size"]
     _, policy, cfg, latent_size = _common(args)
+    from ..commands.video import read_prompt_file, wants_video
+
+    if wants_video(args):  # prompts -> one mp4 each, split across ranks
+        prompts = [args.prompt] if args.prompt else read_prompt_file(args.prompt_file) if args.prompt_file else []
+        plain = (str, int, float, bool, list, tuple, type(None))
+        check_same_settings({"argv": sorted(f"{k}={v!r}" for k, v in vars(args).items()
+                                            if k != "no_progress" and isinstance(v, plain)),
+                             "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()})
+        from ..commands.video import run_video
+
+        mine = split_prompts(list(range(len(prompts))), rank, world)
+        sub = copy.copy(args)
+        sub.parallel = None
+        if info["device"].startswith("cuda"):
+            sub.device = info["device"]
+        code = run_video(sub, policy, torch.device(sub.device or "cpu"), indices=mine) if mine else 0
+        print(f"rank {rank} of {world}: prompts {mine} (data parallel)")
+        return code
     if args.text_embeds is None:
-        raise ParallelError("--parallel data splits the prompts of --text-embeds (a tensor [N, L, text_dim], one "
-                            "prompt per row) across ranks: pass --text-embeds")
+        raise ParallelError("--parallel data splits the prompts of --prompt-file (one mp4 each) or the rows of "
+                            "--text-embeds (a tensor [N, L, text_dim]) across ranks: pass one of them")
     if args.batch_size != 1:
         raise ParallelError("--parallel data generates one prompt at a time: drop --batch-size")
     text = g.read_tensors(args.text_embeds, "--text-embeds")
