@@ -154,10 +154,12 @@ def _reference_run(q, k, v, **kw) -> Result:
 
 
 def _triton_available() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means "not here"
-        return f"the triton package cannot be imported ({type(e).__name__}: {e})"
+    # find_spec, not import: importing triton fixes its interpreter mode for the process (TRITON_INTERPRET is read
+    # then), so merely asking whether a backend exists must not do it
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed (pip install triton)"
     return None
 
 

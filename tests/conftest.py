@@ -1,7 +1,14 @@
+import importlib.util
 import os
 
 import pytest
 import torch
+
+if importlib.util.find_spec("triton") is not None:
+    # Triton's interpreter mode is fixed when triton is first imported; anything in the session may import it
+    # (torch's compiler stack does, when a test compiles or defines the triton_op), so import it first, inside the
+    # interpreter window of triton_interp, before any test module runs.
+    import triton_interp  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .storage import LayerStorage, move_left, select_topc
+from .storage import LayerStorage, eager_under_compile, move_left, select_topc
 
 __all__ = ["Scorer", "LogitScorer", "MassScorer", "release_logit_score", "compress_step", "identity_reduce"]
 
@@ -150,7 +150,7 @@ class MassScorer(Scorer):
         return self.reduce_over_heads(total)
 
 
-@torch.compiler.disable  # in-place compaction of the storage: eager even under torch.compile (see .storage)
+@eager_under_compile  # in-place compaction of the storage: eager even under torch.compile (see .storage)
 def compress_step(storage: LayerStorage, cand_score: torch.Tensor, *, sink_tokens: int, topc_tokens: int,
                   recent_tokens: int, end: int, max_reuse: Optional[int]) -> torch.Tensor:
     """Participative Compression of the augmented cache ``[0, end)`` in place: keep the sink, the Top-C of the

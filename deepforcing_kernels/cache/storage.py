@@ -12,11 +12,31 @@ so a compiled graph loses nothing by leaving them out.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import functools
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 
-__all__ = ["LayerStorage", "move_left", "compact", "select_topc"]
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def eager_under_compile(fn: _Fn) -> _Fn:
+    """Run ``fn`` eagerly even inside ``torch.compile`` (a graph break around it). The disabled version is made
+    on first use under compilation: ``torch.compiler.disable`` imports torch's compiler stack (and triton), which
+    a plain ``import deepforcing_kernels`` must not pay for."""
+    disabled: List[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+__all__ = ["LayerStorage", "move_left", "compact", "select_topc", "eager_under_compile"]
 
 
 class LayerStorage:
@@ -62,7 +82,7 @@ class LayerStorage:
         return [self.k, self.v, self.frames] + list(self.extra.values())
 
     # ------------------------------------------------------------------ moves
-    @torch.compiler.disable
+    @eager_under_compile
     def evict(self, keep: int, count: int, used: int) -> None:
         """Drop slots ``[keep, keep + count)`` by moving ``[keep + count, used)`` left (FIFO after the sink)."""
         for t in self.per_slot():
@@ -83,7 +103,7 @@ class LayerStorage:
         self.k[:, off:off + Lb].copy_(k)
         self.v[:, off:off + Lb].copy_(v)
 
-    @torch.compiler.disable
+    @eager_under_compile
     def gather_topc(self, idx: torch.Tensor, keep_head: int, recent_src: int, recent_dst: int,
                     recent_len: int) -> None:
         """Compaction: slots ``[0, keep_head)`` stay, the Top-C slots ``idx`` (int64 ``[B, C]``, ascending) follow
