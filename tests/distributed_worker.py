@@ -265,4 +265,9 @@ def scenario_compile() -> int:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     name, args = sys.argv[1], sys.argv[2:]
-    sys.exit(globals()[f"scenario_{name}"](*args))
+    code = globals()[f"scenario_{name}"](*args)
+    # as the package's own ranks do (distributed.launch): flush and leave without interpreter teardown, where a
+    # live Gloo process group's threads can abort the process ("terminate called without an active exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
