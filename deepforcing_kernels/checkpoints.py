@@ -37,6 +37,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .models.wan import _normalise_key
+
 __all__ = ["load_checkpoint", "read_checkpoint", "detect_layout", "merge_lora", "wan_sizes_from_state_dict",
            "CheckpointInfo"]
 
@@ -44,7 +46,6 @@ PathOrSD = Union[str, os.PathLike, Mapping[str, Any]]
 
 _GEN = ("generator", "generator_ema")
 _LORA_KEY = "generator_lora"
-_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 _PREFIXES = ("base_model.model.", "module.", "model.", "generator.", "generator_ema.")
 _LORA_RE = re.compile(r"(.+)\.lora_(A|B)(?:\.[A-Za-z0-9_]+)?\.weight")
 # names only diffusers' WanTransformer3DModel uses
@@ -149,15 +150,8 @@ def _read_folder(p: Path) -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- layout
 def _strip(key: str) -> str:
-    for w in _WRAPPERS:
-        key = key.replace(w, "")
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
+    """The model's own key normalisation, plus peft's ``base_model.model.`` (LongLive's LoRA checkpoints)."""
+    return _normalise_key(key, _PREFIXES)
 
 
 def _is_lora_sd(sd: Mapping[str, Any]) -> bool:

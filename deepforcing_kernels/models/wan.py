@@ -541,13 +541,14 @@ _PREFIXES = ("module.", "generator_ema.", "generator.", "model.")
 _CONTAINERS = ("generator", "generator_ema", "state_dict", "model", "module")
 
 
-def _normalise_key(key: str) -> str:
+def _normalise_key(key: str, prefixes: Sequence[str] = _PREFIXES) -> str:
+    """``key`` without wrapper-module infixes and leading ``prefixes`` (repeatedly: ``module.model.x`` -> ``x``)."""
     for w in _INNER_WRAPPERS:
         key = key.replace(w, "")
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in prefixes:
             if key.startswith(p):
                 key, changed = key[len(p):], True
     return key

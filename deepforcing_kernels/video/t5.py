@@ -23,7 +23,7 @@ import torch
 
 from ._deps import require
 from .tokenizer import BYTE_VOCAB, ByteTokenizer, clean_whitespace
-from .vae import _load_file, _short
+from .vae import _diffusers_folder, _load_file, _short
 
 __all__ = ["UMT5Encoder", "original_to_hf_key", "UMT5_XXL_CONFIG", "TINY_T5_CONFIG", "TOKENIZER_FILES"]
 
@@ -257,18 +257,7 @@ class UMT5Encoder(torch.nn.Module):
                         dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu") -> "UMT5Encoder":
         """Load a diffusers-format ``text_encoder/`` folder (local files only); the tokenizer comes from
         ``tokenizer/`` beside it unless given. ``folder`` may also be the pipeline folder holding both."""
-        p = Path(folder)
-        if not p.is_dir():
-            raise FileNotFoundError(f"UMT5Encoder.from_pretrained: no such folder {str(p)!r}")
-        if not (p / "config.json").exists() and (p / "text_encoder" / "config.json").exists():
-            p = p / "text_encoder"
-        if not (p / "config.json").exists():
-            hint = ""
-            if (p / "models_t5_umt5-xxl-enc-bf16.pth").exists():
-                hint = ("; it holds the original models_t5_umt5-xxl-enc-bf16.pth: use UMT5Encoder.from_original("
-                        f"{str(p / 'models_t5_umt5-xxl-enc-bf16.pth')!r})")
-            raise FileNotFoundError(f"UMT5Encoder.from_pretrained: {str(p / 'config.json')!r} is missing "
-                                    f"(not a diffusers-format text_encoder/ folder){hint}")
+        p = _diffusers_folder(folder, "text_encoder", "models_t5_umt5-xxl-enc-bf16.pth", "UMT5Encoder")
         tf = require("transformers", "UMT5Encoder")
         try:
             model = tf.UMT5EncoderModel.from_pretrained(str(p), local_files_only=True, dtype=dtype)

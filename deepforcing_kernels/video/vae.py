@@ -141,6 +141,24 @@ def _short(names: Sequence[str], n: int = 8) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
+def _diffusers_folder(folder: Union[str, os.PathLike], sub: str, original: str, cls: str) -> Path:
+    """The diffusers-format ``sub/`` folder ``from_pretrained`` reads: ``folder`` itself or its ``sub/``; a
+    FileNotFoundError naming the missing ``config.json`` otherwise (pointing at ``from_original`` when the folder
+    holds the original ``original`` file instead)."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{cls}.from_pretrained: no such folder {str(p)!r}")
+    if not (p / "config.json").exists() and (p / sub / "config.json").exists():
+        p = p / sub
+    if not (p / "config.json").exists():
+        hint = ""
+        if (p / original).exists():
+            hint = f"; it holds the original {original}: use {cls}.from_original({str(p / original)!r})"
+        raise FileNotFoundError(f"{cls}.from_pretrained: {str(p / 'config.json')!r} is missing "
+                                f"(not a diffusers-format {sub}/ folder){hint}")
+    return p
+
+
 def _diffusers_model(dim: int, z_dim: int, dim_mult: Sequence[int], num_res_blocks: int,
                      temperal_downsample: Sequence[bool], mean: Sequence[float], std: Sequence[float]):
     diffusers = require("diffusers", "WanVAE")
@@ -266,18 +284,7 @@ class WanVAE(torch.nn.Module):
                         device: Union[str, torch.device] = "cpu") -> "WanVAE":
         """Load a diffusers-format VAE folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), local
         files only. ``folder`` may be the ``vae/`` folder itself or a pipeline folder that holds one."""
-        p = Path(folder)
-        if not p.is_dir():
-            raise FileNotFoundError(f"WanVAE.from_pretrained: no such folder {str(p)!r}")
-        if not (p / "config.json").exists() and (p / "vae" / "config.json").exists():
-            p = p / "vae"
-        if not (p / "config.json").exists():
-            hint = ""
-            if (p / "Wan2.1_VAE.pth").exists():
-                hint = ("; it holds the original Wan2.1_VAE.pth: use "
-                        f"WanVAE.from_original({str(p / 'Wan2.1_VAE.pth')!r})")
-            raise FileNotFoundError(f"WanVAE.from_pretrained: {str(p / 'config.json')!r} is missing "
-                                    f"(not a diffusers-format vae/ folder){hint}")
+        p = _diffusers_folder(folder, "vae", "Wan2.1_VAE.pth", "WanVAE")
         diffusers = require("diffusers", "WanVAE")
         try:
             model = diffusers.AutoencoderKLWan.from_pretrained(str(p), local_files_only=True, torch_dtype=dtype)
