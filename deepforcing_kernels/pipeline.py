@@ -72,10 +72,6 @@ def segment_path(path: Union[str, os.PathLike], index: int) -> Path:
     return p.with_name(f"{p.stem}_{index:05d}{p.suffix or '.mp4'}")
 
 
-def _partial(p: Path) -> Path:
-    return p.with_name(f"{p.stem}.partial{p.suffix or '.mp4'}")
-
-
 def _remove_dead_temporaries(target: Path) -> None:
     """Remove ``.NAME.PID.writing.mp4`` files of ``target`` left by a process that no longer runs (killed)."""
     folder = target.parent if str(target.parent) else Path(".")
@@ -389,10 +385,10 @@ class VideoRun:
         return self.path if self.segment_frames is None else segment_path(self.path, index)
 
     def _open(self) -> None:
-        from .video.writer import VideoWriter
+        from .video.writer import VideoWriter, _partial_name
 
         target = self.file_for(self.segment)
-        _partial(target).unlink(missing_ok=True)  # a stale partial of this segment from a stopped run
+        _partial_name(target).unlink(missing_ok=True)  # a stale partial of this segment from a stopped run
         _remove_dead_temporaries(target)
         self._writer = VideoWriter(target, fps=self.fps, codec=self.codec, crf=self.crf, on_error=self.on_error)
 

@@ -107,31 +107,20 @@ def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_len: 
     kf = k.float()
     if cos.numel() == 0 or rot_len == 0:
         return kf
-    T, D = cos.shape[-1], k.shape[-1]
-    p = torch.arange(T, device=k.device)
-    re_i, im_i = (2 * p, 2 * p + 1) if interleaved else (p, p + D // 2)
-    if cos.dim() == 1:
-        c, s = cos.view(1, 1, 1, T), sin.view(1, 1, 1, T)
-    else:
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-    head = kf[:, :rot_len]
-    re, im = head[..., re_i], head[..., im_i]
-    rot = head.clone()
-    rot[..., re_i] = re * c - im * s
-    rot[..., im_i] = re * s + im * c
-    if rot_len == k.shape[1]:
-        return rot
-    return torch.cat([rot, kf[:, rot_len:]], dim=1)
+    T = cos.shape[-1]
+    c, s = (cos.view(1, 1, 1, T), sin.view(1, 1, 1, T)) if cos.dim() == 1 else (cos[:, :, None], sin[:, :, None])
+    rot = _rotate(kf[:, :rot_len], interleaved, c, s)
+    return rot if rot_len == k.shape[1] else torch.cat([rot, kf[:, rot_len:]], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------- rotation
-def _rotate(x: torch.Tensor, spec: RopeSpec, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, interleaved: bool, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``c.shape[-1]`` pairs of ``x`` by precomputed ``cos`` / ``sin`` (broadcastable to
     ``x.shape[:-1] + (pairs,)``), in float32 (float64 for float64 inputs); other channels are copied."""
     pairs = c.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
     p = torch.arange(pairs, device=x.device)
-    re_i, im_i = (2 * p, 2 * p + 1) if spec.interleaved else (p, p + spec.num_pairs)
+    re_i, im_i = (2 * p, 2 * p + 1) if interleaved else (p, p + x.shape[-1] // 2)
     xf = x.to(cd)
     re, im = xf[..., re_i], xf[..., im_i]
     c, s = c.to(cd), s.to(cd)
@@ -178,7 +167,7 @@ def apply_rope(x: torch.Tensor, spec: RopeSpec, *, frame_offset: int = 0, grid: 
     if total != x.shape[1]:
         raise ValueError(f"grid {grid} has {total} tokens but x has L={x.shape[1]}")
     c, s = _position_tables(spec, int(frame_offset), grid, x.device)
-    return _rotate(x, spec, c, s)
+    return _rotate(x, spec.interleaved, c, s)
 
 
 def rephase(k: torch.Tensor, spec: RopeSpec, shift: Shift) -> torch.Tensor:
@@ -205,4 +194,4 @@ def rephase(k: torch.Tensor, spec: RopeSpec, shift: Shift) -> torch.Tensor:
         s = torch.full((1, 1), check_int("shift", shift, minimum=INT64_MIN, maximum=INT64_MAX), dtype=torch.int64,
                        device=k.device)
     c, sn = shift_tables(spec, s)  # [B|1, L|1, T]
-    return _rotate(k, spec, c[:, :, None, :], sn[:, :, None, :])
+    return _rotate(k, spec.interleaved, c[:, :, None, :], sn[:, :, None, :])

@@ -60,8 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = run_crossattn(dim=a.dim, heads=a.heads, layers=a.layers, tokens_per_frame=a.tokens_per_frame,
-                        repeats=a.repeats)
+    try:
+        res = run_crossattn(dim=a.dim, heads=a.heads, layers=a.layers, tokens_per_frame=a.tokens_per_frame,
+                            repeats=a.repeats)
+    except ValueError as e:  # a bad flag: one line, exit code 1
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
     if a.json:
         print(json.dumps(res))
     else:

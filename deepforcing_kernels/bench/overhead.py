@@ -84,7 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    res = run_overhead(backend=a.backend, calls=a.calls, repeats=a.repeats)
+    try:
+        res = run_overhead(backend=a.backend, calls=a.calls, repeats=a.repeats)
+    except ValueError as e:  # a bad flag: one line, exit code 1
+        ap.exit(1, f"{ap.prog}: error: {e}\n")
     if a.json:
         print(json.dumps(res))
     else:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Optional
+import signal
+import sys
+import threading
+from typing import Any, Dict, Optional
 
 PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
 #: matplotlib's savefig formats we let the extension choose; anything else is written as PNG at the exact path
@@ -74,3 +77,34 @@ def set_threads(threads: Optional[int]) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return saved
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during a generation loop: the first asks to stop after the block in progress (``signum``
+    is set; the caller saves its state and returns), a second stops at once (KeyboardInterrupt; the last saved
+    state stays the resume point). ``announce``: the line printed on the first signal (None: silent, as on the
+    ranks of a distributed run). Entering it again while entered is a no-op; the handlers are installed only in
+    the main thread."""
+
+    def __init__(self, announce: Optional[str] = None) -> None:
+        self.signum: Optional[int] = None
+        self.announce = announce
+        self._old: Dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(f"\n{self.announce.format(signal=signal.Signals(signum).name)}", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "StopRequest":
+        if not self._old and threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from typing import Any, Dict, Optional
 
 import torch
 
-from ._common import check_frames, check_output_file, check_positive, fail, set_threads
+from ._common import StopRequest, check_frames, check_output_file, check_positive, fail, set_threads
 
 from ..presets import MODEL_NAMES, POLICY_NAMES, canonical_model_name, canonical_policy_name
 
@@ -434,30 +432,9 @@ def save_interval(every_s: float, max_overhead: float, blocked_s: float) -> floa
     return max(every_s, blocked_s / max_overhead)
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM during the loop: the first asks to stop after the block in progress (its state is then
-    saved), a second stops at once (KeyboardInterrupt; the last saved state stays the resume point)."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old: Dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\ndeepforcing generate: {signal.Signals(signum).name}: stopping after this block and saving the "
-              "resume state (send it again to stop at once)", file=sys.stderr, flush=True)
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
+def _StopRequest() -> StopRequest:
+    return StopRequest("deepforcing generate: {signal}: stopping after this block and saving the resume state (send "
+                       "it again to stop at once)")
 
 
 def _resume_point(args: argparse.Namespace, previous: Optional[Dict[str, Any]], store: Any,

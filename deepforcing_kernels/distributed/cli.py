@@ -167,7 +167,9 @@ def _run_sequence(args: argparse.Namespace) -> int:
 
 def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, settings, state, start, rank, world,
                    digest, comm, device, atomic_save, to_cpu) -> int:
-    stop = _Stop().__enter__()  # on every rank before the run's first file: a Ctrl-C from then on stops at a block end
+    from ..commands._common import StopRequest
+
+    stop = StopRequest().__enter__()  # on every rank before the run's first file: a Ctrl-C from then on stops at a block end
     rollout = generate(sp, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                        latent_size=latent_size, cache_dtype=g.DTYPES[args.cache_dtype] if args.cache_dtype else None,
                        backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
@@ -217,32 +219,6 @@ def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, sett
               f"{new / spent if spent > 0 else float('nan'):.1f} frames/s) on {world} ranks (sequence parallel), "
               f"policy {args.policy}; per-rank resume states in {store.dir}")
     return 0
-
-
-class _Stop:
-    """SIGINT / SIGTERM in the generation loop: the first asks every rank to stop after the block in progress
-    (states saved); a second stops at once (KeyboardInterrupt: exit code 130, the last saved states stay)."""
-
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self._old: Dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self) -> "_Stop":
-        import threading
-
-        if not self._old and threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 def _read_shard(path: str, rank: int, world: int, digest: str) -> Tuple[Optional[Dict[str, Any]], str]:
