@@ -91,15 +91,11 @@ def registered_op():
     return _OP
 
 
-def _op_run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
-            mass_q_range) -> Result:
-    """The registered op (device dispatch by the dispatcher) over rotation tables built here."""
-    op = _OP if _OP is not None else registered_op()
+def _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, return_mass, mass_q_range) -> tuple:
+    """The op's positional arguments (its schema, :mod:`.ops`) for validated shift-level arguments."""
     cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
-    interleaved = True if rope is None else rope.interleaved
-    out, lse, mass = op(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_q_range[0],
-                        mass_q_range[1])
-    return out, (lse if return_lse else None), (mass if return_mass else None)
+    return (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, softmax_scale, return_mass,
+            mass_q_range[0], mass_q_range[1])
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -111,40 +107,47 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
-def _cpp_run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
-             mass_q_range) -> Result:
-    """The C++ kernel: directly for eager inference, else through the registered op (autograd, tracing)."""
-    if not _eager(q, k, v):
-        return _op_run(q, k, v, rope=rope, sink_len=sink_len, sink_shift=sink_shift, key_shift=key_shift,
-                       softmax_scale=softmax_scale, return_lse=return_lse, return_mass=return_mass,
-                       mass_q_range=mass_q_range)
-    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
-    out, lse, mass = _ext.require().sink_attention_fwd(q, k, v, cos, sin, rot_len,
-                                                       True if rope is None else rope.interleaved,
-                                            softmax_scale, return_mass, mass_q_range[0], mass_q_range[1])
-    return out, (lse if return_lse else None), (mass if return_mass else None)
+def _entry(direct: Callable[..., Tuple[torch.Tensor, ...]], graph: Callable[..., Tuple[torch.Tensor, ...]]):
+    """A backend's trusted entry: ``direct(*schema args)`` for eager inference, ``graph(*schema args)`` (the
+    registered op, or the interpreter's autograd wrapper) when autograd or tracing must see the call."""
+
+    def run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
+            mass_q_range) -> Result:
+        args = _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, return_mass,
+                            mass_q_range)
+        out, lse, mass = (direct if _eager(q, k, v) else graph)(*args)
+        return out, (lse if return_lse else None), (mass if return_mass else None)
+
+    return run
 
 
-def _triton_run(q, k, v, **kw) -> Result:
-    if q.device.type == "cuda" and not _eager(q, k, v):
-        return _op_run(q, k, v, **kw)
-    # eager inference calls the Triton implementation directly (no dispatcher cost); so do CPU tensors under
-    # TRITON_INTERPRET=1, which the dispatcher would route to the C++ kernel (with the op's autograd rule when a
-    # gradient is wanted)
-    rope, m0, m1 = kw["rope"], kw["mass_q_range"][0], kw["mass_q_range"][1]
-    cos, sin, rot_len = rotation_tables(rope, kw["sink_len"], kw["sink_shift"], kw["key_shift"], q.shape[0],
-                                        k.shape[1], q.device)
-    args = (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, kw["softmax_scale"],
-            kw["return_mass"], m0, m1)
-    if _eager(q, k, v):
-        from .triton.op import sink_attention_cuda
+def _op(*args):
+    """The registered op (device dispatch by the dispatcher)."""
+    return (_OP if _OP is not None else registered_op())(*args)
 
-        out, lse, mass = sink_attention_cuda(*args)
-    else:
-        from .ops import InterpretedTriton
 
-        out, lse, mass = InterpretedTriton.apply(*args)
-    return out, (lse if kw["return_lse"] else None), (mass if kw["return_mass"] else None)
+def _cpp_direct(*args):
+    return _ext.require().sink_attention_fwd(*args)
+
+
+def _triton_direct(*args):
+    from .triton.op import sink_attention_cuda
+
+    return sink_attention_cuda(*args)
+
+
+def _triton_graph(*args):
+    if args[0].device.type == "cuda":
+        return _op(*args)
+    # CPU tensors under TRITON_INTERPRET=1: the dispatcher would route them to the C++ kernel, so the Triton
+    # implementation runs under the op's autograd rule directly
+    from .ops import InterpretedTriton
+
+    return InterpretedTriton.apply(*args)
+
+
+_cpp_run = _entry(_cpp_direct, _op)
+_triton_run = _entry(_triton_direct, _triton_graph)
 
 
 def _reference_run(q, k, v, **kw) -> Result:
