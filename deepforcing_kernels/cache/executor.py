@@ -68,6 +68,7 @@ class CacheLayer:
                                     dtype=c.dtype, device=c.device, extra=extra, scratch=c._scratch)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
+        self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
 
     def _reset(self) -> None:
         self._state = ScheduleState()
@@ -293,40 +294,38 @@ class CacheLayer:
         if self._args_cache is not None and not plan.new_block:
             args = self._args_cache  # passes 2..5 of a block attend to the same layout
         else:
-            args = self._layout(plan)
+            args = dict(self._layout(plan), **c._run_kw)
+            self._plain_kw = None
         # a mass-mode compression attends to the augmented layout, which the block's later passes do not see
         self._args_cache = None if plan.compress_after_attend else args
-        run, common = c.backend_impl.run, c._run_kw
+        run = c.backend_impl.run
         kk, vv = self.storage.k[:, :L], self.storage.v[:, :L]
         Lq = q.shape[1]
         if not (plan.compress_after_attend or plan.carry_mass):
-            kw = args.get("_plain")
+            kw = self._plain_kw  # the whole call's arguments, built once per layout
             if kw is None or kw["mass_q_range"][1] != Lq:
-                kw = args["_plain"] = dict(return_mass=False, mass_q_range=(0, Lq), **common,
-                                           **{n: a for n, a in args.items() if not n.startswith("_")})
+                kw = self._plain_kw = dict(args, return_mass=False, mass_q_range=(0, Lq))
             return run(q, kk, vv, **kw)[0]
-        args = {n: a for n, a in args.items() if not n.startswith("_")}
         tail = (p.recent_frames - p.block_frames) * n  # queries whose mass the next compression reuses
         scorer: MassScorer = self.scorer
         if not plan.compress_after_attend:
-            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(Lq - tail, Lq), **args, **common)
+            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(Lq - tail, Lq), **args)
             scorer.carry(self.storage, L, mass)
             return out
         # mass-mode compression: score = carried mass + mass of every query of this pass, over Kaug
         if plan.carry_mass and tail:
             if Lq > tail:
                 h_out, _, h_mass = run(q[:, :Lq - tail], kk, vv, return_mass=True, mass_q_range=(0, Lq - tail),
-                                       **args, **common)
+                                       **args)
             else:  # every query of the pass is in the carried tail
                 h_out = q[:, :0]
                 h_mass = torch.zeros(q.shape[0], kk.shape[2], L, dtype=torch.float32, device=q.device)
-            t_out, _, t_mass = run(q[:, Lq - tail:], kk, vv, return_mass=True, mass_q_range=(0, tail), **args,
-                                   **common)
+            t_out, _, t_mass = run(q[:, Lq - tail:], kk, vv, return_mass=True, mass_q_range=(0, tail), **args)
             out = torch.cat([h_out, t_out], dim=1)
             score = scorer.scores(self.storage, L, h_mass, t_mass)
             scorer.carry(self.storage, L, t_mass)  # gathered with the tokens by the compaction below
         else:
-            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args, **common)
+            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args)
             score = scorer.scores(self.storage, L, mass)
         self._compress(score[:, p.sink_frames * n:T - p.recent_frames * n], T)
         return out
