@@ -77,7 +77,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "plot": ["matplotlib"],
-        "video": ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors"],
+        "video": ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors", "pillow"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["deepforcing=deepforcing_kernels.cli:main"]},
