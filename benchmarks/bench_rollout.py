@@ -12,7 +12,8 @@ one run (the targets), use ``deepforcing bench``.
 import pytest
 import torch
 
-from deepforcing_kernels.bench.rollout import POLICY_NAMES, cache_bytes, make_policy
+from deepforcing_kernels.bench.rollout import POLICY_NAMES, cache_bytes
+from deepforcing_kernels.presets import make_policy
 
 LAYERS, HEADS, D, TOKENS, PASSES, F = 30, 12, 128, 16, 5, 3
 

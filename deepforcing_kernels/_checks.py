@@ -9,32 +9,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ._scalars import ArgumentTypeError, check_bool, check_int  # noqa: F401  (the scalar checks, re-exported)
+from .presets import DTYPE_NAMES
+
+FLOAT_DTYPES = tuple(getattr(torch, n) for n in DTYPE_NAMES)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # shifts and positions travel as int64 through every backend
 
 
-def check_int(name: str, value: Any, *, minimum: Optional[int] = None, maximum: Optional[int] = None) -> int:
-    """``value`` must be a Python int (not bool) within ``[minimum, maximum]``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        # accept 0-d integer tensors and numpy ints, which users pass around a lot
-        if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.dtype.is_floating_point \
-                and value.dtype != torch.bool:
-            value = int(value.item())
-        elif type(value).__module__ == "numpy" and hasattr(value, "dtype") and value.dtype.kind in "iu":
-            value = int(value)
-        else:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return value
-
-
-def check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
 
 
 def check_tensor(name: str, t: Any, *, ndim: Optional[int] = None,

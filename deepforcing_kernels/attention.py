@@ -15,14 +15,13 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from ._checks import FLOAT_DTYPES, INT64_MAX, INT64_MIN, check_bool, check_int, check_rope, check_tensor
-from .backends import BACKEND_NAMES, available_backends, resolve, triton_interpreting
+from .backends import available_backends, resolve
 from .rope import RopeSpec
 from .rotation import normalise_key_shift
 
-BACKENDS = BACKEND_NAMES
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
-__all__ = ["sink_attention", "SinkAttentionOutput", "available_backends", "BACKENDS", "triton_interpreting"]
+__all__ = ["sink_attention", "SinkAttentionOutput", "available_backends"]
 
 
 class SinkAttentionOutput(NamedTuple):

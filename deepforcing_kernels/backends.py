@@ -14,27 +14,22 @@ kernel): its host helpers (:meth:`Backend.all_finite`, :meth:`Backend.frame_sums
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _ext
+from .presets import BACKEND_NAMES, BACKEND_PRIORITY
 from .rotation import rotation_tables
+from .triton import interpreting as triton_interpreting, triton_supports
 
 __all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "get_backend", "resolve", "available_backends",
            "triton_interpreting", "torch_all_finite", "torch_frame_sums"]
 
-BACKEND_NAMES = ("auto", "triton", "cpp", "reference")
-PRIORITY = ("triton", "cpp", "reference")
+PRIORITY = BACKEND_PRIORITY
 Result = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
-
-
-def triton_interpreting() -> bool:
-    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---------------------------------------------------------------------------------------------- host helpers
@@ -177,12 +172,6 @@ def _cpp_available() -> Optional[str]:
     return None
 
 
-def _triton_supports(head_dim: int, dtype: torch.dtype) -> Optional[str]:
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        return f"the triton kernels need head_dim a power of two in [16, 256], got {head_dim}"
-    return None
-
-
 def _any(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     return None
 
@@ -228,7 +217,7 @@ class Backend:
 
 
 _REGISTRY: Dict[str, Backend] = {
-    "triton": Backend("triton", ("cuda",), _triton_available, _triton_supports, _triton_run),
+    "triton": Backend("triton", ("cuda",), _triton_available, triton_supports, _triton_run),
     "cpp": Backend("cpp", ("cpu",), _cpp_available, _any, _cpp_run, _cpp_all_finite, _cpp_frame_sums),
     "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
 }
@@ -298,8 +287,3 @@ def available_backends(device: Union[str, torch.device] = "cpu") -> Tuple[str, .
     """Backends that can run on tensors of ``device`` in this process (``"auto"`` excluded), best first."""
     dev = torch.device(device)
     return tuple(n for n in PRIORITY if _REGISTRY[n].reason_against(dev) is None)
-
-
-def names(include_auto: bool = True) -> Sequence[str]:
-    """Backend names a user can pass."""
-    return BACKEND_NAMES if include_auto else PRIORITY

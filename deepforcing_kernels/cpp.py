@@ -7,14 +7,9 @@ from __future__ import annotations
 
 from . import _ext
 
-__all__ = ["set_block_rows", "get_block_rows"]
+__all__ = ["set_block_rows"]
 
 
 def set_block_rows(rows: int = 0) -> None:
     """Force the kernel's query rows per task (0 restores the automatic choice)."""
     _ext.require().sink_attention_set_block_rows(int(rows))
-
-
-def get_block_rows() -> int:
-    """The forced query rows per task (0: automatic)."""
-    return int(_ext.require().sink_attention_get_block_rows())

@@ -21,12 +21,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from .formats import ROLLOUT_STATE_FORMAT
 from .models.base import build_cache, check_model
 from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
 
-__all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS", "STATE_FORMAT"]
+__all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS"]
 
-STATE_FORMAT = "deepforcing-rollout-v1"
 
 
 def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
@@ -212,8 +212,8 @@ class Rollout:
                 "switch_frames": list(self.switch_frames), "recache": self.recache}
 
     def _load_state(self, state: Dict[str, Any]) -> None:
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"resume_from must be a state from Rollout.state_dict() (format {STATE_FORMAT!r})")
+        if not isinstance(state, dict) or state.get("format") != ROLLOUT_STATE_FORMAT:
+            raise ValueError(f"resume_from must be a state from Rollout.state_dict() (format {ROLLOUT_STATE_FORMAT!r})")
         settings = state.get("settings")
         if not isinstance(settings, dict):
             raise ValueError("resume_from has no settings: not a Rollout.state_dict()")
@@ -256,7 +256,7 @@ class Rollout:
         frames = sorted(self._clean)
         clean = {"frames": frames,
                  "latents": torch.stack([self._clean[f] for f in frames], dim=1) if frames else None}
-        return {"format": STATE_FORMAT, "frames_done": self.frames_done, "num_frames": self.num_frames,
+        return {"format": ROLLOUT_STATE_FORMAT, "frames_done": self.frames_done, "num_frames": self.num_frames,
                 "settings": self._settings(), "generator": self.generator.get_state(),
                 "cache": self.cache.state_dict(), "elapsed_s": self.elapsed_s, "clean": clean}
 

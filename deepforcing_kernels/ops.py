@@ -23,7 +23,6 @@ extension.
 """
 from __future__ import annotations
 
-import math
 from typing import Tuple
 
 import torch
@@ -164,8 +163,3 @@ class InterpretedTriton(torch.autograd.Function):
 
 
 sink_attention_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def default_scale(head_dim: int) -> float:
-    """``1 / sqrt(head_dim)``."""
-    return 1.0 / math.sqrt(head_dim)

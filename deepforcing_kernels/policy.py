@@ -18,26 +18,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional
 
+from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
+
 KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")
 SCORES = ("mass", "logits")
 
 
 #: Latent frames per block in the Self-Forcing family (SPEC section 1): the default of every policy.
 BLOCK_FRAMES = 3
-
-
-class ArgumentTypeError(TypeError, ValueError):
-    """An argument of the wrong kind. It is both a TypeError (the package's convention for the wrong kind of
-    thing) and a ValueError (what the cache promises for every bad configuration or call), so either
-    ``except`` clause catches it."""
-
-
-def _int(name: str, value: Any, minimum: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ArgumentTypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -117,19 +105,19 @@ class CachePolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        F = _int("block_frames", self.block_frames, minimum=1)
+        F = self._int("block_frames", 1)
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool):
             raise ArgumentTypeError("rephase_sink and unify_topc_rope must be bools")
         if self.kind == "full":
             self._only(window_frames=None, sink_frames=0)
         else:
-            W = _int("window_frames", self.window_frames, minimum=1)
+            W = self._int("window_frames", 1)
             if W < F:
                 raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
         if self.kind == "sliding":
             self._only(sink_frames=0)
         if self.kind in ("frame_sink", "deep_sink", "deep_forcing"):
-            S = _int("sink_frames", self.sink_frames, minimum=1)
+            S = self._int("sink_frames", 1)
             if S >= self.window_frames:
                 raise ValueError(f"sink_frames ({S}) must be < window_frames ({self.window_frames})")
             if S + F > self.window_frames:
@@ -141,14 +129,14 @@ class CachePolicy:
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
             if self.sink_gap is not None:
-                _int("sink_gap", self.sink_gap, minimum=0)
+                self._int("sink_gap", 0)
         if self.kind != "deep_forcing":
             self._only(budget_frames=None, recent_frames=None, score=None, topc_max_reuse=None,
                        unify_topc_rope=False)
             return
         S, W = self.sink_frames, self.window_frames
-        N = _int("budget_frames", self.budget_frames, minimum=1)
-        R = _int("recent_frames", self.recent_frames, minimum=1)
+        N = self._int("budget_frames", 1)
+        R = self._int("recent_frames", 1)
         if R < F:
             raise ValueError(f"recent_frames ({R}) must be >= block_frames ({F}): the block being generated "
                              "must survive its own compression")
@@ -165,7 +153,13 @@ class CachePolicy:
                              f"frames of queries, so recent_frames ({R}) must be <= 2 * block_frames ({2 * F}); "
                              "use score='logits' for a longer query buffer")
         if self.topc_max_reuse is not None:
-            _int("topc_max_reuse", self.topc_max_reuse, minimum=1)
+            self._int("topc_max_reuse", 1)
+
+    def _int(self, name: str, minimum: int) -> int:
+        """Validate the int field ``name`` (numpy / 0-d tensor ints are stored as Python ints)."""
+        value = check_int(name, getattr(self, name), minimum=minimum)
+        object.__setattr__(self, name, value)
+        return value
 
     def _only(self, **defaults: Any) -> None:
         """Reject fields that mean nothing for this kind (a typo'd policy should fail, not be ignored)."""

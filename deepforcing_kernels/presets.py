@@ -1,18 +1,24 @@
-"""The one table of named policies and models, used by the command line, the benchmarks and the demo.
+"""The one home of the package's name tables: cache policies, models, attention backends and dtypes.
+
+Everything that lists or parses one of these names (the command line, the benchmarks, the demo, the pipeline, the
+cache, the backend registry, the Triton tools) reads it here; no other module spells a table out.
 
 Names are spelled with underscores (``deep_forcing``); the hyphenated spelling (``deep-forcing``) is accepted
 everywhere as an alias. ``deep_forcing`` scores Top-C by attention mass (this package's default) and
 ``deep_forcing_logits`` is the release's logit score.
 
-Importing this module imports torch but no model code; :func:`model_config` imports the model on demand.
+Importing this module imports nothing (no torch, no package module), so ``deepforcing --help`` can list every
+table. :func:`make_policy` and :func:`torch_dtype` import what they build on demand.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["POLICY_NAMES", "MODEL_NAMES", "canonical_policy_name", "make_policy", "canonical_model_name",
-           "model_config", "policy_help"]
+__all__ = ["POLICY_NAMES", "BENCH_BASELINE_NAMES", "MODEL_NAMES", "BACKEND_NAMES", "BACKEND_PRIORITY", "DTYPE_NAMES", "canonical_policy_name",
+           "make_policy", "policy_help", "canonical_model_name", "model_constructor", "model_help",
+           "canonical_dtype_name", "torch_dtype", "dtype_name"]
 
+# ---------------------------------------------------------------------------------------------- policies
 #: policy name -> (CachePolicy constructor name, fixed keywords, one-line description)
 _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     "full": ("full", {}, "keep every frame (grows without bound)"),
@@ -24,15 +30,9 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                             "sink 10 + Top-C by the release's logit score + recent 4"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
-
-_MODELS: Dict[str, Tuple[str, str]] = {
-    "tiny": ("tiny", "a CPU-test-sized random Wan DiT (2 layers, dim 96)"),
-    "wan_1_3b": ("wan_1_3b", "Wan2.1-T2V-1.3B (Self-Forcing, Deep Forcing, LongLive, Causal / Rolling Forcing)"),
-    "wan_14b": ("wan_14b", "Wan2.1-T2V-14B sizes (Krea Realtime 14B)"),
-}
-MODEL_NAMES: Tuple[str, ...] = tuple(_MODELS)
-_MODEL_ALIASES = {"wan-1.3b": "wan_1_3b", "wan_1.3b": "wan_1_3b", "wan2.1-1.3b": "wan_1_3b", "wan-1-3b": "wan_1_3b",
-                  "wan-14b": "wan_14b", "wan2.1-14b": "wan_14b"}
+#: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the
+#: ``deep_forcing_logits`` schedule (:class:`deepforcing_kernels.bench.rollout.ReleaseCache`), cache rollout only
+BENCH_BASELINE_NAMES: Tuple[str, ...] = ("release",)
 
 
 def _key(name: Any, what: str) -> str:
@@ -50,10 +50,12 @@ def canonical_policy_name(name: str) -> str:
 
 
 def make_policy(name: str, *, score: Optional[str] = None, **overrides: Any):
-    """The :class:`~deepforcing_kernels.CachePolicy` called ``name`` (defaults of SPEC sections 2-4).
+    """The :class:`~deepforcing_kernels.CachePolicy` called ``name`` (defaults of docs/spec.md sections 2-4).
 
-    ``score`` ("mass" / "logits") may be given for ``deep_forcing`` (``deep_forcing_logits`` fixes it to
-    "logits"); ``overrides`` go to the constructor (``window_frames=...``, ``block_frames=...``).
+    ``score`` ("mass" / "logits") may be given for ``deep_forcing``; ``deep_forcing_logits`` takes only
+    "logits" (its own score); any other policy takes none. ``overrides`` go to the constructor
+    (``window_frames=...``, ``block_frames=...``; ``full`` has no window and ignores ``window_frames``).
+    ValueError starting with ``score`` for a score the policy cannot take (the CLI prefixes ``--``).
     """
     from .policy import CachePolicy
 
@@ -61,13 +63,14 @@ def make_policy(name: str, *, score: Optional[str] = None, **overrides: Any):
     ctor, fixed, _ = _POLICIES[key]
     kw = dict(fixed)
     if score is not None:
-        if ctor != "deep_forcing":
-            raise ValueError(f"score applies to deep_forcing only, not to {key!r}")
-        if "score" in fixed and key == "deep_forcing_logits" and score != "logits":
-            raise ValueError(f"{key!r} scores by logits; use deep_forcing for score={score!r}")
+        if "score" not in fixed:
+            raise ValueError(f"score applies to the deep_forcing policy only, not {key!r}")
+        if score != fixed["score"] and key != "deep_forcing":
+            raise ValueError(f"score {score!r} does not apply to {key!r}, which scores by {fixed['score']}; use "
+                             "deep_forcing")
         kw["score"] = score
     if ctor == "full":
-        overrides.pop("window_frames", None)  # full has no window
+        overrides.pop("window_frames", None)
     kw.update(overrides)
     return getattr(CachePolicy, ctor)(**kw)
 
@@ -75,6 +78,18 @@ def make_policy(name: str, *, score: Optional[str] = None, **overrides: Any):
 def policy_help() -> str:
     """``name: description`` lines for --help texts."""
     return "; ".join(f"{n}: {d}" for n, (_, _, d) in _POLICIES.items())
+
+
+# ---------------------------------------------------------------------------------------------- models
+#: model name -> (WanConfig constructor name, one-line description)
+_MODELS: Dict[str, Tuple[str, str]] = {
+    "tiny": ("tiny", "a CPU-test-sized random Wan DiT (2 layers, dim 96)"),
+    "wan_1_3b": ("wan_1_3b", "Wan2.1-T2V-1.3B (Self-Forcing, Deep Forcing, LongLive, Causal / Rolling Forcing)"),
+    "wan_14b": ("wan_14b", "Wan2.1-T2V-14B sizes (Krea Realtime 14B)"),
+}
+MODEL_NAMES: Tuple[str, ...] = tuple(_MODELS)
+_MODEL_ALIASES = {"wan-1.3b": "wan_1_3b", "wan_1.3b": "wan_1_3b", "wan2.1-1.3b": "wan_1_3b", "wan-1-3b": "wan_1_3b",
+                  "wan-14b": "wan_14b", "wan2.1-14b": "wan_14b"}
 
 
 def canonical_model_name(name: str) -> str:
@@ -86,9 +101,49 @@ def canonical_model_name(name: str) -> str:
     return key
 
 
-def model_config(name: str, **overrides: Any):
-    """The :class:`~deepforcing_kernels.models.WanConfig` called ``name`` (``tiny``, ``wan_1_3b``, ``wan_14b``)."""
-    from .models.wan import WanConfig
+def model_constructor(name: str) -> str:
+    """The :class:`~deepforcing_kernels.models.WanConfig` classmethod that builds the model called ``name``
+    (:meth:`WanConfig.from_name <deepforcing_kernels.models.WanConfig.from_name>` calls it)."""
+    return _MODELS[canonical_model_name(name)][0]
 
-    ctor: Callable[..., Any] = getattr(WanConfig, _MODELS[canonical_model_name(name)][0])
-    return ctor(**overrides)
+
+def model_help() -> str:
+    """``name: description`` lines for --help texts."""
+    return "; ".join(f"{n}: {d}" for n, (_, d) in _MODELS.items())
+
+
+# ---------------------------------------------------------------------------------------------- backends
+#: the fused op's backends, ``"auto"`` first; :data:`BACKEND_PRIORITY` is the order ``"auto"`` tries them in
+BACKEND_NAMES: Tuple[str, ...] = ("auto", "triton", "cpp", "reference")
+BACKEND_PRIORITY: Tuple[str, ...] = ("triton", "cpp", "reference")
+
+# ---------------------------------------------------------------------------------------------- dtypes
+#: the floating dtypes the op, the cache and the models take, by torch's attribute name
+DTYPE_NAMES: Tuple[str, ...] = ("float32", "bfloat16", "float16")
+#: short spellings (the Triton tools' and kernel tables' ``fp32`` / ``bf16`` / ``fp16``)
+_DTYPE_SHORT = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_DTYPE_ALIASES = {"float": "float32", "half": "float16", **_DTYPE_SHORT}
+
+
+def canonical_dtype_name(name: str) -> str:
+    """``"bf16"`` / ``"bfloat16"`` / ``"torch.bfloat16"`` -> ``"bfloat16"``; ValueError for another dtype."""
+    key = _key(name, "dtype").replace("torch.", "")
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
+    return key
+
+
+def torch_dtype(name: str):
+    """The ``torch.dtype`` called ``name`` (any spelling :func:`canonical_dtype_name` takes)."""
+    import torch
+
+    return getattr(torch, canonical_dtype_name(name))
+
+
+def dtype_name(dtype: Any, *, short: bool = False) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (``"bf16"`` with ``short``); ValueError for a dtype not in the table."""
+    name = canonical_dtype_name(str(dtype))
+    if short:
+        return next(s for s, full in _DTYPE_SHORT.items() if full == name)
+    return name

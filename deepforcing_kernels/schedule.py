@@ -47,7 +47,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from .policy import CachePolicy, _int
+from ._scalars import check_int
+from .policy import CachePolicy
 
 SINK, TOPC, RECENT = "sink", "topc", "recent"
 UNKNOWN_FRAME = -1  # a Top-C slot in simulate(): which token the data picks is not known without tensors
@@ -89,14 +90,14 @@ class ScheduleState:
         keys = {"frames", "block_start", "stream_start", "sink_start", "compressed"}
         if not isinstance(d, dict) or set(d) not in (keys, keys | {"first_block_frames"}):
             raise ValueError(f"a schedule state dict is expected, got {d!r}")
-        _int("frames", d["frames"], minimum=0)
+        check_int("frames", d["frames"], minimum=0)
         for name in ("block_start", "stream_start", "sink_start"):
             if d[name] is not None:
-                _int(name, d[name])
+                check_int(name, d[name])
         if not isinstance(d["compressed"], bool):
             raise ValueError("compressed must be a bool")
         if d.get("first_block_frames") is not None:
-            _int("first_block_frames", d["first_block_frames"], minimum=1)
+            check_int("first_block_frames", d["first_block_frames"], minimum=1)
         return cls(**d)
 
 
@@ -160,9 +161,9 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
         ValueError: ``start_frame`` is negative, inside the current block, or before it; or ``frames`` is not
         allowed here.
     """
-    f0 = _int("start_frame", start_frame, minimum=0)
+    f0 = check_int("start_frame", start_frame, minimum=0)
     B = policy.block_frames
-    F = B if frames is None else _int("frames", frames, minimum=1)
+    F = B if frames is None else check_int("frames", frames, minimum=1)
     if state.block_start is not None:
         cur = state.current_block_frames(policy)
         if f0 == state.block_start:
@@ -322,8 +323,8 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
     Returns:
         One :class:`BlockTrace` per block. Top-C slots have frame -1 (the data decides which tokens stay).
     """
-    _int("num_frames", num_frames, minimum=0)
-    n = _int("tokens_per_frame", tokens_per_frame, minimum=1)
+    check_int("num_frames", num_frames, minimum=0)
+    n = check_int("tokens_per_frame", tokens_per_frame, minimum=1)
     F = policy.block_frames
     S_tok, R = policy.sink_frames * n, policy.recent_frames or 0
     state = ScheduleState()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deepforcing_kernels.runio as runio
-from deepforcing_kernels.runio import (BLOCK_FORMAT, STATE_NAME, RunError, RunStore, atomic_save, load_run,
+from deepforcing_kernels.runio import (RUN_BLOCK_FORMAT, STATE_NAME, RunError, RunStore, atomic_save, load_run,
                                        parts_dir)
 
 
@@ -123,16 +123,16 @@ def _damage(out, how):
         return "latents-00000003.pt"
     if how == "wrong start":
         p = os.path.join(d, "latents-00000006.pt")
-        torch.save({"format": BLOCK_FORMAT, "start_frame": 3, "latents": torch.zeros(1, 3, 4, 2, 2)}, p)
+        torch.save({"format": RUN_BLOCK_FORMAT, "start_frame": 3, "latents": torch.zeros(1, 3, 4, 2, 2)}, p)
         return p
     if how == "nan block":
         p = os.path.join(d, "latents-00000006.pt")
-        torch.save({"format": BLOCK_FORMAT, "start_frame": 6, "latents": torch.full((1, 3, 4, 2, 2), float("nan"))},
+        torch.save({"format": RUN_BLOCK_FORMAT, "start_frame": 6, "latents": torch.full((1, 3, 4, 2, 2), float("nan"))},
                    p)
         return p
     if how == "other width":
         p = os.path.join(d, "latents-00000006.pt")
-        torch.save({"format": BLOCK_FORMAT, "start_frame": 6, "latents": torch.zeros(1, 3, 4, 2, 3)}, p)
+        torch.save({"format": RUN_BLOCK_FORMAT, "start_frame": 6, "latents": torch.zeros(1, 3, 4, 2, 3)}, p)
         return p
     if how == "truncated block":
         p = os.path.join(d, "latents-00000000.pt")
@@ -146,7 +146,7 @@ def _damage(out, how):
         return out
     if how == "state beyond latents":
         p = os.path.join(d, STATE_NAME)
-        torch.save({"format": runio.STATE_FORMAT, "frames_done": 15, "rollout": {"frames_done": 15}}, p)
+        torch.save({"format": runio.RUN_STATE_FORMAT, "frames_done": 15, "rollout": {"frames_done": 15}}, p)
         return p
     if how == "manifest batch 0":
         m = torch.load(out, weights_only=True)

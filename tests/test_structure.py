@@ -1,4 +1,5 @@
-"""The package's structure holds: no import cycle, the oracle stays an oracle, the CLI's help needs no torch."""
+"""The package's structure holds: no import cycle and no upward import (reading every import in a file, function level
+too), the oracle stays an oracle, no production file is a god file, the CLI's help needs no torch."""
 import ast
 import subprocess
 import sys
@@ -54,6 +55,119 @@ def _imports(path: Path, top_level_only: bool):
 
 
 MODULES = {_module_name(p): p for p in PKG.rglob("*.py")}
+
+# The layers of the package, lowest first. A module may import its own layer (without a cycle) and the ones below,
+# never one above: the kernels know nothing of the cache, the cache nothing of models, the driver nothing of the
+# front end, and nothing below the command line imports it. Each module belongs to the layer of its longest
+# listed prefix; a module no prefix names fails the test (a new module takes a place here).
+LAYERS = (
+    ("core", ("presets", "formats", "plotting", "_scalars", "_checks", "_ext", "rope", "rotation", "reference",
+              "triton", "ops", "cpp", "backends", "attention", "testing", "policy", "schedule")),
+    ("cache", ("cache",)),
+    ("model", ("models", "checkpoints", "sampler")),
+    ("rollout", ("runio", "driver")),
+    ("front end", ("video", "pipeline")),
+    ("distributed", ("distributed",)),
+    ("bench", ("bench",)),
+    ("command line", ("commands", "cli", "__main__")),
+)
+
+
+def _layer(module: str):
+    rel = module[len("deepforcing_kernels."):] if module != "deepforcing_kernels" else ""
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for pre in prefixes:
+            if rel == pre or rel.startswith(pre + "."):
+                if best is None or len(pre) > best[1]:
+                    best = (rank, len(pre))
+    return None if best is None else best[0]
+
+
+def import_graph(modules=None):
+    """``{module: {imported package modules}}`` over every import statement of each file (function-level imports
+    too: a cycle through a function-level import is still a cycle, only deferred). A module importing one of its
+    ancestor packages is not an edge: the ancestor is already initialised by the time the child runs."""
+    modules = MODULES if modules is None else modules
+    graph = {}
+    for name, path in modules.items():
+        graph[name] = {d for d in _imports(path, top_level_only=False)
+                       if d in modules and d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def find_cycle(graph):
+    """One import cycle of ``graph`` as a list ``[a, b, ..., a]``, or None."""
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(graph[n]):
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def upward_imports(graph):
+    """``[(importer, imported)]`` where a module imports a module of a higher layer."""
+    return sorted((a, b) for a, ds in graph.items() for b in ds
+                  if _layer(a) is not None and _layer(b) is not None and _layer(b) > _layer(a))
+
+
+def test_no_import_cycle_through_any_import():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle (function-level imports count): " + " -> ".join(cycle)
+
+
+def test_no_upward_import():
+    unplaced = sorted(n for n in MODULES if n != "deepforcing_kernels" and _layer(n) is None)
+    assert not unplaced, f"modules in no layer of LAYERS (give each a place): {unplaced}"
+    bad = upward_imports(import_graph())
+    assert not bad, "imports from a higher layer: " + "; ".join(
+        f"{a} ({LAYERS[_layer(a)][0]}) -> {b} ({LAYERS[_layer(b)][0]})" for a, b in bad)
+
+
+def test_the_checks_catch_a_planted_cycle_and_an_upward_import(tmp_path):
+    """The detectors above are not vacuous: a scratch package with a function-level cycle and an upward import
+    (written as the package's own files would be) is caught."""
+    pkg = tmp_path / "deepforcing_kernels"
+    (pkg / "cache").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "rope.py").write_text("def f():\n    from .cache import g\n    return g\n")        # core -> cache
+    (pkg / "cache" / "__init__.py").write_text("from ..rope import f\n\ndef g():\n    return f\n")
+    mods = {"deepforcing_kernels.rope": pkg / "rope.py", "deepforcing_kernels.cache": pkg / "cache" / "__init__.py"}
+    global PKG
+    saved, PKG = PKG, pkg
+    try:
+        graph = import_graph(mods)
+    finally:
+        PKG = saved
+    assert find_cycle(graph) == ["deepforcing_kernels.cache", "deepforcing_kernels.rope", "deepforcing_kernels.cache"]
+    assert upward_imports(graph) == [("deepforcing_kernels.rope", "deepforcing_kernels.cache")]
+
+
+#: no production file longer than this: a file past it mixes concerns that want their own modules
+MAX_LINES = 500
+
+
+def test_no_production_file_over_the_line_limit():
+    long = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines (split them along their seams): {long}"
 
 
 def test_no_import_cycle_at_import_time():

@@ -214,11 +214,11 @@ def test_weights_folders(tmp_path):
 
 
 def test_import_is_light():
-    """import deepforcing_kernels (and .video, .checkpoints) loads none of the optional libraries; a missing one
+    """import deepforcing_kernels (and .video, .models.checkpoints) loads none of the optional libraries; a missing one
     gives one ImportError naming the extra."""
     import subprocess
     import sys
-    code = ("import sys, deepforcing_kernels, deepforcing_kernels.video, deepforcing_kernels.checkpoints\n"
+    code = ("import sys, deepforcing_kernels, deepforcing_kernels.video, deepforcing_kernels.models.checkpoints\n"
             "bad = [m for m in ('diffusers', 'transformers', 'av', 'safetensors') if m in sys.modules]\n"
             "assert not bad, bad\n"
             "sys.modules['diffusers'] = None\n"

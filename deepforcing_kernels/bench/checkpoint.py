@@ -31,12 +31,15 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from ..formats import ROLLOUT_STATE_FORMAT
 
 PAPER_BLOCK_S = 0.77  # Deep Forcing paper: seconds per 3-frame block on an H100 (Wan2.1-1.3B, Self-Forcing)
 WAN13B = dict(num_layers=30, num_heads=12, head_dim=128, tokens_per_frame=1560, latent=(16, 60, 104))
@@ -104,7 +107,7 @@ def _probe(n: int = 400) -> float:
 
 def _rollout_state(cache: Any, generator: torch.Generator, frames_done: int) -> Dict[str, Any]:
     """What :meth:`Rollout.state_dict` holds (the cache is almost all of it)."""
-    return {"format": "deepforcing-rollout-v1", "frames_done": frames_done, "num_frames": frames_done,
+    return {"format": ROLLOUT_STATE_FORMAT, "frames_done": frames_done, "num_frames": frames_done,
             "settings": {}, "generator": generator.get_state(), "cache": cache.state_dict(), "elapsed_s": 0.0}
 
 
@@ -200,37 +203,49 @@ def measure_geometry(*, num_layers: int = 30, tokens_per_frame: int = 1560, num_
     }
 
 
+# The command runs in a process of its own, as a user runs it; the wrapper counts the bytes of every atomic write
+# (the block files and each save of the resume state, which later saves replace on disk) and prints them as JSON.
+_COUNTING_RUN = """
+import json, sys
+import deepforcing_kernels.runio.files as files
+written, real = [], files.atomic_save
+def counting(obj, path, **kw):
+    n = real(obj, path, **kw)
+    written.append(n)
+    return n
+files.atomic_save = counting
+from deepforcing_kernels.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, "written": written}))
+"""
+
+
+def _count_generate_writes(argv: List[str]) -> List[int]:
+    """The byte counts of every atomic write made by ``deepforcing <argv>`` (RuntimeError if it fails)."""
+    r = subprocess.run([sys.executable, "-c", _COUNTING_RUN, *argv], capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    res = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"rc": r.returncode}
+    if r.returncode != 0 or res.get("rc") != 0:
+        raise RuntimeError(f"deepforcing {argv[0]} exited {res.get('rc', r.returncode)}: {r.stderr.strip()[-400:]}")
+    return list(res["written"])
+
+
 def measure_tiny_run(frames: int = 300, *, directory: Optional[str] = None,
                      log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Section 2: bytes written per block by ``deepforcing generate --model tiny --frames N``, after (the run
     store, counted at every atomic write) and before (the single file rewritten whole after every block)."""
-    from .. import runio
-    from ..cli import main
-    from ..commands.generate import build_model, make_policy, random_text_embeds
     from ..driver import generate
+    from ..models import build_model, random_text_embeds
+    from ..presets import make_policy
 
     tmp = tempfile.mkdtemp(prefix="df-tiny-", dir=directory)
-    written: List[int] = []
-    real_save = runio.atomic_save
-
-    def counting(obj: Any, path: str, **kw: Any) -> int:
-        n = real_save(obj, path, **kw)
-        written.append(n)
-        return n
-
     threads = torch.get_num_threads()
     try:
         out = os.path.join(tmp, "run.pt")
-        runio.atomic_save = counting
         t0 = time.perf_counter()
-        try:
-            rc = main(["generate", "--model", "tiny", "--frames", str(frames), "--no-progress", "--device", "cpu",
-                       "--out", out])
-        finally:
-            runio.atomic_save = real_save
+        written = _count_generate_writes(["generate", "--model", "tiny", "--frames", str(frames), "--no-progress",
+                                          "--device", "cpu", "--out", out])
         after_s = time.perf_counter() - t0
-        if rc != 0:
-            raise RuntimeError(f"deepforcing generate exited {rc}")
         blocks = frames // 3
         after = sum(written)
         log(f"  after: {len(written)} writes, {after / 1e6:.2f} MB for {blocks} blocks ({after_s:.1f} s)")

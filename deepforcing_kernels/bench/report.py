@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping
 
 from .rollout import POLICY_NAMES, paired_ratio, ratios_to
 
@@ -26,12 +26,6 @@ REQUIRED_ROLLOUT_KEYS = ("per_block_s_median", "per_block_s_p90", "attended_fram
 
 def _mb(x: float) -> str:
     return f"{x / 2 ** 20:8.1f}"
-
-
-def _fmt_s(x: float) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "     -"
-    return f"{x * 1e3:9.2f}" if x < 10 else f"{x:9.1f}s"
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -327,7 +321,7 @@ def plot(result: Mapping[str, Any], path: str, *, window_frames: int = 21) -> No
         time_pair(2, mo, "tiny full model")
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    from ..commands._common import plot_format
+    from ..plotting import plot_format
 
     fig.savefig(path, dpi=110, format=plot_format(path))  # exactly `path`, even without an extension
     plt.close(fig)

@@ -24,33 +24,11 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+# the benchmark rows are the preset policies; ``release`` is a baseline that is not a policy (:class:`ReleaseCache`),
+# accepted by :func:`run_cache_rollout` only
+from ..presets import BENCH_BASELINE_NAMES as BASELINE_NAMES  # noqa: F401
+from ..presets import POLICY_NAMES, make_policy
 from .timing import percentile, summarize
-
-#: Policy names of the benchmark rows (SPEC section 4) and how to build each.
-POLICY_NAMES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
-
-#: Benchmark baselines that are not cache policies: ``release`` is :class:`ReleaseCache` (the authors' data movement
-#: on the ``deep_forcing(score="logits")`` schedule). Accepted by :func:`run_cache_rollout` only.
-BASELINE_NAMES = ("release",)
-
-
-def make_policy(name: str, window_frames: int = 21):
-    """The :class:`~deepforcing_kernels.CachePolicy` of a benchmark row (defaults of SPEC sections 2-4)."""
-    from ..cache import CachePolicy
-
-    if name == "full":
-        return CachePolicy.full()
-    if name == "sliding":
-        return CachePolicy.sliding(window_frames=window_frames)
-    if name == "frame_sink":
-        return CachePolicy.frame_sink(window_frames=window_frames)
-    if name == "deep_sink":
-        return CachePolicy.deep_sink(window_frames=window_frames)
-    if name == "deep_forcing":
-        return CachePolicy.deep_forcing(window_frames=window_frames, score="mass")
-    if name == "deep_forcing_logits":
-        return CachePolicy.deep_forcing(window_frames=window_frames, score="logits")
-    raise ValueError(f"unknown policy {name!r}; expected one of {POLICY_NAMES}")
 
 
 # ---------------------------------------------------------------------------------------------- measuring a cache
@@ -269,7 +247,7 @@ def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any
         return ReleaseCache(num_layers=cfg.num_layers, batch_size=1, num_heads=cfg.num_heads,
                             head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame, rope=rope,
                             dtype=cfg.dtype, window_frames=cfg.window_frames)
-    return StreamingKVCache(make_policy(name, cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
+    return StreamingKVCache(make_policy(name, window_frames=cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
                             num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame,
                             rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
 
@@ -448,7 +426,7 @@ def run_model_rollout(cfg: ModelRolloutConfig = ModelRolloutConfig(), *,
     if cfg.cache_dtype is not None:
         kw["cache_dtype"] = cfg.cache_dtype
     names = [p for p in cfg.policies if p not in BASELINE_NAMES]  # the release baseline is a cache-path peer only
-    rollouts = {name: generate(model, text, cfg.num_frames, make_policy(name, cfg.window_frames), **kw)
+    rollouts = {name: generate(model, text, cfg.num_frames, make_policy(name, window_frames=cfg.window_frames), **kw)
                 for name in names}
     series = {name: _Series() for name in names}
     frames_end: List[int] = []

@@ -65,9 +65,11 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
 
-from .._checks import FLOAT_DTYPES, check_rope
-from ..backends import BACKEND_NAMES, resolve
-from ..policy import ArgumentTypeError, CachePolicy, _int
+from .._checks import FLOAT_DTYPES, ArgumentTypeError, check_int, check_rope
+from ..backends import resolve
+from ..formats import CACHE_STATE_FORMAT
+from ..policy import CachePolicy
+from ..presets import BACKEND_NAMES, dtype_name
 from ..rope import RopeSpec
 from ..schedule import ScheduleState
 from .executor import CacheLayer, attention_layout
@@ -76,10 +78,8 @@ from .scoring import compress_step, release_logit_score
 from .storage import select_topc
 
 __all__ = ["CachePolicy", "StreamingKVCache", "CacheLayer", "select_topc", "compress_step", "release_logit_score",
-           "attention_layout", "STATE_FORMAT"]
+           "attention_layout"]
 
-STATE_FORMAT = "deepforcing_kernels.StreamingKVCache/1"
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _LAYER_KEYS = {"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"}
 
 
@@ -120,12 +120,12 @@ class StreamingKVCache:
         if not isinstance(policy, CachePolicy):
             raise ArgumentTypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
         self.policy = policy
-        self.num_layers = _int("num_layers", num_layers, minimum=1)
-        self.batch_size = _int("batch_size", batch_size, minimum=1)
-        self.num_heads = _int("num_heads", num_heads, minimum=1)
-        self.head_dim = _int("head_dim", head_dim, minimum=1)
-        self.tokens_per_frame = _int("tokens_per_frame", tokens_per_frame, minimum=1)
-        self.num_kv_heads = num_heads if num_kv_heads is None else _int("num_kv_heads", num_kv_heads, minimum=1)
+        self.num_layers = check_int("num_layers", num_layers, minimum=1)
+        self.batch_size = check_int("batch_size", batch_size, minimum=1)
+        self.num_heads = check_int("num_heads", num_heads, minimum=1)
+        self.head_dim = check_int("head_dim", head_dim, minimum=1)
+        self.tokens_per_frame = check_int("tokens_per_frame", tokens_per_frame, minimum=1)
+        self.num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads, minimum=1)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if dtype not in FLOAT_DTYPES:
@@ -160,7 +160,7 @@ class StreamingKVCache:
         self.check_finite = check_finite
         n, F = self.tokens_per_frame, policy.block_frames
         if policy.kind == "full":
-            reserve = 8 * F if reserve_frames is None else _int("reserve_frames", reserve_frames, minimum=1)
+            reserve = 8 * F if reserve_frames is None else check_int("reserve_frames", reserve_frames, minimum=1)
             self.capacity_frames = max(reserve, F)
         else:
             if reserve_frames is not None:
@@ -202,19 +202,19 @@ class StreamingKVCache:
                     "band_dims": list(self.rope.band_dims)}
         return {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_heads": self.num_heads,
                 "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "tokens_per_frame": self.tokens_per_frame, "dtype": _DTYPE_NAMES[self.dtype], "rope": rope}
+                "tokens_per_frame": self.tokens_per_frame, "dtype": dtype_name(self.dtype), "rope": rope}
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume the stream bit for bit: cloned tensors (on the cache's device) and plain
         Python values only, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
-        return {"format": STATE_FORMAT, "policy": self.policy.to_dict(), "geometry": self.geometry(),
+        return {"format": CACHE_STATE_FORMAT, "policy": self.policy.to_dict(), "geometry": self.geometry(),
                 "layers": [layer._state_dict() for layer in self.layers]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Raises ValueError, leaving the cache unchanged, when the state comes
         from another policy or geometry or is malformed."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a StreamingKVCache state dict (expected format {STATE_FORMAT!r})")
+        if not isinstance(state, dict) or state.get("format") != CACHE_STATE_FORMAT:
+            raise ValueError(f"not a StreamingKVCache state dict (expected format {CACHE_STATE_FORMAT!r})")
         if state.get("policy") != self.policy.to_dict():
             raise ValueError(f"the state dict was saved with policy {state.get('policy')!r}, this cache runs "
                              f"{self.policy.to_dict()!r}")

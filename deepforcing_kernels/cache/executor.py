@@ -11,7 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..policy import ArgumentTypeError, CachePolicy
+from .._checks import ArgumentTypeError
+from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step

@@ -8,9 +8,9 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
+from ..plotting import PLOT_FORMATS, plot_format  # noqa: F401  (re-exported for the subcommands)
+
 PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
-#: matplotlib's savefig formats we let the extension choose; anything else is written as PNG at the exact path
-PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp", "eps", "ps", "tif", "tiff")
 
 
 class CommandError(SystemExit):
@@ -32,12 +32,6 @@ def require_matplotlib(flag: str, skip_hint: Optional[str] = None) -> None:
     except ImportError:
         hint = f" (or pass {skip_hint})" if skip_hint else ""
         fail(f"{flag} needs matplotlib, which is not installed: {PLOT_INSTALL}{hint}")
-
-
-def plot_format(path: str) -> str:
-    """The format a picture at ``path`` is written in: its extension when matplotlib knows it, else PNG."""
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
-    return ext if ext in PLOT_FORMATS else "png"
 
 
 def check_output_file(path: Optional[str], flag: str) -> None:

@@ -27,12 +27,8 @@ from typing import Any, Dict, List
 from ._common import check_frames, check_output_file, check_positive, fail, plot_format, require_matplotlib
 
 SECTIONS = ("ops", "compression", "rollout", "model", "profile")
-#: the rollout rows (deepforcing_kernels.bench.rollout.POLICY_NAMES, spelled out so --help needs no torch)
-BENCH_POLICIES = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits")
-#: benchmark baselines that are not policies (bench.rollout.BASELINE_NAMES): the release's data movement, measured;
-#: rollout section only (the model rollout skips it)
-BENCH_BASELINES = ("release",)
-BACKEND_CHOICES = ("auto", "triton", "cpp", "reference")
+from ..presets import BACKEND_NAMES, BENCH_BASELINE_NAMES as BENCH_BASELINES, POLICY_NAMES as BENCH_POLICIES
+
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,13 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-frame", type=int, default=None,
                         help="tokens per latent frame in the cache rollout (default 64; 16 with --quick; "
                              "production is 1560). Below ~64 fixed per-call costs, not attention, dominate a block")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",  # the rollouts' two
                         help="cache / attention dtype of the rollout (default bfloat16, as in production)")
-    parser.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+    parser.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                         help="attention backend for the rollouts (default auto)")
     parser.add_argument("--policies", default=None,
                         help=f"comma-separated subset of the rollout policies ({', '.join(BENCH_POLICIES)}; default: "
-                             "all six), plus the baseline 'release' (the authors' data movement, cache rollout only); "
+                             "all), plus the baseline 'release' (the authors' data movement, cache rollout only); "
                              "keep 'sliding', the baseline of every ratio")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
@@ -200,7 +196,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.backend != "auto":
         import torch
 
-        from .generate import check_backend
+        from .generate.common import check_backend
 
         check_backend(args.backend, torch.device("cpu"))
     check_output_file(args.json, "--json")

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .generate import build_model, make_policy, random_text_embeds
+    from ..models import build_model, random_text_embeds
+    from ..presets import make_policy
     from .trace import plot, summary, trace_policy
 
     t_start = time.perf_counter()

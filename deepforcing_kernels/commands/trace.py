@@ -27,7 +27,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
-from .generate import POLICIES, make_policy, policy_name
+from ..presets import POLICY_NAMES
+from .generate import policy_name
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5}
 KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad"]
@@ -35,7 +36,7 @@ KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="deep_forcing", type=policy_name,
-                        help=f"cache policy: {', '.join(POLICIES)} (default deep_forcing; deep-forcing etc. accepted)")
+                        help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass)")
     parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
@@ -105,7 +106,6 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(seed)
     bf = policy.block_frames
-    L = bf * tokens_per_frame
     tr = CacheTrace(policy, tokens_per_frame)
     P = prefix_frames
     starts = ([0] if P % bf == 1 else []) + list(range(P % bf if P % bf == 1 else 0, P + num_frames, bf))
@@ -258,7 +258,9 @@ def run(args: argparse.Namespace) -> int:
     if args.lines < 1:
         fail(f"--lines must be >= 1, got {args.lines}")
     try:
-        policy = make_policy(args.policy, args.score)
+        from .generate.common import policy_from_args
+
+        policy = policy_from_args(args.policy, args.score)
     except ValueError as e:
         fail(str(e))
     if not args.no_plot:  # before the work, not after it

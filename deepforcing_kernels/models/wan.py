@@ -17,9 +17,8 @@ append / overwrite / roll / compress and the re-phasing of sink keys), RoPE angl
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -30,8 +29,8 @@ from ..rope import RopeSpec
 from .base import CacheSpec
 
 __all__ = [
-    "WanConfig", "CausalWanModel", "load_wan_state_dict", "unpatchify", "sinusoidal_embedding", "WanRMSNorm",
-    "WanLayerNorm", "LoadResult", "WanTextContext",
+    "WanConfig", "CausalWanModel", "unpatchify", "sinusoidal_embedding", "WanRMSNorm", "WanLayerNorm",
+    "WanTextContext",
 ]
 
 
@@ -125,11 +124,11 @@ class WanConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "WanConfig":
-        """A named preset of :mod:`deepforcing_kernels.presets` (``tiny``, ``wan_1_3b`` / ``wan-1.3b``,
-        ``wan_14b``)."""
-        from ..presets import model_config
+        """The model called ``name`` in :mod:`deepforcing_kernels.presets` (``tiny``, ``wan_1_3b`` / ``wan-1.3b``,
+        ``wan_14b``); ValueError listing the names for an unknown one."""
+        from ..presets import model_constructor
 
-        return model_config(name, **overrides)
+        return getattr(cls, model_constructor(name))(**overrides)
 
     # ------------------------------------------------------------ derived
     @property
@@ -522,109 +521,3 @@ class CausalWanModel(nn.Module):
         if seq_parallel is not None:
             x = seq_parallel.gather(x, grid[0])
         return unpatchify(x, grid, c.patch_size, c.out_dim)
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-class LoadResult(NamedTuple):
-    """What :func:`load_wan_state_dict` did with ``strict=False``."""
-
-    missing: List[str]
-    unexpected: List[str]
-
-
-# Wrapper modules insert these anywhere in a name (FSDP, activation checkpointing, torch.compile).
-_INNER_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-# Leading prefixes: Self-Forcing's WanDiffusionWrapper keeps the DiT as ``.model``, training scripts save the
-# generator as ``generator`` / ``generator_ema``, DDP adds ``module.``.
-_PREFIXES = ("module.", "generator_ema.", "generator.", "model.")
-# Top-level keys of a training checkpoint that hold a state dict, in order of preference.
-_CONTAINERS = ("generator", "generator_ema", "state_dict", "model", "module")
-
-
-def _normalise_key(key: str, prefixes: Sequence[str] = _PREFIXES) -> str:
-    """``key`` without wrapper-module infixes and leading ``prefixes`` (repeatedly: ``module.model.x`` -> ``x``)."""
-    for w in _INNER_WRAPPERS:
-        key = key.replace(w, "")
-    changed = True
-    while changed:
-        changed = False
-        for p in prefixes:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
-
-
-def load_wan_state_dict(model: CausalWanModel, sd: Mapping[str, Any], *, strict: bool = True,
-                        select: Optional[str] = None) -> LoadResult:
-    """Load a Wan2.1 / Self-Forcing state dict into ``model``.
-
-    Args:
-        model: the :class:`CausalWanModel` to fill.
-        sd: a state dict with the original Wan names (``patch_embedding.weight``, ``blocks.0.self_attn.q.weight``,
-            ..., ``head.head.weight``). Wrapper prefixes are stripped: ``model.`` (Self-Forcing's wrapper),
-            ``generator.`` / ``generator_ema.``, ``module.`` (DDP) and, anywhere in a name,
-            ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` / ``_orig_mod.``. A whole training
-            checkpoint (``{"generator": sd, "generator_ema": sd, ...}``) is unwrapped too.
-        strict: raise ``ValueError`` listing every missing and unexpected key (default); otherwise load what
-            matches and report the rest.
-        select: the top-level key to unwrap (e.g. ``"generator_ema"`` for Self-Forcing's EMA weights); by default
-            the first of ``generator``, ``generator_ema``, ``state_dict``, ``model``, ``module`` that holds a dict.
-
-    Returns:
-        :class:`LoadResult` (missing and unexpected names; both empty after a strict load).
-
-    Raises:
-        TypeError: ``model`` or ``sd`` is of the wrong kind.
-        ValueError: missing / unexpected keys (strict), a shape mismatch, or two keys that name one parameter.
-    """
-    if not isinstance(model, CausalWanModel):
-        raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
-    if not isinstance(sd, Mapping):
-        raise TypeError(f"sd must be a mapping of names to tensors, got {type(sd).__name__}")
-    if select is not None:
-        if select not in sd or not isinstance(sd[select], Mapping):
-            raise ValueError(f"select={select!r} is not a key of sd holding a state dict; keys: {sorted(sd)[:10]}")
-        sd = sd[select]
-    else:
-        for key in _CONTAINERS:
-            if key in sd and isinstance(sd[key], Mapping):
-                sd = sd[key]
-                break
-    renamed: Dict[str, torch.Tensor] = {}
-    origin: Dict[str, str] = {}
-    for k, v in sd.items():
-        if not isinstance(k, str):
-            raise TypeError(f"state dict keys must be str, got {type(k).__name__}")
-        nk = _normalise_key(k)
-        if nk in renamed:
-            raise ValueError(f"keys {origin[nk]!r} and {k!r} both name parameter {nk!r}")
-        renamed[nk], origin[nk] = v, k
-    own = model.state_dict()
-    missing = sorted(set(own) - set(renamed), key=_natural)
-    unexpected = sorted(set(renamed) - set(own), key=_natural)
-    if strict and (missing or unexpected):
-        raise ValueError("state dict does not match the Wan model:\n"
-                         f"  missing ({len(missing)}): {_short(missing)}\n"
-                         f"  unexpected ({len(unexpected)}): {_short([origin[u] for u in unexpected])}")
-    with torch.no_grad():
-        for name, t in own.items():
-            if name not in renamed:
-                continue
-            src = renamed[name]
-            if not isinstance(src, torch.Tensor):
-                raise TypeError(f"{origin[name]!r} must be a tensor, got {type(src).__name__}")
-            if tuple(src.shape) != tuple(t.shape):
-                raise ValueError(f"{origin[name]!r} has shape {list(src.shape)} but {name} is {list(t.shape)}")
-            t.copy_(src.to(device=t.device, dtype=t.dtype))
-    return LoadResult(missing, unexpected)
-
-
-def _natural(s: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
-
-
-def _short(names: List[str], limit: int = 12) -> str:
-    if not names:
-        return "none"
-    more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more

@@ -14,5 +14,38 @@
 
 Importing this package does not import triton; the submodules do. Kernels are created in the mode that
 ``TRITON_INTERPRET`` selects when they are imported; :func:`~.op.sink_attention_cuda` rebuilds them if the mode
-changed since (:func:`.common.ensure_kernel_mode`).
+changed since (:func:`.common.ensure_kernel_mode`). :func:`interpreting` and :func:`triton_supports` live here, not
+in a submodule, so the backend registry can ask them without importing triton.
 """
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+__all__ = ["interpreting", "head_dim_problem", "triton_supports"]
+
+_FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton to run kernels on CPU tensors, read as Triton reads it (its knob is
+    re-read from the environment on every access, so this and ``triton.knobs.runtime.interpret`` always agree)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
+
+
+def head_dim_problem(d: int) -> Optional[str]:
+    """None if the kernels take head dim ``d`` (a power of two in [16, 256]), else the reason."""
+    if d < 16 or d > 256 or d & (d - 1):
+        return f"the triton backend needs head_dim a power of two in [16, 256], got {d}"
+    return None
+
+
+def triton_supports(head_dim: int, dtype: Any) -> Optional[str]:
+    """None when the Triton kernels take ``(head_dim, dtype)``, else the reason (the backend registry's
+    capability check)."""
+    problem = head_dim_problem(head_dim)
+    if problem is not None:
+        return problem
+    if dtype is not None and str(dtype).replace("torch.", "") not in _FLOAT_DTYPE_NAMES:
+        return f"the triton kernels take float32, float16 or bfloat16, got {dtype}"
+    return None

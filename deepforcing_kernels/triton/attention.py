@@ -24,7 +24,7 @@ split in a re-phasing loop over the sink tiles and a plain loop over the rest), 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -35,14 +35,6 @@ from .common import (LOG2E, REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, _load_r
 from .configs import FwdConfig, fwd_config  # noqa: F401  (re-exported: tests and users patch fwd_config here)
 
 _ensure_kernel_mode = ensure_kernel_mode  # the name the interpreter tests use
-
-
-def sink_attention_triton(*args, **kwargs):
-    """The keyword entry point, now in :mod:`deepforcing_kernels.triton.op` (imported on call: the op module
-    imports this one)."""
-    from .op import sink_attention_triton as impl
-
-    return impl(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- launcher

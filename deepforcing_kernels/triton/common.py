@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import head_dim_problem, interpreting  # noqa: F401  (defined once, in the package; re-exported here)
+
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax_scale * LOG2E lets the kernels use exp2
 
 REPHASE_NONE, REPHASE_SINK, REPHASE_PER_KEY = 0, 1, 2
@@ -36,18 +38,7 @@ def device_arch(device: torch.device) -> int:
     return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def head_dim_problem(d: int):
-    """None if the kernels take head dim ``d`` (a power of two in [16, 256]), else the reason."""
-    if d < 16 or d > 256 or d & (d - 1):
-        return f"the triton backend needs head_dim a power of two in [16, 256], got {d}"
-    return None
 
-
-def interpreting() -> bool:
-    """Whether ``@triton.jit`` currently creates interpreter functions (``TRITON_INTERPRET=1``)."""
-    from triton import knobs
-
-    return bool(knobs.runtime.interpret)
 
 
 def dot_in_f32(dtype: torch.dtype) -> bool:

@@ -24,24 +24,13 @@ import torch
 
 from . import attention as _attention
 from . import mass as _mass
-from .common import (REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, device_arch, ensure_kernel_mode,
-                     head_dim_problem)
+from . import triton_supports  # noqa: F401  (re-exported: the capability check lives in the package)
+from .common import REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, device_arch, ensure_kernel_mode
 from .configs import FwdConfig
 
 __all__ = ["sink_attention_cuda", "sink_attention_triton", "triton_supports", "launch"]
 
 _MODE_NAMES = {REPHASE_NONE: "none", REPHASE_SINK: "sink", REPHASE_PER_KEY: "perkey"}
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def triton_supports(head_dim: int, dtype: torch.dtype) -> Optional[str]:
-    """None when the Triton kernels take ``(head_dim, dtype)``, else the reason (for the backend registry)."""
-    problem = head_dim_problem(head_dim)
-    if problem is not None:
-        return problem
-    if dtype not in _DTYPES:
-        return f"the triton kernels take float32, float16 or bfloat16, got {dtype}"
-    return None
 
 
 def _wrap(kernel):

@@ -1,4 +1,4 @@
-"""`deepforcing generate --prompt ... --out run.mp4`: from a prompt to an mp4 (the video front end).
+"""The mp4 run of ``deepforcing generate --prompt ... --out run.mp4``: from a prompt to an mp4 (the video front end).
 
 What ``deepforcing generate`` runs when the output is an ``.mp4`` (or a prompt is given): the
 :class:`~deepforcing_kernels.pipeline.VideoPipeline` (text encoder -> rollout -> streaming decode -> writer),
@@ -19,33 +19,16 @@ import sys
 import time
 from typing import Any, List, Optional
 
-from ._common import check_positive, fail, set_threads
+from .._common import check_positive, fail, set_threads
+from .common import cache_dtype, model_dtype, read_prompt_file, save_interval, state_path, stop_request, threads_for
 
-__all__ = ["wants_video", "run_video", "read_prompt_file", "state_path"]
-
-
-def wants_video(args: argparse.Namespace) -> bool:
-    """Whether ``generate`` takes the prompt -> mp4 path: an ``.mp4`` output or a prompt given."""
-    return bool(args.prompt or args.prompt_file or str(args.out).lower().endswith(".mp4"))
+__all__ = ["run_video"]
 
 
-def read_prompt_file(path: str) -> List[str]:
-    """One prompt a line (blank lines and ``#`` comments skipped); a clear error for a missing or empty file."""
-    if not os.path.isfile(path):
-        fail(f"--prompt-file {path}: " + ("is a directory, not a file" if os.path.isdir(path) else "no such file"))
-    try:
-        with open(path, encoding="utf-8") as f:
-            prompts = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"--prompt-file {path}: cannot be read as UTF-8 text ({type(e).__name__})")
-    if not prompts:
-        fail(f"--prompt-file {path} holds no prompt (one prompt a line)")
-    return prompts
 
 
-def state_path(out: str) -> str:
-    """Where a video run keeps its resume state."""
-    return out + ".state.pt"
+
+
 
 
 def _outputs(out: str, n: int) -> List[str]:
@@ -56,14 +39,10 @@ def _outputs(out: str, n: int) -> List[str]:
 
 
 def _pipeline(args: argparse.Namespace, policy: Any, device: Any):
-    import torch
+    from ...pipeline import VideoPipeline
 
-    from ..pipeline import VideoPipeline
-
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    cache_dtype = None if args.cache_dtype is None else {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                                                         "float16": torch.float16}[args.cache_dtype]
-    kw = dict(policy=policy, backend=args.backend, cache_dtype=cache_dtype)
+    dtype = model_dtype(args)
+    kw = dict(policy=policy, backend=args.backend, cache_dtype=cache_dtype(args))
     if args.latent_size:
         kw["latent_size"] = tuple(args.latent_size)
     if args.weights is None:
@@ -81,14 +60,13 @@ def _pipeline(args: argparse.Namespace, policy: Any, device: Any):
 
 
 def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optional[List[int]] = None) -> int:
-    """The prompt -> mp4 path of ``deepforcing generate`` (arguments already checked by ``generate.run``).
+    """The prompt -> mp4 path of ``deepforcing generate`` (arguments already checked by :func:`.latents.run`).
 
     ``indices``: only these prompts of the list (``--parallel data`` gives each rank its share); outputs keep
     their global numbering."""
     import torch
 
-    from .generate import _StopRequest, save_interval
-    from ..runio import atomic_save
+    from ...runio import atomic_save
 
     if args.prompt and args.prompt_file:
         fail("--prompt and --prompt-file contradict each other: give one")
@@ -118,9 +96,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
             fail(f"--resume: {out} is complete (no {st} to continue from)")
         if os.path.exists(out) and not args.resume and not args.force:
             fail(f"--out {out} exists: pass --force to replace it (or --resume to continue an interrupted run)")
-    threads = args.threads if args.threads is not None else (1 if args.model == "tiny" and device.type == "cpu"
-                                                              else None)
-    saved_threads = set_threads(threads)
+    saved_threads = set_threads(threads_for(args, device))
     try:
         try:
             pipe = _pipeline(args, policy, device)
@@ -151,7 +127,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                 if stopping:
                     raise KeyboardInterrupt
 
-            with _StopRequest() as stop:
+            with stop_request() as stop:
                 try:
                     res = pipe.write(out, prompt, args.frames, args.seed, fps=args.fps,
                                      segment_frames=args.segment_frames, image=args.image, video=args.video,

@@ -1,4 +1,6 @@
-"""Recognise the checkpoints the field ships and load them into :class:`~deepforcing_kernels.models.CausalWanModel`.
+"""Checkpoint loading, in one place: recognise the checkpoints the field ships and load them into
+:class:`~deepforcing_kernels.models.CausalWanModel` (:func:`load_checkpoint`), down to the strict name and shape
+check of :func:`load_wan_state_dict`.
 
 Layouts, recognised by their keys (what each project's loading code reads):
 
@@ -33,20 +35,19 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .models.wan import _normalise_key
+from .wan import CausalWanModel
 
 __all__ = ["load_checkpoint", "read_checkpoint", "detect_layout", "merge_lora", "wan_sizes_from_state_dict",
-           "CheckpointInfo"]
+           "CheckpointInfo", "load_wan_state_dict", "LoadResult"]
 
 PathOrSD = Union[str, os.PathLike, Mapping[str, Any]]
 
 _GEN = ("generator", "generator_ema")
 _LORA_KEY = "generator_lora"
-_PREFIXES = ("base_model.model.", "module.", "model.", "generator.", "generator_ema.")
 _LORA_RE = re.compile(r"(.+)\.lora_(A|B)(?:\.[A-Za-z0-9_]+)?\.weight")
 # names only diffusers' WanTransformer3DModel uses
 _DIFFUSERS_DIT = ("condition_embedder.", ".attn1.to_q.", "proj_out.", "scale_shift_table")
@@ -150,8 +151,8 @@ def _read_folder(p: Path) -> Dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- layout
 def _strip(key: str) -> str:
-    """The model's own key normalisation, plus peft's ``base_model.model.`` (LongLive's LoRA checkpoints)."""
-    return _normalise_key(key, _PREFIXES)
+    """The one key normalisation (:func:`_normalise_key`)."""
+    return _normalise_key(key)
 
 
 def _is_lora_sd(sd: Mapping[str, Any]) -> bool:
@@ -305,8 +306,6 @@ def load_checkpoint(model: Any, path_or_sd: PathOrSD, *, lora: Optional[PathOrSD
             names / shapes that do not match the model (the layout and the checkpoint's sizes are named).
         FileNotFoundError: a missing file.
     """
-    from .models import load_wan_state_dict
-
     ckpt, src, is_st = _as_mapping(path_or_sd, trust_pickle)
     layout = detect_layout(ckpt)
     selected: Optional[str] = None
@@ -358,3 +357,109 @@ def load_checkpoint(model: Any, path_or_sd: PathOrSD, *, lora: Optional[PathOrSD
                     + (" (Wan2.1-14B sizes, e.g. Krea Realtime 14B)" if info.sizes.get("dim") == 5120 else ""))
         raise ValueError(f"{src} ({what}; checkpoint sizes: {sizes}){hint}: {e}") from None
     return info
+
+
+# ---------------------------------------------------------------------------------------------------- strict load
+class LoadResult(NamedTuple):
+    """What :func:`load_wan_state_dict` did with ``strict=False``."""
+
+    missing: List[str]
+    unexpected: List[str]
+
+
+# Wrapper modules insert these anywhere in a name (FSDP, activation checkpointing, torch.compile).
+_INNER_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+# Leading prefixes: Self-Forcing's WanDiffusionWrapper keeps the DiT as ``.model``, training scripts save the
+# generator as ``generator`` / ``generator_ema``, DDP adds ``module.``, peft ``base_model.model.`` (LongLive's LoRA).
+_PREFIXES = ("base_model.model.", "module.", "generator_ema.", "generator.", "model.")
+# Top-level keys of a training checkpoint that hold a state dict, in order of preference.
+_CONTAINERS = ("generator", "generator_ema", "state_dict", "model", "module")
+
+
+def _normalise_key(key: str, prefixes: Sequence[str] = _PREFIXES) -> str:
+    """``key`` without wrapper-module infixes and leading ``prefixes`` (repeatedly: ``module.model.x`` -> ``x``)."""
+    for w in _INNER_WRAPPERS:
+        key = key.replace(w, "")
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
+def load_wan_state_dict(model: CausalWanModel, sd: Mapping[str, Any], *, strict: bool = True,
+                        select: Optional[str] = None) -> LoadResult:
+    """Load a Wan2.1 / Self-Forcing state dict into ``model``.
+
+    Args:
+        model: the :class:`CausalWanModel` to fill.
+        sd: a state dict with the original Wan names (``patch_embedding.weight``, ``blocks.0.self_attn.q.weight``,
+            ..., ``head.head.weight``). Wrapper prefixes are stripped: ``model.`` (Self-Forcing's wrapper),
+            ``generator.`` / ``generator_ema.``, ``module.`` (DDP) and, anywhere in a name,
+            ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` / ``_orig_mod.``. A whole training
+            checkpoint (``{"generator": sd, "generator_ema": sd, ...}``) is unwrapped too.
+        strict: raise ``ValueError`` listing every missing and unexpected key (default); otherwise load what
+            matches and report the rest.
+        select: the top-level key to unwrap (e.g. ``"generator_ema"`` for Self-Forcing's EMA weights); by default
+            the first of ``generator``, ``generator_ema``, ``state_dict``, ``model``, ``module`` that holds a dict.
+
+    Returns:
+        :class:`LoadResult` (missing and unexpected names; both empty after a strict load).
+
+    Raises:
+        TypeError: ``model`` or ``sd`` is of the wrong kind.
+        ValueError: missing / unexpected keys (strict), a shape mismatch, or two keys that name one parameter.
+    """
+    if not isinstance(model, CausalWanModel):
+        raise TypeError(f"model must be a CausalWanModel, got {type(model).__name__}")
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"sd must be a mapping of names to tensors, got {type(sd).__name__}")
+    if select is not None:
+        if select not in sd or not isinstance(sd[select], Mapping):
+            raise ValueError(f"select={select!r} is not a key of sd holding a state dict; keys: {sorted(sd)[:10]}")
+        sd = sd[select]
+    else:
+        for key in _CONTAINERS:
+            if key in sd and isinstance(sd[key], Mapping):
+                sd = sd[key]
+                break
+    renamed: Dict[str, torch.Tensor] = {}
+    origin: Dict[str, str] = {}
+    for k, v in sd.items():
+        if not isinstance(k, str):
+            raise TypeError(f"state dict keys must be str, got {type(k).__name__}")
+        nk = _normalise_key(k)
+        if nk in renamed:
+            raise ValueError(f"keys {origin[nk]!r} and {k!r} both name parameter {nk!r}")
+        renamed[nk], origin[nk] = v, k
+    own = model.state_dict()
+    missing = sorted(set(own) - set(renamed), key=_natural)
+    unexpected = sorted(set(renamed) - set(own), key=_natural)
+    if strict and (missing or unexpected):
+        raise ValueError("state dict does not match the Wan model:\n"
+                         f"  missing ({len(missing)}): {_short(missing)}\n"
+                         f"  unexpected ({len(unexpected)}): {_short([origin[u] for u in unexpected])}")
+    with torch.no_grad():
+        for name, t in own.items():
+            if name not in renamed:
+                continue
+            src = renamed[name]
+            if not isinstance(src, torch.Tensor):
+                raise TypeError(f"{origin[name]!r} must be a tensor, got {type(src).__name__}")
+            if tuple(src.shape) != tuple(t.shape):
+                raise ValueError(f"{origin[name]!r} has shape {list(src.shape)} but {name} is {list(t.shape)}")
+            t.copy_(src.to(device=t.device, dtype=t.dtype))
+    return LoadResult(missing, unexpected)
+
+
+def _natural(s: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", s)]
+
+
+def _short(names: List[str], limit: int = 12) -> str:
+    if not names:
+        return "none"
+    more = f", ... (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

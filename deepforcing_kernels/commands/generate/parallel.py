@@ -1,4 +1,4 @@
-"""``deepforcing generate --parallel sequence|data`` under ``torchrun``.
+"""The multi-GPU runs of ``deepforcing generate --parallel sequence|data``, under ``torchrun``.
 
 ``sequence``: one stream on P ranks (:class:`~deepforcing_kernels.distributed.ulysses.SequenceParallelWan`).
 Rank 0 writes the run exactly as a single process does (manifest ``--out`` and the blocks in ``<out>.d/``, read by
@@ -27,8 +27,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .launch import (ParallelError, RankError, check_same_settings, run_ranked, split_prompts,
-                     torchrun_env)
+from ...distributed.launch import ParallelError, RankError, check_same_settings, run_ranked, split_prompts, torchrun_env
+from .._common import fail
+from . import common as g
 
 __all__ = ["run", "SHARD_FORMAT", "shard_path"]
 
@@ -37,8 +38,6 @@ SHARD_FORMAT = "deepforcing-sp-shard/1"
 
 def run(args: argparse.Namespace) -> int:
     """Entry from ``deepforcing generate`` when ``--parallel`` is given; exits the process (every rank)."""
-    from ..commands._common import fail
-
     if torchrun_env() is None:
         fail(f"--parallel {args.parallel} needs torchrun: run `torchrun --nproc-per-node P -m deepforcing_kernels "
              f"generate ... --parallel {args.parallel}` (RANK / WORLD_SIZE / MASTER_ADDR are not set)")
@@ -90,14 +89,13 @@ def shard_path(store_dir: str, rank: int, world: int, prev: bool = False) -> str
 
 def _common(args: argparse.Namespace):
     """What ``deepforcing generate`` checks first, through its own helpers (same messages, same settings)."""
-    from ..commands import generate as g
-    from ..commands._common import check_frames, check_positive
-    from ..models import WanConfig
+    from ...models import WanConfig
+    from .._common import check_frames, check_positive
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")
     try:
-        policy = g.make_policy(args.policy, args.score)
+        policy = g.policy_from_args(args.policy, args.score)
     except ValueError as e:
         raise ParallelError(str(e))
     check_frames(args.frames, block=policy.block_frames)
@@ -112,11 +110,11 @@ def _common(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------------------------------ sequence
 def _run_sequence(args: argparse.Namespace) -> int:
-    from ..driver import generate
-    from ..runio import RunError, RunStore, atomic_save, to_cpu
-    from .comm import SequenceComm
-    from .launch import check_divisible, init_from_env
-    from .ulysses import SequenceParallelWan, check_same_weights
+    from ...distributed.comm import SequenceComm
+    from ...distributed.launch import check_divisible, init_from_env
+    from ...distributed.ulysses import SequenceParallelWan, check_same_weights
+    from ...driver import generate
+    from ...runio import RunError, RunStore, atomic_save, to_cpu
 
     info = init_from_env(timeout_s=args.dist_timeout, device=_device(args), flag="--parallel sequence")
     rank, world, device = info["rank"], info["world_size"], torch.device(info["device"])
@@ -130,7 +128,7 @@ def _run_sequence(args: argparse.Namespace) -> int:
                                                               else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    model = g.build_model(args.model, args.checkpoint, args.seed, g.DTYPES[args.dtype], str(device))
+    model = g.build_model(args.model, args.checkpoint, args.seed, g.model_dtype(args), str(device))
     if text is None:
         text = g.random_text_embeds(model.config, args.seed)
     settings = g.run_settings(args, policy, latent_size, device, threads)
@@ -167,11 +165,11 @@ def _run_sequence(args: argparse.Namespace) -> int:
 
 def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, settings, state, start, rank, world,
                    digest, comm, device, atomic_save, to_cpu) -> int:
-    from ..commands._common import StopRequest
+    from .._common import StopRequest
 
     stop = StopRequest().__enter__()  # on every rank before the run's first file: a Ctrl-C from then on stops at a block end
     rollout = generate(sp, text, args.frames, policy, args.seed, batch_size=args.batch_size,
-                       latent_size=latent_size, cache_dtype=g.DTYPES[args.cache_dtype] if args.cache_dtype else None,
+                       latent_size=latent_size, cache_dtype=g.cache_dtype(args),
                        backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
     bf = rollout.block_frames
     _agree(None)  # every rank has its stop handler before rank 0 writes anything
@@ -298,21 +296,19 @@ def _resume_sequence(args, store, settings, rank, world, digest, g, cfg) -> Tupl
 
 # ------------------------------------------------------------------------------------------------ data
 def _run_data(args: argparse.Namespace) -> int:
-    from ..commands import generate as g
-    from .launch import init_from_env
+    from ...distributed.launch import init_from_env
+    from .latents import run as run_latents
 
     info = init_from_env(timeout_s=args.dist_timeout, device=_device(args), flag="--parallel data")
     rank, world = info["rank"], info["world_size"]
     _, policy, cfg, latent_size = _common(args)
-    from ..commands.video import read_prompt_file, wants_video
-
-    if wants_video(args):  # prompts -> one mp4 each, split across ranks
-        prompts = [args.prompt] if args.prompt else read_prompt_file(args.prompt_file) if args.prompt_file else []
+    if g.wants_video(args):  # prompts -> one mp4 each, split across ranks
+        prompts = [args.prompt] if args.prompt else g.read_prompt_file(args.prompt_file) if args.prompt_file else []
         plain = (str, int, float, bool, list, tuple, type(None))
         check_same_settings({"argv": sorted(f"{k}={v!r}" for k, v in vars(args).items()
                                             if k != "no_progress" and isinstance(v, plain)),
                              "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()})
-        from ..commands.video import run_video
+        from .mp4 import run_video
 
         mine = split_prompts(list(range(len(prompts))), rank, world)
         sub = copy.copy(args)
@@ -348,7 +344,7 @@ def _run_data(args: argparse.Namespace) -> int:
         sub.text_embeds = f"{root}.p{i:04d}.text.pt"
         if info["device"].startswith("cuda"):
             sub.device = info["device"]
-        from ..runio import atomic_save
+        from ...runio import atomic_save
 
         if os.path.exists(sub.text_embeds) and not args.force:
             _, why = _local(torch.load, sub.text_embeds, map_location="cpu", weights_only=True)
@@ -361,7 +357,7 @@ def _run_data(args: argparse.Namespace) -> int:
         else:
             atomic_save({"text_embeds": text[i].float().clone()}, sub.text_embeds)
         try:
-            code = g.run(sub)
+            code = run_latents(sub)
         except SystemExit as e:  # a failure of this prompt's run: this rank reports it
             if isinstance(e.code, int) or e.code is None:
                 code = e.code or 0
