@@ -262,3 +262,16 @@ def test_finite_check_can_be_turned_off():
     assert cache.layers[0].keys().isnan().all()
     with pytest.raises(ValueError, match="check_finite"):
         make(POLICIES["sliding"], check_finite=1)
+
+
+def test_a_state_with_an_unknown_top_level_key_is_refused():
+    """Only format, policy, geometry and layers make a cache state: anything else is a state of something else (or
+    an edited one), refused before any layer changes."""
+    from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
+
+    cache = StreamingKVCache(CachePolicy.sliding(window_frames=6), num_layers=1, batch_size=1, num_heads=2,
+                             head_dim=16, tokens_per_frame=2, rope=RopeSpec.wan(16), dtype=torch.float32)
+    state = cache.state_dict()
+    cache.load_state_dict(state)  # the state as saved loads
+    with pytest.raises(ValueError, match="unknown keys"):
+        cache.load_state_dict(dict(state, note="edited"))

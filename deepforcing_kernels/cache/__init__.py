@@ -1,10 +1,11 @@
 """The streaming KV cache: one object, one attention op and one schedule engine for every policy.
 
-The package has three parts: :mod:`.storage` (slot tensors, rolls, compaction, Top-C gather, state tensors),
-:mod:`.scoring` (the two Top-C scorers with their buffers, the ``reduce_over_heads`` hook, and
-:func:`~.scoring.compress_step`), and :mod:`.executor` (:class:`CacheLayer`, which runs a pass plan). This module
-holds :class:`StreamingKVCache`, which owns the geometry, resolves the attention backend once and builds the
-layers.
+The package's parts: :mod:`.storage` (slot tensors, rolls, compaction, Top-C gather, state tensors),
+:mod:`.scoring` (the Top-C scorer contract and its two scorers with their buffers, the ``reduce_over_heads`` hook,
+and :func:`~.scoring.compress_step`), :mod:`.executor` (:class:`CacheLayer`, which runs a pass plan),
+:mod:`.context` (the :class:`~.context.LayerContext` a cache hands its layers) and :mod:`.state` (the checks of a
+saved state). This module holds :class:`StreamingKVCache`, which owns the geometry, resolves the attention backend
+once and builds the layers.
 
 :class:`StreamingKVCache` holds one :class:`CacheLayer` per transformer layer. A layer's
 :meth:`CacheLayer.attend` writes a pass's K/V, runs the plan of :func:`deepforcing_kernels.schedule.plan_pass`
@@ -71,17 +72,14 @@ from ..formats import CACHE_STATE_FORMAT
 from ..policy import CachePolicy
 from ..presets import BACKEND_NAMES, dtype_name
 from ..rope import RopeSpec
-from ..schedule import ScheduleState
+from .context import LayerContext
 from .executor import CacheLayer, attention_layout
-from .scoring import LogitScorer as _LogitScorer
 from .scoring import compress_step, release_logit_score
+from .state import check_state
 from .storage import select_topc
 
 __all__ = ["CachePolicy", "StreamingKVCache", "CacheLayer", "select_topc", "compress_step", "release_logit_score",
            "attention_layout"]
-
-_LAYER_KEYS = {"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"}
-
 
 class StreamingKVCache:
     """A per-layer streaming KV cache driven by a :class:`CachePolicy`.
@@ -167,15 +165,20 @@ class StreamingKVCache:
                 raise ValueError("reserve_frames only applies to the 'full' policy (others have a fixed capacity)")
             self.capacity_frames = policy.window_frames + F
         self.block_tokens = F * n
-        self._want_q = torch.Size((self.batch_size, self.block_tokens, self.num_heads, self.head_dim))
-        self._want_kv = torch.Size((self.batch_size, self.block_tokens, self.num_kv_heads, self.head_dim))
-        # the arguments every pass passes to the backend besides the layout (validated here, once)
-        self._run_kw = {"rope": rope, "softmax_scale": 1.0 / self.head_dim ** 0.5, "return_lse": False}
-        # one scratch buffer for the Top-C gather of K then V, shared by all layers (they run one at a time)
         C_tok = policy.topc_frames * n
-        self._scratch = (torch.empty(self.batch_size, C_tok, self.num_kv_heads, self.head_dim, dtype=dtype,
-                                     device=self.device) if C_tok else None)
-        self.layers: Tuple[CacheLayer, ...] = tuple(CacheLayer(self, i) for i in range(self.num_layers))
+        self._ctx = LayerContext(
+            policy=policy, batch_size=self.batch_size, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim, tokens_per_frame=n, dtype=dtype, device=self.device, rope=rope,
+            check_finite=check_finite, reduce_over_heads=reduce_over_heads, backend_impl=self.backend_impl,
+            capacity_frames=self.capacity_frames, block_tokens=self.block_tokens,
+            want_q=torch.Size((self.batch_size, self.block_tokens, self.num_heads, self.head_dim)),
+            want_kv=torch.Size((self.batch_size, self.block_tokens, self.num_kv_heads, self.head_dim)),
+            # the arguments every pass passes to the backend besides the layout (validated here, once)
+            run_kw={"rope": rope, "softmax_scale": 1.0 / self.head_dim ** 0.5, "return_lse": False},
+            # one scratch buffer for the Top-C gather of K then V, shared by all layers (they run one at a time)
+            scratch=(torch.empty(self.batch_size, C_tok, self.num_kv_heads, self.head_dim, dtype=dtype,
+                                 device=self.device) if C_tok else None))
+        self.layers: Tuple[CacheLayer, ...] = tuple(CacheLayer(self._ctx, i) for i in range(self.num_layers))
 
     def __repr__(self) -> str:
         return (f"StreamingKVCache({self.policy!r}, num_layers={self.num_layers}, batch_size={self.batch_size}, "
@@ -192,7 +195,7 @@ class StreamingKVCache:
     def reset(self) -> None:
         """Forget the stream (keeps the allocated storage): the next pass starts a new video."""
         for layer in self.layers:
-            layer._reset()
+            layer.reset()
 
     def geometry(self) -> Dict[str, Any]:
         """Shapes, dtype and RoPE layout as plain values (what a state dict must match)."""
@@ -208,168 +211,12 @@ class StreamingKVCache:
         """Everything needed to resume the stream bit for bit: cloned tensors (on the cache's device) and plain
         Python values only, so ``torch.save`` / ``torch.load(weights_only=True)`` round-trip it."""
         return {"format": CACHE_STATE_FORMAT, "policy": self.policy.to_dict(), "geometry": self.geometry(),
-                "layers": [layer._state_dict() for layer in self.layers]}
+                "layers": [layer.state_dict() for layer in self.layers]}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`. Raises ValueError, leaving the cache unchanged, when the state comes
-        from another policy or geometry or is malformed."""
-        if not isinstance(state, dict) or state.get("format") != CACHE_STATE_FORMAT:
-            raise ValueError(f"not a StreamingKVCache state dict (expected format {CACHE_STATE_FORMAT!r})")
-        if state.get("policy") != self.policy.to_dict():
-            raise ValueError(f"the state dict was saved with policy {state.get('policy')!r}, this cache runs "
-                             f"{self.policy.to_dict()!r}")
-        if state.get("geometry") != self.geometry():
-            raise ValueError(f"the state dict was saved with geometry {state.get('geometry')!r}, this cache has "
-                             f"{self.geometry()!r}")
-        layers = state.get("layers")
-        if not isinstance(layers, list) or len(layers) != self.num_layers:
-            raise ValueError(f"the state dict must hold {self.num_layers} layer states")
-        checked = [self._check_layer_state(i, s) for i, s in enumerate(layers)]  # all checks, then mutate
+        from another policy or geometry or is malformed (:mod:`.state` checks everything before any layer
+        changes)."""
+        checked = check_state(self._ctx, self.layers, self.geometry(), state)
         for layer, (st, d) in zip(self.layers, checked):
-            _load_layer(layer, st, d)
-
-    def _check_layer_state(self, index: int, d: Any) -> Tuple[ScheduleState, Dict[str, Any]]:
-        """Validate one layer's state against this cache; returns ``(schedule state, tensors)``."""
-        layer = self.layers[index]
-        if not isinstance(d, dict) or set(d) != _LAYER_KEYS:
-            raise ValueError(f"layer {index}: malformed layer state")
-        try:
-            st = ScheduleState.from_dict(d["schedule"])
-        except TypeError as e:
-            raise ValueError(f"layer {index}: {e}") from None
-        L = st.frames * self.tokens_per_frame
-        p = self.policy
-        if p.kind != "full" and st.frames > p.window_frames:
-            raise ValueError(f"layer {index}: {st.frames} frames exceed the window")
-        if (st.frames == 0) != (st.block_start is None) or (st.block_start is None) != (st.stream_start is None):
-            raise ValueError(f"layer {index}: inconsistent schedule state {st}")
-        if (st.sink_start is not None and not p.rephase_sink) or (st.compressed and not p.compresses):
-            raise ValueError(f"layer {index}: schedule state {st} cannot come from a {p.kind!r} policy")
-        want: Dict[str, Any] = dict(layer.storage.expected(L))
-        want.setdefault("reuse", None)
-        want.setdefault("mass", None)
-        qbuf = layer.scorer.state() if isinstance(layer.scorer, _LogitScorer) else None
-        want["qbuf"] = (tuple(qbuf.shape), torch.float32) if qbuf is not None else None
-        for name, w in want.items():
-            t = d[name]
-            if w is None:
-                if t is not None:
-                    raise ValueError(f"layer {index}: unexpected {name!r} for this policy")
-                continue
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(w[0]) or t.dtype != w[1]:
-                got = (list(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"layer {index}: {name!r} must be a {w[1]} tensor of shape {list(w[0])}, "
-                                 f"got {got}")
-        _check_layer_values(self, index, st, d)  # values inside the valid structure, before anything is copied
-        return st, d
-
-
-_INT_LIMIT = 2 ** 62  # frame numbers far beyond any stream, still exact in int64 after the schedule's arithmetic
-
-
-def _check_layer_values(cache: "StreamingKVCache", index: int, st: ScheduleState, d: Dict[str, Any]) -> None:
-    """Reject a layer state whose structure is right but whose values no stream of this policy can reach: the
-    schedule's numbers (ranges, the compressed flag, the sink placement), where the tensors live, and the tensors'
-    values (finite K / V / mass / query sums, non-negative reuse counts, slot frames in time order that match the
-    schedule: whole sink and recent frames, the current block last, Top-C picks between them). ValueError naming
-    the layer and the value."""
-    p, n, F = cache.policy, cache.tokens_per_frame, cache.policy.block_frames
-
-    def bad(msg: str) -> None:
-        raise ValueError(f"layer {index}: {msg}")
-
-    for name in ("block_start", "stream_start", "sink_start"):
-        v = getattr(st, name)
-        if v is not None and not -_INT_LIMIT < v < _INT_LIMIT:
-            bad(f"{name}={v} is out of range")
-    for name in ("k", "v", "frames", "reuse", "mass", "qbuf"):
-        t = d[name]
-        if t is not None and (t.layout != torch.strided or t.device.type not in ("cpu", cache.device.type)):
-            bad(f"{name!r} must be a dense tensor on the CPU or {cache.device}, got {t.layout} on {t.device}")
-    if st.stream_start is None:
-        return
-    # the current block may be a short first block (an image prefix); every other block has F frames
-    cur, first = st.current_block_frames(p), st.first_block_frames
-    if first is not None and not 1 <= first < F:
-        bad(f"first_block_frames={first} must lie in [1, {F})")
-
-    def whole(frames: int) -> bool:  # whole blocks, counting a short first block
-        return frames % F == 0 or (first is not None and (frames - first) % F == 0)
-    if st.stream_start < 0:
-        bad(f"stream_start={st.stream_start} is negative")
-    if st.block_start < st.stream_start:
-        bad(f"block_start={st.block_start} is before stream_start={st.stream_start}")
-    produced = st.block_start + cur - st.stream_start
-    if not cur <= st.frames <= produced:
-        bad(f"{st.frames} frames cannot be held after the stream produced {produced} (and the current block "
-            f"has {cur})")
-    W = p.window_frames
-    if p.compresses:
-        if st.compressed != (st.sink_start is not None):
-            bad(f"compressed={st.compressed} with sink_start={st.sink_start}: a compressed cache has a re-phased "
-                "sink and an uncompressed one does not")
-        if st.compressed and (st.frames < p.budget_frames or (st.frames - p.budget_frames) % F):
-            bad(f"a compressed cache holds {p.budget_frames} frames plus whole blocks, not {st.frames}")
-        if not st.compressed and not whole(st.frames):
-            bad(f"an uncompressed cache holds whole blocks, not {st.frames} frames")
-    elif p.kind != "full":
-        if not whole(st.frames) and st.frames != W:
-            bad(f"the cache holds whole blocks or its window, not {st.frames} frames")
-        if st.sink_start is not None and st.frames != W:
-            bad(f"sink_start={st.sink_start} (a re-phased sink) with {st.frames} frames: the sink is re-phased "
-                f"only once the window ({W}) rolls")
-    elif not whole(st.frames):
-        bad(f"a full cache holds whole blocks, not {st.frames} frames")
-    if st.sink_start is not None:
-        lo_s, hi_s = st.stream_start - p.gap_frames, st.block_start + cur - st.frames - p.gap_frames
-        if not lo_s <= st.sink_start <= hi_s:
-            bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
-    # tensor values
-    for name in ("k", "v", "mass", "qbuf"):
-        t = d[name]
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
-            bad(f"{name!r} holds NaN or inf")
-    if d["mass"] is not None and bool((d["mass"] < 0).any()):
-        bad("'mass' holds negative values")
-    fr = d["frames"]
-    B, L = fr.shape
-    lo, hi = st.stream_start, st.block_start + cur
-    if bool((fr < lo).any()) or bool((fr >= hi).any()):
-        bad(f"slot frames outside the stream's frames [{lo}, {hi})")
-    if L > 1 and bool((fr[:, 1:] < fr[:, :-1]).any()):
-        bad("slot frames are not in time order")
-    block = st.block_start + torch.arange(cur, device=fr.device).repeat_interleave(n)
-    if not bool((fr[:, L - cur * n:] == block).all()):
-        bad(f"the last {cur * n} slots do not hold the current block (frames {st.block_start}..{hi - 1})")
-    S_tok = min(p.sink_frames, st.frames) * n
-    C_tok = p.topc_frames * n if st.compressed else 0
-    fixed = torch.cat([fr[:, :S_tok], fr[:, S_tok + C_tok:]], dim=1).view(B, -1, n)
-    if not bool((fixed == fixed[:, :, :1]).all()) or bool((fixed[:, 1:, 0] <= fixed[:, :-1, 0]).any()):
-        bad("sink and recent slots must hold whole frames, each once")
-    if B > 1 and not bool((fixed == fixed[:1]).all()):
-        bad("sink and recent frames differ across the batch")
-    if C_tok:
-        topc = fr[:, S_tok:S_tok + C_tok]
-        below = fr[:, S_tok - 1:S_tok] if S_tok else torch.full((B, 1), lo - 1, device=fr.device)
-        if bool((topc <= below).any()) or bool((topc >= fr[:, S_tok + C_tok:S_tok + C_tok + 1]).any()):
-            bad("Top-C slots hold frames outside the gap between the sink and the recent frames")
-        if C_tok > n and bool((topc[:, n:] <= topc[:, :-n]).any()):
-            bad(f"a frame fills more than its {n} token slots in the Top-C region")
-    reuse = d["reuse"]
-    if reuse is not None:
-        if bool((reuse < 0).any()):
-            bad("'reuse' holds negative counts")
-        others = torch.cat([reuse[:, :S_tok], reuse[:, S_tok + C_tok:]], dim=1)
-        if bool((others != 0).any()):
-            bad("'reuse' counts of sink or recent slots must be 0 (only Top-C picks are reused)")
-        if C_tok and bool((reuse[:, S_tok:S_tok + C_tok] < 1).any()):
-            bad("'reuse' counts of Top-C picks must be >= 1")
-
-
-def _load_layer(layer: CacheLayer, st: ScheduleState, d: Dict[str, Any]) -> None:
-    L = st.frames * layer.cache.tokens_per_frame
-    layer.storage.load(L, d)
-    if layer.scorer is not None:
-        layer.scorer.load(d["qbuf"])
-    layer._state = st
-    layer._args_cache = None
+            layer.load_state(st, d)

@@ -15,6 +15,7 @@ from .._checks import ArgumentTypeError
 from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
+from .context import LayerContext
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step
 from .storage import LayerStorage
 
@@ -46,11 +47,11 @@ def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, si
 class CacheLayer:
     """One layer's slice of a :class:`~deepforcing_kernels.StreamingKVCache` (``cache.layers[i]``)."""
 
-    def __init__(self, cache: Any, index: int) -> None:
-        self.cache = cache
+    def __init__(self, ctx: LayerContext, index: int) -> None:
+        self.ctx = ctx
         self.index = index
-        self.policy = p = cache.policy
-        c = cache
+        self.policy = p = ctx.policy
+        c = ctx
         self.scorer: Optional[Scorer] = None
         if p.compresses:
             if p.score == "logits":
@@ -66,12 +67,13 @@ class CacheLayer:
             extra.update(self.scorer.slot_buffers)
         self.storage = LayerStorage(batch=c.batch_size, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                     tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
-                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c._scratch)
+                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
+        """Forget the stream (the storage stays allocated)."""
         self._state = ScheduleState()
         self._args_cache = None
         if self.scorer is not None:
@@ -85,7 +87,7 @@ class CacheLayer:
 
     @property
     def _len(self) -> int:
-        return self._state.frames * self.cache.tokens_per_frame
+        return self._state.frames * self.ctx.tokens_per_frame
 
     def __len__(self) -> int:
         """Token slots in use."""
@@ -106,7 +108,7 @@ class CacheLayer:
     def kinds(self) -> Tuple[str, ...]:
         """Kind of each slot (shared by the batch): ``"sink"``, ``"topc"`` or ``"recent"``."""
         s = self._state
-        return slot_kinds(self.policy, s.frames, s.compressed, self.cache.tokens_per_frame)
+        return slot_kinds(self.policy, s.frames, s.compressed, self.ctx.tokens_per_frame)
 
     def reuse_counts(self) -> Optional[torch.Tensor]:
         """``[B, L]`` int32: how often each token was chosen as Top-C (``deep_forcing`` only, else None)."""
@@ -117,14 +119,14 @@ class CacheLayer:
         """``sink_len``, ``sink_shift`` and ``key_shift`` that attention uses over the current cache (pass them
         to :func:`~deepforcing_kernels.sink_attention` with ``keys()`` / ``values()``)."""
         s = self._state
-        return attention_layout(self.policy, self.cache.tokens_per_frame, s.frames, s.sink_start, s.stream_start,
+        return attention_layout(self.policy, self.ctx.tokens_per_frame, s.frames, s.sink_start, s.stream_start,
                                 s.compressed, self.storage.frames)
 
     def shifts(self) -> torch.Tensor:
         """``[B, L]`` int64: the temporal shift each slot's key gets at attention (position - frame)."""
-        B, L = self.cache.batch_size, self._len
-        s = key_shifts(B, L, device=self.cache.device, **self.attention_args())
-        return torch.zeros(B, L, dtype=torch.int64, device=self.cache.device) if s is None else s.clone()
+        B, L = self.ctx.batch_size, self._len
+        s = key_shifts(B, L, device=self.ctx.device, **self.attention_args())
+        return torch.zeros(B, L, dtype=torch.int64, device=self.ctx.device) if s is None else s.clone()
 
     def positions(self) -> torch.Tensor:
         """``[B, L]`` int64: the temporal position each slot is attended at."""
@@ -134,9 +136,9 @@ class CacheLayer:
         """``[B, L, Hkv, D]`` float32: the keys as attention sees them (re-phasing applied, in float32 as the
         kernels rotate them)."""
         k = self.storage.k[:, :self._len].float()
-        if self.cache.rope is None:
+        if self.ctx.rope is None:
             return k
-        return rephase(k, self.cache.rope, self.shifts())
+        return rephase(k, self.ctx.rope, self.shifts())
 
     # ------------------------------------------------------------------ the pass
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
@@ -167,7 +169,7 @@ class CacheLayer:
     def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> torch.Tensor:
         F = self._check_inputs(q, k, v)
         plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
-        c, p, st = self.cache, self.policy, self.storage
+        c, p, st = self.ctx, self.policy, self.storage
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:
             st.grow(plan.frames_before + F, self._len)  # `full` only (others fit window + block)
@@ -188,7 +190,7 @@ class CacheLayer:
         if plan.action == "compress" and not plan.compress_after_attend:
             S_tok, R_tok = p.sink_frames * n, p.recent_frames * n
             # the release scores the whole augmented cache; only the candidates' scores are ever read
-            self._compress(self.scorer.scores(st.k[:, S_tok:T - R_tok]), T)
+            self._compress(self.scorer.candidate_scores(st, S_tok, T - R_tok), T)
         out = self._attend(q, plan, T)
         self._state = plan.state
         return out
@@ -198,7 +200,7 @@ class CacheLayer:
         """The frames this layer holds whole (the sink and the recent frames; not Top-C tokens), as
         ``(slot_start, first_frame, frames)`` groups of at most ``block_frames`` consecutive frames, in slot
         order: what :meth:`recompute` rewrites at a prompt switch."""
-        n, p, st = self.cache.tokens_per_frame, self.policy, self._state
+        n, p, st = self.ctx.tokens_per_frame, self.policy, self._state
         if st.frames == 0:
             return []
         fr = self.storage.frames[0, :self._len:n].tolist()  # one entry per frame slot (whole frames only)
@@ -222,7 +224,7 @@ class CacheLayer:
         unified Top-C). ``q, k`` are RoPE'd at the frames' own positions; for sink frames the queries are moved
         to where the sink now sits (the keys stay stored at their own positions, as always). The schedule is not
         touched."""
-        c, n = self.cache, self.cache.tokens_per_frame
+        c, n = self.ctx, self.ctx.tokens_per_frame
         Lb = q.shape[1]
         end = slot_start + Lb
         if slot_start < 0 or end > self._len or Lb % n:
@@ -238,14 +240,14 @@ class CacheLayer:
         if qshift:
             q = rephase(q, c.rope, qshift)
         out, _, _ = c.backend_impl.run(q, self.storage.k[:, :end], self.storage.v[:, :end], return_mass=False,
-                                       mass_q_range=(0, Lb), **args, **c._run_kw)
+                                       mass_q_range=(0, Lb), **args, **c.run_kw)
         return out
 
     # ------------------------------------------------------------------ internals
     def _check_inputs(self, q, k, v) -> int:
         """Validate a pass's inputs; returns its frames (``block_frames``, or fewer for a first block)."""
-        c = self.cache
-        want_q, want_kv = c._want_q, c._want_kv
+        c = self.ctx
+        want_q, want_kv = c.want_q, c.want_kv
         frames = self.policy.block_frames
         try:  # the common case in one expression; the loop below names the culprit otherwise
             ok = (q.shape == want_q and k.shape == want_kv and v.shape == want_kv and q.dtype == c.dtype
@@ -279,23 +281,23 @@ class CacheLayer:
         return frames
 
     def _reject_non_finite(self, q, k, v) -> None:
-        finite = self.cache.backend_impl.all_finite
+        finite = self.ctx.backend_impl.all_finite
         bad = [name for name, t in (("q", q), ("k", k), ("v", v)) if not finite(t)]
         raise ValueError(f"{', '.join(bad)} contain(s) NaN or inf: refusing to store or attend to it "
                          "(the cache would stay poisoned for the rest of the stream)")
 
     def _layout(self, plan: PassPlan) -> Dict[str, Any]:
-        return attention_layout(self.policy, self.cache.tokens_per_frame, plan.attend_frames,
+        return attention_layout(self.policy, self.ctx.tokens_per_frame, plan.attend_frames,
                                 plan.attend_sink_start, self._state.stream_start, plan.attend_compressed,
                                 self.storage.frames)
 
     def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
-        c, p, n = self.cache, self.policy, self.cache.tokens_per_frame
+        c, p, n = self.ctx, self.policy, self.ctx.tokens_per_frame
         L = plan.attend_frames * n
         if self._args_cache is not None and not plan.new_block:
             args = self._args_cache  # passes 2..5 of a block attend to the same layout
         else:
-            args = dict(self._layout(plan), **c._run_kw)
+            args = dict(self._layout(plan), **c.run_kw)
             self._plain_kw = None
         # a mass-mode compression attends to the augmented layout, which the block's later passes do not see
         self._args_cache = None if plan.compress_after_attend else args
@@ -308,7 +310,8 @@ class CacheLayer:
                 kw = self._plain_kw = dict(args, return_mass=False, mass_q_range=(0, Lq))
             return run(q, kk, vv, **kw)[0]
         tail = (p.recent_frames - p.block_frames) * n  # queries whose mass the next compression reuses
-        scorer: MassScorer = self.scorer
+        scorer: Scorer = self.scorer
+        S_tok, end = p.sink_frames * n, T - p.recent_frames * n
         if not plan.compress_after_attend:
             out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(Lq - tail, Lq), **args)
             scorer.carry(self.storage, L, mass)
@@ -323,27 +326,37 @@ class CacheLayer:
                 h_mass = torch.zeros(q.shape[0], kk.shape[2], L, dtype=torch.float32, device=q.device)
             t_out, _, t_mass = run(q[:, Lq - tail:], kk, vv, return_mass=True, mass_q_range=(0, tail), **args)
             out = torch.cat([h_out, t_out], dim=1)
-            score = scorer.scores(self.storage, L, h_mass, t_mass)
+            score = scorer.candidate_scores(self.storage, S_tok, end, h_mass, t_mass)
             scorer.carry(self.storage, L, t_mass)  # gathered with the tokens by the compaction below
         else:
             out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args)
-            score = scorer.scores(self.storage, L, mass)
-        self._compress(score[:, p.sink_frames * n:T - p.recent_frames * n], T)
+            score = scorer.candidate_scores(self.storage, S_tok, end, mass)
+        self._compress(score, T)
         return out
 
     def _compress(self, cand_score: torch.Tensor, T: int) -> None:
-        p, n = self.policy, self.cache.tokens_per_frame
+        p, n = self.policy, self.ctx.tokens_per_frame
         compress_step(self.storage, cand_score, sink_tokens=p.sink_frames * n, topc_tokens=p.topc_frames * n,
                       recent_tokens=p.recent_frames * n, end=T, max_reuse=p.topc_max_reuse)
 
     # ------------------------------------------------------------------ state dict
-    def _state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> Dict[str, Any]:
+        """This layer's part of :meth:`StreamingKVCache.state_dict` (the used slots only)."""
         d: Dict[str, Any] = {"schedule": self._state.to_dict()}
         tensors = self.storage.state(self._len)
         d.update(k=tensors["k"], v=tensors["v"], frames=tensors["frames"], reuse=tensors.get("reuse"),
                  mass=tensors.get("mass"))
         d["qbuf"] = self.scorer.state() if self.scorer is not None else None
         return d
+
+
+    def load_state(self, state: ScheduleState, tensors: Dict[str, Any]) -> None:
+        """Restore a layer state already checked by :func:`~.state.check_layer_state`."""
+        self.storage.load(state.frames * self.ctx.tokens_per_frame, tensors)
+        if self.scorer is not None:
+            self.scorer.load(tensors["qbuf"])
+        self._state = state
+        self._args_cache = None
 
 
 class _RecacheLayer:

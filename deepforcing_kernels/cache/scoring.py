@@ -18,7 +18,7 @@ the benchmarks call the same function.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -70,12 +70,19 @@ def release_logit_score(q_buffer: torch.Tensor, k: torch.Tensor) -> torch.Tensor
 
 
 class Scorer:
-    """Base of the Top-C scorers: the head reduction hook and the per-slot buffers the storage must carry."""
+    """The contract of a Top-C scorer, which the pass executor calls the same way for every scorer.
+
+    Per pass: :meth:`observe` sees the pass's queries (before any compression); :meth:`carry` keeps attention
+    mass the next compression will reuse (mass-based scorers); :meth:`candidate_scores` scores the compression's
+    candidate slots ``[start, end)``, given the mass of the compressing pass when the scorer is mass-based (the
+    schedule then compresses after that pass's attention, over the augmented cache; otherwise before it). Every
+    score is summed over this cache's heads, then reduced by
+    ``reduce_over_heads``. State: :attr:`slot_buffers` (per-slot buffers the storage carries with the tokens),
+    :meth:`state` / :meth:`state_spec` / :meth:`load` (the rest), :meth:`reset`.
+    """
 
     #: per-slot buffers this scorer keeps in the layer's storage (``{name: dtype}``)
     slot_buffers: Dict[str, torch.dtype] = {}
-    #: whether attention must return mass for this scorer
-    needs_mass = False
 
     def __init__(self, reduce_over_heads: Optional[Reduce] = None) -> None:
         self.reduce_over_heads: Reduce = reduce_over_heads or identity_reduce
@@ -83,11 +90,23 @@ class Scorer:
     def observe(self, q: torch.Tensor, frames: int) -> None:
         """Called with every pass's queries (``frames`` frames; before any compression of that pass)."""
 
+    def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor) -> None:
+        """Keep ``mass [B, Hkv, length]`` for the next compression (mass-based scorers; a no-op otherwise)."""
+
+    def candidate_scores(self, storage: LayerStorage, start: int, end: int, *masses: torch.Tensor) -> torch.Tensor:
+        """float32 ``[B, end - start]``: the reduced score of each candidate slot in ``[start, end)``; ``masses``
+        are the compressing pass's attention mass parts ``[B, Hkv, >= end]`` (mass-based scorers only)."""
+        raise NotImplementedError
+
     def reset(self) -> None:
         """Forget the stream."""
 
     def state(self) -> Optional[torch.Tensor]:
         """Buffers that are not per slot (a clone), or None."""
+        return None
+
+    def state_spec(self) -> Optional[Tuple[Tuple[int, ...], torch.dtype]]:
+        """``(shape, dtype)`` of :meth:`state`, or None (what a saved state must hold)."""
         return None
 
     def load(self, t: Optional[torch.Tensor]) -> None:
@@ -117,15 +136,18 @@ class LogitScorer(Scorer):
         move_left(self.qbuf, F, 0, R - F)
         self.qbuf[:, R - F:] = sums
 
-    def scores(self, candidate_keys: torch.Tensor) -> torch.Tensor:
-        """float32 ``[B, Lc]``: the reduced score of each candidate key (keys as stored)."""
-        return self.reduce_over_heads(release_logit_score(self.qbuf, candidate_keys))
+    def candidate_scores(self, storage: LayerStorage, start: int, end: int, *masses: torch.Tensor) -> torch.Tensor:
+        """The release's logit score of the candidate keys as stored (the release scores before re-phasing)."""
+        return self.reduce_over_heads(release_logit_score(self.qbuf, storage.k[:, start:end]))
 
     def reset(self) -> None:
         self.qbuf.zero_()
 
     def state(self) -> torch.Tensor:
         return self.qbuf.clone()
+
+    def state_spec(self) -> Tuple[Tuple[int, ...], torch.dtype]:
+        return tuple(self.qbuf.shape), self.qbuf.dtype
 
     def load(self, t: Optional[torch.Tensor]) -> None:
         self.qbuf.copy_(t)
@@ -135,18 +157,16 @@ class MassScorer(Scorer):
     """Attention mass: carried per-slot mass (``storage.extra["mass"]``) plus the current pass's mass."""
 
     slot_buffers = {"mass": torch.float32}
-    needs_mass = True
 
     def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor) -> None:
         """Keep ``mass [B, Hkv, length]`` (summed over heads) as the next compression's previous-pass part."""
         storage.extra["mass"][:, :length] = mass.sum(dim=1)
 
-    def scores(self, storage: LayerStorage, length: int, *masses: torch.Tensor) -> torch.Tensor:
-        """float32 ``[B, length]``: carried mass + each pass part (``[B, Hkv, length]``, summed over heads), in
-        that order, then reduced."""
-        total = storage.extra["mass"][:, :length]
+    def candidate_scores(self, storage: LayerStorage, start: int, end: int, *masses: torch.Tensor) -> torch.Tensor:
+        """Carried mass + each pass part (summed over heads), in that order, then reduced."""
+        total = storage.extra["mass"][:, start:end]
         for m in masses:
-            total = total + m.sum(dim=1)
+            total = total + m[:, :, start:end].sum(dim=1)
         return self.reduce_over_heads(total)
 
 
