@@ -15,22 +15,23 @@ $(VENV)/.deps: requirements.txt
 	$(PIP) install -q --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# (the check is silent as a command: only its one-line verdict is printed)
 $(VENV)/.built: $(VENV)/.deps setup.py pyproject.toml csrc/sources.txt $(EXT_SOURCES)
 	$(PIP) install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
-	$(PY) -c "import torch, deepforcing_kernels._C as c; print('C++ extension built:', c.version(), 'openmp' if c.has_openmp() else 'no openmp')" \
+	@$(PY) -c "import torch, deepforcing_kernels._C as c; print('C++ extension built:', c.version(), 'openmp' if c.has_openmp() else 'no openmp')" 2>/dev/null \
 	  || echo "warning: C++ extension not built; the reference backend will be used"
-	touch $@
+	@touch $@
 
 setup: $(VENV)/.built
 build: setup
 
 demo: setup
 	$(PY) -m deepforcing_kernels demo
-	$(PY) -m deepforcing_kernels generate --model tiny --prompt "a red fox" --frames 30 --out out/fox.mp4 --force
+	$(PY) -m deepforcing_kernels generate --model tiny --prompt "a red fox" --frames 30 --out out/demo_fox.mp4 --force
 
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: setup
-	DEEPFORCING_REQUIRE_CPP=1 $(PY) -m pytest tests; rc=$$?; \
+	DEEPFORCING_REQUIRE_CPP=1 $(PY) -m pytest tests --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup

@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_triton_attention.py --benchmark-enable
 
-Shapes follow SPEC section 6: one block of queries (3 frames) over a Wan cache, 12 heads, head_dim 128, bf16.
+Shapes follow docs/spec.md section 6: one block of queries (3 frames) over a Wan cache, 12 heads, head_dim 128, bf16.
 FLOPs of the forward: ``4 * B * Hq * Lq * Lk * D`` (QK^T and PV) plus ``2 * B * Hq * Lq * sink_len * D`` for the
 low-part dot of re-phased tiles; the mass pass adds ``2 * B * Hq * (m1 - m0) * Lk * D``. ``extra_info`` records
 TFLOP/s so runs on different GPUs can be compared.

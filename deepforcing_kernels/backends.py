@@ -62,12 +62,24 @@ def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
             return torch_all_finite(*tensors)
     # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs more in
     # fork/join than the scan itself
-    return bool(_ext.require().all_finite(tensors))
+    return bool(_ext_all_finite(tensors))
+
+
+# The extension's host helpers run eagerly under torch.compile (a clean graph break, same numbers as eager)
+# instead of dynamo trying to trace into a pybind function.
+@torch.compiler.disable
+def _ext_all_finite(tensors) -> bool:
+    return _ext.require().all_finite(tensors)
+
+
+@torch.compiler.disable
+def _ext_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
+    return _ext.require().frame_sums(q, frames)
 
 
 def _cpp_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
     if q.device.type == "cpu" and q.is_contiguous():
-        return _ext.require().frame_sums(q, frames)  # one thread: this runs on every pass
+        return _ext_frame_sums(q, frames)  # one thread: this runs on every pass
     return torch_frame_sums(q, frames)
 
 

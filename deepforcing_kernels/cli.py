@@ -1,7 +1,8 @@
 """The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``, ``gpu-check``.
 
-Each subcommand lives in :mod:`deepforcing_kernels.commands` as a module with ``add_parser(subparsers)`` and
-``run(args) -> int``, imported only when it runs, so ``deepforcing --help`` stays fast.
+Each subcommand lives in :mod:`deepforcing_kernels.commands` as a module (or package) with
+``add_arguments(parser)`` and ``run(args) -> int``, imported only when it runs, so ``deepforcing --help`` stays
+fast and imports no torch.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import List, Optional
 
 COMMANDS = {
     "demo": "a short tour: generation demo (or the op on each backend)",
-    "generate": "generate a long video's latents block by block",
+    "generate": "generate a long video block by block: prompt -> mp4, or latents (.pt)",
     "trace": "run the cache schedule alone and draw it",
     "bench": "benchmark the op, the compression step and whole rollouts",
     "gpu-check": "correctness, op timing and model rollouts on one CUDA GPU (--dry-run: tiny, on CPU)",

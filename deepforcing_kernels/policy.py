@@ -1,6 +1,6 @@
 """Cache policies: plain data that drives the one schedule engine (:mod:`deepforcing_kernels.schedule`).
 
-A :class:`CachePolicy` says *what* a streaming KV cache keeps (SPEC.md section 4); it holds no tensors and no code
+A :class:`CachePolicy` says *what* a streaming KV cache keeps (docs/spec.md section 4); it holds no tensors and no code
 paths of its own. Every policy is validated when it is built, so a policy that exists is one the engine can run.
 
 =================  =======================================  =====================================
@@ -9,7 +9,7 @@ policy             keeps                                    RoPE of kept keys
 ``full``           everything (the cache grows)             absolute
 ``sliding``        the last ``window_frames``, FIFO         absolute
 ``frame_sink``     first ``sink_frames`` + FIFO             absolute, never moved
-``deep_sink``      first ``sink_frames`` + FIFO             sink re-phased (SPEC section 2)
+``deep_sink``      first ``sink_frames`` + FIFO             sink re-phased (docs/spec.md section 2)
 ``deep_forcing``   sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
 =================  =======================================  =====================================
 """
@@ -24,7 +24,7 @@ KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")
 SCORES = ("mass", "logits")
 
 
-#: Latent frames per block in the Self-Forcing family (SPEC section 1): the default of every policy.
+#: Latent frames per block in the Self-Forcing family (docs/spec.md section 1): the default of every policy.
 BLOCK_FRAMES = 3
 
 
@@ -90,7 +90,7 @@ class CachePolicy:
                      recent_frames: int = 4, score: str = "mass", topc_max_reuse: Optional[int] = 7,
                      unify_topc_rope: bool = False, sink_gap: Optional[int] = None, *,
                      block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
-        """Deep Sink + Participative Compression (SPEC section 3).
+        """Deep Sink + Participative Compression (docs/spec.md section 3).
 
         When a new block would push the cache past ``window_frames``, it is compressed to ``budget_frames``:
         the sink, ``budget - sink - recent`` frames' worth of individually chosen Top-C tokens, and the last

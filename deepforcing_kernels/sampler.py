@@ -1,4 +1,4 @@
-"""The Self-Forcing few-step flow-matching sampler of one block (SPEC.md section 1).
+"""The Self-Forcing few-step flow-matching sampler of one block (docs/spec.md section 1).
 
 Per block of latent frames: four denoising passes at the shift-5 warp of ``[1000, 750, 500, 250]`` =
 ``[1000, 937.5, 833.33.., 625]`` (``flow = model(x, t)``, ``x0 = x - sigma_t * flow`` in float64 as the release,

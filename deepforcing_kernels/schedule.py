@@ -5,7 +5,7 @@ The engine works on whole frames and integers only (no tensors, no devices): giv
 and where the sink sits. :class:`~deepforcing_kernels.StreamingKVCache` executes the plan on tensors; the
 ``deepforcing trace`` command and the tests run it alone.
 
-What a pass does (SPEC.md sections 1-3):
+What a pass does (docs/spec.md sections 1-3):
 
 * ``overwrite`` — ``start_frame`` is the current block's start: passes 2..5 of a block rewrite the block's slots.
 * ``append`` — a new block (``start_frame >= block end``) that fits in the window (``full`` always appends).
@@ -16,7 +16,7 @@ What a pass does (SPEC.md sections 1-3):
   With ``score="logits"`` the compression runs before attention (the release); with ``score="mass"`` the pass
   attends to the augmented cache (that is where the mass comes from) and compresses after.
 
-Sink placement (Deep Sink, SPEC section 2): re-phasing happens only on the first pass of a block that
+Sink placement (Deep Sink, docs/spec.md section 2): re-phasing happens only on the first pass of a block that
 overflows; the sink then encodes temporal positions ``sink_start + i`` with
 ``sink_start = f0 + block_frames - frames_in_cache - g`` (``g = sink_gap``, or ``block_frames`` when None),
 where ``frames_in_cache`` is what the pass attends to. Before the first overflow the sink sits at its own

@@ -1,4 +1,4 @@
-"""Test helpers shipped with the package: the float64 oracle and the error budget of SPEC section 7.
+"""Test helpers shipped with the package: the float64 oracle and the error budget of docs/spec.md section 7.
 
 A backend passes when ``err_kernel <= 2 * err_torch + atol`` (atol = 1e-5), where errors are max-abs distances
 to the float64 oracle and ``err_torch`` is the error of plain PyTorch attention done in the input dtype on keys

@@ -53,7 +53,7 @@ def test_bench_rollout_semantics(bench_run):
         assert max(ro[p]["series"]["cache_frames"]) <= 21
     assert ro["deep_forcing_logits"]["attended_frames_mean"] < ro["sliding"]["attended_frames_mean"]
     assert ro["deep_forcing"]["attended_frames_mean"] < ro["sliding"]["attended_frames_mean"]
-    # logits mode alternates 16 / 19 frames after the window (SPEC section 3, step 4)
+    # logits mode alternates 16 / 19 frames after the window (docs/spec.md section 3, step 4)
     af = ro["deep_forcing_logits"]["series"]["attended_frames"]
     assert af[7:9] == [16.0, 19.0]
 

@@ -1,4 +1,4 @@
-"""The schedule: the release traces of SPEC section 2, and the engine against an independent brute-force model of
+"""The schedule: the release traces of docs/spec.md section 2, and the engine against an independent brute-force model of
 the release over random configurations (hypothesis), 100+ blocks each."""
 import warnings
 from typing import Dict, List, Optional, Tuple
@@ -38,7 +38,7 @@ def _run(policy, n=1, passes=1, blocks=15, B=1, H=2, D=16, backend="auto", start
                 yield f0, layer
 
 
-# ---------------------------------------------------------------------------------------------- SPEC traces
+# ---------------------------------------------------------------------------------------------- docs/spec.md traces
 def test_release_trace_deep_sink_s14():
     want = {21: ["0@0", "13@13", "17@17", "23@23"], 24: ["0@3", "13@16", "20@20", "26@26"],
             27: ["0@6", "13@19", "23@23", "29@29"]}

@@ -102,7 +102,7 @@ def test_trace_draws_a_png(tmp_path, capsys):
     assert _png_ok(png)
     text = capsys.readouterr().out
     assert "f0=  21" in text and "topc" in text and "Top-C selection frequency" in text
-    # SPEC section 2 (DS+PC, S=10, N=16): after the compression at f0 = 21 the sink sits at 5..14
+    # docs/spec.md section 2 (DS+PC, S=10, N=16): after the compression at f0 = 21 the sink sits at 5..14
     line21 = next(line for line in text.splitlines() if "f0=  21" in line)
     assert line21.split(":", 1)[1].strip().startswith("0@5..9@14")
 
@@ -113,7 +113,7 @@ def test_trace_deep_sink_matches_the_release_traces(tmp_path, capsys):
                  "--plot", png]) == 0
     lines = {int(line.split("f0=")[1].split()[0]): line.split(":", 1)[1].strip()
              for line in capsys.readouterr().out.splitlines() if "f0=" in line}
-    # SPEC section 2, DS only, S = 14 (the block in brackets)
+    # docs/spec.md section 2, DS only, S = 14 (the block in brackets)
     assert lines[21] == "0@0..13@13 | 17@17..20@20 | [21@21..23@23]"
     assert lines[24] == "0@3..13@16 | 20@20..23@23 | [24@24..26@26]"
     assert lines[27] == "0@6..13@19 | 23@23..26@26 | [27@27..29@29]"

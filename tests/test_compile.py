@@ -19,7 +19,14 @@ import torch
 from deepforcing_kernels.cache import CachePolicy, StreamingKVCache
 from deepforcing_kernels.models import CausalWanModel, WanConfig
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # torch's own TorchScript internals, reached by dynamo, deprecate themselves: not this package's call
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    # the RoPE / rotation tables and the extension loader are lru_cache'd pure functions of their arguments:
+    # dynamo tracing the wrapped function (as it says it does) is exactly right for them
+    pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"),
+]
 
 
 def _rollout(model, score, blocks, passes=3, seed=0):

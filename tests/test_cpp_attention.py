@@ -1,4 +1,4 @@
-"""The compiled CPU kernel (csrc/sink_attention_cpu.cpp) against the float64 oracle, by the SPEC section 7 budget.
+"""The compiled CPU kernel (csrc/sink_attention_cpu.cpp) against the float64 oracle, by the docs/spec.md section 7 budget.
 
 Every case goes through the public op with ``backend="cpp"`` (validation included) and is judged on out, lse and
 mass at once. bf16 runs on both of its paths: the bf16 micro-kernel (when this CPU has one) and the fp32
@@ -161,7 +161,7 @@ def test_sink_lengths(sink, dtype):
 @pytest.mark.parametrize("shift", [123_457, -300_001, 10**9 + 7], ids=["1e5", "-3e5", "1e9"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_huge_sink_shift(shift, dtype):
-    """fp32 angles fail the budget at |shift| ~ 1e5 (SPEC section 7); fp64 angles pass at any shift."""
+    """fp32 angles fail the budget at |shift| ~ 1e5 (docs/spec.md section 7); fp64 angles pass at any shift."""
     q, k, v = _inputs(1, 31, 70, 4, 4, 128, dtype)
     _check(q, k, v, rope=WAN128, sink_len=50, sink_shift=shift)
 

@@ -1,5 +1,5 @@
 """The compact Wan2.1 causal DiT: names, pieces against brute force, a whole block against a functional float64
-re-derivation of SPEC section 1, checkpoint loading."""
+re-derivation of docs/spec.md section 1, checkpoint loading."""
 import math
 
 import pytest
@@ -182,7 +182,7 @@ def test_unpatchify_channel_order_against_loop(patch):
 
 # ------------------------------------------------------------------------------------------------ whole forward
 def _reference_forward(m, latents, t, txt, start_frame, prev_kv=None):
-    """SPEC section 1 written out functionally in float64 from the state dict: one block of frames attending to
+    """docs/spec.md section 1 written out functionally in float64 from the state dict: one block of frames attending to
     ``prev_kv`` (list per layer of (k, v) already RoPE'd, or None) plus itself. Returns (flow, new kv list)."""
     cfg = m.config
     sd = {k: v.double() for k, v in m.state_dict().items()}

@@ -1,9 +1,9 @@
 """Reliability: hypothesis drives StreamingKVCache with random policies and call sequences against a brute-force
-model of the schedule written from SPEC.md sections 1-4 (not from deepforcing_kernels.schedule).
+model of the schedule written from docs/spec.md sections 1-4 (not from deepforcing_kernels.schedule).
 
 The model keeps every token by identity (frame, token-in-frame), re-derives from scratch what each pass must
 attend to (which tokens, at which temporal positions), and checks after every pass: the slots' frames, kinds,
-values and positions, the effective keys, the output (SPEC section 7 budget against the float64 oracle over the
+values and positions, the effective keys, the output (docs/spec.md section 7 budget against the float64 oracle over the
 model's keys), Top-C picks (a valid top-C of the model's own scores: logits or attention mass, with the reuse cap
 and fillers), reuse counters, and that the cache never holds more than the window. Bad calls in the sequence
 (start_frame backwards or inside the block) must raise ValueError and leave state_dict() unchanged.
@@ -43,7 +43,7 @@ def state_equal(a, b) -> bool:
 
 
 class BruteForceCache:
-    """SPEC model of one cache layer. Call :meth:`step` with the same q, k, v and start_frame as the layer; it
+    """The docs/spec.md model of one cache layer. Call :meth:`step` with the same q, k, v and start_frame as the layer; it
     returns the model's view of the pass and checks the layer against it."""
 
     def __init__(self, policy: CachePolicy, *, batch_size: int, tokens_per_frame: int, rope: Optional[RopeSpec]):
@@ -72,7 +72,7 @@ class BruteForceCache:
             if s < S_tok and p.rephase_sink and sink_start is not None:
                 out.append(f + sink_start - self.stream_start)  # sink: moved by the total shift
             elif S_tok <= s < S_tok + C_tok and p.unify_topc_rope and sink_start is not None:
-                out.append(sink_start + p.sink_frames + (s - S_tok) // n)  # SPEC 3.5 unification
+                out.append(sink_start + p.sink_frames + (s - S_tok) // n)  # docs/spec.md section 3, item 5: unification
             else:
                 out.append(f)
         return out

@@ -3,10 +3,10 @@
 A tiny geometry (2 tokens per frame, 2 heads, head_dim 32, one layer) streams 1206 frames, two passes per block
 (the first appends or rolls or compresses, the second overwrites as the clean pass does). Keys and queries are
 RoPE'd at their absolute frames (up to 1205). After every block: outputs finite, the cache never holds more than
-the window, and the frames and temporal positions of every slot are exactly what SPEC sections 2-4 say (derived
+the window, and the frames and temporal positions of every slot are exactly what docs/spec.md sections 2-4 say (derived
 here from the formulas, not from the schedule engine). At the last block, the output is compared with attention
 over keys rotated *directly* at their SPEC positions in float64 (no re-phasing involved): a sink shift of ~1180
-frames must keep the output within the SPEC section 7 budget, in fp32 and bf16.
+frames must keep the output within the docs/spec.md section 7 budget, in fp32 and bf16.
 """
 import pytest
 import torch

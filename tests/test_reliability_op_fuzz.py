@@ -1,4 +1,4 @@
-"""Reliability: hypothesis fuzzing of the public op against the float64 oracle (SPEC section 7 budget).
+"""Reliability: hypothesis fuzzing of the public op against the float64 oracle (docs/spec.md section 7 budget).
 
 Every CPU backend ("reference", "cpp" when built, "auto") is driven with random shapes, GQA groups, sink lengths,
 shifts (0, negative, beyond 10^5), per-key shifts, mass ranges (empty included), dtypes, softmax scales and
@@ -205,7 +205,7 @@ def test_huge_logits_one_hot(backend):
 def test_equal_huge_logits_give_uniform_softmax(backend, logit, dtype):
     """Every key scores the same (at -1e4, 0 or 1e4: far past exp under/overflow): the softmax is uniform, so out is the
     mean of v, lse = logit + log(Lk) and each key gets mass Lq * group / Lk. (Normalising by exp(s - lse) instead of
-    exp(s - max) / sum loses ulp(lse) ~ 1e-3 here: 2e-4 error in out, over the SPEC budget.)"""
+    exp(s - max) / sum loses ulp(lse) ~ 1e-3 here: 2e-4 error in out, over the docs/spec.md section 7 budget.)"""
     _need(backend)
     B, Lq, Lk, Hq, Hkv, D = 1, 3, 37, 4, 2, 16
     q = torch.zeros(B, Lq, Hq, D)

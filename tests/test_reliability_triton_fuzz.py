@@ -1,7 +1,7 @@
 """Reliability: a handful of hypothesis examples drive the Triton backend under TRITON_INTERPRET=1 (slow: kept tiny).
 
 Random shapes, GQA groups, sink lengths, shifts (0, negative, > 10^5), per-key shifts, mass ranges (empty
-included), dtypes and non-contiguous layouts, each judged by the SPEC section 7 budget. 16 x 16 tiles make tiny
+included), dtypes and non-contiguous layouts, each judged by the docs/spec.md section 7 budget. 16 x 16 tiles make tiny
 shapes run the multi-tile paths (tail tiles, a sink tile straddling sink_len). The Triton owner's own suite is
 tests/test_triton_attention.py; this adds randomised combinations.
 """

@@ -1,6 +1,6 @@
 """Triton sink attention (forward, LSE, attention mass) under TRITON_INTERPRET=1 on CPU tensors.
 
-Every output is judged by the SPEC section 7 budget against the float64 oracle
+Every output is judged by the docs/spec.md section 7 budget against the float64 oracle
 (``deepforcing_kernels.testing.assert_within_budget``). Tiles are small (16 / 32) so the multi-tile paths run on
 small shapes: a tail key tile, a sink tile straddling ``sink_len``, re-phased tiles narrower than plain ones.
 """

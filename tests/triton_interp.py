@@ -1,6 +1,6 @@
 """Shared helpers for tests that run Triton kernels under TRITON_INTERPRET=1 on CPU tensors.
 
-SPEC section 7: the interpreter is not the compiler. One more difference than the SPEC lists: the interpreter
+docs/spec.md section 7: the interpreter is not the compiler. One more difference than the SPEC lists: the interpreter
 (Triton 3.x) casts fp32 to bf16 by truncation (round toward zero; ``fp_downcast_rounding="rtne"`` is ignored),
 where the GPU's ``cvt`` rounds to nearest even. The kernels round P to bf16 for the P V product, so under the
 interpreter P is biased low and about 8% of random tiny bf16 cases miss the budget (up to 4x err_torch); with

@@ -1,6 +1,6 @@
 """The "compression" section of ``deepforcing bench``: one Participative Compression step against one block's attention.
 
-A compression step (SPEC section 3) at one layer is: score every candidate token, pick the Top-C among the
+A compression step (docs/spec.md section 3) at one layer is: score every candidate token, pick the Top-C among the
 eligible ones (reuse cap), and gather K, V (and the per-token bookkeeping) into the compressed cache. It runs
 once per layer on the first pass of every other block. The number that matters is its cost relative to the
 attention the same layer does on that pass: the target is <= 5 %.
@@ -38,7 +38,7 @@ HEADS, HEAD_DIM = 12, 128
 
 @dataclass(frozen=True)
 class CompressionGeometry:
-    """Deep Forcing defaults (SPEC section 3): W 21, block 3, sink 10, budget 16, recent 4, reuse cap 7."""
+    """Deep Forcing defaults (docs/spec.md section 3): W 21, block 3, sink 10, budget 16, recent 4, reuse cap 7."""
 
     window_frames: int = 21
     block_frames: int = 3

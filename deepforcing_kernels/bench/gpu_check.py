@@ -4,7 +4,7 @@ Four sections, each time-boxed (a section that runs out of time stops starting n
 ``"truncated": true``; an error in one section is recorded in its ``"error"`` and the others still run):
 
 1. ``correctness`` — every Triton variant (re-phasing none / sink / per-key, with and without the mass pass; fp16
-   and bf16) on CUDA against the float64 oracle with the SPEC section 7 budget (``err <= 2 * err_torch + 1e-5``),
+   and bf16) on CUDA against the float64 oracle with the docs/spec.md section 7 budget (``err <= 2 * err_torch + 1e-5``),
    on the adversarial shapes of the tests and on the production shape; then a 60-block cache rollout
    (``deep_forcing``, float32) on CUDA against the same rollout on CPU with the reference backend.
 2. ``op_timing`` — the op at the production shape (q 3 x 1560 tokens, KV 16 / 19 / 21 frames x 1560, 12 heads,

@@ -76,7 +76,7 @@ def format_markdown(r: Dict[str, Any]) -> str:
         bad = [x for x in c["cases"] if not x["ok"]]
         ro = c["rollout"]
         lines += ["## Correctness", "",
-                  f"{len(c['cases']) - len(bad)}/{len(c['cases'])} variant x dtype cases within the SPEC budget"
+                  f"{len(c['cases']) - len(bad)}/{len(c['cases'])} variant x dtype cases within the docs/spec.md section 7 budget"
                   + (f"; failing: {', '.join(x['case'] + '/' + x['dtype'] for x in bad)}" if bad else ""),
                   f"cache rollout ({ro['blocks']} blocks) vs CPU reference: max |diff| {_f(ro['max_abs_diff'])}, "
                   f"slot frames equal: {ro['frames_equal']}", ""]

@@ -25,7 +25,7 @@ from .timing import interleaved, median
 
 #: The head geometry of Wan2.1-1.3B: every op case uses it.
 HEADS, HEAD_DIM, BLOCK_FRAMES = 12, 128, 3
-#: Deep-Forcing-shaped re-phasing: a 10-frame sink moved by 11 positions (SPEC section 2).
+#: Deep-Forcing-shaped re-phasing: a 10-frame sink moved by 11 positions (docs/spec.md section 2).
 SINK_FRAMES, SINK_SHIFT = 10, 11
 
 

@@ -127,7 +127,7 @@ class ReleaseCache:
 
     A benchmark baseline, not a user policy. Same schedule as ``CachePolicy.deep_forcing(score="logits")`` (the
     actions, sink placement and Top-C rule of :func:`deepforcing_kernels.schedule.plan_pass` and
-    :func:`deepforcing_kernels.cache.select_topc`), executed the way the release moves data (SPEC sections 2-3):
+    :func:`deepforcing_kernels.cache.select_topc`), executed the way the release moves data (docs/spec.md sections 2-3):
 
     * the recent-query buffer holds the raw queries of the last ``recent_frames`` frames (bf16 / the cache dtype),
       rebuilt by concatenation every pass;

@@ -1,7 +1,7 @@
 """A compact, faithful Wan2.1 causal DiT (the network Self-Forcing distils), driving a :class:`StreamingKVCache`.
 
 The maths follows the public Wan2.1 ``wan/modules/model.py`` and Self-Forcing ``wan/modules/causal_model.py``
-(SPEC.md section 1), with the original parameter names so released checkpoints load unchanged:
+(docs/spec.md section 1), with the original parameter names so released checkpoints load unchanged:
 
 * patch embedding ``Conv3d(in_dim, dim, kernel = stride = patch_size)``; tokens frame-major, then row, column;
 * per-frame time embedding: float64 sinusoid (cos first), ``time_embedding`` Linear-SiLU-Linear and

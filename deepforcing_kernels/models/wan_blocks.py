@@ -126,7 +126,7 @@ class WanTextContext(NamedTuple):
 
 
 class WanAttentionBlock(nn.Module):
-    """One DiT block: modulated self-attention, cross-attention, modulated FFN (SPEC section 1)."""
+    """One DiT block: modulated self-attention, cross-attention, modulated FFN (docs/spec.md section 1)."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()

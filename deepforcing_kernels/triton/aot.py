@@ -29,7 +29,7 @@ import os
 
 if __name__ == "__main__":  # (only when run as the command: importing this module changes nothing)
     # Must precede any triton import: under the interpreter @triton.jit makes InterpretedFunctions, which cannot
-    # be compiled (SPEC section 7).
+    # be compiled (docs/spec.md section 7).
     os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 default, stated to silence its warning
 

@@ -11,7 +11,7 @@ registers, in fp32, right after loading it (the pair partner of each channel com
 the same cache lines, so the rotation is elementwise), then splits the fp32 result into ``hi + lo`` in the input
 dtype and runs ``q . hi + q . lo`` on the tensor cores (16-bit inputs; see ``_load_rotated_keys`` for why). The
 stored keys are never written. The caller passes float32 ``cos`` / ``sin`` tables of the angles (built in float64
-by :func:`deepforcing_kernels.rotation.rotation_tables`; SPEC section 7: an fp32 angle is off by ~|d| * 1e-7 rad):
+by :func:`deepforcing_kernels.rotation.rotation_tables`; docs/spec.md section 7: an fp32 angle is off by ~|d| * 1e-7 rad):
 
 * sink mode: a ``[T]`` table (T = ``rope.temporal_pairs``) for keys ``[0, rot_len)``, loaded once per program;
 * per-key mode: a ``[B, Lk, T]`` table. Cost: ``8 * T`` bytes per key (176 B for Wan, T = 22) of extra reads per

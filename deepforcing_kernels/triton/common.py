@@ -43,7 +43,7 @@ def device_arch(device: torch.device) -> int:
 
 def dot_in_f32(dtype: torch.dtype) -> bool:
     """Whether dots run on fp32 operands: always for fp32 inputs (ieee), and for bf16 under the interpreter,
-    which stores bf16 as uint16 and would multiply the raw integers in ``tl.dot`` (SPEC section 7(a))."""
+    which stores bf16 as uint16 and would multiply the raw integers in ``tl.dot`` (docs/spec.md section 7(a))."""
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
@@ -103,7 +103,7 @@ def _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin
     Returns ``(k_hi, k_lo)`` in the input dtype with ``k_hi + k_lo`` = the fp32 rotated keys to ~2^-16 relative
     (``k_lo`` is unused, and returned as ``k_hi``, when ``ROTATE == 0``). Rounding the rotated keys to bf16 once
     costs ~4e-3 relative per key, coherent over every query that reads the key, which does not fit the
-    SPEC section 7 budget for lse / mass; the second dot ``q . k_lo`` removes it and runs on re-phased tiles only.
+    docs/spec.md section 7 budget for lse / mass; the second dot ``q . k_lo`` removes it and runs on re-phased tiles only.
     For fp32 inputs ``k_lo`` is exactly zero and the callers skip it (``SPLIT``).
     """
     k_ptrs = K + offs_n[:, None] * stride_kn
