@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from ..models import build_model, random_text_embeds
-    from ..presets import make_policy
+    from ..presets import POLICY_NAMES, make_policy
     from .trace import plot, summary, trace_policy
 
     t_start = time.perf_counter()
@@ -125,10 +125,11 @@ def _run(args: argparse.Namespace) -> int:
 
     if not args.no_compare:
         print(f"2) every policy, {args.frames} frames each:")
-        print(f"   {'policy':<14} {'frames/s':>9} {'cache max':>10} {'cache last':>11}")
-        for name in ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "deep_forcing_logits"):
+        w = max(len(name) for name in POLICY_NAMES)
+        print(f"   {'policy':<{w}} {'frames/s':>9} {'cache max':>10} {'cache last':>11}")
+        for name in POLICY_NAMES:
             s = rollout_stats(model, text, args.frames, make_policy(name), args.seed, progress=False)
-            print(f"   {name:<14} {s['fps']:9.1f} {max(s['sizes']):10g} {s['sizes'][-1]:11g}")
+            print(f"   {name:<{w}} {s['fps']:9.1f} {max(s['sizes']):10g} {s['sizes'][-1]:11g}")
 
     path = os.path.join(args.out_dir, "trace.png")
     print(f"3) cache schedule of deep-forcing (2 tokens/frame, random q/k/v), first {min(args.frames, 90)} frames:")
