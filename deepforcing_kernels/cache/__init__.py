@@ -149,7 +149,7 @@ class StreamingKVCache:
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:
             raise ValueError(f"device {self.device} is not available here: {e}") from None
-        self.backend_impl = resolve(backend, self.device, self.head_dim, dtype)
+        impl = resolve(backend, self.device, self.head_dim, dtype)
         if reduce_over_heads is not None and not callable(reduce_over_heads):
             raise ArgumentTypeError("reduce_over_heads must be callable(partial_scores) -> scores")
         self.reduce_over_heads = reduce_over_heads
@@ -169,7 +169,7 @@ class StreamingKVCache:
         self._ctx = LayerContext(
             policy=policy, batch_size=self.batch_size, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim, tokens_per_frame=n, dtype=dtype, device=self.device, rope=rope,
-            check_finite=check_finite, reduce_over_heads=reduce_over_heads, backend_impl=self.backend_impl,
+            check_finite=check_finite, reduce_over_heads=reduce_over_heads, backend_impl=impl,
             capacity_frames=self.capacity_frames, block_tokens=self.block_tokens,
             want_q=torch.Size((self.batch_size, self.block_tokens, self.num_heads, self.head_dim)),
             want_kv=torch.Size((self.batch_size, self.block_tokens, self.num_kv_heads, self.head_dim)),
@@ -185,6 +185,15 @@ class StreamingKVCache:
                 f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"tokens_per_frame={self.tokens_per_frame}, dtype={self.dtype}, device={self.device}, "
                 f"backend={self.backend!r})")
+
+    @property
+    def backend_impl(self) -> Any:
+        """The attention backend every layer calls (:class:`~deepforcing_kernels.backends.Backend`)."""
+        return self._ctx.backend_impl
+
+    @backend_impl.setter
+    def backend_impl(self, impl: Any) -> None:  # e.g. a test's failing backend; every layer sees it at once
+        self._ctx.backend_impl = impl
 
     @property
     def backend(self) -> str:

@@ -12,10 +12,11 @@ from ..rope import RopeSpec
 __all__ = ["LayerContext"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerContext:
     """The geometry, backend and shared buffers every :class:`~.executor.CacheLayer` of one
-    :class:`~deepforcing_kernels.StreamingKVCache` runs with, validated by the cache and fixed for its life.
+    :class:`~deepforcing_kernels.StreamingKVCache` runs with, validated by the cache. One object shared by the
+    cache and all its layers; only the cache writes it (its ``backend_impl`` setter), the layers read it.
 
     Attributes:
         policy, batch_size, num_heads, num_kv_heads, head_dim, tokens_per_frame, dtype, device, rope,
