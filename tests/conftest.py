@@ -1,8 +1,13 @@
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
+
+# The suite is grouped in folders by the package's parts; the shared helpers (support.py, triton_interp.py) sit
+# here, beside this file, and every folder imports them by name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if importlib.util.find_spec("triton") is not None:
     # Triton's interpreter mode is fixed when triton is first imported; anything in the session may import it
@@ -10,26 +15,12 @@ if importlib.util.find_spec("triton") is not None:
     # interpreter window of triton_interp, before any test module runs.
     import triton_interp  # noqa: F401
 
+from support import cpp_available, require_cpp  # noqa: E402,F401  (after triton: support imports the package)
+
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def cpp_available() -> bool:
-    from deepforcing_kernels import available_backends
-
-    return "cpp" in available_backends("cpu")
-
-
-def require_cpp():
-    """Skip when the C++ kernel is not built, unless the run demands it (make test sets DEEPFORCING_REQUIRE_CPP=1,
-    so a broken build fails CI instead of silently skipping the fast backend)."""
-    if cpp_available():
-        return
-    if os.environ.get("DEEPFORCING_REQUIRE_CPP") == "1":
-        pytest.fail("the C++ extension is required (DEEPFORCING_REQUIRE_CPP=1) but is not built")
-    pytest.skip("C++ extension not built")
 
 
 @pytest.fixture(scope="module")

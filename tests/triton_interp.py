@@ -68,3 +68,27 @@ def gpu_like_bf16_casts(monkeypatch):
         return real(self, src, dst_type)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "cast_impl", cast_impl)
+
+
+#: the small launch configs the interpreter tests use: 32-wide query and plain key tiles, 16-wide re-phased key
+#: tiles, 16 x 16 mass tiles, so a test's small shapes run every multi-tile path
+SMALL_FWD_TILES = (32, 32, 4, 1, 16)
+SMALL_MASS_TILES = (16, 16, 4, 1)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch, gpu_like_bf16_casts):
+    """Under the interpreter, with the kernels' launch configs replaced by the small ones above (after the kernel
+    mode check: a rebuild would drop the patches). Yields ``(fwd_config, mass_config)``."""
+    from deepforcing_kernels.triton import attention as triton_attention
+    from deepforcing_kernels.triton import mass as triton_mass
+    from deepforcing_kernels.triton.configs import FwdConfig
+
+    fwd = FwdConfig(*SMALL_FWD_TILES[:4], BLOCK_N_ROT=SMALL_FWD_TILES[4])
+    mass = FwdConfig(*SMALL_MASS_TILES)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_attention._ensure_kernel_mode()
+    monkeypatch.setattr(triton_attention, "fwd_config", lambda *a: fwd)
+    monkeypatch.setattr(triton_mass, "mass_config", lambda *a: mass)
+    yield fwd, mass
+

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import require_cpp
+from support import require_cpp
 from deepforcing_kernels import RopeSpec, available_backends, rephase, sink_attention
 from deepforcing_kernels.testing import assert_within_budget
 

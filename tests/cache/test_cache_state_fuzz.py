@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 
-from test_reliability_cache_fuzz import policies, state_equal
+from support import policies, state_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

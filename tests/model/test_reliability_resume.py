@@ -31,7 +31,7 @@ from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig
 from deepforcing_kernels.runio import RunError, load_run, parts_dir
 
-from test_reliability_cache_fuzz import policies, state_equal
+from support import policies, state_equal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
@@ -171,7 +171,7 @@ FRAMES = 60
 
 def _env():
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

@@ -7,7 +7,7 @@ import pytest
 import deepforcing_kernels
 from deepforcing_kernels import _ext
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_extension_reports_build_facts():

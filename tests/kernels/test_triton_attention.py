@@ -8,7 +8,7 @@ import pytest
 import torch
 
 # first, before anything Triton: imports triton and the kernels under the interpreter (see triton_interp)
-from triton_interp import gpu_like_bf16_casts  # noqa: E402,F401  (fixture)
+from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: E402,F401  (fixtures)
 triton = pytest.importorskip("triton")
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
@@ -30,11 +30,8 @@ REAL_MASS_CONFIG = triton_mass.mass_config
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(monkeypatch, gpu_like_bf16_casts):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_attention._ensure_kernel_mode()  # before patching: a rebuild would drop the patches
-    monkeypatch.setattr(triton_attention, "fwd_config", lambda *a: SMALL_FWD)
-    monkeypatch.setattr(triton_mass, "mass_config", lambda *a: SMALL_MASS)
+def _interpret_small_tiles(small_tiles):
+    assert small_tiles == (SMALL_FWD, SMALL_MASS)  # the tiles these tests' shapes were chosen for
 
 
 def _qkv(B, Lq, Lk, Hq, Hkv, D, dtype, scale=1.0):

@@ -3,7 +3,7 @@
 Every CPU backend ("reference", "cpp" when built, "auto") is driven with random shapes, GQA groups, sink lengths,
 shifts (0, negative, beyond 10^5), per-key shifts, mass ranges (empty included), dtypes, softmax scales and
 non-contiguous inputs. Extreme inputs (logits of 1e4 scale) must stay finite; NaN must never be hidden.
-Triton is fuzzed separately (tests/test_reliability_triton_fuzz.py) because the interpreter is slow.
+Triton is fuzzed separately (tests/kernels/test_reliability_triton_fuzz.py) because the interpreter is slow.
 """
 import math
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from deepforcing_kernels import RopeSpec, sink_attention
 from deepforcing_kernels.testing import assert_within_budget
 
-from conftest import require_cpp
+from support import require_cpp
 
 BACKENDS = ["reference", "cpp", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

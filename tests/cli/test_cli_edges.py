@@ -465,7 +465,7 @@ def test_generate_help_names_the_flags(flag, capsys):
 # ---------------------------------------------------------------------------------------------- a real process
 def test_console_exit_code_and_one_line(tmp_path):
     env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "deepforcing_kernels", "generate", "--batch-size", "0", "--out",
                         str(tmp_path / "o.pt")], capture_output=True, text=True, env=env, timeout=120)

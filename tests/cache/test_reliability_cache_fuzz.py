@@ -16,30 +16,19 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, sink_attention
 from deepforcing_kernels.reference.attention import release_logit_score
 from deepforcing_kernels.reference.rope import rephase
 from deepforcing_kernels.testing import assert_within_budget
+from support import policies, state_equal  # noqa: F401  (shared with the resume and bad-input tests)
 
 Ident = Tuple[int, int]  # (frame, token index inside the frame)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
-
-
-def state_equal(a, b) -> bool:
-    """Deep equality of two state dicts (tensors compared bit for bit, dtype and shape included)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
-                and a.shape == b.shape and torch.equal(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[x], b[x]) for x in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
-    return type(a) is type(b) and a == b
 
 
 class BruteForceCache:
@@ -263,30 +252,6 @@ class BruteForceCache:
 
 
 # ---------------------------------------------------------------------------------------------- strategies
-@st.composite
-def policies(draw, kinds=("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")):
-    kind = draw(st.sampled_from(kinds))
-    F = draw(st.integers(1, 3))
-    if kind == "full":
-        return CachePolicy.full(block_frames=F)
-    W = draw(st.integers(F, 10))
-    if kind == "sliding":
-        return CachePolicy.sliding(W, block_frames=F)
-    assume(W >= F + 1)
-    S = draw(st.integers(1, W - F))
-    if kind == "frame_sink":
-        return CachePolicy.frame_sink(W, S, block_frames=F)
-    gap = draw(st.sampled_from([None, 0, 1, 4]))
-    if kind == "deep_sink":
-        return CachePolicy.deep_sink(W, S, gap, block_frames=F)
-    score = draw(st.sampled_from(["mass", "logits"]))
-    R = draw(st.integers(F, 2 * F if score == "mass" else 2 * F + 1))
-    assume(S + R + 1 <= W)
-    N = draw(st.integers(S + R + 1, W))  # at least one Top-C frame
-    return CachePolicy.deep_forcing(W, S, N, R, score=score, topc_max_reuse=draw(st.sampled_from([None, 1, 2, 7])),
-                                    unify_topc_rope=draw(st.booleans()), sink_gap=gap, block_frames=F)
-
-
 @st.composite
 def scenarios(draw, kinds=("full", "sliding", "frame_sink", "deep_sink", "deep_forcing"), bad=True):
     policy = draw(policies(kinds))

@@ -3,7 +3,7 @@
 Random shapes, GQA groups, sink lengths, shifts (0, negative, > 10^5), per-key shifts, mass ranges (empty
 included), dtypes and non-contiguous layouts, each judged by the docs/spec.md section 7 budget. 16 x 16 tiles make tiny
 shapes run the multi-tile paths (tail tiles, a sink tile straddling sink_len). The Triton owner's own suite is
-tests/test_triton_attention.py; this adds randomised combinations.
+tests/kernels/test_triton_attention.py; this adds randomised combinations.
 """
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""One rank of a distributed test: ``python tests/distributed_worker.py SCENARIO [ARGS...]`` under the torchrun
+"""One rank of a distributed test: ``python tests/distributed/distributed_worker.py SCENARIO [ARGS...]`` under the torchrun
 environment (set by :func:`deepforcing_kernels.distributed.testing.launch_local`). Prints ``OK <scenario>`` on
 success; asserts otherwise (non-zero exit). Not collected by pytest (no ``test_`` prefix)."""
 from __future__ import annotations

@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 
-from triton_interp import gpu_like_bf16_casts  # noqa: E402,F401  (first: imports triton under the interpreter)
+from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: E402,F401  (first: imports triton under the interpreter)
 triton = pytest.importorskip("triton")
 from deepforcing_kernels import RopeSpec  # noqa: E402
 from deepforcing_kernels.attention import SinkAttentionOutput  # noqa: E402
@@ -25,11 +25,8 @@ SMALL_MASS = FwdConfig(16, 16, 4, 1)
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(monkeypatch, gpu_like_bf16_casts):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_attention._ensure_kernel_mode()  # before patching: a rebuild would drop the patches
-    monkeypatch.setattr(triton_attention, "fwd_config", lambda *a: SMALL_FWD)
-    monkeypatch.setattr(triton_mass, "mass_config", lambda *a: SMALL_MASS)
+def _interpret_small_tiles(small_tiles):
+    assert small_tiles == (SMALL_FWD, SMALL_MASS)  # the tiles these tests' shapes were chosen for
 
 
 def _qkv(B, Lq, Lk, Hq, Hkv, D, dtype, seed=0):

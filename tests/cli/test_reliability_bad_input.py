@@ -1,6 +1,6 @@
 """Reliability: wrong calls raise a clear ValueError / TypeError and leave everything exactly as it was.
 
-The op's own bad-input table is tests/test_validation.py; this module covers the stateful layers on top of it:
+The op's own bad-input table is tests/kernels/test_validation.py; this module covers the stateful layers on top of it:
 ``CacheLayer.attend`` (shapes, dtypes, mixed devices, NaN / inf, start_frame backwards or inside the block, a block
 of the wrong length), ``StreamingKVCache.load_state_dict`` (another policy with the same kind, another geometry,
 someone else's state, one bad layer among good ones), ``generate(resume_from=...)`` and ``deepforcing generate
@@ -15,7 +15,7 @@ from deepforcing_kernels.cli import main
 from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig
 
-from test_reliability_cache_fuzz import state_equal
+from support import state_equal
 
 B, H, HKV, D, N = 2, 4, 2, 16, 2
 ROPE = RopeSpec.wan(D)
@@ -242,7 +242,7 @@ def test_cli_resume_of_a_file_that_is_not_a_run(tmp_path, content):
         out.write_bytes(b"not a torch file")
     data = out.read_bytes()
     assert main(["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--frames", "6",
-                 "--out", str(out), "--resume"]) == 1  # a one-line message naming the file (tests/test_cli_edges.py)
+                 "--out", str(out), "--resume"]) == 1  # a one-line message naming the file (tests/cli/test_cli_edges.py)
     assert out.read_bytes() == data
 
 
