@@ -23,7 +23,8 @@ import torch
 from . import _ext
 from .presets import BACKEND_NAMES, BACKEND_PRIORITY
 from .rotation import rotation_tables
-from .triton import interpreting as triton_interpreting, triton_supports
+from .triton import interpreting as triton_interpreting
+from .triton import triton_supports
 
 __all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "get_backend", "resolve", "available_backends",
            "triton_interpreting", "torch_all_finite", "torch_frame_sums"]

@@ -7,7 +7,7 @@ layout takes a new tag, never a new meaning for an old one.
 from __future__ import annotations
 
 __all__ = ["CACHE_STATE_FORMAT", "ROLLOUT_STATE_FORMAT", "RUN_FORMAT", "RUN_BLOCK_FORMAT", "RUN_STATE_FORMAT",
-           "FRAME_STREAM_FORMAT", "VIDEO_RUN_FORMAT"]
+           "FRAME_STREAM_FORMAT", "VIDEO_RUN_FORMAT", "STREAM_DECODER_FORMAT", "SHARD_FORMAT"]
 
 #: :meth:`deepforcing_kernels.StreamingKVCache.state_dict`
 CACHE_STATE_FORMAT = "deepforcing_kernels.StreamingKVCache/1"
@@ -23,3 +23,7 @@ RUN_STATE_FORMAT = "deepforcing-run-state/1"
 FRAME_STREAM_FORMAT = "deepforcing-frame-stream/1"
 #: :meth:`deepforcing_kernels.pipeline.VideoRun.state_dict` (the resume state of an mp4 run)
 VIDEO_RUN_FORMAT = "deepforcing-video-run/1"
+#: :meth:`deepforcing_kernels.video.StreamDecoder.state_dict` (the VAE's causal decoder caches)
+STREAM_DECODER_FORMAT = "deepforcing-stream-decoder/1"
+#: one rank's shard of a sequence-parallel `deepforcing generate --parallel` run
+SHARD_FORMAT = "deepforcing-sp-shard/1"

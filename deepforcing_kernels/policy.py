@@ -105,19 +105,19 @@ class CachePolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        F = self._int("block_frames", 1)
+        F = self._store_checked_int("block_frames", 1)
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool):
             raise ArgumentTypeError("rephase_sink and unify_topc_rope must be bools")
         if self.kind == "full":
             self._only(window_frames=None, sink_frames=0)
         else:
-            W = self._int("window_frames", 1)
+            W = self._store_checked_int("window_frames", 1)
             if W < F:
                 raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
         if self.kind == "sliding":
             self._only(sink_frames=0)
         if self.kind in ("frame_sink", "deep_sink", "deep_forcing"):
-            S = self._int("sink_frames", 1)
+            S = self._store_checked_int("sink_frames", 1)
             if S >= self.window_frames:
                 raise ValueError(f"sink_frames ({S}) must be < window_frames ({self.window_frames})")
             if S + F > self.window_frames:
@@ -129,14 +129,14 @@ class CachePolicy:
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
             if self.sink_gap is not None:
-                self._int("sink_gap", 0)
+                self._store_checked_int("sink_gap", 0)
         if self.kind != "deep_forcing":
             self._only(budget_frames=None, recent_frames=None, score=None, topc_max_reuse=None,
                        unify_topc_rope=False)
             return
         S, W = self.sink_frames, self.window_frames
-        N = self._int("budget_frames", 1)
-        R = self._int("recent_frames", 1)
+        N = self._store_checked_int("budget_frames", 1)
+        R = self._store_checked_int("recent_frames", 1)
         if R < F:
             raise ValueError(f"recent_frames ({R}) must be >= block_frames ({F}): the block being generated "
                              "must survive its own compression")
@@ -153,10 +153,10 @@ class CachePolicy:
                              f"frames of queries, so recent_frames ({R}) must be <= 2 * block_frames ({2 * F}); "
                              "use score='logits' for a longer query buffer")
         if self.topc_max_reuse is not None:
-            self._int("topc_max_reuse", 1)
+            self._store_checked_int("topc_max_reuse", 1)
 
-    def _int(self, name: str, minimum: int) -> int:
-        """Validate the int field ``name`` (numpy / 0-d tensor ints are stored as Python ints)."""
+    def _store_checked_int(self, name: str, minimum: int) -> int:
+        """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
         value = check_int(name, getattr(self, name), minimum=minimum)
         object.__setattr__(self, name, value)
         return value

@@ -136,7 +136,7 @@ def measure_geometry(*, num_layers: int = 30, tokens_per_frame: int = 1560, num_
             probe_alone = min(_probe(), _probe())  # paired with the probe during this save's write
             b0, w0, n0 = saver.blocked_s, saver.write_s, saver.bytes_written
             t0 = time.perf_counter()
-            saver.save(frames, lambda: _rollout_state(cache, gen, frames))
+            saver.save(frames, lambda: _rollout_state(cache, gen, frames))  # noqa: F821  (runs before `del cache`)
             blocked = saver.blocked_s - b0
             probe = _probe()  # the loop's own work while the state is written in the background
             if saver.writer._thread is not None and saver._idle.is_set():

@@ -353,7 +353,7 @@ def run_model(plan: Plan, log: Callable[[str], None]) -> Dict[str, Any]:
             else:
                 pol = CachePolicy.sliding() if policy == "sliding" else CachePolicy.deep_forcing()
                 cache = StreamingKVCache(pol, device=dev, check_finite=False, **mk)
-            if compiled:  # the cache's host-side schedule stays eager (see tests/test_compile.py)
+            if compiled:  # the cache's host-side schedule stays eager (see tests/model/test_compile.py)
                 for layer in cache.layers:
                     layer.attend = torch.compiler.disable(layer.attend)
             if dev == "cuda":

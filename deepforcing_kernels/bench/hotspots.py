@@ -13,25 +13,34 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from .rollout import RolloutConfig, run_cache_rollout
 
-#: (label, substring of the profiled function's name, substring of its file) — first match wins per label.
+#: (label, function, file) — ``function`` is the profiled function's name, matched exactly (a built-in's whole
+#: ``<built-in method ...>`` / ``<method ...>`` text), ``file`` the end of its path ("" for built-ins). A test
+#: profiles a rollout and checks every row matches, so a rename cannot silently blank the table.
 PIECES: Tuple[Tuple[str, str, str], ...] = (
-    ("CacheLayer.attend (total)", "attend", "cache.py"),
-    ("sink_attention (public op, all backends)", "sink_attention", "attention.py"),
-    ("  C++ kernel sink_attention_fwd", "sink_attention_fwd", ""),
-    ("  reference backend", "sink_attention_reference", ""),
-    ("release_logit_score (logits scoring)", "release_logit_score", ""),
-    ("  torch.bmm inside it (chunked GEMVs)", "bmm", ""),
-    ("  Tensor.float (upcasts)", "method 'float'", ""),
-    ("CacheLayer._check_inputs (validation)", "_check_inputs", "cache.py"),
-    ("  all_finite (NaN / inf scan of q, k, v)", "all_finite", ""),
-    ("CacheLayer._compress (select + compact)", "_compress", "cache.py"),
-    ("  select_topc", "select_topc", ""),
-    ("  _compact (index_select + moves)", "_compact", ""),
-    ("  torch.gather", "torch.gather", ""),
-    ("_move_left (roll / compaction moves)", "_move_left", ""),
-    ("_push_queries (logits query buffer)", "_push_queries", ""),
-    ("Tensor.copy_ (all K/V writes and moves)", "method 'copy_'", ""),
+    ("CacheLayer.attend (total)", "attend", "cache/executor.py"),
+    ("  schedule.plan_pass (the pass's plan)", "plan_pass", "schedule.py"),
+    ("  _check_inputs (validation)", "_check_inputs", "cache/executor.py"),
+    ("    all_finite (NaN / inf scan of q, k, v)", "_cpp_all_finite", "backends.py"),
+    ("  rotation_tables (re-phasing cos / sin)", "rotation_tables", "rotation.py"),
+    ("  fused op (backend dispatch)", "run", "backends.py"),
+    ("    C++ kernel sink_attention_fwd", "<built-in method deepforcing_kernels._C.sink_attention_fwd>", ""),
+    ("    reference backend", "sink_attention_reference", "reference/attention.py"),
+    ("  scorer.observe (mass / query buffer)", "observe", "cache/scoring.py"),
+    ("  scorer.candidate_scores (Top-C scores)", "candidate_scores", "cache/scoring.py"),
+    ("    release_logit_score (logits scoring)", "release_logit_score", "cache/scoring.py"),
+    ("      torch.bmm inside it (chunked GEMVs)", "<built-in method torch.bmm>", ""),
+    ("  _compress (select + compact)", "_compress", "cache/executor.py"),
+    ("    select_topc", "select_topc", "cache/storage.py"),
+    ("    compact (index_select + moves)", "compact", "cache/storage.py"),
+    ("  storage.move_left (window roll)", "move_left", "cache/storage.py"),
+    ("  storage.write (new K/V)", "write", "cache/storage.py"),
+    ("Tensor.copy_ (all K/V writes and moves)", "<method 'copy_' of 'torch._C.TensorBase' objects>", ""),
 )
+
+
+def _matches(key: Tuple[str, int, str], func: str, file: str) -> bool:
+    fname, _line, name = key
+    return name == func and fname.replace("\\", "/").endswith(file)
 
 
 def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames: int = 36) -> Dict[str, Any]:
@@ -51,8 +60,8 @@ def profile_policies(policies: Sequence[str], cfg: RolloutConfig, *, num_frames:
         total = None
         for label, name_part, file_part in PIECES:
             best = None
-            for (fname, _line, func), (_cc, nc, _tt, ct, _callers) in st.items():
-                if name_part in func and file_part in fname:
+            for key, (_cc, nc, _tt, ct, _callers) in st.items():
+                if _matches(key, name_part, file_part):
                     if best is None or ct > best[1]:
                         best = (nc, ct)
             if best is None:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from ..triton import interpreting
 from ._common import fail
 
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         fail("--quick and --dry-run exclude each other")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         fail(f"--out {args.out} exists and is not a directory")
-    if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
+    if args.dry_run and not interpreting():
         # the interpreter must be chosen before triton is imported: run again in a fresh process
         env = dict(os.environ, TRITON_INTERPRET="1")
         argv = [sys.executable, "-m", "deepforcing_kernels", "gpu-check", "--dry-run", "--out", args.out]

@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
 from ..presets import POLICY_NAMES
+from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
 from .generate import policy_name
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5}

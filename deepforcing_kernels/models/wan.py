@@ -24,8 +24,15 @@ import torch
 import torch.nn as nn
 
 from .base import CacheSpec
-from .wan_blocks import (WanAttentionBlock, WanHead, WanLayerNorm, WanRMSNorm, WanTextContext,  # noqa: F401
-                         sinusoidal_embedding, unpatchify)
+from .wan_blocks import (  # noqa: F401
+    WanAttentionBlock,
+    WanHead,
+    WanLayerNorm,
+    WanRMSNorm,
+    WanTextContext,
+    sinusoidal_embedding,
+    unpatchify,
+)
 from .wan_config import WanConfig
 
 __all__ = [

@@ -109,8 +109,8 @@ class VideoPipeline:
         Raises:
             FileNotFoundError naming the missing file or folder; ValueError for weights that do not match.
         """
-        from ..models.checkpoints import load_checkpoint
         from ..models import CausalWanModel
+        from ..models.checkpoints import load_checkpoint
         from ..video import load_front_end, weights_layout
 
         folder = Path(weights_dir)

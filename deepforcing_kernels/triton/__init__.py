@@ -22,9 +22,9 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-__all__ = ["interpreting", "head_dim_problem", "triton_supports"]
+from ..presets import DTYPE_NAMES
 
-_FLOAT_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+__all__ = ["interpreting", "head_dim_problem", "triton_supports"]
 
 
 def interpreting() -> bool:
@@ -46,6 +46,6 @@ def triton_supports(head_dim: int, dtype: Any) -> Optional[str]:
     problem = head_dim_problem(head_dim)
     if problem is not None:
         return problem
-    if dtype is not None and str(dtype).replace("torch.", "") not in _FLOAT_DTYPE_NAMES:
-        return f"the triton kernels take float32, float16 or bfloat16, got {dtype}"
+    if dtype is not None and str(dtype).replace("torch.", "") not in DTYPE_NAMES:
+        return f"the triton kernels take {', '.join(DTYPE_NAMES)}, got {dtype}"
     return None

@@ -43,13 +43,14 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Dict, List, Optional, Tuple  # noqa: E402
 
-import torch  # noqa: E402
+from ..presets import torch_dtype  # noqa: E402
+from .configs import F16, MODE_IDS  # noqa: E402  (configs imports no triton)
 
 # Usable shared memory per block (bytes): sm_80 163 KiB, sm_90 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 HEAD_DIM = 128
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-MODES = {"none": 0, "sink": 1, "perkey": 2}
+DTYPES = {name: torch_dtype(name) for name in F16}
+MODES = MODE_IDS
 _PTR_ARGS = {"Q", "K", "V", "Out", "Lse", "Stats", "Mass", "Cos", "Sin"}
 
 

@@ -30,8 +30,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (LOG2E, REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, _load_rotated_keys,  # noqa: F401
-                     _load_sink_angles, _scores, device_arch, dot_in_f32, ensure_kernel_mode)
+from .common import (  # noqa: F401
+    LOG2E,
+    REPHASE_NONE,
+    REPHASE_PER_KEY,
+    REPHASE_SINK,
+    _load_rotated_keys,
+    _load_sink_angles,
+    _scores,
+    device_arch,
+    dot_in_f32,
+    ensure_kernel_mode,
+)
 from .configs import FwdConfig, fwd_config  # noqa: F401  (re-exported: tests and users patch fwd_config here)
 
 _ensure_kernel_mode = ensure_kernel_mode  # the name the interpreter tests use

@@ -20,7 +20,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+from ..presets import dtype_name, torch_dtype
+from .configs import F16
+
+DTYPES = {name: torch_dtype(name) for name in F16}
 
 
 def fwd_candidates(mode: str) -> List[Tuple[int, int, int, int, int]]:
@@ -102,14 +105,14 @@ def run(dtype: torch.dtype, kernels: List[str], modes: List[str], lq: int, lk: i
 
     from . import attention as _attention
     from . import mass as _mass
-    from .configs import DTYPE_NAMES, FwdConfig
+    from .configs import FwdConfig
     from .op import _wrap, launch, rephase_mode
 
     t_start = time.perf_counter()
     gpu = torch.cuda.get_device_name()
     rows: List[Dict] = []
     best = []
-    dt = DTYPE_NAMES[dtype]
+    dt = dtype_name(dtype, short=True)
     for kernel, mode in itertools.product(kernels, modes):
         q, k, v, cos, sin, rot_len = _problem(dtype, mode, lq, lk, heads, d)
         m0, m1 = max(0, lq - 1560), lq

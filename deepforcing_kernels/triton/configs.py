@@ -33,6 +33,8 @@ from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 
+from ..presets import dtype_name
+
 
 class FwdConfig(NamedTuple):
     """Launch configuration of one kernel (the forward's fields; the mass kernel ignores ``BLOCK_N_ROT``)."""
@@ -48,9 +50,8 @@ LaunchConfig = FwdConfig
 
 MODES = ("none", "sink", "perkey")
 MODE_IDS = {"none": 0, "sink": 1, "perkey": 2}  # the kernels' REPHASE constexpr
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ALL = ("none", "sink", "perkey")
-F16 = ("fp16", "bf16")
+F16 = ("fp16", "bf16")  # the half dtypes the GPU kernels are compiled and tuned for (presets spellings)
 
 Row = Tuple[str, Sequence[str], Sequence[str], int, int, int, int, int, int, str]
 
@@ -128,7 +129,10 @@ def lookup(kernel: str, head_dim: int, dtype: torch.dtype, arch: int, mode: str)
     """
     if mode not in MODE_IDS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    dt = DTYPE_NAMES.get(dtype)
+    try:
+        dt = dtype_name(dtype, short=True)
+    except ValueError:
+        dt = None
     for row in TABLES[table_arch(arch)]:
         k, modes, dtypes, max_d, bm, bn, rot, warps, stages, reason = row
         if k == kernel and mode in modes and dt in dtypes and head_dim <= max_d:

@@ -27,16 +27,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..formats import STREAM_DECODER_FORMAT
 from ._deps import require
-from .vae_layout import (_check_config, original_state_dict_shapes, original_to_diffusers_key,  # noqa: F401
-                         random_original_state_dict)
+from .vae_layout import _check_config, original_state_dict_shapes, original_to_diffusers_key, random_original_state_dict  # noqa: F401
 
 __all__ = ["WanVAE", "StreamDecoder", "STREAM_DECODER_FORMAT", "WAN21_LATENT_MEAN", "WAN21_LATENT_STD",
            "original_to_diffusers_key",
            "WAN21_VAE_CONFIG", "TINY_VAE_CONFIG"]
-
-#: ``format`` of :meth:`StreamDecoder.state_dict`
-STREAM_DECODER_FORMAT = "deepforcing-stream-decoder/1"
 
 #: Wan2.1's per-channel latent statistics (``wan/modules/vae.py``, class ``WanVAE``).
 WAN21_LATENT_MEAN: Tuple[float, ...] = (

@@ -7,8 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, apply_rope, release_logit_score, \
-    sink_attention
+from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, apply_rope, release_logit_score, sink_attention
 from deepforcing_kernels.schedule import plan_pass
 
 warnings.filterwarnings("ignore", message=".*C\\+\\+ CPU kernel is not built.*")
@@ -173,7 +172,7 @@ def test_logits_topc_equals_brute_force_release_score(policy):
     n = 2
     cache = make_cache(policy, n=n, Hkv=1, H=2)
     layer = cache.layers[0]
-    F, R, S, C = policy.block_frames, policy.recent_frames, policy.sink_frames, policy.topc_frames
+    R, S, C = policy.recent_frames, policy.sink_frames, policy.topc_frames
     qbuf = None  # the release's recent-query buffer: last R frames of queries, every pass appends
     compressions = fills = 0
     for f0, p, q, k, v, _ in stream(policy, cache, blocks=20, passes=2):

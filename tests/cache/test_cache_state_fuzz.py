@@ -12,10 +12,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from support import policies, state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
-
-from support import policies, state_equal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

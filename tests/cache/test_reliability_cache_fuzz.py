@@ -18,12 +18,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import policies, state_equal  # noqa: F401  (shared with the resume and bad-input tests)
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, sink_attention
 from deepforcing_kernels.reference.attention import release_logit_score
 from deepforcing_kernels.reference.rope import rephase
 from deepforcing_kernels.testing import assert_within_budget
-from support import policies, state_equal  # noqa: F401  (shared with the resume and bad-input tests)
 
 Ident = Tuple[int, int]  # (frame, token index inside the frame)
 

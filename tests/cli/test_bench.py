@@ -4,10 +4,17 @@ import json
 
 import pytest
 import torch
+from support import cpp_available
 
 from deepforcing_kernels.bench import report
-from deepforcing_kernels.bench.rollout import (POLICY_NAMES, cache_bytes, kv_bytes_in_use, kv_storage_bytes,
-                                              paired_ratio, window_kv_bytes)
+from deepforcing_kernels.bench.rollout import (
+    POLICY_NAMES,
+    cache_bytes,
+    kv_bytes_in_use,
+    kv_storage_bytes,
+    paired_ratio,
+    window_kv_bytes,
+)
 from deepforcing_kernels.bench.timing import interleaved, percentile, summarize
 from deepforcing_kernels.cli import main
 
@@ -105,3 +112,23 @@ def test_compression_bench_times_the_engine_step():
     assert set(fns) == {"engine", "refill", "attention"}
     fns["engine"]()
     fns["attention"]()
+
+
+def test_hotspot_rows_all_match_the_code():
+    """Every row of the hotspot table names a function that exists and runs: profiled over the C++ and the
+    reference backends, each row matches in one of them (a rename that blanks a row fails here)."""
+    from deepforcing_kernels.bench.hotspots import PIECES, profile_policies
+    from deepforcing_kernels.bench.rollout import RolloutConfig
+
+    seen = set()
+    backends = ("cpp", "reference") if cpp_available() else ("reference",)
+    for be in backends:
+        cfg = RolloutConfig(num_layers=1, num_heads=2, head_dim=16, tokens_per_frame=2, backend=be)
+        res = profile_policies(("sliding", "deep_forcing", "deep_forcing_logits"), cfg, num_frames=30)
+        seen |= {row["name"] for pol in res.values() for row in pol["rows"]}
+        total = res["deep_forcing"]["rows"][0]
+        assert total["name"].startswith("CacheLayer.attend") and total["share"] == 1.0
+    expected = {label for label, *_ in PIECES}
+    if not cpp_available():
+        expected -= {label for label, func, _ in PIECES if "_C." in func or "_cpp_" in func}
+    assert expected - seen == set()

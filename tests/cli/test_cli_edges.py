@@ -422,7 +422,6 @@ def test_bench_triton_on_cpu(capsys, monkeypatch):
 
 def test_bench_help_lists_policy_names(capsys):
     from deepforcing_kernels.bench.rollout import POLICY_NAMES
-
     from deepforcing_kernels.presets import POLICY_NAMES as PRESET_NAMES
 
     assert bench_cmd.BENCH_POLICIES == POLICY_NAMES == PRESET_NAMES  # the spelled-out list stays the table's

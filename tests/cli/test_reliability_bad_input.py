@@ -9,13 +9,12 @@ bit with the one taken before (nothing half-written).
 """
 import pytest
 import torch
+from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.cli import main
 from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig
-
-from support import state_equal
 
 B, H, HKV, D, N = 2, 4, 2, 16, 2
 ROPE = RopeSpec.wan(D)

@@ -11,8 +11,13 @@ import torch
 import torch.distributed as dist
 
 from deepforcing_kernels.distributed.comm import SequenceComm, reference_heads, shard_tokens
-from deepforcing_kernels.distributed.launch import (ParallelError, check_divisible, check_same_settings,
-                                                    init_from_env, run_ranked)
+from deepforcing_kernels.distributed.launch import (
+    ParallelError,
+    check_divisible,
+    check_same_settings,
+    init_from_env,
+    run_ranked,
+)
 from deepforcing_kernels.distributed.reduce import HeadReducer, sum_in_rank_order
 
 
@@ -157,8 +162,8 @@ def scenario_rollout(heads: str, *policies: str) -> int:
     """SP rollout == single-process rollout (latents to fp32 rounding; Top-C, layouts identical on all ranks;
     K/V bytes per rank 1/P), and a resumed SP rollout continues exactly."""
     from deepforcing_kernels.cache import CachePolicy
-    from deepforcing_kernels.driver import generate
     from deepforcing_kernels.distributed.ulysses import SequenceParallelWan
+    from deepforcing_kernels.driver import generate
 
     if not dist.is_initialized():
         init_from_env(timeout_s=60, device="cpu")

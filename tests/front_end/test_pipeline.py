@@ -8,8 +8,13 @@ import torch
 pytest.importorskip("diffusers")
 av = pytest.importorskip("av")
 
-from deepforcing_kernels.pipeline import (FrameChunk, VideoPipeline, _valid_prefix_frames, parse_switch,  # noqa: E402
-                                          prefix_from_pixels)
+from deepforcing_kernels.pipeline import (  # noqa: E402
+    FrameChunk,
+    VideoPipeline,
+    _valid_prefix_frames,
+    parse_switch,
+    prefix_from_pixels,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAT = (4, 4)  # latent size -> 32 x 32 video

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import deepforcing_kernels.runio as runio
-from deepforcing_kernels.runio import (RUN_BLOCK_FORMAT, STATE_NAME, RunError, RunStore, atomic_save, load_run,
-                                       parts_dir)
+from deepforcing_kernels.runio import RUN_BLOCK_FORMAT, STATE_NAME, RunError, RunStore, atomic_save, load_run, parts_dir
 
 
 def _mode(path):

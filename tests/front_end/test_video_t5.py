@@ -4,9 +4,10 @@ import torch
 
 pytest.importorskip("transformers")
 
+from wan_original.t5 import wan_text_context  # noqa: E402
+
 from deepforcing_kernels.video import ByteTokenizer, UMT5Encoder  # noqa: E402
 from deepforcing_kernels.video.t5 import original_to_hf_key, random_original_state_dict  # noqa: E402
-from wan_original.t5 import wan_text_context  # noqa: E402
 
 CFG = dict(vocab=300, dim=24, dim_attn=32, dim_ffn=40, num_heads=4, num_layers=3, num_buckets=32)
 
@@ -59,7 +60,7 @@ def test_key_names_real_size():
         m = UMT5EncoderModel(UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
                                         num_heads=64, relative_attention_num_buckets=32))
     own = set(m.state_dict()) - {"encoder.embed_tokens.weight"}
-    from deepforcing_kernels.video.t5 import original_state_dict_shapes, UMT5_XXL_CONFIG
+    from deepforcing_kernels.video.t5 import UMT5_XXL_CONFIG, original_state_dict_shapes
     names = {original_to_hf_key(k) for k in original_state_dict_shapes(**UMT5_XXL_CONFIG)}
     assert names == own
     assert original_to_hf_key("blocks.3.ffn.gate.0.weight") == "encoder.block.3.layer.1.DenseReluDense.wi_0.weight"

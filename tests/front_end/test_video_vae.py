@@ -4,11 +4,16 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from wan_original.vae import OriginalWanVAE  # noqa: E402
+
 from deepforcing_kernels.video import WanVAE  # noqa: E402
 from deepforcing_kernels.video.vae import (  # noqa: E402
-    WAN21_LATENT_MEAN, WAN21_LATENT_STD, original_state_dict_shapes, original_to_diffusers_key,
-    random_original_state_dict)
-from wan_original.vae import OriginalWanVAE  # noqa: E402
+    WAN21_LATENT_MEAN,
+    WAN21_LATENT_STD,
+    original_state_dict_shapes,
+    original_to_diffusers_key,
+    random_original_state_dict,
+)
 
 # Wan2.1's layout at small widths; one config with the real z_dim = 16 (so Wan2.1's mean / std are used) and
 # the real num_res_blocks = 2, one with the tiny model's settings.
@@ -183,9 +188,10 @@ def test_tiny_shapes_and_dtype():
 
 def test_weights_folders(tmp_path):
     """load_front_end finds the text encoder, tokenizer and VAE in both published folder layouts."""
+    from test_video_t5 import _tokenizer_folder
+
     from deepforcing_kernels.video import load_front_end, weights_layout
     from deepforcing_kernels.video.t5 import random_original_state_dict as t5_sd
-    from test_video_t5 import _tokenizer_folder
     vcfg = dict(dim=4, z_dim=4, num_res_blocks=1)
     tcfg = dict(vocab=300, dim=24, dim_attn=32, dim_ffn=40, num_heads=4, num_layers=2, num_buckets=32)
     orig = tmp_path / "Wan2.1-T2V-1.3B"

@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from support import require_cpp
+
 from deepforcing_kernels import RopeSpec, available_backends, rephase, sink_attention
 from deepforcing_kernels.testing import assert_within_budget
 
@@ -241,7 +241,7 @@ def test_rephase_hook_matches_reference(rope):
 def test_rephase_hook_applies_tables_exactly():
     """The kernel rotates by the tables it is given, whatever they hold: (re, im) -> (re*c - im*s, re*s + im*c)
     in float32 on the first T pairs, every other channel copied; per-key rows index [b, j]."""
-    rope = RopeSpec.llama(16)  # half layout: pair t = channels (t, t + 8)
+    # the half layout (as RopeSpec.llama): pair t = channels (t, t + 8)
     B, Lk, H, D, T = 2, 5, 3, 16, 3
     k = torch.randn(B, Lk, H, D)
     cos, sin = torch.randn(B, Lk, T), torch.randn(B, Lk, T)

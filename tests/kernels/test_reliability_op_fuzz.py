@@ -11,11 +11,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import require_cpp
 
 from deepforcing_kernels import RopeSpec, sink_attention
 from deepforcing_kernels.testing import assert_within_budget
-
-from support import require_cpp
 
 BACKENDS = ["reference", "cpp", "auto"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

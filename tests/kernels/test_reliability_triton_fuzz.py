@@ -12,14 +12,15 @@ from hypothesis import strategies as st
 
 # first, before anything Triton: imports triton and the kernels under the interpreter (see triton_interp)
 from triton_interp import gpu_like_bf16_casts, interpreter_rounds_bf16  # noqa: E402,F401
+
 triton = pytest.importorskip("triton")
+from test_reliability_op_fuzz import SHIFTS, _make  # noqa: E402
+
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
 from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.attention import FwdConfig  # noqa: E402
-
-from test_reliability_op_fuzz import SHIFTS, _make  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -74,14 +75,14 @@ def test_fuzz_triton_within_budget(case):
     _fuzz_case(case)
 
 
-def test_gpu_like_bf16_casts_round_to_nearest(gpu_like_bf16_casts):
+def test_gpu_like_bf16_casts_round_to_nearest(gpu_like_bf16_casts):  # noqa: F811  (the imported fixture)
     """The fixture really makes the interpreter round fp32 to bf16 to nearest even."""
     assert interpreter_rounds_bf16()
 
 
 @FUZZ
 @given(case=tiny_cases([torch.bfloat16]))
-def test_fuzz_triton_bf16_within_budget(gpu_like_bf16_casts, case):
+def test_fuzz_triton_bf16_within_budget(gpu_like_bf16_casts, case):  # noqa: F811  (the imported fixture)
     _fuzz_case(case)
 
 

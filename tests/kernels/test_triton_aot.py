@@ -14,8 +14,8 @@ import sys
 
 import pytest
 import torch
-
 from triton_interp import interpreter_rounds_bf16  # noqa: E402,F401  (first: triton under the interpreter window)
+
 triton = pytest.importorskip("triton")
 
 pytestmark = pytest.mark.triton

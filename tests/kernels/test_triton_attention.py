@@ -9,6 +9,7 @@ import torch
 
 # first, before anything Triton: imports triton and the kernels under the interpreter (see triton_interp)
 from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: E402,F401  (fixtures)
+
 triton = pytest.importorskip("triton")
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
@@ -30,7 +31,7 @@ REAL_MASS_CONFIG = triton_mass.mass_config
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(small_tiles):
+def _interpret_small_tiles(small_tiles):  # noqa: F811  (the imported fixture)
     assert small_tiles == (SMALL_FWD, SMALL_MASS)  # the tiles these tests' shapes were chosen for
 
 

@@ -1,8 +1,8 @@
 """The autotune entry: on a machine without CUDA it says so and exits 1; its candidates are launchable shapes."""
 import pytest
 import torch
-
 from triton_interp import interpreter_rounds_bf16  # noqa: E402,F401  (first: triton under the interpreter window)
+
 triton = pytest.importorskip("triton")
 from deepforcing_kernels.triton import autotune  # noqa: E402
 

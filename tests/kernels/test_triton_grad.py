@@ -1,9 +1,8 @@
 """The Triton path differentiates with the op's one autograd rule (no silently detached output), also under the
 interpreter on CPU."""
-from triton_interp import gpu_like_bf16_casts  # noqa: F401  (first: imports triton under the interpreter)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from triton_interp import gpu_like_bf16_casts  # noqa: F401  (first: imports triton under the interpreter)
 
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 

@@ -6,15 +6,14 @@ import pathlib
 
 import pytest
 import torch
-
 from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: E402,F401  (first: imports triton under the interpreter)
+
 triton = pytest.importorskip("triton")
 from deepforcing_kernels import RopeSpec  # noqa: E402
 from deepforcing_kernels.attention import SinkAttentionOutput  # noqa: E402
 from deepforcing_kernels.rotation import rotation_tables  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
 from deepforcing_kernels.triton import attention as triton_attention  # noqa: E402
-from deepforcing_kernels.triton import mass as triton_mass  # noqa: E402
 from deepforcing_kernels.triton.configs import FwdConfig  # noqa: E402
 from deepforcing_kernels.triton.op import sink_attention_cuda, triton_supports  # noqa: E402
 
@@ -25,7 +24,7 @@ SMALL_MASS = FwdConfig(16, 16, 4, 1)
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(small_tiles):
+def _interpret_small_tiles(small_tiles):  # noqa: F811  (the imported fixture)
     assert small_tiles == (SMALL_FWD, SMALL_MASS)  # the tiles these tests' shapes were chosen for
 
 

@@ -4,9 +4,14 @@ import json
 import pytest
 import torch
 
-from deepforcing_kernels.models.checkpoints import (detect_layout, load_checkpoint, merge_lora, read_checkpoint,
-                                             wan_sizes_from_state_dict)
 from deepforcing_kernels.models import CausalWanModel, WanConfig
+from deepforcing_kernels.models.checkpoints import (
+    detect_layout,
+    load_checkpoint,
+    merge_lora,
+    read_checkpoint,
+    wan_sizes_from_state_dict,
+)
 
 
 def _model():

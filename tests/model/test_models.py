@@ -10,7 +10,6 @@ from deepforcing_kernels.models import CausalWanModel, WanConfig, load_wan_state
 from deepforcing_kernels.models.wan import WanRMSNorm, sinusoidal_embedding
 from deepforcing_kernels.reference.rope import apply_rope
 
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 

@@ -24,15 +24,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import policies, state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.cli import main as cli_main
 from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig
 from deepforcing_kernels.runio import RunError, load_run, parts_dir
-
-from support import policies, state_equal
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: a second intra-op thread only spins
 

@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from deepforcing_kernels.cache.executor import RecacheView
 from deepforcing_kernels.driver import generate
 from deepforcing_kernels.models import CausalWanModel, WanConfig, build_cache
 from deepforcing_kernels.presets import POLICY_NAMES, make_policy

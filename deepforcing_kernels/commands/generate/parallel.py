@@ -28,12 +28,11 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ...distributed.launch import ParallelError, RankError, check_same_settings, run_ranked, split_prompts, torchrun_env
+from ...formats import SHARD_FORMAT
 from .._common import fail
 from . import common as g
 
 __all__ = ["run", "SHARD_FORMAT", "shard_path"]
-
-SHARD_FORMAT = "deepforcing-sp-shard/1"
 
 
 def run(args: argparse.Namespace) -> int:
