@@ -10,22 +10,11 @@ from typing import Optional, Tuple
 import torch
 
 from ..rope import RopeSpec
+from ..rotation import key_shifts  # which key moves: the arguments' one expansion (the oracle rotates its own way)
 from .rope import rephase
 
 # Query rows processed at once: bounds the fp32 score matrix at Q_CHUNK x Lk per head.
 Q_CHUNK = 1024
-
-
-def key_shifts(batch: int, lk: int, *, sink_len: int, sink_shift: int, key_shift: Optional[torch.Tensor],
-               device) -> Optional[torch.Tensor]:
-    """int64 ``[B, Lk]`` per-key temporal shift, or None when no key moves."""
-    if key_shift is not None:
-        return key_shift.to(device=device, dtype=torch.int64).expand(batch, lk)
-    if sink_len == 0 or sink_shift == 0:
-        return None
-    s = torch.zeros(batch, lk, dtype=torch.int64, device=device)
-    s[:, :sink_len] = sink_shift
-    return s
 
 
 def effective_keys(k: torch.Tensor, rope: Optional[RopeSpec], shifts: Optional[torch.Tensor]) -> torch.Tensor:
