@@ -189,6 +189,13 @@ def _any(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+def _cpp_supports(head_dim: int, dtype: torch.dtype) -> Optional[str]:
+    # the kernel walks channels in (re, im) pairs; "auto" then falls back to the reference, which takes any D
+    if head_dim < 2 or head_dim % 2:
+        return f"the cpp kernel needs an even head_dim >= 2, got {head_dim}"
+    return None
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the fused op.
@@ -231,7 +238,7 @@ class Backend:
 
 _REGISTRY: Dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _triton_available, triton_supports, _triton_run),
-    "cpp": Backend("cpp", ("cpu",), _cpp_available, _any, _cpp_run, _cpp_all_finite, _cpp_frame_sums),
+    "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_supports, _cpp_run, _cpp_all_finite, _cpp_frame_sums),
     "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
 }
 _warned_reference = False
@@ -286,7 +293,7 @@ def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int
         if cand == "triton" and dev.type != "cuda":
             continue  # auto never picks the interpreter
         if b.reason_against(dev, head_dim, dtype) is None:
-            if cand == "reference" and dev.type == "cpu":
+            if cand == "reference" and dev.type == "cpu" and _REGISTRY["cpp"].available() is not None:
                 global _warned_reference
                 if not _warned_reference:
                     _warned_reference = True

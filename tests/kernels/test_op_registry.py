@@ -135,3 +135,25 @@ def test_trusted_entry_equals_the_public_op():
                            return_lse=False, return_mass=True, mass_q_range=(0, 6))
     assert torch.equal(out, want.out) and torch.equal(mass, want.mass) and lse is None
 
+
+
+@pytest.mark.parametrize("D", [1, 3, 15])
+def test_auto_takes_the_reference_for_a_head_dim_the_cpp_kernel_cannot(D):
+    """An odd head_dim under backend="auto" is the reference's call (no error, no "not built" warning, the
+    oracle's answer); naming backend="cpp" is one ValueError that says why."""
+    import warnings
+
+    from deepforcing_kernels.reference import sink_attention_reference
+
+    q, k, v = _qkv(D=D)
+    assert resolve("auto", "cpu", D, torch.float32).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = sink_attention(q, k, v)
+    want = sink_attention_reference(q, k, v, rope=None, sink_len=0, sink_shift=0, key_shift=None,
+                                    softmax_scale=D ** -0.5, return_lse=False, return_mass=False,
+                                    mass_q_range=(0, q.shape[1]))[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if CPP:
+        with pytest.raises(ValueError, match="even head_dim"):
+            sink_attention(q, k, v, backend="cpp")
