@@ -16,6 +16,7 @@ seed and settings continues bit for bit, as if the run had never stopped.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -209,7 +210,19 @@ class Rollout:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
-                "switch_frames": list(self.switch_frames), "recache": self.recache}
+                "switch_frames": list(self.switch_frames), "recache": self.recache, "text": self._text_digest()}
+
+    def _text_digest(self) -> str:
+        """sha256 of the text embeddings every block attends to (the prompts, as the model sees them): a resume
+        under another prompt is refused like one under another seed, whichever front end made the embeddings."""
+        if getattr(self, "_digest_of", None) is not self._texts:
+            h = hashlib.sha256()
+            for t in self._texts:
+                t = t[:1].detach().to("cpu").contiguous()  # batch rows are one prompt expanded
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._digest, self._digest_of = h.hexdigest(), self._texts
+        return self._digest
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != ROLLOUT_STATE_FORMAT:
@@ -222,6 +235,8 @@ class Rollout:
             if key in ("prefix_frames", "switch_frames", "recache") or key not in mine:
                 continue
             if mine.get(key) != value:
+                if key == "text":
+                    raise ValueError("cannot resume: the prompt (its text embeddings) differs from the saved run's")
                 raise ValueError(f"cannot resume: {key} was {value!r} in the saved run but is {mine.get(key)!r} now")
         for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache", False)):
             if settings.get(key, default) != mine[key]:

@@ -153,6 +153,8 @@ def test_resume_rejects_other_settings(pipe, tmp_path):
         pipe.write(tmp_path / "v.mp4", "a", 6, seed=0, progress=False, segment_frames=12, resume=saved["state"])
     with pytest.raises(ValueError, match="cannot resume: seed"):
         pipe.write(tmp_path / "v.mp4", "a", 6, seed=1, progress=False, segment_frames=10, resume=saved["state"])
+    with pytest.raises(ValueError, match="cannot resume: the prompt"):  # refused like a seed, not continued
+        pipe.write(tmp_path / "v.mp4", "b", 6, seed=0, progress=False, segment_frames=10, resume=saved["state"])
     with pytest.raises(ValueError, match="VideoRun.state_dict"):
         pipe.write(tmp_path / "v.mp4", "a", 6, seed=0, progress=False, resume={"format": "nope"})
     assert not Path(tmp_path / "v_00001.mp4").exists()
