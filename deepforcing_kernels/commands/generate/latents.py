@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ...runio.claims import check_claims, latents_claims, release
 from .._common import check_frames, check_output_file, check_positive, fail, set_threads
 from .common import (
     build_model,
@@ -53,7 +54,7 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> int:
     """Check the arguments of a single-process run, then run it: an mp4 run in :mod:`.mp4`, a latents run here."""
     from ...models import WanConfig
-    from ...runio import RunError, RunStore
+    from ...runio import RunError, RunStore, parts_dir
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")
@@ -126,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--out {args.out} exists: pass --resume to continue it or --force to replace it")
     elif args.resume:
         print(f"{args.out} does not exist yet: starting a new run", file=sys.stderr)
+    if not exists:  # no manifest, yet its parts folder may hold another run's files: the one overwrite rule
+        try:
+            stale = check_claims(latents_claims(args.out), force=args.force)
+        except RunError as e:
+            fail(str(e))
+        release(p for p in stale if os.path.abspath(p) != os.path.abspath(parts_dir(args.out)))
 
     try:
         store.lock()

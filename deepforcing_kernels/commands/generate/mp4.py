@@ -19,6 +19,7 @@ import sys
 import time
 from typing import Any, List, Optional
 
+from ...runio.claims import OutputLock, RunError, check_claims, release, video_claims
 from .._common import check_positive, fail, set_threads
 from .common import cache_dtype, model_dtype, read_prompt_file, save_interval, state_path, stop_request, threads_for
 
@@ -94,6 +95,13 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
         st = state_path(out)
         if args.resume and not os.path.exists(st) and os.path.exists(out):
             fail(f"--resume: {out} is complete (no {st} to continue from)")
+    replaced = []
+    for out in outs:  # the one overwrite rule: every file a run of this name may write, before anything is
+        own = video_claims(out) if args.resume and os.path.exists(state_path(out)) else []  # a resume's own files
+        try:
+            replaced += check_claims(video_claims(out), force=args.force, own=own)
+        except RunError as e:
+            fail(str(e) + ("" if args.resume else " (or --resume to continue an interrupted run)"))
         if os.path.exists(out) and not args.resume and not args.force:
             fail(f"--out {out} exists: pass --force to replace it (or --resume to continue an interrupted run)")
     saved_threads = set_threads(threads_for(args, device))
@@ -102,6 +110,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
             pipe = _pipeline(args, policy, device)
         except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        release(replaced)  # --force: the older run's files go before this run writes any (never a mix)
         for prompt, out in zip(prompts, outs):
             st_path = state_path(out)
             resume = None
@@ -127,7 +136,11 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                 if stopping:
                     raise KeyboardInterrupt
 
-            with stop_request() as stop:
+            try:
+                lock = OutputLock(out).__enter__()
+            except (RunError, OSError) as e:
+                fail(f"--out {out}: {e}")
+            with lock, stop_request() as stop:
                 try:
                     res = pipe.write(out, prompt, args.frames, args.seed, fps=args.fps,
                                      segment_frames=args.segment_frames, image=args.image, video=args.video,
