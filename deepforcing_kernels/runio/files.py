@@ -1,13 +1,14 @@
 """Atomic files: every file of a run is written whole or not at all, and a directory is checked before a run."""
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from typing import Any
 
 import torch
 
-__all__ = ["RunError", "atomic_save", "check_parent_writable"]
+__all__ = ["RunError", "atomic_save", "check_parent_writable", "content_digest", "check_checksum", "CHECKSUM_KEY"]
 
 
 class RunError(ValueError):
@@ -31,14 +32,58 @@ def _fsync_dir(d: str) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str, *, fsync: bool = True) -> int:
+#: the key under which a sealed state carries :func:`content_digest` of the rest of it
+CHECKSUM_KEY = "checksum"
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"t{t.dtype}{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f"d{len(obj)}|".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__[0]}{len(obj)}|".encode())
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}|".encode())
+
+
+def content_digest(obj: Any) -> str:
+    """A digest of everything in ``obj`` (nested dicts, lists, tensors' dtype / shape / bytes, plain values), the
+    key :data:`CHECKSUM_KEY` of the top-level dict left out: a saved state carries it, and a resume recomputes it,
+    so a flipped bit anywhere in the file is refused instead of resumed into different frames."""
+    h = hashlib.blake2b(digest_size=32)
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def check_checksum(obj: Any, path: str) -> None:
+    """RunError (one line naming ``path``) when ``obj`` carries a checksum that its contents do not match; a
+    state of an earlier version, without one, passes."""
+    if isinstance(obj, dict) and CHECKSUM_KEY in obj and obj[CHECKSUM_KEY] != content_digest(obj):
+        raise RunError(f"{path} is damaged: its contents do not match its checksum (--force starts over)")
+
+
+def atomic_save(obj: Any, path: str, *, fsync: bool = True, seal: bool = False) -> int:
     """``torch.save(obj)`` to ``path`` atomically; returns the bytes written.
 
     The temporary file ``.tmp-<basename>-<random>`` is created beside ``path`` with mode ``0o666`` filtered by
     the process umask (``tempfile.mkstemp`` would give 0600, which survives the rename), flushed and ``fsync``-ed,
     renamed over ``path`` and the directory ``fsync``-ed: a crash leaves either the old file or the new one,
     never half a file (at worst a stale temporary, which :meth:`RunStore.clean_temporaries` removes).
+    ``seal=True`` (a dict) adds :func:`content_digest` under :data:`CHECKSUM_KEY`, computed here, so in the
+    writer thread for a background save.
     """
+    if seal:
+        obj = {**obj, CHECKSUM_KEY: content_digest(obj)}
     d = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
     while True:

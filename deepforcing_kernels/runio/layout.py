@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..formats import RUN_BLOCK_FORMAT, RUN_FORMAT, RUN_STATE_FORMAT
-from .files import RunError, _load
+from .files import RunError, _load, check_checksum
 
 __all__ = ["STATE_NAME", "parts_dir", "load_run"]
 
@@ -148,7 +148,9 @@ def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
         state, state_frames = None, 0
         if os.path.exists(state_path):
             # without with_state the tensors are only memory-mapped, never read
-            st = _check_state_file(_load(state_path, "state file", mmap=not with_state), state_path, done)
+            # (only a resume reads the tensors and their checksum; a listing just maps them)
+            st = _check_state_file(_load(state_path, "state file", mmap=not with_state), state_path, done,
+                                   verify=with_state)
             state, state_frames = (st["rollout"] if with_state else None), st["frames_done"]
         res = {"latents": lat[0] if m["batch_size"] == 1 else lat, "settings": m["settings"], "frames_done": done,
                "frames": m["frames"], "complete": bool(m["complete"] and done >= m["frames"]), "layout": "blocks",
@@ -167,7 +169,9 @@ def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
     return res
 
 
-def _check_state_file(st: Any, path: str, frames_on_disk: int) -> Dict[str, Any]:
+def _check_state_file(st: Any, path: str, frames_on_disk: int, *, verify: bool = True) -> Dict[str, Any]:
+    if verify:
+        check_checksum(st, path)
     if not (isinstance(st, dict) and st.get("format") == RUN_STATE_FORMAT and isinstance(st.get("rollout"), dict)):
         raise RunError(f"{path} is not a resume state of `deepforcing generate` (format {RUN_STATE_FORMAT!r})")
     n = st.get("frames_done")

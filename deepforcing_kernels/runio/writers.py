@@ -48,12 +48,12 @@ class BackgroundWriter:
             try:
                 if job is None:
                     return
-                obj, path, done = job
+                obj, path, done, seal = job
                 n, dt = None, 0.0
                 if self._error is None:
                     t0 = time.perf_counter()
                     try:
-                        n = files.atomic_save(obj, path)
+                        n = files.atomic_save(obj, path, seal=seal)
                     except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
                         if isinstance(e, OSError) and not e.filename:
                             e.filename = path
@@ -73,14 +73,15 @@ class BackgroundWriter:
                 job = obj = done = None
                 self._q.task_done()
 
-    def submit(self, obj: Any, path: str, done: Optional[Callable[[Optional[int], float], None]] = None) -> None:
-        """Queue ``atomic_save(obj, path)``; ``done(bytes or None on failure, seconds)`` runs in the writer after
-        it."""
+    def submit(self, obj: Any, path: str, done: Optional[Callable[[Optional[int], float], None]] = None, *,
+               seal: bool = False) -> None:
+        """Queue ``atomic_save(obj, path, seal=seal)``; ``done(bytes or None on failure, seconds)`` runs in the
+        writer after it (a seal's digest is computed there too, off the generation loop)."""
         self._raise()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="deepforcing-run-writer", daemon=True)
             self._thread.start()
-        self._q.put((obj, path, done))
+        self._q.put((obj, path, done, seal))
 
     def flush(self) -> None:
         """Wait until every queued write is on disk; raise the first failure."""
@@ -150,7 +151,7 @@ class StateSaver:
             self._written(frames, n, dt)
 
         try:
-            self.writer.submit(obj, self.path, done)
+            self.writer.submit(obj, self.path, done, seal=True)
         except BaseException:
             self._idle.set()
             raise

@@ -61,3 +61,44 @@ def test_refused_commands_leave_companions_byte_identical(tmp_path, capsys, seed
     assert main(argv + ["--force"]) == 0
     after = _snapshot(tmp_path)
     assert all(after.get(n) != b for n, b in before.items()), "an old companion survived a forced run"
+
+
+def _flip_a_tensor_bit(path):
+    """Flip one bit inside the largest tensor's storage of a saved state (the zip entry ``data/N``)."""
+    import zipfile
+    with zipfile.ZipFile(path) as z:
+        infos = [i for i in z.infolist() if "/data/" in i.filename]
+        big = max(infos, key=lambda i: i.file_size)
+        offset = big.header_offset + 30 + len(big.filename.encode()) + len(big.extra)
+    with open(path, "r+b") as f:
+        f.seek(offset + big.file_size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("route", ["pt", "mp4"])
+def test_a_flipped_bit_in_a_saved_state_is_refused(tmp_path, capsys, monkeypatch, route):
+    import deepforcing_kernels.driver as driver
+    from deepforcing_kernels.commands.generate.common import state_path
+
+    out = tmp_path / f"o.{route}"
+    argv = ["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--frames", "9",
+            "--out", str(out), "--save-every-s", "0"] + (["--prompt", "a fox"] if route == "mp4" else [])
+    real, calls = driver.Rollout._block, []
+
+    def interrupted(self, f0, *rest):
+        calls.append(f0)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, f0, *rest)
+
+    monkeypatch.setattr(driver.Rollout, "_block", interrupted)
+    assert main(argv) == 130
+    monkeypatch.setattr(driver.Rollout, "_block", real)
+    st = state_path(str(out)) if route == "mp4" else str(out) + ".d/state.pt"
+    _flip_a_tensor_bit(st)
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checksum" in err[0] and st in err[0], err

@@ -20,6 +20,7 @@ import time
 from typing import Any, List, Optional
 
 from ...runio.claims import OutputLock, RunError, check_claims, release, video_claims
+from ...runio.files import check_checksum
 from .._common import check_positive, fail, set_threads
 from .common import cache_dtype, model_dtype, read_prompt_file, save_interval, state_path, stop_request, threads_for
 
@@ -119,6 +120,10 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                     resume = torch.load(st_path, map_location="cpu", weights_only=True)
                 except Exception as e:  # noqa: BLE001 - any unreadable state is one clear line
                     fail(f"--resume: {st_path} cannot be read ({type(e).__name__}); --force starts over")
+                try:
+                    check_checksum(resume, st_path)
+                except RunError as e:
+                    fail(f"--resume: {e}")
             elif os.path.exists(out) and args.resume:
                 print(f"{out} is complete; skipping", file=sys.stderr)
                 continue
@@ -130,7 +135,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                 stopping = stop is not None and stop.signum is not None
                 if stopping or every[0] == 0 or now - last[0] >= every[0]:
                     t0 = time.monotonic()
-                    atomic_save(run.state_dict(), st_path)
+                    atomic_save(run.state_dict(), st_path, seal=True)
                     every[0] = save_interval(args.save_every_s, args.max_save_overhead, time.monotonic() - t0)
                     last[0] = time.monotonic()
                 if stopping:
