@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass; logits = the release)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="seeds the random weights, the random text and the rollout's noise (default 0)")
     parser.add_argument("--out", default=None,
                         help="NAME.mp4 (a video) or NAME.pt (latents: a manifest, with the blocks and the resume "
@@ -133,13 +133,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segment-frames", type=int, default=None, metavar="N",
                         help="write the mp4 as numbered segments of N video frames each (NAME_00000.mp4, ...): a "
                              "run of hours never holds more than one open")
-    parser.add_argument("--fps", type=float, default=16.0, help="mp4 frames per second (default 16, as Wan2.1)")
+    parser.add_argument("--fps", type=_fps, default=16.0, help="mp4 frames per second (default 16, as Wan2.1)")
     # multi-GPU (commands/generate/parallel.py; nothing of it is imported without --parallel)
     parser.add_argument("--parallel", default=None, choices=("sequence", "data"),
                         help="under torchrun: 'sequence' runs one stream on all ranks (Ulysses: tokens, heads and "
                              "KV cache split P ways), 'data' splits the prompts of --text-embeds [N, L, D] across "
                              "ranks")
-    parser.add_argument("--dist-timeout", type=float, default=300.0, metavar="S",
+    parser.add_argument("--dist-timeout", type=_seconds, default=None, metavar="S",
                         help="with --parallel: a rank that waits longer than S seconds for another exits with an "
                              "error (default 300)")
 
@@ -160,9 +160,32 @@ def default_out(args: argparse.Namespace) -> str:
     return DEFAULT_VIDEO_OUT if (args.prompt or args.prompt_file) else DEFAULT_LATENTS_OUT
 
 
+def _ranged(kind, lo, hi, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (lo <= value <= hi):  # (NaN fails both comparisons)
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return value
+    return parse
+
+
+_seed = _ranged(int, 0, 2 ** 63 - 1, "an int in [0, 2**63 - 1]")
+_fps = _ranged(float, 1e-3, 240.0, "a frame rate in [0.001, 240]")
+_seconds = _ranged(float, 1e-3, 7 * 86400.0, "a number of seconds in [0.001, 604800]")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``deepforcing generate``: under ``torchrun`` with ``--parallel``, else in this process."""
     args.out = default_out(args)
+    if args.dist_timeout is not None and not getattr(args, "parallel", None):
+        from .._common import fail
+
+        fail("--dist-timeout applies to --parallel runs (nothing is distributed here)")
+    if args.dist_timeout is None:
+        args.dist_timeout = 300.0
     if getattr(args, "parallel", None):
         from .parallel import run as run_parallel
 

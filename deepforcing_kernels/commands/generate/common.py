@@ -229,3 +229,23 @@ def read_prompt_file(path: str) -> List[str]:
 def state_path(out: str) -> str:
     """Where a video run keeps its resume state."""
     return out + ".state.pt"
+
+
+def check_fits_in_memory(cfg: Any, latent_size: Any, policy: Any, batch: int, cache_dtype: str, frames: int) -> None:
+    """Refuse, before anything is allocated, a run whose KV cache alone (every layer's K and V over the policy's
+    window) exceeds this machine's memory: one line naming --latent-size, instead of the allocator's traceback or
+    the kernel's OOM killer."""
+    from ...presets import torch_dtype
+
+    tokens = cfg.tokens_per_frame(latent_size)
+    window = policy.window_frames if getattr(policy, "window_frames", None) else frames
+    per = torch.empty((), dtype=torch_dtype(cache_dtype)).element_size()
+    need = 2 * cfg.num_layers * batch * min(window, frames) * tokens * cfg.dim * per
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return
+    if need > have:
+        h, w = latent_size
+        fail(f"--latent-size {h} {w}: the KV cache alone needs {need / 2**30:.1f} GiB "
+             f"({tokens} tokens per frame); this machine has {have / 2**30:.1f} GiB")

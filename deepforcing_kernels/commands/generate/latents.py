@@ -35,6 +35,7 @@ from .common import (
     cache_dtype,
     check_backend,
     check_device,
+    check_fits_in_memory,
     first_line,
     load_text,
     model_dtype,
@@ -84,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
         cfg.token_grid(latent_size)
     except ValueError as e:
         fail(f"--latent-size {latent_size[0]} {latent_size[1]}: {e}")
+    check_fits_in_memory(cfg, latent_size, policy, args.batch_size, args.cache_dtype or args.dtype, args.frames)
+    if args.switch and max(f for f, _ in args.switch) >= args.frames:
+        late = max(f for f, _ in args.switch)
+        fail(f"--switch {late}:...: frame {late} is past the run's end (--frames {args.frames}); it would never apply")
     device = check_device(args.device)
     check_backend(args.backend, device)
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
