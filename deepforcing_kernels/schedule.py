@@ -192,6 +192,9 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
                              "whole blocks")
         if F != B:
             raise ValueError(f"only a stream's first block may have other than {B} frames, got {F}")
+        if policy.has_tape and f0 != state.block_start + cur:
+            raise ValueError(f"a rolling_sink stream moves block after block (its tape replays every frame), so "
+                             f"start_frame must be {state.block_start + cur}, got {f0}")
     elif F > B:
         raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
     if policy.has_tape and F != B:

@@ -131,3 +131,11 @@ def test_rolling_sink_needs_rope():
     with pytest.raises(ValueError, match="rope"):
         StreamingKVCache(CachePolicy.rolling_sink(), num_layers=1, batch_size=1, num_heads=1, head_dim=8,
                          tokens_per_frame=1560, rope=None)
+
+
+def test_a_rolling_sink_stream_cannot_skip_frames():
+    cache = _cache()
+    q = torch.zeros(1, 3 * CFG["tokens_per_frame"], CFG["heads"], CFG["head_dim"])
+    cache.layers[0].attend(q, q, q, start_frame=0)
+    with pytest.raises(ValueError, match="start_frame must be 3"):
+        cache.layers[0].attend(q, q, q, start_frame=6)
