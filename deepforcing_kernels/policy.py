@@ -11,7 +11,12 @@ policy             keeps                                    RoPE of kept keys
 ``frame_sink``     first ``sink_frames`` + FIFO             absolute, never moved
 ``deep_sink``      first ``sink_frames`` + FIFO             sink re-phased (docs/spec.md section 2)
 ``deep_forcing``   sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
+``rolling_sink``   FIFO window; a tape of early frames      tape frames at their slots' positions
+                   replays into the older slots
 =================  =======================================  =====================================
+
+The methods of other authors (``rolling_sink``, and the options their presets set) are described, with the source
+repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from typing import Any, Dict, Optional
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
-KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing")
+KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink")
+#: Rolling Sink's hard-coded tokens per frame (Wan at 832x480): its window is ``window_frames * 1560`` tokens
+AUTHORS_FRAME_TOKENS = 1560
 SCORES = ("mass", "logits")
 
 
@@ -48,6 +55,13 @@ class CachePolicy:
         topc_max_reuse: a token chosen as Top-C this many times is only used as a filler; None: no cap.
         unify_topc_rope: Top-C tokens take the temporal positions right after the sink (Algorithm 1 of the
             paper); off in the release.
+        tape_frames: ``rolling_sink`` only: length of the tape (frames ``0 .. tape_frames - 1`` of the stream)
+            that replays back and forth into the slots of the block before the newest; the authors use
+            ``window_frames - 3``.
+        frame_tokens: ``rolling_sink`` only: the tokens per frame the authors' code hard-codes (1560) when it sizes
+            the window as ``window_frames * 1560`` tokens. A cache with another frame size resolves the window to
+            ``window_frames * frame_tokens // tokens_per_frame`` whole frames (:meth:`for_tokens_per_frame`), as
+            that code does; None sizes the window in frames at any frame size.
     """
 
     kind: str
@@ -61,6 +75,8 @@ class CachePolicy:
     score: Optional[str] = None
     topc_max_reuse: Optional[int] = None
     unify_topc_rope: bool = False
+    tape_frames: Optional[int] = None
+    frame_tokens: Optional[int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -101,6 +117,36 @@ class CachePolicy:
                    recent_frames=recent_frames, score=score, topc_max_reuse=topc_max_reuse,
                    unify_topc_rope=unify_topc_rope)
 
+    @classmethod
+    def rolling_sink(cls, window_frames: int = 21, tape_frames: Optional[int] = None,
+                     frame_tokens: Optional[int] = AUTHORS_FRAME_TOKENS, *,
+                     block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
+        """Rolling Sink (docs/methods.md): a FIFO window of ``window_frames``; once it has filled, the slots of the
+        block before the newest are overwritten by ``block_frames`` frames of a tape that runs back and forth over
+        the stream's frames ``0 .. tape_frames - 1`` (default ``window_frames - block_frames``, the authors'
+        ``21 - 3``), attended at the slots' own positions. ``frame_tokens``: see the class docstring."""
+        return cls("rolling_sink", block_frames=block_frames, window_frames=window_frames,
+                   tape_frames=window_frames - block_frames if tape_frames is None else tape_frames,
+                   frame_tokens=frame_tokens)
+
+    def for_tokens_per_frame(self, tokens_per_frame: int) -> "CachePolicy":
+        """The policy a cache with ``tokens_per_frame`` tokens per frame runs: ``rolling_sink`` with
+        ``frame_tokens`` set resolves its window to ``window_frames * frame_tokens // tokens_per_frame`` whole
+        frames (its tape to that minus ``window_frames - tape_frames``, cut to whole blocks), as the authors' code
+        does at any frame size; every other policy is returned unchanged."""
+        n = check_int("tokens_per_frame", tokens_per_frame, minimum=1)
+        if self.frame_tokens is None:
+            return self
+        W = self.window_frames * self.frame_tokens // n
+        if W == self.window_frames:
+            return self
+        if W < self.block_frames + (self.window_frames - self.tape_frames) + 1:
+            raise ValueError(f"frame_tokens={self.frame_tokens}: the authors' window of {self.window_frames} x "
+                             f"{self.frame_tokens} tokens holds only {W} frames of {n} tokens; use frame_tokens=None")
+        T = W - (self.window_frames - self.tape_frames)
+        # where the authors' lap is not whole blocks their slices run past the tape's ends; cut it to whole blocks
+        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames)
+
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
@@ -114,7 +160,7 @@ class CachePolicy:
             W = self._store_checked_int("window_frames", 1)
             if W < F:
                 raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
-        if self.kind == "sliding":
+        if self.kind in ("sliding", "rolling_sink"):
             self._only(sink_frames=0)
         if self.kind in ("frame_sink", "deep_sink", "deep_forcing"):
             S = self._store_checked_int("sink_frames", 1)
@@ -123,13 +169,25 @@ class CachePolicy:
             if S + F > self.window_frames:
                 raise ValueError(f"sink_frames + block_frames ({S} + {F}) must be <= window_frames "
                                  f"({self.window_frames}): a rolled cache must hold the sink and the new block")
-        if self.kind in ("full", "sliding", "frame_sink"):
+        if self.kind in ("full", "sliding", "frame_sink", "rolling_sink"):
             self._only(rephase_sink=False, sink_gap=None)
         if self.kind in ("deep_sink", "deep_forcing"):
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
             if self.sink_gap is not None:
                 self._store_checked_int("sink_gap", 0)
+        if self.kind == "rolling_sink":
+            T = self._store_checked_int("tape_frames", F)
+            if T % F:
+                raise ValueError(f"tape_frames ({T}) must be a multiple of block_frames ({F}): the tape moves "
+                                 "by whole blocks")
+            if T > self.window_frames - F:
+                raise ValueError(f"tape_frames ({T}) must be <= window_frames - block_frames "
+                                 f"({self.window_frames} - {F}): the tape replays frames the first window held")
+            if self.frame_tokens is not None:
+                self._store_checked_int("frame_tokens", 1)
+        else:
+            self._only(tape_frames=None, frame_tokens=None)
         if self.kind != "deep_forcing":
             self._only(budget_frames=None, recent_frames=None, score=None, topc_max_reuse=None,
                        unify_topc_rope=False)
@@ -180,6 +238,11 @@ class CachePolicy:
         if not self.compresses:
             return 0
         return self.budget_frames - self.sink_frames - self.recent_frames
+
+    @property
+    def has_tape(self) -> bool:
+        """Whether the policy replays a tape of early frames (Rolling Sink)."""
+        return self.kind == "rolling_sink"
 
     @property
     def gap_frames(self) -> int:

@@ -28,6 +28,9 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     "deep_forcing": ("deep_forcing", {"score": "mass"}, "sink 10 + Top-C by attention mass + recent 4"),
     "deep_forcing_logits": ("deep_forcing", {"score": "logits"},
                             "sink 10 + Top-C by the release's logit score + recent 4"),
+    # the field's other training-free methods, as their authors run them (docs/methods.md)
+    "rolling_sink": ("rolling_sink", {}, "FIFO 21 frames of 1560 tokens; a tape of frames 0..17 replayed at the "
+                     "older slots' positions (Rolling Sink)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the

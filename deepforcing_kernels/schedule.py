@@ -31,6 +31,13 @@ Running the schedule alone (what ``deepforcing trace`` draws)::
         print(blk.start_frame, blk.action, blk.attended.describe())
         # blk.attended / blk.after: Layout(frames, positions, kinds), one entry per token slot
 
+Rolling Sink (``rolling_sink``, docs/methods.md) adds two steps to the first pass of a new block, both what the
+authors' code does right after the previous block's clean pass (deferred to here, where nothing has attended in
+between, so every pass attends to the same window): the previous block's frames among the stream's first
+``tape_frames`` are copied to a frame bank (``PassPlan.bank``), and, once the previous block started at or after
+``window_frames``, the slots of the block before it are overwritten by ``block_frames`` banked frames
+(``PassPlan.tape``, taken by :func:`tape_frames_at`) attended at those slots' positions (``PassPlan.tape_at``).
+
 Top-C picks depend on the data, so :func:`simulate` marks Top-C slots with frame ``-1`` (and position ``-1``
 unless ``unify_topc_rope``). To see real picks, run a tiny cache and read its accessors::
 
@@ -44,7 +51,7 @@ unless ``unify_topc_rope``). To see real picks, run a tiny cache and read its ac
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._scalars import check_int
@@ -117,6 +124,10 @@ class PassPlan:
         carry_mass: mass mode: the next block compresses, so this pass records the attention mass of its last
             ``recent - block`` frames of queries (the "previous pass" part of the next compression's score).
         state: the layer's state after the pass.
+        bank: ``rolling_sink``: frames of the previous block to copy into the frame bank (before anything moves).
+        tape_at: ``rolling_sink``: first frame position of the slots the tape overwrites (the block before the
+            previous one), or None.
+        tape: ``rolling_sink``: the banked frames written there, slot by slot (a frame's tokens keep their order).
     """
 
     action: str
@@ -129,6 +140,9 @@ class PassPlan:
     compress_after_attend: bool
     carry_mass: bool
     state: ScheduleState
+    bank: Tuple[int, ...] = ()
+    tape_at: Optional[int] = None
+    tape: Tuple[int, ...] = ()
 
     @property
     def new_block(self) -> bool:
@@ -178,15 +192,21 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
                              "whole blocks")
         if F != B:
             raise ValueError(f"only a stream's first block may have other than {B} frames, got {F}")
+        if policy.has_tape and f0 != state.block_start + cur:
+            raise ValueError(f"a rolling_sink stream moves block after block (its tape replays every frame), so "
+                             f"start_frame must be {state.block_start + cur}, got {f0}")
     elif F > B:
         raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
+    if policy.has_tape and F != B:
+        raise ValueError(f"a rolling_sink stream runs whole blocks of {B} frames, got a first block of {F}")
     first = state.first_block_frames if state.block_start is not None else (F if F != B else None)
     stream_start = f0 if state.stream_start is None else state.stream_start
     L, W = state.frames, policy.window_frames
     if policy.kind == "full" or L + F <= W:
         after = ScheduleState(L + F, f0, stream_start, state.sink_start, state.compressed, first)
-        return PassPlan("append", f0, L, 0, L + F, state.sink_start, state.compressed, False,
+        plan = PassPlan("append", f0, L, 0, L + F, state.sink_start, state.compressed, False,
                         _carry_mass(policy, L + F), after)
+        return _with_tape(policy, state, plan) if policy.has_tape else plan
     g = policy.gap_frames
     if policy.compresses:
         N = policy.budget_frames
@@ -199,7 +219,34 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
         return PassPlan("compress", f0, L, 0, N, sink_after, True, False, False, after)
     sink_after = f0 + F - W - g if policy.rephase_sink else None
     after = ScheduleState(W, f0, stream_start, sink_after, False, first)
-    return PassPlan("roll", f0, L, L + F - W, W, sink_after, False, False, False, after)
+    plan = PassPlan("roll", f0, L, L + F - W, W, sink_after, False, False, False, after)
+    return _with_tape(policy, state, plan) if policy.has_tape else plan
+
+
+def tape_frames_at(policy: CachePolicy, rel: int) -> Tuple[int, ...]:
+    """Rolling Sink's tape: the ``block_frames`` frames (relative to the stream's start) written into the slots
+    of the block at relative frame ``rel``. The tape runs over frames ``0 .. tape_frames - 1`` in laps of
+    ``tape_frames``; odd laps run forward, even laps backward, the first (``rel == tape_frames``) backward from
+    frame ``tape_frames - 1`` (the authors' ``reverse = (rel // T) % 2 == 1``)."""
+    T, F = policy.tape_frames, policy.block_frames
+    if (rel // T) % 2 == 1:
+        right = T - rel % T
+        return tuple(range(right - 1, right - F - 1, -1))
+    left = rel % T
+    return tuple(range(left, left + F))
+
+
+def _with_tape(policy: CachePolicy, state: ScheduleState, plan: PassPlan) -> PassPlan:
+    """Add Rolling Sink's bank and tape steps to the first pass of a new block (see the module docstring)."""
+    if state.block_start is None:
+        return plan
+    F, s, ss = policy.block_frames, state.block_start, state.stream_start
+    bank = tuple(f for f in range(s, s + F) if f - ss < policy.tape_frames)
+    tape_at, tape = None, ()
+    if s - ss >= policy.window_frames:
+        tape_at = s - F
+        tape = tuple(ss + f for f in tape_frames_at(policy, tape_at - ss))
+    return replace(plan, bank=bank, tape_at=tape_at, tape=tape)
 
 
 def _carry_mass(policy: CachePolicy, frames_after: int) -> bool:
@@ -329,13 +376,19 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
     S_tok, R = policy.sink_frames * n, policy.recent_frames or 0
     state = ScheduleState()
     slots: List[int] = []
+    pos: List[int] = []  # tape policies: the position each slot is attended at
     out: List[BlockTrace] = []
     for f0 in range(start_frame, start_frame + num_frames, F):
         plan = plan_pass(policy, state, f0)
         new = [f0 + i for i in range(F) for _ in range(n)]
         before = ScheduleState() if state.block_start is None else state
+        if plan.tape_at is not None:  # the block before the previous one gets the tape
+            at = len(slots) - 2 * F * n
+            slots[at:at + F * n] = [f for f in plan.tape for _ in range(n)]
         if plan.action == "roll":
             del slots[S_tok:S_tok + plan.evict_frames * n]
+            del pos[S_tok:S_tok + plan.evict_frames * n]
+        pos = pos + new
         aug = slots + new
         after_slots = aug
         if plan.action == "compress":
@@ -348,6 +401,8 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
                                plan.attend_sink_start, ss, n)
         after = _layout(policy, after_slots, plan.state.frames, plan.state.compressed, plan.state.sink_start,
                         ss, n)
+        if policy.has_tape:
+            attended = after = Layout(tuple(after_slots), tuple(pos), after.kinds)
         out.append(BlockTrace(f0, plan, attended, after))
         slots, state = after_slots, plan.state
     return out

@@ -17,6 +17,8 @@ cache's state (K/V plus bookkeeping), plus the per-block series the plot draws.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import random
 import time
 from dataclasses import dataclass, field
@@ -240,6 +242,13 @@ class ReleaseLayer:
         self._sink_at = target
 
 
+def bench_policy(name: str, window_frames: int) -> Any:
+    """The policy ``name`` with a window of ``window_frames`` frames of the bench's size (a window written in the
+    authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21)."""
+    p = make_policy(name, window_frames=window_frames)
+    return dataclasses.replace(p, frame_tokens=None) if getattr(p, "frame_tokens", None) is not None else p
+
+
 def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any]):
     from ..cache import StreamingKVCache
 
@@ -247,7 +256,7 @@ def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any
         return ReleaseCache(num_layers=cfg.num_layers, batch_size=1, num_heads=cfg.num_heads,
                             head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame, rope=rope,
                             dtype=cfg.dtype, window_frames=cfg.window_frames)
-    return StreamingKVCache(make_policy(name, window_frames=cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
+    return StreamingKVCache(bench_policy(name, cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
                             num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame,
                             rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
 
@@ -426,7 +435,7 @@ def run_model_rollout(cfg: ModelRolloutConfig = ModelRolloutConfig(), *,
     if cfg.cache_dtype is not None:
         kw["cache_dtype"] = cfg.cache_dtype
     names = [p for p in cfg.policies if p not in BASELINE_NAMES]  # the release baseline is a cache-path peer only
-    rollouts = {name: generate(model, text, cfg.num_frames, make_policy(name, window_frames=cfg.window_frames), **kw)
+    rollouts = {name: generate(model, text, cfg.num_frames, bench_policy(name, cfg.window_frames), **kw)
                 for name in names}
     series = {name: _Series() for name in names}
     frames_end: List[int] = []

@@ -117,6 +117,8 @@ class StreamingKVCache:
                  reduce_over_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         if not isinstance(policy, CachePolicy):
             raise ArgumentTypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
+        # the policy at this frame size (Rolling Sink's window in the authors' 1560-token frames); what runs
+        policy = policy.for_tokens_per_frame(check_int("tokens_per_frame", tokens_per_frame, minimum=1))
         self.policy = policy
         self.num_layers = check_int("num_layers", num_layers, minimum=1)
         self.batch_size = check_int("batch_size", batch_size, minimum=1)
@@ -134,8 +136,9 @@ class StreamingKVCache:
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device {device!r} is not a valid torch device: {e}") from None
         if rope is None:
-            if policy.rephase_sink:
-                raise ValueError(f"a {policy.kind!r} policy re-phases its sink, so rope (a RopeSpec) is required")
+            if policy.rephase_sink or policy.has_tape:
+                raise ValueError(f"a {policy.kind!r} policy re-phases {'its sink' if policy.rephase_sink else 'replayed frames'}"
+                                 ", so rope (a RopeSpec) is required")
         else:
             try:
                 check_rope("rope", rope, self.head_dim)

@@ -16,6 +16,7 @@ from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
 from .context import LayerContext
+from .bank import FrameBank
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step
 from .storage import LayerStorage
 
@@ -23,14 +24,22 @@ __all__ = ["CacheLayer", "attention_layout"]
 
 
 def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, sink_start: Optional[int],
-                     stream_start: Optional[int], compressed: bool, frame_tab: torch.Tensor) -> Dict[str, Any]:
+                     stream_start: Optional[int], compressed: bool, frame_tab: torch.Tensor,
+                     pos_tab: Optional[torch.Tensor] = None) -> Dict[str, Any]:
     """``sink_len``, ``sink_shift`` (tokens / frames) and ``key_shift`` (int64 ``[B, L]`` or None) that attention
     applies over the first ``frames`` frames of slots, for a layer whose sink encodes ``sink_start``.
 
     Shifts are in frames (the temporal RoPE unit). With ``unify_topc_rope`` and a Top-C region, Top-C slot ``i``
     is placed right after the sink at ``sink_start + i // tokens_per_frame``, so every key gets its own shift.
+    With a per-slot position table ``pos_tab`` (Rolling Sink's replayed frames) key ``j`` moves by
+    ``pos_tab[:, j] - frame_tab[:, j]`` (None while no key moves).
     """
     n = tokens_per_frame
+    if pos_tab is not None:
+        L = frames * n
+        key_shift = pos_tab[:, :L] - frame_tab[:, :L]
+        moved = bool(key_shift.any()) if L else False
+        return {"sink_len": 0, "sink_shift": 0, "key_shift": key_shift.contiguous() if moved else None}
     shift = 0 if sink_start is None else sink_start - (stream_start if stream_start is not None else 0)
     sink_len = min(policy.sink_frames, frames) * n if shift else 0
     key_shift = None
@@ -65,9 +74,12 @@ class CacheLayer:
         if p.compresses:
             extra["reuse"] = torch.int32  # Top-C reuse counters travel with their tokens
             extra.update(self.scorer.slot_buffers)
+        if p.has_tape:
+            extra["pos"] = torch.int64  # the position each slot is attended at (a replayed frame's is not its own)
         self.storage = LayerStorage(batch=c.batch_size, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                     tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
                                     dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch)
+        self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -120,7 +132,7 @@ class CacheLayer:
         to :func:`~deepforcing_kernels.sink_attention` with ``keys()`` / ``values()``)."""
         s = self._state
         return attention_layout(self.policy, self.ctx.tokens_per_frame, s.frames, s.sink_start, s.stream_start,
-                                s.compressed, self.storage.frames)
+                                s.compressed, self.storage.frames, self.storage.extra.get("pos"))
 
     def shifts(self) -> torch.Tensor:
         """``[B, L]`` int64: the temporal shift each slot's key gets at attention (position - frame)."""
@@ -179,11 +191,15 @@ class CacheLayer:
             st.write(L0 - Lb, k, v)
             T = L0
         else:
+            if self.bank is not None:  # Rolling Sink: bank the previous block, replay the tape (before evicting)
+                self.bank.apply(st, plan, L0, self._state.block_start, self._state.stream_start, F)
             if plan.action == "roll" and plan.evict_frames:
                 e = plan.evict_frames * n
                 st.evict(p.sink_frames * n, e, L0)
                 L0 -= e
             st.write_new(L0, k, v, plan.start_frame, F)
+            if "pos" in st.extra:
+                st.extra["pos"][:, L0:L0 + Lb] = st.frames[:, L0:L0 + Lb]
             T = L0 + Lb  # tokens in the (augmented) cache
         if self.scorer is not None:
             self.scorer.observe(q, F)
@@ -289,7 +305,7 @@ class CacheLayer:
     def _layout(self, plan: PassPlan) -> Dict[str, Any]:
         return attention_layout(self.policy, self.ctx.tokens_per_frame, plan.attend_frames,
                                 plan.attend_sink_start, self._state.stream_start, plan.attend_compressed,
-                                self.storage.frames)
+                                self.storage.frames, self.storage.extra.get("pos"))
 
     def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
         c, p, n = self.ctx, self.policy, self.ctx.tokens_per_frame
@@ -347,7 +363,16 @@ class CacheLayer:
         d.update(k=tensors["k"], v=tensors["v"], frames=tensors["frames"], reuse=tensors.get("reuse"),
                  mass=tensors.get("mass"))
         d["qbuf"] = self.scorer.state() if self.scorer is not None else None
+        if self.bank is not None:
+            d["pos"] = tensors["pos"]
+            d.update(self.bank.state(self.bank_frames()))
         return d
+
+    def bank_frames(self) -> int:
+        """Frames held by the Rolling Sink frame bank (0 without one)."""
+        if self.bank is None:
+            return 0
+        return FrameBank.filled(self.policy.tape_frames, self._state.block_start, self._state.stream_start)
 
 
     def load_state(self, state: ScheduleState, tensors: Dict[str, Any]) -> None:
@@ -356,6 +381,8 @@ class CacheLayer:
         if self.scorer is not None:
             self.scorer.load(tensors["qbuf"])
         self._state = state
+        if self.bank is not None:
+            self.bank.load(self.bank_frames(), tensors)
         self._args_cache = None
 
 

@@ -16,6 +16,8 @@ __all__ = ["check_state", "check_layer_state", "STATE_KEYS", "LAYER_KEYS"]
 #: the keys of a cache state and of each of its layers (anything else is refused)
 STATE_KEYS = frozenset({"format", "policy", "geometry", "layers"})
 LAYER_KEYS = frozenset({"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"})
+#: the further keys of a layer of a policy with a tape (Rolling Sink): slot positions and the frame bank
+TAPE_KEYS = frozenset({"pos", "bank_k", "bank_v"})
 
 
 def check_state(ctx: LayerContext, layers: Tuple[CacheLayer, ...], geometry: Dict[str, Any],
@@ -42,7 +44,8 @@ def check_state(ctx: LayerContext, layers: Tuple[CacheLayer, ...], geometry: Dic
 def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) -> Tuple[ScheduleState, Dict[str, Any]]:
     """Validate one layer's state against the cache's context and ``layer``'s storage and scorer; returns
     ``(schedule state, tensors)`` for :meth:`CacheLayer.load_state`. ValueError naming the layer otherwise."""
-    if not isinstance(d, dict) or set(d) != LAYER_KEYS:
+    keys = LAYER_KEYS | TAPE_KEYS if ctx.policy.has_tape else LAYER_KEYS
+    if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
         st = ScheduleState.from_dict(d["schedule"])
@@ -60,6 +63,12 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     want.setdefault("reuse", None)
     want.setdefault("mass", None)
     want["qbuf"] = layer.scorer.state_spec() if layer.scorer is not None else None
+    if p.has_tape:
+        from .bank import FrameBank
+
+        bank = FrameBank.filled(p.tape_frames, st.block_start, st.stream_start) * ctx.tokens_per_frame
+        shape = (ctx.batch_size, bank, ctx.num_kv_heads, ctx.head_dim)
+        want["bank_k"] = want["bank_v"] = (shape, ctx.dtype)
     for name, w in want.items():
         t = d[name]
         if w is None:
@@ -92,8 +101,8 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         v = getattr(st, name)
         if v is not None and not -_INT_LIMIT < v < _INT_LIMIT:
             bad(f"{name}={v} is out of range")
-    for name in ("k", "v", "frames", "reuse", "mass", "qbuf"):
-        t = d[name]
+    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v"):
+        t = d.get(name)
         if t is not None and (t.layout != torch.strided or t.device.type not in ("cpu", ctx.device.type)):
             bad(f"{name!r} must be a dense tensor on the CPU or {ctx.device}, got {t.layout} on {t.device}")
     if st.stream_start is None:
@@ -135,10 +144,13 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
     # tensor values
-    for name in ("k", "v", "mass", "qbuf"):
-        t = d[name]
+    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v"):
+        t = d.get(name)
         if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
             bad(f"{name!r} holds NaN or inf")
+    if p.has_tape:
+        _check_tape_values(p, n, st, d, bad)
+        return
     if d["mass"] is not None and bool((d["mass"] < 0).any()):
         bad("'mass' holds negative values")
     fr = d["frames"]
@@ -174,3 +186,24 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
             bad("'reuse' counts of sink or recent slots must be 0 (only Top-C picks are reused)")
         if C_tok and bool((reuse[:, S_tok:S_tok + C_tok] < 1).any()):
             bad("'reuse' counts of Top-C picks must be >= 1")
+
+
+def _check_tape_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], bad: Any) -> None:
+    """Rolling Sink: slot positions are whole frames in time order ending with the current block, and each slot
+    holds either the frame at its position or a replayed frame of the tape (the stream's first ``tape_frames``),
+    only in positions the tape has reached."""
+    pos, fr = d["pos"], d["frames"]
+    B, L = fr.shape
+    lo, hi = st.stream_start, st.block_start + st.current_block_frames(p)
+    if bool((pos < lo).any()) or bool((pos >= hi).any()):
+        bad(f"slot positions outside the stream's frames [{lo}, {hi})")
+    pf = pos.view(B, -1, n)
+    if not bool((pf == pf[:, :, :1]).all()) or bool((pf[:, 1:, 0] != pf[:, :-1, 0] + 1).any()) or \
+            bool((pos[:, L - n:] != hi - 1).any()):
+        bad("slot positions must be consecutive whole frames ending with the current block")
+    replayed = fr != pos
+    if bool((replayed & ((fr < lo) | (fr >= lo + p.tape_frames))).any()):
+        bad(f"replayed slots hold frames outside the tape [{lo}, {lo + p.tape_frames})")
+    if bool((replayed & (pos >= st.block_start - p.block_frames)).any()) or \
+            bool((replayed & (pos < lo + p.window_frames - p.block_frames)).any()):
+        bad("replayed slots sit where the tape has not been written")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -101,6 +102,10 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
         raise ValueError("tokens_per_frame and num_frames must be positive")
     H, D = 2, 48
     rope = RopeSpec.wan(D)
+    if getattr(policy, "frame_tokens", None) is not None:
+        # a window written in the authors' token frames (Rolling Sink's 1560) is drawn in those frames: the stand-in
+        # tokens_per_frame only sets how many slots a frame is drawn with
+        policy = dataclasses.replace(policy, frame_tokens=None)
     cache = StreamingKVCache(policy, num_layers=1, batch_size=1, num_heads=H, head_dim=D,
                              tokens_per_frame=tokens_per_frame, rope=rope, dtype=torch.float32)
     layer = cache.layers[0]

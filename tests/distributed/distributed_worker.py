@@ -134,6 +134,8 @@ POLICIES = {
                                                        recent_frames=3, score="logits", unify_topc_rope=True),
     "deep_sink": lambda CP: CP.deep_sink(window_frames=9, sink_frames=3),
     "sliding": lambda CP: CP.sliding(window_frames=6),
+    # window 6, tape 3: the tape replays in the last two blocks (backward, then forward)
+    "rolling_sink": lambda CP: CP.rolling_sink(window_frames=6, frame_tokens=None),
 }
 LATENT = (6, 8)  # 3 x 4 = 12 tokens per frame: divisible by 2 and 3
 FRAMES = 15      # 5 blocks: compressions (deep_forcing) / rolls (sliding, deep_sink) in the last two
