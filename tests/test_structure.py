@@ -66,7 +66,7 @@ LAYERS = (
     ("cache", ("cache",)),
     ("model", ("models", "checkpoints", "sampler")),
     ("rollout", ("runio", "driver")),
-    ("front end", ("video", "pipeline")),
+    ("front end", ("video", "pipeline", "steering")),
     ("distributed", ("distributed",)),
     ("bench", ("bench",)),
     ("command line", ("commands", "cli", "__main__")),

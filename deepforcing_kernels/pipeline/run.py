@@ -169,6 +169,19 @@ class VideoRun:
                            bytes=sum(p.stat().st_size for p in self.paths if p.exists()), gen_s=s.gen_s,
                            decode_s=s.decode_s, write_s=self.write_s, info=dict(s.info))
 
+    def switch(self, prompt: str, *, recache: bool = False) -> int:
+        """Switch to ``prompt`` at the next block boundary (the frames written so far are those of an unswitched
+        run); returns the latent frame it applies from. ``recache=True`` needs ``open(..., steerable=True)``
+        once a block was made."""
+        if self.closed:
+            raise ValueError("this run is closed: nothing left to switch")
+        return self.stream.switch(prompt, recache=recache)
+
+    def stop(self) -> List[Path]:
+        """Stop between blocks: the open file is finished under its final name (a playable mp4 of the frames
+        so far, the file a run of that many latent frames writes); iteration ends. Returns the finished paths."""
+        return self.close()
+
     def close(self) -> List[Path]:
         """Finish the open file (the stream need not be done); returns every finished path."""
         if not self.closed:
