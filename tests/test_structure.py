@@ -69,6 +69,7 @@ LAYERS = (
     ("front end", ("video", "pipeline", "steering")),
     ("distributed", ("distributed",)),
     ("bench", ("bench",)),
+    ("serve", ("serve",)),
     ("command line", ("commands", "cli", "__main__")),
 )
 
