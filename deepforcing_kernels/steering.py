@@ -106,7 +106,7 @@ class LiveStream:
         if not prompt.strip():
             raise ValueError("prompt is empty")
         self.run = pipe.open(path, prompt, num_frames, seed, fps=fps, progress=False, resumable=False,
-                             steerable=True, on_error="partial")
+                             steerable=True, on_error="partial", write_ahead=True)
         self.rollout = self.run.stream.rollout
         self.prompt = prompt
         self.picture_every = int(picture_every)
@@ -253,9 +253,10 @@ class LiveStream:
                 if on_end is not None:
                     on_end(self)
 
-        self._thread = threading.Thread(target=work, name="deepforcing-live", daemon=True)
-        self._thread.start()
-        return self._thread
+        t = threading.Thread(target=work, name="deepforcing-live", daemon=True)
+        t.start()
+        self._thread = t  # once started: wait() and close() may join it from any thread
+        return t
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait for :meth:`start`'s thread to end; True when it has."""

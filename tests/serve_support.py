@@ -85,12 +85,17 @@ class Events:
         self.conn.close()
 
 
-def decode_images(urls):
-    """Data URLs (PNG) -> uint8 [T, H, W, 3]."""
+def decode_blocks(sprites):
+    """Blocks as the page gets them (``{"sprite" or "url": data URL, "count": T}``: T frames stacked top to
+    bottom, PNG) -> uint8 [sum T, H, W, 3]."""
     from PIL import Image
 
-    return np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB"))
-                     for u in urls])
+    out = []
+    for b in sprites:
+        url = b.get("sprite") or b["url"]
+        im = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+        out.append(im.reshape(b["count"], im.shape[0] // b["count"], im.shape[1], 3))
+    return np.concatenate(out)
 
 
 def wait_for(cond, timeout=30.0, step=0.02):

@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror or e})")
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in str(host) else host
-    print(f"deepforcing serve: http://{shown}:{port}/  (model {args.model}"
-          f"{'' if args.weights else ', random weights'}; {opts.max_streams} stream(s) at once; Ctrl-C stops)",
-          file=sys.stderr, flush=True)
-    try:
+    try:  # from the line on, Ctrl-C stops it cleanly
+        print(f"deepforcing serve: http://{shown}:{port}/  (model {args.model}"
+              f"{'' if args.weights else ', random weights'}; {opts.max_streams} stream(s) at once; Ctrl-C stops)",
+              file=sys.stderr, flush=True)
         server.serve_forever(poll_interval=0.25)
     except KeyboardInterrupt:
         print("deepforcing serve: stopping", file=sys.stderr)

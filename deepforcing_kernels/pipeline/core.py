@@ -291,11 +291,12 @@ class VideoPipeline:
              switches: Optional[Sequence[Union[Tuple[int, str], str]]] = None, recache: bool = False,
              resume: Optional[Mapping[str, Any]] = None, progress: bool = True, on_error: str = "partial",
              codec: Optional[str] = None, crf: int = 18, resumable: bool = True,
-             steerable: bool = False) -> VideoRun:
+             steerable: bool = False, write_ahead: bool = False) -> VideoRun:
         """A :class:`VideoRun` writing ``path`` (or its segments); iterate it (or call ``run()``). Arguments as
         :meth:`frames` and :meth:`write`; ``resume`` is a :meth:`VideoRun.state_dict`; ``resumable=False`` keeps
         no anchor (no ``state_dict``, no latents held); ``steerable`` as :meth:`frames` (then
-        :meth:`VideoRun.switch` may re-cache). Every input is checked before any file is created."""
+        :meth:`VideoRun.switch` may re-cache); ``write_ahead`` encodes each block in a writer thread while the
+        next one is generated (the same file). Every input is checked before any file is created."""
         if resume is not None and (not isinstance(resume, Mapping) or resume.get("format") != VIDEO_RUN_FORMAT):
             raise ValueError(f"resume must be a VideoRun.state_dict() (format {VIDEO_RUN_FORMAT!r})")
         stream = self.frames(prompt, num_frames, seed, image=image, video=video, prefix_latents=prefix_latents,
@@ -303,7 +304,7 @@ class VideoPipeline:
                              resume=None if resume is None else resume.get("stream"), steerable=steerable,
                              _auto_tick=False)
         return VideoRun(stream, path, fps=fps, segment_frames=segment_frames, on_error=on_error, codec=codec,
-                        crf=crf, resume=resume, resumable=resumable)
+                        crf=crf, resume=resume, resumable=resumable, write_ahead=write_ahead)
 
     def write(self, path: Union[str, os.PathLike], prompt: PromptLike, num_frames: int, seed: int = 0, *,
               fps: float = 16, segment_frames: Optional[int] = None, image: Optional[PathOrTensor] = None,

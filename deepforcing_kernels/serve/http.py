@@ -5,9 +5,9 @@ Routes (nothing else answers; no route takes a path, so nothing the page sends r
 
 * ``GET /``: the page (:mod:`.page`);
 * ``GET /api/events``: the tab's event stream. Opening it makes the tab's session (the first event, ``hello``,
-  names it); frames come as ``block`` events, each carrying its video frames as PNG (lossless: the pixels the
-  mp4 writer is given) or JPEG data; a comment line every second detects a closed tab, and the session (its
-  stream, memory and folder) goes with the connection;
+  names it); frames come as ``block`` events, each carrying its video frames as one PNG (lossless: the
+  pixels the mp4 writer is given) or JPEG image, frames stacked top to bottom; a comment line every second
+  detects a closed tab, and the session (its stream, memory and folder) goes with the connection;
 * ``POST /api/start | switch | pause | resume | stop | close`` with a JSON body ``{"session": ..., ...}``: the
   answer is JSON, ``{"error": "one line"}`` with status 400 for input that cannot run (the server keeps
   serving);
@@ -33,21 +33,21 @@ MAX_BODY = 64 * 1024
 HEARTBEAT_S = 1.0
 
 
-def encode_frames(pixels: Any, fmt: str) -> list:
-    """``[T, H, W, 3]`` uint8 -> data URLs (PNG: lossless; JPEG: quality 90)."""
+def encode_block(pixels: Any, fmt: str) -> str:
+    """A block's frames ``[T, H, W, 3]`` uint8 as one image, frames stacked top to bottom (one encode and one
+    decode a block, not one a frame), as a data URL: PNG (lossless) or JPEG (quality 90)."""
     from PIL import Image
 
-    out = []
-    for arr in pixels:
-        buf = io.BytesIO()
-        if fmt == "jpeg":
-            Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-            mime = "image/jpeg"
-        else:
-            Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
-            mime = "image/png"
-        out.append(f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}")
-    return out
+    t, h, w, c = pixels.shape
+    im = Image.fromarray(pixels.reshape(t * h, w, c))
+    buf = io.BytesIO()
+    if fmt == "jpeg":
+        im.save(buf, format="JPEG", quality=90)
+        mime = "image/jpeg"
+    else:
+        im.save(buf, format="PNG", compress_level=1)
+        mime = "image/png"
+    return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
 class ServeHTTPServer(ThreadingHTTPServer):
@@ -155,7 +155,9 @@ class _Handler(BaseHTTPRequestHandler):
                 else:
                     if "pixels" in ev:
                         ev = dict(ev)
-                        ev["images"] = encode_frames(ev.pop("pixels"), fmt)
+                        px = ev.pop("pixels")
+                        ev.update(sprite=encode_block(px, fmt), count=int(px.shape[0]), height=int(px.shape[1]),
+                                  width=int(px.shape[2]))
                     self.wfile.write(f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n".encode("utf-8"))
                 self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):

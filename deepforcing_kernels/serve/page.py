@@ -3,8 +3,8 @@
 It opens the tab's event stream, sends Start / Stop / Pause / Switch as JSON, plays each block's frames as they
 arrive, draws the cache of the block just made (one box per frame-sized group of slots: sink, Top-C, recent,
 with its frame and RoPE position) and shows frames per second of generation, decoding and on the page. What it
-received is kept in ``window.df`` (frames of the current run as data URLs, arrival times), which the browser
-tests read.
+received is kept in ``window.df`` (each block's frames as one image, frames stacked top to bottom, as a data URL;
+arrival times), which the browser tests read.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ textarea { width: 100%; box-sizing: border-box; font: inherit; }
 <div class="row"><a id="download" href="#" style="display:none" download>download the mp4</a></div>
 <div class="row" id="command"></div>
 </div><div>
-<img id="view" alt="the stream">
+<canvas id="view" width="384" height="384" aria-label="the stream"></canvas>
 <div class="row" id="frameinfo"></div>
 <div class="row legend"><span class="slot sink">sink</span><span class="slot topc">Top-C</span>
 <span class="slot recent">recent</span> the cache after the block just made: frame &rarr; RoPE position</div>
@@ -52,7 +52,7 @@ textarea { width: 100%; box-sizing: border-box; font: inherit; }
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
-const df = window.df = { sid: null, run: 0, frames: [], blocks: [], shown: 0, received: 0, tClick: null,
+const df = window.df = { sid: null, run: 0, sprites: [], blocks: [], shown: 0, received: 0, tClick: null,
   tFirstShown: null, tEnd: null, end: null, errors: [], states: [], fps: 16, queue: [], blockLen: 12 };
 let es = null;
 
@@ -101,10 +101,15 @@ function connect() {
 function onBlock(b) {
   if (b.run !== df.run) return;            // a previous run's late block: never mixed in
   const now = performance.now();
-  df.blocks.push({ index: b.index, frame_start: b.frame_start, n: b.images.length, t: now,
+  df.blocks.push({ index: b.index, frame_start: b.frame_start, n: b.count, t: now,
                    prompt: b.prompt, switched: b.switched, latent_start: b.latent_start });
-  for (const im of b.images) { df.frames.push(im); df.queue.push(im); }
-  df.received += b.images.length; df.blockLen = Math.max(df.blockLen, b.images.length);
+  df.sprites.push({ url: b.sprite, count: b.count });
+  const img = new Image();                 // one image a block: its frames stacked top to bottom
+  img.onload = () => { if (b.run !== df.run) return;
+    for (let i = 0; i < b.count; i++) df.queue.push([img, i, b.width, b.height]);
+    play(); };
+  img.src = b.sprite;
+  df.received += b.count; df.blockLen = Math.max(df.blockLen, b.count);
   const first = df.blocks[0];
   const rate = df.blocks.length > 1 ? (df.received - first.n) / ((now - first.t) / 1000) : 0;
   $("fps").textContent = "frames/s: generation " + b.gen_fps.toFixed(1) + ", decoding " + b.decode_fps.toFixed(1) +
@@ -142,22 +147,27 @@ function onEnd(x) {
   if (x.command) $("command").querySelector("code").textContent = x.command;
 }
 
-// plays the received frames at the video's rate, never more than about one block behind the stream
-let lastTick = 0;
-function tick(t) {
-  if (df.queue.length && t - lastTick >= 1000 / df.fps) {
-    while (df.queue.length > df.blockLen + 1) df.queue.shift();
-    $("view").src = df.queue.shift(); df.shown += 1; lastTick = t;
-    if (df.tFirstShown === null) df.tFirstShown = performance.now();
-  }
-  requestAnimationFrame(tick);
+// plays the received frames at the video's rate, never more than about one block behind the stream; the timer
+// runs only while frames wait
+let timer = null;
+const ctx = $("view").getContext("2d");
+ctx.imageSmoothingEnabled = false;
+function play() {
+  if (timer !== null || !df.queue.length) return;
+  while (df.queue.length > df.blockLen + 1) df.queue.shift();
+  const [img, i, w, h] = df.queue.shift();
+  const c = $("view");
+  ctx.drawImage(img, 0, i * h, w, h, 0, 0, c.width, c.height);
+  df.shown += 1;
+  if (df.tFirstShown === null) df.tFirstShown = performance.now();
+  timer = setTimeout(() => { timer = null; play(); }, 1000 / df.fps);
 }
 
 $("start").onclick = async () => {
   message(""); $("download").style.display = "none"; $("command").textContent = "";
   const body = { prompt: $("prompt").value, policy: $("policy").value, seed: Number($("seed").value),
                  frames: Number($("frames").value) };
-  df.frames = []; df.blocks = []; df.queue = []; df.shown = 0; df.received = 0; df.end = null; df.tEnd = null;
+  df.sprites = []; df.blocks = []; df.queue = []; df.shown = 0; df.received = 0; df.end = null; df.tEnd = null;
   df.tFirstShown = null; df.tClick = performance.now(); df.pageFps = 0;
   running(true);
   const prev = df.run;
@@ -177,7 +187,6 @@ window.addEventListener("pagehide", () => {
   if (df.sid) navigator.sendBeacon("/api/close", JSON.stringify({ session: df.sid }));
 });
 connect();
-requestAnimationFrame(tick);
 </script></body></html>
 """
 

@@ -16,7 +16,7 @@ pytest.importorskip("diffusers")
 av = pytest.importorskip("av")
 pytest.importorskip("PIL")
 
-from serve_support import LAT, Events, decode_images, request, start_server, wait_for  # noqa: E402
+from serve_support import LAT, Events, decode_blocks, request, start_server, wait_for  # noqa: E402
 
 from deepforcing_kernels.cli import build_parser, main  # noqa: E402
 from deepforcing_kernels.pipeline import VideoPipeline  # noqa: E402
@@ -176,7 +176,7 @@ def test_frames_switch_and_stop_give_the_pipelines_pixels_and_the_clis_file(serv
     got += rest
     latent = end["latent_frames"]
     assert end["state"] == "stopped" and sw < latent < 60 and got[-1]["latent_end"] == latent
-    pixels = decode_images([u for b in got for u in b["images"]])
+    pixels = decode_blocks(got)
     pipe = VideoPipeline.tiny(3, latent_size=LAT)
     plain = torch.cat([c.frames for c in pipe.frames("a red fox", latent, seed=3, progress=False)], 1)
     cut = 1 + 4 * (sw - 1)
