@@ -6,12 +6,14 @@
 
 * ``figures``: time from the Start click to the first frame on the page, and the page's frames per second
   (frames received after the first block / time between the first and the last block) against ``pipe.frames()``
-  iterated in this same process with the same arguments (the same rate over its chunks); the two interleaved,
-  ``--repeats`` times each, medians. A new seed's first Start also builds the tiny random model (as
+  iterated in this same process with the same arguments (the same rate over its chunks), and the same for the
+  event stream read by a plain HTTP client (what a browser on another machine receives: here the browser shares
+  the server's cores); interleaved, ``--repeats`` times each, medians of the per-repeat ratios. A new seed's first Start also builds the tiny random model (as
   ``generate --model tiny --seed S`` does): reported apart.
 * ``soak``: ``--max-streams 2``, ``--tabs`` browser tabs that open, Start a random length, sometimes switch,
   pause, stop or close mid-stream, and reopen, for ``--minutes``; the server's resident memory is sampled every
-  10 s (after the first minute, the warm-up, it should stay flat) and its error count must stay 0.
+  10 s while it runs, and every ``--idle-every`` seconds with every tab closed (the idle probes after the first,
+  the warm-up, should stay flat: what a closed tab leaves is what would leak); its error count must stay 0.
 * ``screenshot``: the page mid-stream (after a prompt switch), saved by headless Chromium.
 
 Needs chromium + chromedriver (Debian: ``apt-get install chromium chromium-driver``) and selenium
@@ -20,6 +22,7 @@ Needs chromium + chromedriver (Debian: ``apt-get install chromium chromium-drive
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import shutil
@@ -103,6 +106,42 @@ def pipe_run(pipe, frames, seed):
     return {"first_frame_ms": (times[0] - t0) * 1000, "fps": (sum(counts) - counts[0]) / (times[-1] - times[0])}
 
 
+def stream_run(srv, frames, seed):
+    """The page's event stream read by a plain HTTP client (what a browser on another machine receives)."""
+    import http.client
+
+    host, port = srv.server_address[:2]
+    c = http.client.HTTPConnection(host, port, timeout=60)
+    c.request("GET", "/api/events")
+    r = c.getresponse()
+
+    def events():
+        kind = None
+        for line in iter(r.fp.readline, b""):
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                yield kind, json.loads(line[6:])
+
+    it = events()
+    sid = next(it)[1]["session"]
+    body = json.dumps({"session": sid, "prompt": "a red fox", "frames": frames, "seed": seed}).encode()
+    p = http.client.HTTPConnection(host, port, timeout=60)
+    t0 = time.perf_counter()
+    p.request("POST", "/api/start", body=body)
+    p.getresponse().read()
+    times, counts = [], []
+    for kind, d in it:
+        if kind == "block":
+            times.append(time.perf_counter())
+            counts.append(d["count"])
+        elif kind == "end":
+            break
+    c.close()
+    return {"first_frame_ms": (times[0] - t0) * 1000, "fps": (sum(counts) - counts[0]) / (times[-1] - times[0])}
+
+
 def figures(args):
     torch.set_num_threads(1)
     srv, b = serve(), chrome()
@@ -112,17 +151,22 @@ def figures(args):
         pipe = VideoPipeline.tiny(0, latent_size=LAT)
         page_run(b, args.frames, 0)
         pipe_run(pipe, args.frames, 0)  # warm both
-        pages, pipes = [], []
+        pages, pipes, streams = [], [], []
         for _ in range(args.repeats):
             pages.append(page_run(b, args.frames, 0))
             pipes.append(pipe_run(pipe, args.frames, 0))
+            streams.append(stream_run(srv, args.frames, 0))
         med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
         out = {"frames": args.frames, "latent_size": list(LAT), "repeats": args.repeats,
                "cold_first_frame_ms": cold["first_frame_ms"],
                "page_first_frame_ms": med(pages, "first_frame_ms"), "pipe_first_frame_ms": med(pipes, "first_frame_ms"),
-               "page_fps": med(pages, "fps"), "pipe_fps": med(pipes, "fps"),
-               "ratios": [p["fps"] / q["fps"] for p, q in zip(pages, pipes)], "server_errors": srv.app.errors}
-        out["ratio"] = out["page_fps"] / out["pipe_fps"]
+               "stream_first_frame_ms": med(streams, "first_frame_ms"),
+               "page_fps": med(pages, "fps"), "pipe_fps": med(pipes, "fps"), "stream_fps": med(streams, "fps"),
+               "page_ratios": [p["fps"] / q["fps"] for p, q in zip(pages, pipes)],
+               "stream_ratios": [p["fps"] / q["fps"] for p, q in zip(streams, pipes)],
+               "server_errors": srv.app.errors}
+        out["page_ratio"] = statistics.median(out["page_ratios"])
+        out["stream_ratio"] = statistics.median(out["stream_ratios"])
         print(json.dumps(out, indent=1))
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -134,22 +178,38 @@ def figures(args):
 
 def soak(args):
     """Tabs open, start, steer, stop and close at random; the server must keep flat memory and no errors."""
+    import tempfile
+
     torch.set_num_threads(1)
+    tempfile.tempdir = scratch = tempfile.mkdtemp(prefix="deepforcing-soak-")  # the sessions' folders go here
     srv = serve(max_streams=2)
     rng = random.Random(0)
     b = chrome()
-    samples, t0 = [], time.monotonic()
+    samples, idle, t0 = [], [], time.monotonic()
     stop_at = t0 + args.minutes * 60
     stats = {"tabs_opened": 0, "tabs_closed": 0, "starts": 0, "switches": 0, "stops": 0, "pauses": 0}
     try:
         first = b.current_window_handle
         tabs = []
         next_sample = t0
+        next_idle = t0 + args.idle_every
         while time.monotonic() < stop_at:
             now = time.monotonic()
             if now >= next_sample:
                 samples.append((round(now - t0, 1), round(rss_mib(), 1), srv.app.health()["sessions"]))
                 next_sample += 10
+            if now >= next_idle:  # every tab closed, every stream gone: what is left is what would leak
+                for tab in tabs:
+                    b.switch_to.window(tab)
+                    b.close()
+                stats["tabs_closed"] += len(tabs)
+                tabs = []
+                b.switch_to.window(first)
+                wait(lambda: srv.app.health()["sessions"] == 0 and srv.app.health()["active"] == 0, 60)
+                gc.collect()
+                idle.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
+                next_idle += args.idle_every
+                continue
             if len(tabs) < args.tabs:  # open a tab and start a stream in it
                 b.switch_to.new_window("tab")
                 open_page(b, srv)
@@ -190,18 +250,22 @@ def soak(args):
             b.switch_to.window(tab)
             b.close()
         wait(lambda: srv.app.health()["sessions"] == 0 and srv.app.health()["active"] == 0, 60)
-        samples.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1), 0))
+        gc.collect()
+        idle.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
     finally:
         try:
             b.quit()
         except Exception:  # noqa: BLE001
             pass
     warm = [m for t, m, _ in samples if t >= 60] or [m for _, m, _ in samples]
+    idle_warm = [m for t, m in idle[1:]] or [m for _, m in idle]
     out = {"minutes": args.minutes, "max_streams": 2, "stats": stats, "runs_started": srv.app.runs_started,
            "server_errors": srv.app.errors, "error_lines": srv.logs[:5], "rss_mib_samples": samples,
            "rss_after_warmup_min": min(warm), "rss_after_warmup_max": max(warm),
-           "leftover_folders": sorted(str(p) for s in srv.app.sessions.values() for p in [s.folder] if p.exists())}
+           "rss_idle_mib": idle, "rss_idle_after_first_min": min(idle_warm), "rss_idle_after_first_max": max(idle_warm),
+           "leftover_session_folders": sorted(p.name for p in Path(scratch).glob("deepforcing-serve-*"))}
     srv.close_all()
+    shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps({k: v for k, v in out.items() if k != "rss_mib_samples"}, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -243,6 +307,8 @@ def main():
     s = sub.add_parser("soak")
     s.add_argument("--minutes", type=float, default=10.0)
     s.add_argument("--tabs", type=int, default=3)
+    s.add_argument("--idle-every", type=float, default=60.0,
+                   help="seconds between idle probes (all tabs closed, resident memory sampled)")
     s.add_argument("--json", default=None)
     c = sub.add_parser("screenshot")
     c.add_argument("--out", default="docs/serve.png")

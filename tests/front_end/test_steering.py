@@ -178,3 +178,21 @@ def test_cache_picture_names_each_slot_kind_frame_and_position(pipe, tmp_path):
     first_recent = min(f for s in pic["slots"] if s["kind"] == "recent" for f in s["frames"])
     assert topc and all(p.sink_frames <= min(s["frames"]) and max(s["frames"]) < first_recent for s in topc)
     assert cache_picture(live.rollout) == pic
+
+
+@pytest.mark.parametrize("segment_frames", [None, 10])
+def test_write_ahead_writes_the_same_files_and_stop_drains_it(pipe, tmp_path, segment_frames):
+    names = {}
+    for ahead in (False, True):
+        d = tmp_path / str(ahead)
+        d.mkdir()
+        run = pipe.open(d / "v.mp4", "a red fox", 15, seed=0, progress=False, resumable=False,
+                        segment_frames=segment_frames, write_ahead=ahead)
+        for chunk in run:
+            if chunk.latent_end == 9:
+                run.switch("a blue whale")
+            if chunk.latent_end == 12:
+                run.stop()  # the writer thread's blocks are written first
+        names[ahead] = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert names[True] == names[False] and len(names[True]) == (1 if segment_frames is None else 5)
+    assert sum(_count(tmp_path / "True" / n) for n in names[True]) == 1 + 4 * 11
