@@ -65,6 +65,7 @@ def extension_and_cmdclass():
 
 
 ext_modules, cmdclass = extension_and_cmdclass()
+VIDEO = ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors", "pillow"]
 
 setup(
     name="deepforcing_kernels",
@@ -78,7 +79,10 @@ setup(
     extras_require={
         "triton": ["triton"],
         "plot": ["matplotlib"],
-        "video": ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors", "pillow"],
+        "video": VIDEO,
+        # `deepforcing serve`: the standard library's HTTP server, nothing beyond the video extra
+        "serve": VIDEO,
+        "serve-test": VIDEO + ["selenium", "pytest"],   # with Debian's chromium + chromium-driver
         "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["deepforcing=deepforcing_kernels.cli:main"]},

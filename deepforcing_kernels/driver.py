@@ -66,7 +66,7 @@ class Rollout:
                  denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
-                 text_schedule: Optional[TextSchedule] = None, recache: bool = False):
+                 text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False):
         check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -80,6 +80,8 @@ class Rollout:
             raise TypeError("callback must be callable(block, start_frame)")
         if not isinstance(recache, bool):
             raise TypeError(f"recache must be a bool, got {type(recache).__name__}")
+        if not isinstance(steerable, bool):
+            raise TypeError(f"steerable must be a bool, got {type(steerable).__name__}")
         self.block_frames = F = policy.block_frames
         self.model, self.policy, self.seed, self.num_frames = model, policy, seed, num_frames
         self.callback, self.progress = callback, progress
@@ -103,6 +105,11 @@ class Rollout:
         self._texts = [t.to(self.device, self.dtype).expand(self.batch_size, -1, -1) for _, t in texts]
         self._contexts: Dict[int, Any] = {}
         self.recache = recache
+        # per switch: whether it re-caches (the constructor's flag for a given schedule; add_switch sets its own)
+        self._recache_at = [recache and i > 0 for i in range(len(texts))]
+        # a live switch may ask for a re-cache at any boundary: keep the clean latents it needs from the start
+        self.steerable = steerable
+        self._keeps_clean = steerable or (recache and len(texts) > 1)
 
         # prefix: the stream's first P frames, given (image-to-video: P = 1; video continuation: P > 1)
         self.prefix = None
@@ -205,24 +212,61 @@ class Rollout:
             self._contexts = {index: ctx}  # one prompt's context at a time
         return ctx
 
+    # ------------------------------------------------------------ steering
+    def add_switch(self, text_embeds: torch.Tensor, *, recache: bool = False) -> int:
+        """Switch prompts at the next block boundary: every block from frame ``frames_done`` on cross-attends to
+        ``text_embeds`` (``[L, text_dim]`` or ``[B, L, text_dim]``); returns that frame. Call it between blocks,
+        from the thread that iterates. The blocks already yielded are untouched, so the stream up to the
+        boundary is exactly an unswitched run's. A second switch before the next block replaces the first.
+
+        ``recache=True`` recomputes, at the boundary, the K/V of the frames the cache holds whole under the new
+        prompt (as ``generate(..., recache=True)`` does at a scheduled switch); it needs the clean latents of
+        the sink and the last window, which a rollout keeps when made with ``steerable=True`` (or with a
+        re-caching schedule): ValueError otherwise. The switch joins :meth:`state_dict`'s settings
+        (``switch_frames``, ``recache_frames``): a resume must give the same schedule."""
+        if not isinstance(recache, bool):
+            raise TypeError(f"recache must be a bool, got {type(recache).__name__}")
+        f = self.frames_done
+        if f >= self.num_frames:
+            raise ValueError(f"the stream is finished ({self.num_frames} frames): no block is left to switch")
+        (_, t), = self._check_schedule([(0, text_embeds)], self.model.text_dim)
+        if t.shape[0] not in (1, self.batch_size):
+            raise ValueError(f"text_embeds has batch {t.shape[0]}; this stream has batch {self.batch_size}")
+        if recache and f and not self._keeps_clean:
+            raise ValueError("recache=True needs the clean latents of the frames in the cache: build the rollout "
+                             "with steerable=True (generate(..., steerable=True))")
+        t = t.to(self.device, self.dtype).expand(self.batch_size, -1, -1)
+        if self.switch_frames[-1] == f:  # nothing ran under the last switch yet: this one replaces it
+            i = len(self.switch_frames) - 1
+            self._texts[i], self._recache_at[i] = t, recache and i > 0
+            self._contexts.pop(i, None)
+        else:
+            self.switch_frames.append(f)
+            self._texts.append(t)
+            self._recache_at.append(recache)
+        return f
+
     # ------------------------------------------------------------ state
     def _settings(self) -> Dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
-                "switch_frames": list(self.switch_frames), "recache": self.recache, "text": self._text_digest()}
+                "switch_frames": list(self.switch_frames), "recache": self.recache,
+                "recache_frames": self._recache_frames(), "text": self._text_digest()}
 
     def _text_digest(self) -> str:
-        """sha256 of the text embeddings every block attends to (the prompts, as the model sees them): a resume
-        under another prompt is refused like one under another seed, whichever front end made the embeddings."""
-        if getattr(self, "_digest_of", None) is not self._texts:
-            h = hashlib.sha256()
-            for t in self._texts:
-                t = t[:1].detach().to("cpu").contiguous()  # batch rows are one prompt expanded
-                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            self._digest, self._digest_of = h.hexdigest(), self._texts
-        return self._digest
+        """sha256 of the text embeddings the blocks attend to (the prompts, as the model sees them; a live switch
+        adds one): a resume under another prompt is refused like one under another seed, whichever front end
+        made the embeddings. Computed per state (a few ms per prompt), never cached across switches."""
+        h = hashlib.sha256()
+        for t in self._texts:
+            t = t[:1].detach().to("cpu").contiguous()  # batch rows are one prompt expanded
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def _recache_frames(self) -> List[int]:
+        return [f for f, r in zip(self.switch_frames, self._recache_at) if r]
 
     def _load_state(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict) or state.get("format") != ROLLOUT_STATE_FORMAT:
@@ -232,13 +276,16 @@ class Rollout:
             raise ValueError("resume_from has no settings: not a Rollout.state_dict()")
         mine = self._settings()
         for key, value in settings.items():
-            if key in ("prefix_frames", "switch_frames", "recache") or key not in mine:
+            if key in ("prefix_frames", "switch_frames", "recache", "recache_frames") or key not in mine:
                 continue
             if mine.get(key) != value:
                 if key == "text":
                     raise ValueError("cannot resume: the prompt (its text embeddings) differs from the saved run's")
                 raise ValueError(f"cannot resume: {key} was {value!r} in the saved run but is {mine.get(key)!r} now")
-        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache", False)):
+        # which switches re-cache is what counts (a live switch sets its own); a state saved before per-switch
+        # flags existed re-caches at every switch when its "recache" is set
+        derived = list(settings.get("switch_frames", [0]))[1:] if settings.get("recache", False) else []
+        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache_frames", derived)):
             if settings.get(key, default) != mine[key]:
                 raise ValueError(f"cannot resume: {key} was {settings.get(key, default)!r} in the saved run but is "
                                  f"{mine[key]!r} now")
@@ -297,10 +344,10 @@ class Rollout:
         f0 = self.frames_done
         frames, given = self._block_at(f0)
         idx = self._text_index(f0)
-        if self.recache and idx and self.switch_frames[idx] == f0:
+        if idx and self.switch_frames[idx] == f0 and self._recache_at[idx]:
             self._recache(idx)
         block = self._prefix_block(f0, frames, idx) if given else self._block(f0, idx)
-        if self.recache and len(self.switch_frames) > 1:
+        if self._keeps_clean:
             self._keep_clean(f0, block)
         self.frames_done = f0 + frames
         self.elapsed_s += time.perf_counter() - t0
@@ -388,7 +435,8 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
              denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
              callback: Optional[Callable[[torch.Tensor, int], None]] = None,
              resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
-             text_schedule: Optional[TextSchedule] = None, recache: bool = False) -> Rollout:
+             text_schedule: Optional[TextSchedule] = None, recache: bool = False,
+             steerable: bool = False) -> Rollout:
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
@@ -422,6 +470,8 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
             Top-C tokens keep theirs) under the new prompt, by clean passes over their clean latents at the same
             slots and positions. The rollout keeps the clean latents this needs: the sink's frames and the last
             ``window_frames`` frames, never more.
+        steerable: keep those clean latents from the start, so that :meth:`Rollout.add_switch` can switch
+            prompts mid-stream with ``recache=True`` (a live viewer); the blocks are the same either way.
 
     Returns:
         a :class:`Rollout`: iterate it for blocks ``[B, block_frames, C, H, W]`` in frame order; its
@@ -437,4 +487,4 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
     return Rollout(model, text_embeds, num_frames, policy, seed, batch_size=batch_size, latent_size=latent_size,
                    cache_dtype=cache_dtype, backend=backend, denoising_steps=denoising_steps, shift=shift,
                    progress=progress, callback=callback, resume_from=resume_from, prefix_latents=prefix_latents,
-                   text_schedule=text_schedule, recache=recache)
+                   text_schedule=text_schedule, recache=recache, steerable=steerable)

@@ -66,9 +66,10 @@ LAYERS = (
     ("cache", ("cache",)),
     ("model", ("models", "checkpoints", "sampler")),
     ("rollout", ("runio", "driver")),
-    ("front end", ("video", "pipeline")),
+    ("front end", ("video", "pipeline", "steering")),
     ("distributed", ("distributed",)),
     ("bench", ("bench",)),
+    ("serve", ("serve",)),
     ("command line", ("commands", "cli", "__main__")),
 )
 

@@ -233,7 +233,7 @@ class VideoPipeline:
     def frames(self, prompt: PromptLike, num_frames: int, seed: int = 0, *, image: Optional[PathOrTensor] = None,
                video: Optional[PathOrTensor] = None, prefix_latents: Optional[torch.Tensor] = None,
                switches: Optional[Sequence[Union[Tuple[int, str], str]]] = None, recache: bool = False,
-               resume: Optional[Mapping[str, Any]] = None, progress: bool = True,
+               resume: Optional[Mapping[str, Any]] = None, progress: bool = True, steerable: bool = False,
                _auto_tick: bool = True) -> FrameStream:
         """Decoded frames as they are produced: iterate the returned :class:`FrameStream` for
         :class:`FrameChunk` (``chunk.frames [B, t, 3, H, W]`` in [-1, 1], ``chunk.latents``, indices).
@@ -254,6 +254,8 @@ class VideoPipeline:
             recache: the driver's KV re-cache at each switch.
             resume: a :meth:`FrameStream.state_dict` of the same call; the stream continues after it.
             progress: a tqdm bar with frames/s of generation and of decoding.
+            steerable: let :meth:`FrameStream.switch` re-cache at a switch made while the stream runs (the
+                rollout keeps the clean latents of the sink and the last window); the frames are the same.
 
         Raises:
             ValueError / FileNotFoundError naming the argument or file, before anything is generated.
@@ -270,14 +272,16 @@ class VideoPipeline:
             rstate, dstate = resume.get("rollout"), resume.get("decoder")
         rollout = generate(self.model, None, num_frames, self.policy, seed, latent_size=self.latent_size,
                            cache_dtype=self.cache_dtype, backend=self.backend, progress=False,
-                           resume_from=rstate, prefix_latents=prefix, text_schedule=schedule, recache=recache)
+                           resume_from=rstate, prefix_latents=prefix, text_schedule=schedule, recache=recache,
+                           steerable=steerable)
         decoder = self.vae.stream_decoder()
         if dstate is not None:
             decoder.load_state_dict(dstate)
             if decoder.latent_frames != rollout.frames_done:
                 raise ValueError(f"cannot resume: the decoder state is at latent frame {decoder.latent_frames} but "
                                  f"the rollout state at {rollout.frames_done}")
-        stream = FrameStream(rollout, decoder, progress=progress, info=info, auto_tick=_auto_tick)
+        stream = FrameStream(rollout, decoder, progress=progress, info=info, auto_tick=_auto_tick,
+                             encode=lambda text: self.encode_prompts([text]))
         stream.frames_out = video_frames(rollout.frames_done, stream.tf)
         return stream
 
@@ -286,17 +290,21 @@ class VideoPipeline:
              video: Optional[PathOrTensor] = None, prefix_latents: Optional[torch.Tensor] = None,
              switches: Optional[Sequence[Union[Tuple[int, str], str]]] = None, recache: bool = False,
              resume: Optional[Mapping[str, Any]] = None, progress: bool = True, on_error: str = "partial",
-             codec: Optional[str] = None, crf: int = 18, resumable: bool = True) -> VideoRun:
+             codec: Optional[str] = None, crf: int = 18, resumable: bool = True,
+             steerable: bool = False, write_ahead: bool = False) -> VideoRun:
         """A :class:`VideoRun` writing ``path`` (or its segments); iterate it (or call ``run()``). Arguments as
         :meth:`frames` and :meth:`write`; ``resume`` is a :meth:`VideoRun.state_dict`; ``resumable=False`` keeps
-        no anchor (no ``state_dict``, no latents held). Every input is checked before any file is created."""
+        no anchor (no ``state_dict``, no latents held); ``steerable`` as :meth:`frames` (then
+        :meth:`VideoRun.switch` may re-cache); ``write_ahead`` encodes each block in a writer thread while the
+        next one is generated (the same file). Every input is checked before any file is created."""
         if resume is not None and (not isinstance(resume, Mapping) or resume.get("format") != VIDEO_RUN_FORMAT):
             raise ValueError(f"resume must be a VideoRun.state_dict() (format {VIDEO_RUN_FORMAT!r})")
         stream = self.frames(prompt, num_frames, seed, image=image, video=video, prefix_latents=prefix_latents,
                              switches=switches, recache=recache, progress=progress,
-                             resume=None if resume is None else resume.get("stream"), _auto_tick=False)
+                             resume=None if resume is None else resume.get("stream"), steerable=steerable,
+                             _auto_tick=False)
         return VideoRun(stream, path, fps=fps, segment_frames=segment_frames, on_error=on_error, codec=codec,
-                        crf=crf, resume=resume, resumable=resumable)
+                        crf=crf, resume=resume, resumable=resumable, write_ahead=write_ahead)
 
     def write(self, path: Union[str, os.PathLike], prompt: PromptLike, num_frames: int, seed: int = 0, *,
               fps: float = 16, segment_frames: Optional[int] = None, image: Optional[PathOrTensor] = None,

@@ -47,7 +47,8 @@ class VideoRun:
 
     def __init__(self, stream: FrameStream, path: Union[str, os.PathLike], *, fps: float = 16,
                  segment_frames: Optional[int] = None, on_error: str = "partial", codec: Optional[str] = None,
-                 crf: int = 18, resume: Optional[Mapping[str, Any]] = None, resumable: bool = True) -> None:
+                 crf: int = 18, resume: Optional[Mapping[str, Any]] = None, resumable: bool = True,
+                 write_ahead: bool = False) -> None:
         from ..video.writer import VideoWriter  # noqa: F401 - fail early without the extra
 
         if segment_frames is not None and (isinstance(segment_frames, bool) or not isinstance(segment_frames, int)
@@ -78,6 +79,14 @@ class VideoRun:
         self._anchor: Optional[Dict[str, Any]] = None  # decoder state before the open segment's first block
         self._pending: List[torch.Tensor] = []         # latent blocks from that block on
         self.closed = False
+        # write_ahead: a writer thread encodes block k while block k + 1 is generated (the encoder releases the
+        # GIL); the same frames in the same order, so the same file. At most two blocks wait for it.
+        self._bg: Any = None
+        self._inflight: List[Any] = []
+        if write_ahead:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepforcing-mp4")
         stream.before_decode = self._before_decode
         if resume is not None:
             self._resume(resume)
@@ -116,6 +125,23 @@ class VideoRun:
                 self._close_writer()
                 self.segment += 1
 
+    def _submit(self, frames: torch.Tensor, start: int) -> None:
+        if self._bg is None:
+            return self._write_frames(frames, start)
+        while len(self._inflight) >= 2:
+            self._inflight.pop(0).result()
+        self._inflight.append(self._bg.submit(self._write_frames, frames, start))
+
+    def _drain(self) -> None:
+        """Wait for the writer thread's blocks (re-raising its error, if any)."""
+        while self._inflight:
+            self._inflight.pop(0).result()
+
+    def _stop_writer(self) -> None:
+        if self._bg is not None:
+            self._bg.shutdown(wait=True)
+            self._bg = None
+
     def _open_start(self) -> int:
         N = self.segment_frames
         return 0 if N is None else (self.frames_written // N) * N
@@ -147,7 +173,11 @@ class VideoRun:
             self.close()
             raise
         t0 = time.perf_counter()
-        self._write_frames(chunk.frames, chunk.frame_start)
+        try:
+            self._submit(chunk.frames, chunk.frame_start)
+        except BaseException:
+            self.abort()
+            raise
         dt = time.perf_counter() - t0
         self.write_s += dt
         self.stream.tick(chunk, dt)
@@ -163,17 +193,37 @@ class VideoRun:
         return self.result()
 
     def result(self) -> WriteResult:
+        self._drain()
         s = self.stream
         return WriteResult(paths=list(self.paths), frames=self.frames_written,
                            latent_frames=s.rollout.frames_done,
                            bytes=sum(p.stat().st_size for p in self.paths if p.exists()), gen_s=s.gen_s,
                            decode_s=s.decode_s, write_s=self.write_s, info=dict(s.info))
 
+    def switch(self, prompt: str, *, recache: bool = False) -> int:
+        """Switch to ``prompt`` at the next block boundary (the frames written so far are those of an unswitched
+        run); returns the latent frame it applies from. ``recache=True`` needs ``open(..., steerable=True)``
+        once a block was made."""
+        if self.closed:
+            raise ValueError("this run is closed: nothing left to switch")
+        return self.stream.switch(prompt, recache=recache)
+
+    def stop(self) -> List[Path]:
+        """Stop between blocks: the open file is finished under its final name (a playable mp4 of the frames
+        so far, the file a run of that many latent frames writes); iteration ends. Returns the finished paths."""
+        return self.close()
+
     def close(self) -> List[Path]:
         """Finish the open file (the stream need not be done); returns every finished path."""
         if not self.closed:
             self.closed = True
             self.stream.close()
+            try:
+                self._drain()
+            except BaseException:
+                self.abort()
+                raise
+            self._stop_writer()
             if self._writer is not None:
                 self._close_writer()
         return list(self.paths)
@@ -182,6 +232,10 @@ class VideoRun:
         """Stop now: the open file is finished and kept by ``on_error``; returns where it went."""
         self.closed = True
         self.stream.close()
+        for f in self._inflight:  # let the writer thread finish what it holds; its error is this abort's cause
+            f.exception()
+        self._inflight = []
+        self._stop_writer()
         w, self._writer = self._writer, None
         return None if w is None else w.abort()
 
@@ -202,6 +256,7 @@ class VideoRun:
         """The resume state after the last block written (tensors and plain values only)."""
         if not self.resumable:
             raise ValueError("this run was opened with resumable=False: it keeps no anchor to resume from")
+        self._drain()
         open_start = self._open_start()
         anchor = None
         if open_start < self.frames_written:  # a segment is open: keep what rewrites it

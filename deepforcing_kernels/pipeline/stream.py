@@ -50,8 +50,9 @@ class FrameStream:
 
     def __init__(self, rollout: Any, decoder: Any, *, progress: bool = True, info: Optional[Dict] = None,
                  before_decode: Optional[Callable[[torch.Tensor, int, int], None]] = None,
-                 auto_tick: bool = True) -> None:
+                 auto_tick: bool = True, encode: Optional[Callable[[str], torch.Tensor]] = None) -> None:
         self.rollout, self.decoder = rollout, decoder
+        self.encode = encode  # prompt -> text embeddings, for switch() (the pipeline's text encoder)
         self.tf = int(decoder.vae.temporal_factor)
         self.progress = progress
         self.info = dict(info or {})
@@ -104,6 +105,23 @@ class FrameStream:
         if self.auto_tick:
             self.tick(chunk)
         return chunk
+
+    def switch(self, prompt: str, *, recache: bool = False) -> int:
+        """Switch to ``prompt`` at the next block boundary (:meth:`Rollout.add_switch
+        <deepforcing_kernels.driver.Rollout.add_switch>`); returns the latent frame it applies from. Call it
+        between chunks. ``info["schedule"]`` records it."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise ValueError("prompt is empty")
+        if self.encode is None:
+            raise ValueError("this stream has no text encoder to switch with (build it with VideoPipeline.frames)")
+        f = self.rollout.add_switch(self.encode(prompt), recache=recache)
+        sched = [(g, t) for g, t in self.info.get("schedule", []) if g < f]
+        self.info["schedule"] = sched + [(f, prompt)]
+        self.info.setdefault("recache_frames", [])
+        self.info["recache_frames"] = [g for g in self.info["recache_frames"] if g < f] + ([f] if recache else [])
+        return f
 
     def tick(self, chunk: FrameChunk, write_s: float = 0.0) -> None:
         """Advance the progress bar by ``chunk`` (called after the consumer is done with it)."""

@@ -28,7 +28,7 @@ import torch
 
 from ._deps import require
 
-__all__ = ["VideoWriter", "pick_codec"]
+__all__ = ["VideoWriter", "pick_codec", "frames_to_uint8"]
 
 
 def pick_codec(preferred: Optional[str] = None) -> str:
@@ -53,6 +53,28 @@ def pick_codec(preferred: Optional[str] = None) -> str:
     warnings.warn("VideoWriter: no H.264 encoder in this PyAV build; writing MPEG-4 part 2 (mpeg4) instead",
                   stacklevel=3)
     return "mpeg4"
+
+
+def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """Frames ``[T, 3, H, W]`` or ``[1, T, 3, H, W]``, float in [-1, 1] (clamped) or uint8, as the ``[T, H, W, 3]``
+    uint8 pixels a :class:`VideoWriter` encodes (the one conversion: a live viewer shows the same pixels)."""
+    if not isinstance(frames, torch.Tensor):
+        raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
+    if frames.dim() == 5:
+        if frames.shape[0] != 1:
+            raise ValueError(f"frames [B, T, 3, H, W] must have B = 1, got {tuple(frames.shape)}; "
+                             "write each video to its own VideoWriter")
+        frames = frames[0]
+    if frames.dim() != 4 or frames.shape[1] != 3:
+        raise ValueError(f"frames must be [T, 3, H, W] or [1, T, 3, H, W], got {tuple(frames.shape)}")
+    frames = frames.detach().cpu()
+    if frames.dtype == torch.uint8:
+        u8 = frames
+    elif frames.is_floating_point():
+        u8 = ((frames.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
+    else:
+        raise ValueError(f"frames must be float in [-1, 1] or uint8, got {frames.dtype}")
+    return u8.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _partial_name(path: Path) -> Path:
@@ -125,23 +147,7 @@ class VideoWriter:
         self._stream, self.size, self._in_size = st, (he, we), (h, w)
 
     def _to_uint8(self, frames: torch.Tensor) -> np.ndarray:
-        if not isinstance(frames, torch.Tensor):
-            raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
-        if frames.dim() == 5:
-            if frames.shape[0] != 1:
-                raise ValueError(f"frames [B, T, 3, H, W] must have B = 1, got {tuple(frames.shape)}; "
-                                 "write each video to its own VideoWriter")
-            frames = frames[0]
-        if frames.dim() != 4 or frames.shape[1] != 3:
-            raise ValueError(f"frames must be [T, 3, H, W] or [1, T, 3, H, W], got {tuple(frames.shape)}")
-        frames = frames.detach().cpu()
-        if frames.dtype == torch.uint8:
-            u8 = frames
-        elif frames.is_floating_point():
-            u8 = ((frames.float().clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
-        else:
-            raise ValueError(f"frames must be float in [-1, 1] or uint8, got {frames.dtype}")
-        return u8.permute(0, 2, 3, 1).contiguous().numpy()
+        return frames_to_uint8(frames)
 
     def write(self, frames: torch.Tensor) -> int:
         """Encode ``frames`` now; returns how many were written in all."""
