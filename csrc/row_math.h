@@ -57,6 +57,36 @@ inline float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// Logit bias of the key-bias option: x[j] = alpha * x[j] + bias[j] in place (bias already in log2 units, -inf
+// removes a key); returns the new row max. Replaces row_max on biased rows, so the bias costs one store per score
+// and the exp sweep then runs with alpha = 1.
+inline float biased_row_max(float* x, int64_t n, float alpha, const float* bias) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(alpha);
+  __m512 vm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) {
+    const __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), va, _mm512_loadu_ps(bias + j));
+    _mm512_storeu_ps(x + j, y);
+    vm = _mm512_max_ps(vm, y);
+  }
+  if (j < n) {
+    const __mmask16 mk = tail_mask(n - j);
+    const __m512 y = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + j), va, _mm512_maskz_loadu_ps(mk, bias + j));
+    _mm512_mask_storeu_ps(x + j, mk, y);
+    vm = _mm512_mask_max_ps(vm, mk, vm, y);
+  }
+  m = _mm512_reduce_max_ps(vm);
+  j = n;
+#endif
+  for (; j < n; ++j) {
+    x[j] = std::fma(x[j], alpha, bias[j]);
+    m = std::max(m, x[j]);
+  }
+  return m;
+}
+
 // x[j] = 2^(alpha * x[j] - am) in place (am = alpha * rowmax); returns the sum.
 inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am) {
   int64_t j = 0;

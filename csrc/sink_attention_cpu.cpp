@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "gemm.h"
@@ -288,10 +289,36 @@ class Bf16Path {
   c10::BFloat16* out_ = nullptr;
 };
 
+// The key-bias option: float32 [Bb, Hb, Lk] (Bb in {1, B}, Hb in {1, Hq}) converted once per call to log2 units
+// (the scores' units); row(b, h) is the bias of query head h of batch b, or nullptr without a bias.
+struct KeyBias {
+  at::Tensor log2_bias;  // undefined without a bias
+  const float* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0;
+  const float* row(int64_t b, int64_t h) const { return data != nullptr ? data + b * stride_b + h * stride_h : nullptr; }
+};
+
+KeyBias make_key_bias(const std::optional<at::Tensor>& key_bias, int64_t B, int64_t Hq, int64_t Lk) {
+  KeyBias kb;
+  if (!key_bias.has_value() || !key_bias->defined()) return kb;
+  const at::Tensor& t = *key_bias;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3,
+              "sink_attention_fwd: key_bias must be a 3-D float32 CPU tensor [B or 1, Hq or 1, Lk], got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK((t.size(0) == 1 || t.size(0) == B) && (t.size(1) == 1 || t.size(1) == Hq) && t.size(2) == Lk,
+              "sink_attention_fwd: key_bias must have shape [B or 1, Hq or 1, Lk] = [", B, ", ", Hq, ", ", Lk,
+              "], got ", t.sizes());
+  kb.log2_bias = (t * static_cast<double>(detail::kLog2e)).contiguous();
+  kb.data = kb.log2_bias.data_ptr<float>();
+  kb.stride_b = t.size(0) == 1 ? 0 : t.size(1) * Lk;
+  kb.stride_h = t.size(1) == 1 ? 0 : Lk;
+  return kb;
+}
+
 // The task loop of both paths: pack items first, then segments of tasks; per task the score block, the exact row
 // softmax (lse, 1 / rowsum), the mass partial and the output rows.
 template <class Path>
-void run_tasks(const Problem& p, const Path& path) {
+void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
   const int64_t Lq = p.Lq, Lk = p.Lk, Hq = p.Hq;
   const int64_t rows = detail::choose_block_rows(p.B, Hq, Lq, Lk, Path::kBytesPerScore);
   const int64_t nqb = (Lq + rows - 1) / rows;
@@ -316,11 +343,13 @@ void run_tasks(const Problem& p, const Path& path) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / p.G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float a = wk.scores(b, g, h, i0, m, alpha);
-        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights).
+        const float* brow = bias.row(b, h);
+        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights). A biased row is
+        // first turned into its log2-unit logits a * s + bias, and the sweep then runs with factor 1.
         for (int64_t r = 0; r < m; ++r) {
           float* srow = wk.S + r * Lk;
-          const float mx = detail::row_max(srow, Lk) * a;
-          const float sum = wk.exp_row(r, srow, a, mx);
+          const float mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
+          const float sum = wk.exp_row(r, srow, brow != nullptr ? 1.f : a, mx);
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * detail::kLn2;
         }
@@ -371,7 +400,7 @@ at::Tensor sink_rephase_keys(const at::Tensor& k_in, const at::Tensor& cos, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
     const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
     int64_t rot_len, bool interleaved, double softmax_scale, bool return_mass, int64_t mass_start,
-    int64_t mass_end) {
+    int64_t mass_end, const std::optional<at::Tensor>& key_bias) {
   check_inputs(q, k_in, v);
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Lk = k_in.size(1), Hkv = k_in.size(2);
@@ -382,6 +411,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
   }
   const Rotation rot = detail::make_rotation(cos, sin, rot_len, interleaved, B, Lk, D, "sink_attention_fwd");
   const at::Tensor k = k_in.contiguous();
+  const KeyBias bias = make_key_bias(key_bias, B, Hq, Lk);
 
   at::Tensor out = at::empty({B, Lq, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -390,9 +420,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
   const Problem p{B, Lq, Hq, D, Lk, Hkv, Hq / Hkv, static_cast<float>(softmax_scale), lse.data_ptr<float>(),
                   return_mass ? mass.data_ptr<float>() : nullptr, mass_start, mass_end};
   if (q.scalar_type() == at::kBFloat16 && bf16_gemm_active()) {
-    run_tasks(p, Bf16Path(p, q, k, v, rot, out));
+    run_tasks(p, Bf16Path(p, q, k, v, rot, out), bias);
   } else {
-    run_tasks(p, F32Path(p, q, k, v, rot, out));
+    run_tasks(p, F32Path(p, q, k, v, rot, out), bias);
   }
   return std::make_tuple(out, lse, mass);
 }

@@ -47,6 +47,17 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def bias_args(key_bias, placeholder: torch.Tensor):
+    """``(pointer, stride_b, stride_h)`` of the kernels' bias arguments: a contiguous float32 ``[B|1, Hq|1, Lk]``
+    bias with zero strides on its broadcast axes, or (without a bias) an fp32 placeholder the kernels never read,
+    so both variants keep one pointer type."""
+    if key_bias is None:
+        return placeholder, 0, 0
+    sb = 0 if key_bias.shape[0] == 1 else key_bias.stride(0)
+    sh = 0 if key_bias.shape[1] == 1 else key_bias.stride(1)
+    return key_bias, sb, sh
+
+
 def ensure_kernel_mode() -> None:
     """Rebuild the kernels if ``TRITON_INTERPRET`` changed since they were created.
 
