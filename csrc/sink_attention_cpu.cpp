@@ -295,7 +295,9 @@ struct KeyBias {
   at::Tensor log2_bias;  // undefined without a bias
   const float* data = nullptr;
   int64_t stride_b = 0, stride_h = 0;
-  const float* row(int64_t b, int64_t h) const { return data != nullptr ? data + b * stride_b + h * stride_h : nullptr; }
+  const float* row(int64_t b, int64_t h) const {
+    return data != nullptr ? data + b * stride_b + h * stride_h : nullptr;
+  }
 };
 
 KeyBias make_key_bias(const std::optional<at::Tensor>& key_bias, int64_t B, int64_t Hq, int64_t Lk) {
@@ -391,6 +393,8 @@ at::Tensor sink_rephase_keys(const at::Tensor& k_in, const at::Tensor& cos, cons
   const at::Tensor k = k_in.contiguous();
   const Rotation rot =
       detail::make_rotation(cos, sin, rot_len, interleaved, k.size(0), k.size(1), k.size(3), "sink_rephase_keys");
+  TORCH_CHECK(rot.H == 0 || rot.H == k.size(2), "sink_rephase_keys: per-head tables have ", rot.H,
+              " heads but k has ", k.size(2));
   const detail::KeyRows rows = detail::key_rows_f32(k, rot);
   at::Tensor out = rows.kf.defined() ? rows.kf.clone() : at::empty(k.sizes(), k.options().dtype(at::kFloat));
   if (rows.R > 0) out.narrow(1, 0, rows.R).copy_(rows.krot.permute({0, 2, 1, 3}));
@@ -410,6 +414,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
                 mass_start, ", ", mass_end, ") is not inside [0, Lq=", Lq, "]");
   }
   const Rotation rot = detail::make_rotation(cos, sin, rot_len, interleaved, B, Lk, D, "sink_attention_fwd");
+  TORCH_CHECK(rot.H == 0 || rot.H == Hkv, "sink_attention_fwd: per-head tables have ", rot.H, " heads but k has ",
+              Hkv, " KV heads");
   const at::Tensor k = k_in.contiguous();
   const KeyBias bias = make_key_bias(key_bias, B, Hq, Lk);
 

@@ -18,6 +18,8 @@ namespace deepforcing {
 //                   (re*c - im*s, re*s + im*c):
 //                     [T]        keys [0, rot_len) all use this one table (sink mode), 0 <= rot_len <= Lk;
 //                     [B, Lk, T] key j of batch b uses row [b, j] (per-key mode), rot_len == Lk;
+//                     [Hkv, T] / [B, Lk, Hkv, T]  the same two modes with one row per KV head (per-head RoPE
+//                                frequencies: a RopeSpec with head_scale);
 //                     [0]        nothing rotates, rot_len == 0.
 //   softmax_scale   multiplier of q.k (finite, > 0)
 //   return_mass     compute mass [B, Hkv, Lk] (fp32) over query rows [mass_start, mass_end), summed over the

@@ -105,7 +105,9 @@ def sink_attention(
 
 def _features(args: dict) -> Tuple[str, ...]:
     """The optional features of the op a call uses (the backend registry checks them)."""
-    return ("key_bias",) if args["key_bias"] is not None else ()
+    rope = args["rope"]
+    head = ("head_rope",) if rope is not None and rope.head_scale is not None else ()
+    return (("key_bias",) if args["key_bias"] is not None else ()) + head
 
 
 def normalise_key_bias(key_bias: torch.Tensor, batch: int, heads: int, lk: int,
@@ -167,6 +169,7 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
         raise ValueError("head_dim must be positive")
     if rope is not None:
         check_rope("rope", rope, D)
+        rope.check_heads(Hkv, "k")  # per-head temporal scales: one per KV head (or a divisor of them)
     sink_len = check_int("sink_len", sink_len, minimum=0, maximum=Lk)
     sink_shift = check_int("sink_shift", sink_shift, minimum=INT64_MIN, maximum=INT64_MAX)
     if key_shift is not None:

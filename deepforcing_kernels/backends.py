@@ -30,8 +30,9 @@ __all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "FEATURES", "get_backend", "r
            "triton_interpreting", "torch_all_finite", "torch_frame_sums"]
 
 PRIORITY = BACKEND_PRIORITY
-#: the op's optional inputs a backend may or may not take: ``key_bias`` (an additive per-key logit bias)
-FEATURES: Tuple[str, ...] = ("key_bias",)
+#: the op's optional inputs a backend may or may not take: ``key_bias`` (an additive per-key logit bias) and
+#: ``head_rope`` (per-KV-head rotation tables, from a RopeSpec with ``head_scale``)
+FEATURES: Tuple[str, ...] = ("key_bias", "head_rope")
 Result = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
@@ -105,7 +106,8 @@ def _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, 
                  key_bias=None) -> tuple:
     """The op's positional arguments (its schema, :mod:`.ops`) for validated shift-level arguments (the bias is
     passed only when given, so calls without it keep the op's short form)."""
-    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
+    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device,
+                                        k.shape[2])
     args = (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, softmax_scale, return_mass,
             mass_q_range[0], mass_q_range[1])
     return args if key_bias is None else args + (key_bias,)
@@ -200,8 +202,9 @@ def _all_features(feature: str) -> Optional[str]:
 
 def _cpp_features(feature: str) -> Optional[str]:
     why = _all_features(feature)
-    if why is None and feature == "key_bias" and not getattr(_ext.load(), "KEY_BIAS_API", False):
-        why = ("the C++ extension deepforcing_kernels._C is older than this package (no key_bias); rebuild it "
+    flag = {"key_bias": "KEY_BIAS_API", "head_rope": "HEAD_TABLES_API"}.get(feature)
+    if why is None and flag is not None and not getattr(_ext.load(), flag, False):
+        why = (f"the C++ extension deepforcing_kernels._C is older than this package (no {feature}); rebuild it "
                "with `pip install --no-build-isolation -e .`")
     return why
 

@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("TABLES_API") = true;
   // sink_attention_fwd takes an optional key_bias [B or 1, Hq or 1, Lk] float32 after mass_end
   m.attr("KEY_BIAS_API") = true;
+  // the rotation tables may be per KV head: [Hkv, T] and [B, Lk, Hkv, T]
+  m.attr("HEAD_TABLES_API") = true;
   m.def("version", &deepforcing::version, "version the extension was built as");
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");

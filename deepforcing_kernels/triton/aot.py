@@ -112,7 +112,7 @@ def _signature(fn, variant: Variant, arch: int):
             sig[name] = "i32"
             # Batch / token / head strides of [B, L, H, 128] tensors are multiples of 16 elements. The cos/sin
             # table strides (T = 22 per key) and the sizes are not.
-            if name.startswith("stride_") and name not in ("stride_cb", "stride_cn", "stride_bb", "stride_bh"):
+            if name.startswith("stride_") and name not in ("stride_cb", "stride_cn", "stride_ch", "stride_bb", "stride_bh"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, REPHASE_NONE, REPHASE_PER_KEY, REPHASE_SINK, _load_rotated_keys,  # noqa: F401
-                     _load_sink_angles, _scores, bias_args, device_arch, dot_in_f32, ensure_kernel_mode)
+                     _load_sink_angles, _scores, bias_args, device_arch, dot_in_f32, ensure_kernel_mode,
+                     table_strides)
 from .configs import FwdConfig, fwd_config  # noqa: F401  (re-exported: tests and users patch fwd_config here)
 
 _ensure_kernel_mode = ensure_kernel_mode  # the name the interpreter tests use
@@ -57,7 +58,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
     Lk, Hkv = k.shape[1], k.shape[2]
     cfg = config
     n_temporal = cos.shape[-1] if mode != REPHASE_NONE else 0
-    stride_cb, stride_cn = (cos.stride(0), cos.stride(1)) if mode == REPHASE_PER_KEY else (0, 0)
+    stride_cb, stride_cn, stride_ch = table_strides(cos, mode)
     grid = (triton.cdiv(Lq, cfg.BLOCK_M), B * Hq)
     bias, stride_bb, stride_bh = bias_args(key_bias, cos)
     launch(_fwd_kernel)[grid](
@@ -66,7 +67,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2),
-        stride_cb, stride_cn, stride_bb, stride_bh,
+        stride_cb, stride_cn, stride_ch, stride_bb, stride_bh,
         Hq, Hq // Hkv, Lq, Lk, rot_len if mode == REPHASE_SINK else 0, n_temporal, softmax_scale * LOG2E,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_N_ROT=cfg.BLOCK_N_ROT or cfg.BLOCK_N, BLOCK_D=D,
         REPHASE=mode, INTERLEAVED=interleaved, STORE_LSE=True, STORE_STATS=stats is not None,
@@ -122,7 +123,7 @@ def _fwd_kernel(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_om, stride_oh,
-    stride_cb, stride_cn, stride_bb, stride_bh,
+    stride_cb, stride_cn, stride_ch, stride_bb, stride_bh,
     Hq, group, Lq, Lk, sink_len, n_temporal, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_ROT: tl.constexpr, BLOCK_D: tl.constexpr,
     REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, STORE_LSE: tl.constexpr, STORE_STATS: tl.constexpr,
@@ -147,13 +148,15 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    cs_base = b * stride_cb
+    # per-head tables (a RopeSpec with head_scale): this KV head's rows; stride_ch is 0 for shared tables
+    cs_base = b * stride_cb + kv_h * stride_ch
     Bias += b * stride_bb + h.to(tl.int64) * stride_bh
 
     if REPHASE == 1:
         # Sink tiles [0, ceil(sink_len / BLOCK_N_ROT) * BLOCK_N_ROT) re-phase on load (the last may straddle
         # sink_len); the rest run the plain loop with the wider BLOCK_N, so the common path pays nothing.
-        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D, INTERLEAVED)
+        c_sink, s_sink = _load_sink_angles(Cos + kv_h * stride_ch, Sin + kv_h * stride_ch, n_temporal, BLOCK_D,
+                                           INTERLEAVED)
         sink_end = tl.minimum(tl.cdiv(sink_len, BLOCK_N_ROT) * BLOCK_N_ROT, Lk)
         acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, K, V, 0, sink_end, Lk, offs_d, stride_kn, stride_kd,
                                     stride_vn, stride_vd, Cos, Sin, c_sink, s_sink, cs_base, stride_cn, sink_len,

@@ -47,6 +47,17 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def table_strides(cos: torch.Tensor, mode: int):
+    """``(stride_cb, stride_cn, stride_ch)`` of the kernels' rotation tables: batch and key strides of per-key
+    tables, and the KV-head stride of per-head tables (``[H, T]`` / ``[B, Lk, H, T]``; 0 when the table is shared
+    by every head)."""
+    if mode == REPHASE_PER_KEY:
+        return cos.stride(0), cos.stride(1), (cos.stride(2) if cos.dim() == 4 else 0)
+    if mode == REPHASE_SINK and cos.dim() == 2:
+        return 0, 0, cos.stride(0)
+    return 0, 0, 0
+
+
 def bias_args(key_bias, placeholder: torch.Tensor):
     """``(pointer, stride_b, stride_h)`` of the kernels' bias arguments: a contiguous float32 ``[B|1, Hq|1, Lk]``
     bias with zero strides on its broadcast axes, or (without a bias) an fp32 placeholder the kernels never read,

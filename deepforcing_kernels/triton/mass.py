@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (LOG2E, REPHASE_PER_KEY, REPHASE_SINK, _load_rotated_keys, _load_sink_angles, _scores,
-                     bias_args, dot_in_f32)
+                     bias_args, dot_in_f32, table_strides)
 from .configs import FwdConfig, mass_config  # noqa: F401  (re-exported: tests and users patch mass_config here)
 
 
@@ -42,14 +42,14 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, stats: torch.Tensor, cos: t
         return
     cfg = config
     n_temporal = cos.shape[-1] if mode != 0 else 0
-    stride_cb, stride_cn = (cos.stride(0), cos.stride(1)) if mode == REPHASE_PER_KEY else (0, 0)
+    stride_cb, stride_cn, stride_ch = table_strides(cos, mode)
     grid = (triton.cdiv(Lk, cfg.BLOCK_N), B * Hkv)
     bias, stride_bb, stride_bh = bias_args(key_bias, cos)
     launch(_mass_kernel)[grid](
         q, k, stats, mass, cos, sin, bias,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
-        stride_cb, stride_cn, stride_bb, stride_bh,
+        stride_cb, stride_cn, stride_ch, stride_bb, stride_bh,
         Hq, Hkv, Hq // Hkv, Lq, Lk, mass_start, mass_end, rot_len if mode == REPHASE_SINK else 0, n_temporal,
         softmax_scale * LOG2E,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=D,
@@ -64,7 +64,7 @@ def _mass_kernel(
     Q, K, Stats, Mass, Cos, Sin, Bias,
     stride_qb, stride_qm, stride_qh, stride_qd,
     stride_kb, stride_kn, stride_kh, stride_kd,
-    stride_cb, stride_cn, stride_bb, stride_bh,
+    stride_cb, stride_cn, stride_ch, stride_bb, stride_bh,
     Hq, Hkv, group, Lq, Lk, m0, m1, sink_len, n_temporal, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REPHASE: tl.constexpr, INTERLEAVED: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
@@ -84,13 +84,14 @@ def _mass_kernel(
 
     K += b * stride_kb + g.to(tl.int64) * stride_kh
     if REPHASE == 1:
-        c_sink, s_sink = _load_sink_angles(Cos, Sin, n_temporal, BLOCK_D, INTERLEAVED)
+        c_sink, s_sink = _load_sink_angles(Cos + g.to(tl.int64) * stride_ch, Sin + g.to(tl.int64) * stride_ch,
+                                           n_temporal, BLOCK_D, INTERLEAVED)
     else:
         c_sink = tl.full([1, BLOCK_D], 1.0, dtype=tl.float32)  # unused placeholders
         s_sink = tl.zeros([1, BLOCK_D], dtype=tl.float32)
     # Loaded and re-phased once, reused for every query tile and head of the group.
     k_hi, k_lo = _load_rotated_keys(K, offs_n, offs_d, n_mask, stride_kn, stride_kd, Cos, Sin, c_sink, s_sink,
-                                    b * stride_cb, stride_cn, sink_len, n_temporal, BLOCK_N, BLOCK_D, REPHASE,
+                                    b * stride_cb + g.to(tl.int64) * stride_ch, stride_cn, sink_len, n_temporal, BLOCK_N, BLOCK_D, REPHASE,
                                     INTERLEAVED)
 
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)

@@ -41,7 +41,7 @@ def rephase_mode(cos: torch.Tensor, rot_len: int) -> int:
     """The kernels' ``REPHASE`` variant for tables of this shape (a shape, not a data, decision)."""
     if rot_len == 0 or cos.numel() == 0:
         return REPHASE_NONE
-    return REPHASE_PER_KEY if cos.dim() == 3 else REPHASE_SINK
+    return REPHASE_PER_KEY if cos.dim() in (3, 4) else REPHASE_SINK  # [T] / [H, T] sink; [B, Lk, (H,) T] per key
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_len: int,
@@ -119,7 +119,8 @@ def sink_attention_triton(
     problem = triton_supports(q.shape[-1], q.dtype)
     if problem is not None:
         raise ValueError(f"{problem}; use backend='cpp' or 'reference'")
-    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
+    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device,
+                                        k.shape[2])
     interleaved = True if rope is None else rope.interleaved
     out, lse, mass = launch(q, k, v, cos, sin, rot_len, interleaved, softmax_scale, return_mass, mass_q_range[0],
                             mass_q_range[1], key_bias, config=config, mass_config=mass_config)

@@ -194,3 +194,17 @@ class _nothing:
 
     def __exit__(self, *a):
         return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_group_and_merge_baseline_is_the_same_attention(backend):
+    """The cost figures compare the fused biased call with a correct unfused computation of the same thing."""
+    from deepforcing_kernels.bench.ops import group_and_merge, recency_frame_bias
+
+    q, k, v = qkv(B=1, Lq=12, Lk=21 * 4, seed=8)
+    fb = recency_frame_bias(21, 3)  # Recency Forcing's reading: a 3-frame sink and the newest 18 frames
+    assert fb.unique().numel() == 5 and float(fb[:3].abs().max()) == 0.0 and float(fb[-6:].abs().max()) == 0.0
+    kw = dict(rope=ROPE, sink_len=12, sink_shift=12)
+    fused = sink_attention(q, k, v, key_bias=fb.repeat_interleave(4), backend=backend, **kw)
+    merged = group_and_merge(q, k, v, fb, 4, backend=backend, **kw)
+    torch.testing.assert_close(fused, merged, atol=3e-6, rtol=1e-5)

@@ -62,3 +62,18 @@ def test_triton_gradients_with_bias():
     ((want.out * w_out).sum() + (want.lse * w_lse).sum()).backward()
     for a, t in zip(got, (q, k, v, bias)):
         torch.testing.assert_close(a, t.grad, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["sink", "perkey"])
+def test_triton_per_head_tables_within_budget(mode, dtype):
+    """Per-KV-head rotation tables (a RopeSpec with head_scale at the extremes 0.5 and 2): the forward and the
+    mass pass read each KV head's own rows, with and without a bias."""
+    rope = RopeSpec.wan(64).with_head_scale([0.5, 2.0])
+    q, k, v = qkv(B=2, Lq=21, Lk=45, dtype=dtype)
+    kw = dict(sink_len=20, sink_shift=10 ** 9) if mode == "sink" else \
+        dict(key_shift=torch.randint(-10 ** 6, 10 ** 6, (2, 45), generator=torch.Generator().manual_seed(2)))
+    for bias in (None, make_bias("random", 2, 4, 45)):
+        res = sink_attention(q, k, v, rope=rope, key_bias=bias, return_lse=True, return_mass=True, backend="triton",
+                             **kw)
+        assert_within_budget(res, q, k, v, rope=rope, key_bias=bias, **kw)
