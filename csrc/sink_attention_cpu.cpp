@@ -121,8 +121,8 @@ class F32Path {
     }
 
     // Row r of S (srow) becomes its unnormalised probabilities 2^(a * s - am), in place; returns their sum.
-    float exp_row(int64_t /*r*/, float* srow, float a, float am) const {
-      return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am);
+    float exp_row(int64_t /*r*/, float* srow, float a, float am, const float* bias) const {
+      return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am, bias);
     }
 
     // O = P V for the task's rows, scaled by inv[r] = 1 / rowsum, into out.
@@ -242,8 +242,8 @@ class Bf16Path {
     }
 
     // Row r's probabilities rounded to bf16 into P (kept in fp32 in srow only when the mass needs them).
-    float exp_row(int64_t r, float* srow, float a, float am) const {
-      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_);
+    float exp_row(int64_t r, float* srow, float a, float am, const float* bias) const {
+      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_, bias);
     }
 
     // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
@@ -346,12 +346,12 @@ void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float a = wk.scores(b, g, h, i0, m, alpha);
         const float* brow = bias.row(b, h);
-        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights). A biased row is
-        // first turned into its log2-unit logits a * s + bias, and the sweep then runs with factor 1.
+        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights); a biased row's
+        // exponent is a * s + bias (log2 units), added in the max and again in the exp sweep.
         for (int64_t r = 0; r < m; ++r) {
           float* srow = wk.S + r * Lk;
           const float mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
-          const float sum = wk.exp_row(r, srow, brow != nullptr ? 1.f : a, mx);
+          const float sum = wk.exp_row(r, srow, a, mx, brow);
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * detail::kLn2;
         }
