@@ -75,10 +75,11 @@ inline void pair_channels(bool interleaved, int64_t t, int64_t half, int64_t& i0
 
 // dst[0, D) = key row src (batch b, key j) in fp32, re-phased when key j moves.
 template <typename scalar_t>
-inline void row_f32(const Rotation& rot, const scalar_t* src, float* dst, int64_t D, int64_t b, int64_t j) {
+inline void row_f32(const Rotation& rot, const scalar_t* src, float* dst, int64_t D, int64_t b, int64_t j,
+                    int64_t g) {
   for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);
   if (j >= rot.R) return;
-  const float *c = rot.c(b, j), *s = rot.s(b, j);
+  const float *c = rot.c(b, j, g), *s = rot.s(b, j, g);
   const int64_t half = D / 2;
   for (int64_t t = 0; t < rot.T; ++t) {
     int64_t i0, i1;
@@ -93,10 +94,10 @@ inline void row_f32(const Rotation& rot, const scalar_t* src, float* dst, int64_
 // rounded once); the others are copied bit for bit, which equals converting them to fp32 and back, at a third of
 // the cost.
 inline void row_bf16(const Rotation& rot, const c10::BFloat16* src, c10::BFloat16* dst, int64_t D, int64_t b,
-                     int64_t j) {
+                     int64_t j, int64_t g) {
   std::memcpy(dst, src, static_cast<size_t>(D) * sizeof(c10::BFloat16));
   if (j >= rot.R) return;
-  const float *c = rot.c(b, j), *s = rot.s(b, j);
+  const float *c = rot.c(b, j, g), *s = rot.s(b, j, g);
   const int64_t half = D / 2;
   for (int64_t t = 0; t < rot.T; ++t) {
     int64_t i0, i1;
@@ -123,11 +124,14 @@ Rotation make_rotation(const at::Tensor& cos, const at::Tensor& sin, int64_t rot
     TORCH_CHECK(rot_len == 0, who, ": cos and sin are empty (nothing rotates), so rot_len must be 0, got ", rot_len);
     return rot;
   }
-  if (cos.dim() == 1) {
+  if (cos.dim() == 1 || cos.dim() == 2) {
     TORCH_CHECK(0 <= rot_len && rot_len <= Lk, who, ": rot_len must be in [0, Lk=", Lk, "], got ", rot_len);
+    if (cos.dim() == 2) rot.H = cos.size(0);
   } else {
-    TORCH_CHECK(cos.dim() == 3 && cos.size(0) == B && cos.size(1) == Lk, who,
-                ": cos and sin must have shape [T], [B, Lk, T] = [", B, ", ", Lk, ", T] or [0], got ", cos.sizes());
+    TORCH_CHECK((cos.dim() == 3 || cos.dim() == 4) && cos.size(0) == B && cos.size(1) == Lk, who,
+                ": cos and sin must have shape [T], [H, T], [B, Lk, T] = [", B, ", ", Lk, ", T], [B, Lk, H, T] or [0], "
+                "got ", cos.sizes());
+    if (cos.dim() == 4) rot.H = cos.size(2);
     TORCH_CHECK(rot_len == Lk, who, ": per-key tables [B, Lk, T] rotate every key, so rot_len must be Lk=", Lk,
                 ", got ", rot_len);
     rot.per_key = true;
@@ -159,7 +163,7 @@ void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t Lk, int64_t Hkv, int6
       transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
       continue;
     }
-    for (int64_t jj = 0; jj < n; ++jj) row_f32(rot, first + jj * Hkv * D, tile.data() + jj * D, D, b, j0 + jj);
+    for (int64_t jj = 0; jj < n; ++jj) row_f32(rot, first + jj * Hkv * D, tile.data() + jj * D, D, b, j0 + jj, g);
     transpose32(reinterpret_cast<const uint32_t*>(tile.data()), D, n, D, dst, Lk);
   }
 }
@@ -185,7 +189,7 @@ void pack_keys_vnni(const c10::BFloat16* k, c10::BFloat16* kv, int64_t Lk, int64
       transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * P, n, P, dst, Lk);
       continue;
     }
-    for (int64_t jj = 0; jj < n; ++jj) row_bf16(rot, first + jj * Hkv * D, tile.data() + jj * D, D, b, j0 + jj);
+    for (int64_t jj = 0; jj < n; ++jj) row_bf16(rot, first + jj * Hkv * D, tile.data() + jj * D, D, b, j0 + jj, g);
     transpose32(reinterpret_cast<const uint32_t*>(tile.data()), P, n, P, dst, Lk);
   }
 }
@@ -234,7 +238,7 @@ KeyRows key_rows_f32(const at::Tensor& k, const Rotation& rot) {
         for (int64_t idx = begin; idx < end; ++idx) {
           const int64_t b = idx / R, j = idx % R;
           for (int64_t g = 0; g < Hkv; ++g)
-            row_f32(rot, kp + ((b * Lk + j) * Hkv + g) * D, krot + ((b * Hkv + g) * R + j) * D, D, b, j);
+            row_f32(rot, kp + ((b * Lk + j) * Hkv + g) * D, krot + ((b * Hkv + g) * R + j) * D, D, b, j, g);
         }
       });
     });

@@ -15,23 +15,30 @@ namespace deepforcing {
 namespace detail {
 
 // Which keys move and by which table: keys [0, R) rotate, all by one row (sink mode) or key j of batch b by row
-// (b, j) (per-key mode, R == Lk). R == 0: nothing moves.
+// (b, j) (per-key mode, R == Lk). R == 0: nothing moves. With per-head tables (a RopeSpec with head_scale: every
+// KV head its own temporal frequencies) each of those rows holds H rows of T, one per KV head g.
 struct Rotation {
   int64_t R = 0;   // keys [0, R) rotate
   int64_t T = 0;   // temporal pairs per table row (<= D / 2)
-  int64_t Lk = 0;  // keys per batch row (per-key tables are [B, Lk, T])
+  int64_t Lk = 0;  // keys per batch row (per-key tables are [B, Lk, T] or [B, Lk, H, T])
+  int64_t H = 0;   // KV heads of per-head tables ([H, T] or [B, Lk, H, T]); 0: one row for every head
   bool per_key = false;
   bool interleaved = true;
-  at::Tensor cos_t, sin_t;  // contiguous float32 [T] or [B, Lk, T] (undefined when R == 0)
+  at::Tensor cos_t, sin_t;  // contiguous float32 (undefined when R == 0)
   const float* cos = nullptr;
   const float* sin = nullptr;
-  const float* c(int64_t b, int64_t j) const { return per_key ? cos + (b * Lk + j) * T : cos; }
-  const float* s(int64_t b, int64_t j) const { return per_key ? sin + (b * Lk + j) * T : sin; }
+  int64_t offset(int64_t b, int64_t j, int64_t g) const {
+    const int64_t hh = H > 0 ? H : 1, gg = H > 0 ? g : 0;
+    return ((per_key ? b * Lk + j : 0) * hh + gg) * T;
+  }
+  const float* c(int64_t b, int64_t j, int64_t g) const { return cos + offset(b, j, g); }
+  const float* s(int64_t b, int64_t j, int64_t g) const { return sin + offset(b, j, g); }
 };
 
-// Checks the tables against the op's contract and views them: cos / sin float32 CPU of one shape, [T] (keys
-// [0, rot_len) rotate, 0 <= rot_len <= Lk), [B, Lk, T] (rot_len == Lk) or [0] (rot_len == 0); T <= D / 2.
-// Raises c10::Error naming `who` otherwise.
+// Checks the tables against the op's contract and views them: cos / sin float32 CPU of one shape, [T] or [H, T]
+// (keys [0, rot_len) rotate, 0 <= rot_len <= Lk), [B, Lk, T] or [B, Lk, H, T] (rot_len == Lk) or [0]
+// (rot_len == 0); T <= D / 2. The caller checks H against the keys' heads. Raises c10::Error naming `who`
+// otherwise.
 Rotation make_rotation(const at::Tensor& cos, const at::Tensor& sin, int64_t rot_len, bool interleaved, int64_t B,
                        int64_t Lk, int64_t D, const char* who);
 

@@ -57,16 +57,52 @@ inline float row_max(const float* x, int64_t n) {
   return m;
 }
 
-// x[j] = 2^(alpha * x[j] - am) in place (am = alpha * rowmax); returns the sum.
-inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am) {
+// Logit bias of the key-bias option: the max of alpha * x[j] + bias[j] (bias already in log2 units, -inf removes
+// a key). Read only: the exp sweeps add the bias again as they read the row, which measured cheaper in the bf16
+// path than storing the biased row (one extra load per score, no extra store).
+inline float biased_row_max(const float* x, int64_t n, float alpha, const float* bias) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  const __m512 va = _mm512_set1_ps(alpha);
+  __m512 vm = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16)
+    vm = _mm512_max_ps(vm, _mm512_fmadd_ps(_mm512_loadu_ps(x + j), va, _mm512_loadu_ps(bias + j)));
+  if (j < n) {
+    const __mmask16 mk = tail_mask(n - j);
+    const __m512 y = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, x + j), va, _mm512_maskz_loadu_ps(mk, bias + j));
+    vm = _mm512_mask_max_ps(vm, mk, vm, y);
+  }
+  m = _mm512_reduce_max_ps(vm);
+  j = n;
+#endif
+  for (; j < n; ++j) m = std::max(m, std::fma(x[j], alpha, bias[j]));
+  return m;
+}
+
+#if defined(__AVX512F__)
+// alpha * x - am, plus the bias when there is one (the exponent of the exp sweeps).
+inline __m512 exponent(__m512 x, __m512 va, __m512 vm, const float* bias, int64_t j, __mmask16 mk) {
+  if (bias == nullptr) return _mm512_fmsub_ps(x, va, vm);
+  return _mm512_sub_ps(_mm512_fmadd_ps(x, va, _mm512_maskz_loadu_ps(mk, bias + j)), vm);
+}
+#endif
+
+inline float exponent(float x, float alpha, float am, const float* bias, int64_t j) {
+  return bias == nullptr ? alpha * x - am : std::fma(x, alpha, bias[j]) - am;
+}
+
+// x[j] = 2^(alpha * x[j] + bias[j] - am) in place (am = the row max of the exponent; bias may be nullptr);
+// returns the sum.
+inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am, const float* bias = nullptr) {
   int64_t j = 0;
   float s = 0.f;
 #if defined(__AVX512F__)
   const __m512 va = _mm512_set1_ps(alpha), vm = _mm512_set1_ps(am);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   for (; j + 32 <= n; j += 32) {
-    const __m512 e0 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(x + j), va, vm));
-    const __m512 e1 = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(x + j + 16), va, vm));
+    const __m512 e0 = exp2_ps(exponent(_mm512_loadu_ps(x + j), va, vm, bias, j, 0xFFFF));
+    const __m512 e1 = exp2_ps(exponent(_mm512_loadu_ps(x + j + 16), va, vm, bias, j + 16, 0xFFFF));
     _mm512_storeu_ps(x + j, e0);
     _mm512_storeu_ps(x + j + 16, e1);
     acc0 = _mm512_add_ps(acc0, e0);
@@ -74,23 +110,24 @@ inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am) {
   }
   for (; j < n; j += 16) {
     const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
-    const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, x + j), va, vm));
+    const __m512 e = exp2_ps(exponent(_mm512_maskz_loadu_ps(mk, x + j), va, vm, bias, j, mk));
     _mm512_mask_storeu_ps(x + j, mk, e);
     acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(mk, e));
   }
   s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #endif
   for (; j < n; ++j) {
-    x[j] = std::exp2(alpha * x[j] - am);
+    x[j] = std::exp2(exponent(x[j], alpha, am, bias, j));
     s += x[j];
   }
   return s;
 }
 
-// One softmax sweep for the bf16 path: e[j] = 2^(alpha * x[j] - am) where am = alpha * rowmax; e is stored in fp32
+// One softmax sweep for the bf16 path: e[j] = 2^(alpha * x[j] + bias[j] - am) (bias may be nullptr) where am = alpha * rowmax; e is stored in fp32
 // back into x (when keep_f32: the mass needs it) and rounded to bf16 into p (the operand of P V). Returns the sum
 // of the fp32 values.
-inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha, float am, bool keep_f32) {
+inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha, float am, bool keep_f32,
+                              const float* bias = nullptr) {
   int64_t j = 0;
   float s = 0.f;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -98,7 +135,7 @@ inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha
   __m512 acc = _mm512_setzero_ps();
   for (; j < n; j += 16) {
     const __mmask16 mk = j + 16 <= n ? static_cast<__mmask16>(0xFFFF) : tail_mask(n - j);
-    const __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(mk, x + j), va, vm));
+    const __m512 e = exp2_ps(exponent(_mm512_maskz_loadu_ps(mk, x + j), va, vm, bias, j, mk));
     if (keep_f32) _mm512_mask_storeu_ps(x + j, mk, e);
     const __m256bh eb = _mm512_cvtneps_pbh(e);
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p + j), mk, reinterpret_cast<const __m256i&>(eb));
@@ -107,7 +144,7 @@ inline float exp2_scaled_bf16(float* x, c10::BFloat16* p, int64_t n, float alpha
   s = _mm512_reduce_add_ps(acc);
 #endif
   for (; j < n; ++j) {
-    const float e = std::exp2(alpha * x[j] - am);
+    const float e = std::exp2(exponent(x[j], alpha, am, bias, j));
     if (keep_f32) x[j] = e;
     p[j] = c10::BFloat16(e);
     s += e;

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "gemm.h"
@@ -120,8 +121,8 @@ class F32Path {
     }
 
     // Row r of S (srow) becomes its unnormalised probabilities 2^(a * s - am), in place; returns their sum.
-    float exp_row(int64_t /*r*/, float* srow, float a, float am) const {
-      return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am);
+    float exp_row(int64_t /*r*/, float* srow, float a, float am, const float* bias) const {
+      return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am, bias);
     }
 
     // O = P V for the task's rows, scaled by inv[r] = 1 / rowsum, into out.
@@ -241,8 +242,8 @@ class Bf16Path {
     }
 
     // Row r's probabilities rounded to bf16 into P (kept in fp32 in srow only when the mass needs them).
-    float exp_row(int64_t r, float* srow, float a, float am) const {
-      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_);
+    float exp_row(int64_t r, float* srow, float a, float am, const float* bias) const {
+      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_, bias);
     }
 
     // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
@@ -288,10 +289,38 @@ class Bf16Path {
   c10::BFloat16* out_ = nullptr;
 };
 
+// The key-bias option: float32 [Bb, Hb, Lk] (Bb in {1, B}, Hb in {1, Hq}) converted once per call to log2 units
+// (the scores' units); row(b, h) is the bias of query head h of batch b, or nullptr without a bias.
+struct KeyBias {
+  at::Tensor log2_bias;  // undefined without a bias
+  const float* data = nullptr;
+  int64_t stride_b = 0, stride_h = 0;
+  const float* row(int64_t b, int64_t h) const {
+    return data != nullptr ? data + b * stride_b + h * stride_h : nullptr;
+  }
+};
+
+KeyBias make_key_bias(const std::optional<at::Tensor>& key_bias, int64_t B, int64_t Hq, int64_t Lk) {
+  KeyBias kb;
+  if (!key_bias.has_value() || !key_bias->defined()) return kb;
+  const at::Tensor& t = *key_bias;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu() && t.dim() == 3,
+              "sink_attention_fwd: key_bias must be a 3-D float32 CPU tensor [B or 1, Hq or 1, Lk], got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+  TORCH_CHECK((t.size(0) == 1 || t.size(0) == B) && (t.size(1) == 1 || t.size(1) == Hq) && t.size(2) == Lk,
+              "sink_attention_fwd: key_bias must have shape [B or 1, Hq or 1, Lk] = [", B, ", ", Hq, ", ", Lk,
+              "], got ", t.sizes());
+  kb.log2_bias = (t * static_cast<double>(detail::kLog2e)).contiguous();
+  kb.data = kb.log2_bias.data_ptr<float>();
+  kb.stride_b = t.size(0) == 1 ? 0 : t.size(1) * Lk;
+  kb.stride_h = t.size(1) == 1 ? 0 : Lk;
+  return kb;
+}
+
 // The task loop of both paths: pack items first, then segments of tasks; per task the score block, the exact row
 // softmax (lse, 1 / rowsum), the mass partial and the output rows.
 template <class Path>
-void run_tasks(const Problem& p, const Path& path) {
+void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
   const int64_t Lq = p.Lq, Lk = p.Lk, Hq = p.Hq;
   const int64_t rows = detail::choose_block_rows(p.B, Hq, Lq, Lk, Path::kBytesPerScore);
   const int64_t nqb = (Lq + rows - 1) / rows;
@@ -316,11 +345,13 @@ void run_tasks(const Problem& p, const Path& path) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / p.G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float a = wk.scores(b, g, h, i0, m, alpha);
-        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights).
+        const float* brow = bias.row(b, h);
+        // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights); a biased row's
+        // exponent is a * s + bias (log2 units), added in the max and again in the exp sweep.
         for (int64_t r = 0; r < m; ++r) {
           float* srow = wk.S + r * Lk;
-          const float mx = detail::row_max(srow, Lk) * a;
-          const float sum = wk.exp_row(r, srow, a, mx);
+          const float mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
+          const float sum = wk.exp_row(r, srow, a, mx, brow);
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * detail::kLn2;
         }
@@ -362,6 +393,8 @@ at::Tensor sink_rephase_keys(const at::Tensor& k_in, const at::Tensor& cos, cons
   const at::Tensor k = k_in.contiguous();
   const Rotation rot =
       detail::make_rotation(cos, sin, rot_len, interleaved, k.size(0), k.size(1), k.size(3), "sink_rephase_keys");
+  TORCH_CHECK(rot.H == 0 || rot.H == k.size(2), "sink_rephase_keys: per-head tables have ", rot.H,
+              " heads but k has ", k.size(2));
   const detail::KeyRows rows = detail::key_rows_f32(k, rot);
   at::Tensor out = rows.kf.defined() ? rows.kf.clone() : at::empty(k.sizes(), k.options().dtype(at::kFloat));
   if (rows.R > 0) out.narrow(1, 0, rows.R).copy_(rows.krot.permute({0, 2, 1, 3}));
@@ -371,7 +404,7 @@ at::Tensor sink_rephase_keys(const at::Tensor& k_in, const at::Tensor& cos, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
     const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
     int64_t rot_len, bool interleaved, double softmax_scale, bool return_mass, int64_t mass_start,
-    int64_t mass_end) {
+    int64_t mass_end, const std::optional<at::Tensor>& key_bias) {
   check_inputs(q, k_in, v);
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3);
   const int64_t Lk = k_in.size(1), Hkv = k_in.size(2);
@@ -381,7 +414,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
                 mass_start, ", ", mass_end, ") is not inside [0, Lq=", Lq, "]");
   }
   const Rotation rot = detail::make_rotation(cos, sin, rot_len, interleaved, B, Lk, D, "sink_attention_fwd");
+  TORCH_CHECK(rot.H == 0 || rot.H == Hkv, "sink_attention_fwd: per-head tables have ", rot.H, " heads but k has ",
+              Hkv, " KV heads");
   const at::Tensor k = k_in.contiguous();
+  const KeyBias bias = make_key_bias(key_bias, B, Hq, Lk);
 
   at::Tensor out = at::empty({B, Lq, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
@@ -390,9 +426,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
   const Problem p{B, Lq, Hq, D, Lk, Hkv, Hq / Hkv, static_cast<float>(softmax_scale), lse.data_ptr<float>(),
                   return_mass ? mass.data_ptr<float>() : nullptr, mass_start, mass_end};
   if (q.scalar_type() == at::kBFloat16 && bf16_gemm_active()) {
-    run_tasks(p, Bf16Path(p, q, k, v, rot, out));
+    run_tasks(p, Bf16Path(p, q, k, v, rot, out), bias);
   } else {
-    run_tasks(p, F32Path(p, q, k, v, rot, out));
+    run_tasks(p, F32Path(p, q, k, v, rot, out), bias);
   }
   return std::make_tuple(out, lse, mass);
 }

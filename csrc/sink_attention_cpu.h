@@ -3,6 +3,7 @@
 // where the temporal RoPE band of chosen keys is re-phased on load, with optional per-key attention mass.
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace deepforcing {
@@ -17,17 +18,23 @@ namespace deepforcing {
 //                   (re*c - im*s, re*s + im*c):
 //                     [T]        keys [0, rot_len) all use this one table (sink mode), 0 <= rot_len <= Lk;
 //                     [B, Lk, T] key j of batch b uses row [b, j] (per-key mode), rot_len == Lk;
+//                     [Hkv, T] / [B, Lk, Hkv, T]  the same two modes with one row per KV head (per-head RoPE
+//                                frequencies: a RopeSpec with head_scale);
 //                     [0]        nothing rotates, rot_len == 0.
 //   softmax_scale   multiplier of q.k (finite, > 0)
 //   return_mass     compute mass [B, Hkv, Lk] (fp32) over query rows [mass_start, mass_end), summed over the
 //                   query heads of each KV group
+//
+//   key_bias        optional float32 [B or 1, Hq or 1, Lk]: added to the scaled logits of (batch, query head)
+//                   before the softmax (softmax_scale * q.k + bias; -inf removes a key); lse and mass are those of
+//                   the biased softmax
 //
 // Returns (out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] fp32 natural log, mass [B, Hkv, Lk] fp32 or an
 // empty tensor of shape [0] when return_mass is false).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
     int64_t rot_len, bool interleaved, double softmax_scale, bool return_mass, int64_t mass_start,
-    int64_t mass_end);
+    int64_t mass_end, const std::optional<at::Tensor>& key_bias = std::nullopt);
 
 // Keys as the kernel's fp32 paths see them: k [B, Lk, Hkv, D] re-phased by the same tables and rules as
 // sink_attention_fwd, in float32 (a test hook for the re-phase step alone).

@@ -21,7 +21,7 @@ from .rotation import normalise_key_shift
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
-__all__ = ["sink_attention", "SinkAttentionOutput", "available_backends"]
+__all__ = ["sink_attention", "SinkAttentionOutput", "available_backends", "normalise_key_bias"]
 
 
 class SinkAttentionOutput(NamedTuple):
@@ -41,6 +41,7 @@ def sink_attention(
     sink_len: int = 0,
     sink_shift: int = 0,
     key_shift: Optional[torch.Tensor] = None,
+    key_bias: Optional[torch.Tensor] = None,
     softmax_scale: Optional[float] = None,
     return_lse: bool = False,
     return_mass: bool = False,
@@ -62,6 +63,10 @@ def sink_attention(
         sink_shift: temporal shift applied to the sink keys (any int, negative and huge included).
         key_shift: optional integer tensor ``[Lk]`` or ``[B, Lk]``: a per-key shift that overrides
             ``sink_len`` / ``sink_shift``.
+        key_bias: optional additive logit bias per key, a float tensor broadcastable to ``[B, Hq, Lk]`` (shape
+            ``[Lk]``, ``[Hq or 1, Lk]`` or ``[B or 1, Hq or 1, Lk]``), taken as float32: the logits are
+            ``softmax_scale * q . k + key_bias``, and lse and mass are those of that biased softmax. ``-inf``
+            removes a key; NaN, ``+inf`` and a (batch, head) row that removes every key are refused.
         softmax_scale: multiplier of ``q . k``; default ``1 / sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, Hq, Lq]`` (float32, natural log).
         return_mass: also return the attention mass ``[B, Hkv, Lk]`` (float32): the softmax probability each key
@@ -80,7 +85,9 @@ def sink_attention(
     args = _validate(q, k, v, rope=rope, sink_len=sink_len, sink_shift=sink_shift, key_shift=key_shift,
                      softmax_scale=softmax_scale, return_lse=return_lse, return_mass=return_mass,
                      mass_q_range=mass_q_range)
-    impl = resolve(backend, q.device, q.shape[-1], q.dtype)
+    args["key_bias"] = None if key_bias is None else normalise_key_bias(key_bias, q.shape[0], q.shape[2],
+                                                                        k.shape[1], q.device)
+    impl = resolve(backend, q.device, q.shape[-1], q.dtype, features=_features(args))
     if q.shape[1] == 0:  # nothing to attend: empty outputs, zero mass, no kernel launch
         out, lse, mass = _empty_result(q, k, return_lse, return_mass)
     else:
@@ -94,6 +101,40 @@ def sink_attention(
     if not (return_lse or return_mass):
         return out
     return SinkAttentionOutput(out, lse, mass)
+
+
+def _features(args: dict) -> Tuple[str, ...]:
+    """The optional features of the op a call uses (the backend registry checks them)."""
+    rope = args["rope"]
+    head = ("head_rope",) if rope is not None and rope.head_scale is not None else ()
+    return (("key_bias",) if args["key_bias"] is not None else ()) + head
+
+
+def normalise_key_bias(key_bias: torch.Tensor, batch: int, heads: int, lk: int,
+                       device: torch.device, name: str = "key_bias") -> torch.Tensor:
+    """The one normalisation of a key bias: a float tensor broadcastable to ``[B, Hq, Lk]`` (last axis exactly
+    ``Lk``) becomes a contiguous float32 ``[B or 1, Hq or 1, Lk]`` (broadcast axes stay of size 1: nothing is
+    materialised). Refuses NaN, ``+inf`` and rows that are ``-inf`` at every key (a softmax over no key).
+    Raises TypeError / ValueError naming ``name``."""
+    check_tensor(name, key_bias, dtypes=FLOAT_DTYPES + (torch.float64,))
+    if key_bias.device != device:
+        raise ValueError(f"{name} is on {key_bias.device} but q is on {device}")
+    shape = list(key_bias.shape)
+    full = [1] * (3 - len(shape)) + shape if len(shape) <= 3 else shape
+    if not (1 <= len(shape) <= 3 and full[2] == lk and full[0] in (1, batch) and full[1] in (1, heads)):
+        raise ValueError(f"{name} must be broadcastable to [B, Hq, Lk] = [{batch}, {heads}, {lk}] with its last "
+                         f"axis exactly Lk (shape [Lk], [Hq or 1, Lk] or [B or 1, Hq or 1, Lk]), got {shape}")
+    b = key_bias.to(torch.float32).reshape(full).contiguous()
+    if b.numel():
+        nan_or_pos = torch.isnan(b) | (b == float("inf"))
+        dead = (b == float("-inf")).all(dim=-1)
+        bad, empty = torch.stack([nan_or_pos.any(), dead.any()]).tolist()
+        if bad:
+            raise ValueError(f"{name} holds NaN or +inf (a finite bias or -inf to remove a key is expected)")
+        if empty:
+            raise ValueError(f"{name} is -inf at every key of some (batch, head) row: the softmax would be over "
+                             "no key")
+    return b
 
 
 def _may_overflow(q: torch.Tensor, k: torch.Tensor, scale: float) -> bool:
@@ -128,6 +169,7 @@ def _validate(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, 
         raise ValueError("head_dim must be positive")
     if rope is not None:
         check_rope("rope", rope, D)
+        rope.check_heads(Hkv, "k")  # per-head temporal scales: one per KV head (or a divisor of them)
     sink_len = check_int("sink_len", sink_len, minimum=0, maximum=Lk)
     sink_shift = check_int("sink_shift", sink_shift, minimum=INT64_MIN, maximum=INT64_MAX)
     if key_shift is not None:

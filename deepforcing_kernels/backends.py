@@ -2,8 +2,9 @@
 
 Each :class:`Backend` is data: a name, the devices it runs on, an availability check (is its code importable or
 built in this process), a capability check (can it take this head_dim / dtype), and its trusted entry point
-``run`` (arguments already validated by :func:`deepforcing_kernels.sink_attention`). ``"auto"`` picks the first
-backend, in :data:`PRIORITY` order, whose checks accept the call, so a head_dim the Triton kernel cannot take
+``run`` (arguments already validated by :func:`deepforcing_kernels.sink_attention`), and a feature check (does it
+take the op's optional inputs a call uses, :data:`FEATURES`). ``"auto"`` picks the first backend, in
+:data:`PRIORITY` order, whose checks accept the call, so a head_dim the Triton kernel cannot take
 falls back to the next one instead of failing; an explicitly named backend that cannot take a call fails with its
 reason. :class:`~deepforcing_kernels.StreamingKVCache` resolves its backend once, at construction, and calls
 ``run`` on every pass; the public op resolves per call.
@@ -26,10 +27,13 @@ from .rotation import rotation_tables
 from .triton import interpreting as triton_interpreting
 from .triton import triton_supports
 
-__all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "get_backend", "resolve", "available_backends",
+__all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "FEATURES", "get_backend", "resolve", "available_backends",
            "triton_interpreting", "torch_all_finite", "torch_frame_sums"]
 
 PRIORITY = BACKEND_PRIORITY
+#: the op's optional inputs a backend may or may not take: ``key_bias`` (an additive per-key logit bias) and
+#: ``head_rope`` (per-KV-head rotation tables, from a RopeSpec with ``head_scale``)
+FEATURES: Tuple[str, ...] = ("key_bias", "head_rope")
 Result = Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]
 
 
@@ -99,11 +103,15 @@ def registered_op():
     return _OP
 
 
-def _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, return_mass, mass_q_range) -> tuple:
-    """The op's positional arguments (its schema, :mod:`.ops`) for validated shift-level arguments."""
-    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device)
-    return (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, softmax_scale, return_mass,
+def _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, return_mass, mass_q_range,
+                 key_bias=None) -> tuple:
+    """The op's positional arguments (its schema, :mod:`.ops`) for validated shift-level arguments (the bias is
+    passed only when given, so calls without it keep the op's short form)."""
+    cos, sin, rot_len = rotation_tables(rope, sink_len, sink_shift, key_shift, q.shape[0], k.shape[1], q.device,
+                                        k.shape[2])
+    args = (q, k, v, cos, sin, rot_len, True if rope is None else rope.interleaved, softmax_scale, return_mass,
             mass_q_range[0], mass_q_range[1])
+    return args if key_bias is None else args + (key_bias,)
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -120,9 +128,9 @@ def _entry(direct: Callable[..., Tuple[torch.Tensor, ...]], graph: Callable[...,
     registered op, or the interpreter's autograd wrapper) when autograd or tracing must see the call."""
 
     def run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse, return_mass,
-            mass_q_range) -> Result:
+            mass_q_range, key_bias=None) -> Result:
         args = _schema_args(q, k, v, rope, sink_len, sink_shift, key_shift, softmax_scale, return_mass,
-                            mass_q_range)
+                            mass_q_range, key_bias)
         out, lse, mass = (direct if _eager(q, k, v) else graph)(*args)
         return out, (lse if return_lse else None), (mass if return_mass else None)
 
@@ -196,6 +204,19 @@ def _cpp_supports(head_dim: int, dtype: torch.dtype) -> Optional[str]:
     return None
 
 
+def _all_features(feature: str) -> Optional[str]:
+    return None if feature in FEATURES else f"unknown feature {feature!r}"
+
+
+def _cpp_features(feature: str) -> Optional[str]:
+    why = _all_features(feature)
+    flag = {"key_bias": "KEY_BIAS_API", "head_rope": "HEAD_TABLES_API"}.get(feature)
+    if why is None and flag is not None and not getattr(_ext.load(), flag, False):
+        why = (f"the C++ extension deepforcing_kernels._C is older than this package (no {feature}); rebuild it "
+               "with `pip install --no-build-isolation -e .`")
+    return why
+
+
 @dataclass(frozen=True)
 class Backend:
     """One implementation of the fused op.
@@ -206,8 +227,9 @@ class Backend:
         available: ``() -> None | reason``: whether its code can run in this process.
         supports: ``(head_dim, dtype) -> None | reason``: whether it can take such a call.
         run: trusted entry ``run(q, k, v, *, rope, sink_len, sink_shift, key_shift, softmax_scale, return_lse,
-            return_mass, mass_q_range) -> (out, lse | None, mass | None)`` over validated arguments.
+            return_mass, mass_q_range, key_bias=None) -> (out, lse | None, mass | None)`` over validated arguments.
         all_finite, frame_sums: the host helpers the cache uses with this backend.
+        takes: ``(feature) -> None | reason``: whether it takes an optional input of :data:`FEATURES`.
     """
 
     name: str
@@ -217,6 +239,7 @@ class Backend:
     run: Callable[..., Result]
     all_finite: Callable[..., bool] = torch_all_finite
     frame_sums: Callable[[torch.Tensor, int], torch.Tensor] = torch_frame_sums
+    takes: Callable[[str], Optional[str]] = _all_features
 
     def runs_on(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":
@@ -224,8 +247,8 @@ class Backend:
         return device.type in self.devices or "any" in self.devices
 
     def reason_against(self, device: torch.device, head_dim: Optional[int] = None,
-                       dtype: Optional[torch.dtype] = None) -> Optional[str]:
-        """None when this backend can run such a call here, else why not (one line)."""
+                       dtype: Optional[torch.dtype] = None, features: Tuple[str, ...] = ()) -> Optional[str]:
+        """None when this backend can run such a call (using ``features``) here, else why not (one line)."""
         if not self.runs_on(device):
             where = "CUDA tensors (or TRITON_INTERPRET=1)" if self.name == "triton" else \
                 " / ".join(d.upper() if d == "cpu" else d for d in self.devices) + " tensors"
@@ -233,12 +256,16 @@ class Backend:
         why = self.available()
         if why is None and head_dim is not None:
             why = self.supports(head_dim, dtype)
+        for f in features:
+            if why is None:
+                why = self.takes(f)
         return why
 
 
 _REGISTRY: Dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _triton_available, triton_supports, _triton_run),
-    "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_supports, _cpp_run, _cpp_all_finite, _cpp_frame_sums),
+    "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_supports, _cpp_run, _cpp_all_finite, _cpp_frame_sums,
+                   _cpp_features),
     "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
 }
 _warned_reference = False
@@ -250,8 +277,9 @@ def get_backend(name: str) -> Backend:
 
 
 def resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int] = None,
-            dtype: Optional[torch.dtype] = None) -> Backend:
-    """The backend that runs a call of ``head_dim`` / ``dtype`` on ``device``.
+            dtype: Optional[torch.dtype] = None, features: Tuple[str, ...] = ()) -> Backend:
+    """The backend that runs a call of ``head_dim`` / ``dtype`` on ``device`` using the optional inputs
+    ``features`` (names of :data:`FEATURES`).
 
     ``name="auto"`` takes the first of :data:`PRIORITY` that accepts the call (warning once when a CPU call falls
     back to the reference because the C++ kernel is not built). Raises TypeError / ValueError for an unknown name
@@ -259,14 +287,14 @@ def resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int]
     """
     # memoised per call signature: availability is fixed for a process, except what tests change on purpose
     # (the extension loader, TRITON_INTERPRET), which is part of the key
-    key = (name, device, head_dim, dtype, _ext.load, triton_interpreting())
+    key = (name, device, head_dim, dtype, tuple(features), _ext.load, triton_interpreting())
     try:
         hit = _RESOLVED.get(key)
     except TypeError:  # an unhashable argument: the checks below name it
         hit, key = None, None
     if hit is not None:
         return hit
-    b = _resolve(name, device, head_dim, dtype)
+    b = _resolve(name, device, head_dim, dtype, tuple(features))
     if key is not None and len(_RESOLVED) < 256:
         _RESOLVED[key] = b
     return b
@@ -276,7 +304,7 @@ _RESOLVED: Dict[tuple, "Backend"] = {}
 
 
 def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int],
-             dtype: Optional[torch.dtype]) -> "Backend":
+             dtype: Optional[torch.dtype], features: Tuple[str, ...] = ()) -> "Backend":
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name not in BACKEND_NAMES:
@@ -284,7 +312,7 @@ def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int
     dev = torch.device(device)
     if name != "auto":
         b = _REGISTRY[name]
-        why = b.reason_against(dev, head_dim, dtype)
+        why = b.reason_against(dev, head_dim, dtype, features)
         if why is not None:
             raise ValueError(f"backend={name!r} cannot run this call: {why}")
         return b
@@ -292,7 +320,7 @@ def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int
         b = _REGISTRY[cand]
         if cand == "triton" and dev.type != "cuda":
             continue  # auto never picks the interpreter
-        if b.reason_against(dev, head_dim, dtype) is None:
+        if b.reason_against(dev, head_dim, dtype, features) is None:
             if cand == "reference" and dev.type == "cpu" and _REGISTRY["cpp"].available() is not None:
                 global _warned_reference
                 if not _warned_reference:

@@ -10,6 +10,9 @@ The kernels' contract (``torch.ops.deepforcing.sink_attention``): ``cos, sin`` f
 
 * ``[T]``: keys ``[0, rot_len)`` are re-phased by this one table (sink mode);
 * ``[B, Lk, T]``: key ``j`` of batch ``b`` by row ``[b, j]`` (per-key mode, ``rot_len == Lk``);
+* ``[Hkv, T]`` / ``[B, Lk, Hkv, T]``: the same two modes with a row per KV head, for a ``RopeSpec`` with
+  ``head_scale`` (every head its own temporal frequencies); without ``head_scale`` the per-head shapes never occur,
+  so the common path costs nothing more;
 * ``[0]``: no key moves (``rot_len == 0``),
 
 over the first ``T = rope.temporal_pairs`` pairs; pair ``(re, im)`` becomes ``(re*c - im*s, re*s + im*c)``.
@@ -63,16 +66,29 @@ def key_shifts(batch: int, lk: int, *, sink_len: int, sink_shift: int, key_shift
     return s
 
 
-def shift_tables(rope: RopeSpec, shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 ``(cos, sin)`` of shape ``shift.shape + [T]`` for an int64 ``shift`` tensor."""
-    w = rope.temporal_freqs().to(shift.device)
-    ang = shift.to(torch.float64)[..., None] * w
+def head_freqs(rope: RopeSpec, heads: int) -> torch.Tensor:
+    """float64 ``[heads, T]``: the temporal frequencies of each of ``heads`` heads of a spec with ``head_scale``
+    (``heads`` a multiple of its scaled heads)."""
+    rope.check_heads(heads, "the keys")
+    return rope.head_temporal_freqs().repeat_interleave(heads // rope.num_scaled_heads, dim=0)
+
+
+def shift_tables(rope: RopeSpec, shift: torch.Tensor, heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(cos, sin)`` of shape ``shift.shape + [T]`` for an int64 ``shift`` tensor, or
+    ``shift.shape + [heads, T]`` for a spec with ``head_scale``."""
+    if rope.head_scale is not None:
+        w = head_freqs(rope, heads).to(shift.device)
+        ang = shift.to(torch.float64)[..., None, None] * w
+    else:
+        w = rope.temporal_freqs().to(shift.device)
+        ang = shift.to(torch.float64)[..., None] * w
     return torch.cos(ang), torch.sin(ang)
 
 
 @functools.lru_cache(maxsize=256)
-def _sink_table(rope: RopeSpec, shift: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    c, s = shift_tables(rope, torch.tensor(shift, dtype=torch.int64))
+def _sink_table(rope: RopeSpec, shift: int, device: torch.device,
+                heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    c, s = shift_tables(rope, torch.tensor(shift, dtype=torch.int64), heads)
     return c.to(torch.float32).to(device), s.to(torch.float32).to(device)
 
 
@@ -80,22 +96,25 @@ _NO_TABLE: dict = {}  # device -> the shared empty table (a dict: an lru_cache c
 
 
 def rotation_tables(rope: Optional[RopeSpec], sink_len: int, sink_shift: int, key_shift: Optional[torch.Tensor],
-                    batch: int, lk: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """``(cos, sin, rot_len)`` for the op (see the module docstring for the three shapes).
+                    batch: int, lk: int, device: torch.device,
+                    heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """``(cos, sin, rot_len)`` for the op (see the module docstring for the shapes).
 
     Arguments as validated by :func:`deepforcing_kernels.sink_attention` (``key_shift`` None or int64
-    ``[B, Lk]``; ``rope`` None only when no key moves). Sink tables are cached per ``(rope, shift, device)``.
+    ``[B, Lk]``; ``rope`` None only when no key moves; ``heads`` the keys' KV heads, read only for a spec with
+    ``head_scale``). Sink tables are cached per ``(rope, shift, device, heads)``.
     """
     if key_shift is None and (sink_len == 0 or sink_shift == 0 or rope is None):  # the common case, first
         e = _NO_TABLE.get(device)
         if e is None:
             e = _NO_TABLE[device] = torch.empty(0, dtype=torch.float32, device=device)
         return e, e, 0
+    h = heads if rope is not None and rope.head_scale is not None else 1
     if rope is not None and key_shift is not None:
-        c, s = shift_tables(rope, key_shift.to(torch.int64).expand(batch, lk))
+        c, s = shift_tables(rope, key_shift.to(torch.int64).expand(batch, lk), h)
         return c.to(torch.float32).contiguous(), s.to(torch.float32).contiguous(), lk
     if rope is not None and sink_len > 0 and sink_shift != 0:
-        c, s = _sink_table(rope, int(sink_shift), torch.device(device))
+        c, s = _sink_table(rope, int(sink_shift), torch.device(device), h)
         return c, s, int(sink_len)
     return rotation_tables(rope, 0, 0, None, batch, lk, device)
 
@@ -108,7 +127,10 @@ def rotate_keys(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_len: 
     if cos.numel() == 0 or rot_len == 0:
         return kf
     T = cos.shape[-1]
-    c, s = (cos.view(1, 1, 1, T), sin.view(1, 1, 1, T)) if cos.dim() == 1 else (cos[:, :, None], sin[:, :, None])
+    if cos.dim() in (1, 2):  # one table for every rotated key ([T]) or one per KV head ([H, T])
+        c, s = cos.view(1, 1, -1, T), sin.view(1, 1, -1, T)
+    else:  # per key ([B, Lk, T]) or per key and head ([B, Lk, H, T])
+        c, s = (cos[:, :, None], sin[:, :, None]) if cos.dim() == 3 else (cos, sin)
     rot = _rotate(kf[:, :rot_len], interleaved, c, s)
     return rot if rot_len == k.shape[1] else torch.cat([rot, kf[:, rot_len:]], dim=1)
 
@@ -132,13 +154,17 @@ def _rotate(x: torch.Tensor, interleaved: bool, c: torch.Tensor, s: torch.Tensor
 
 @functools.lru_cache(maxsize=64)
 def _position_tables(spec: RopeSpec, frame_offset: int, grid: Tuple[int, ...],
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """float64 ``cos, sin [L, 1, P]`` of every token of a row-major grid at absolute frame ``frame_offset``.
+                     device: torch.device, heads: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``cos, sin [L, 1, P]`` of every token of a row-major grid at absolute frame ``frame_offset``
+    (``[L, heads, P]`` for a spec with ``head_scale``).
 
     Cached: the five passes of a block (and every layer) rotate at the same positions."""
     axes = [torch.arange(n, dtype=torch.int64) for n in grid]
     pos = torch.stack([m.reshape(-1) for m in torch.meshgrid(*axes, indexing="ij")], dim=-1)
     pos[:, 0] += frame_offset
+    if spec.head_scale is not None:
+        ang = pos.to(torch.float64)[:, spec.pair_axes()][:, None, :] * spec.head_pair_freqs(heads)  # [L, H, P]
+        return torch.cos(ang).to(device), torch.sin(ang).to(device)
     ang = pos.to(torch.float64)[:, spec.pair_axes()] * spec.pair_freqs()  # [L, P]
     return torch.cos(ang)[:, None].to(device), torch.sin(ang)[:, None].to(device)
 
@@ -166,7 +192,11 @@ def apply_rope(x: torch.Tensor, spec: RopeSpec, *, frame_offset: int = 0, grid: 
         total *= n
     if total != x.shape[1]:
         raise ValueError(f"grid {grid} has {total} tokens but x has L={x.shape[1]}")
-    c, s = _position_tables(spec, int(frame_offset), grid, x.device)
+    heads = 1
+    if spec.head_scale is not None:
+        spec.check_heads(x.shape[2])
+        heads = x.shape[2]
+    c, s = _position_tables(spec, int(frame_offset), grid, x.device, heads)
     return _rotate(x, spec.interleaved, c, s)
 
 
@@ -193,5 +223,8 @@ def rephase(k: torch.Tensor, spec: RopeSpec, shift: Shift) -> torch.Tensor:
     else:
         s = torch.full((1, 1), check_int("shift", shift, minimum=INT64_MIN, maximum=INT64_MAX), dtype=torch.int64,
                        device=k.device)
+    if spec.head_scale is not None:
+        c, sn = shift_tables(spec, s, k.shape[2])  # [B|1, L|1, H, T]
+        return _rotate(k, spec.interleaved, c, sn)
     c, sn = shift_tables(spec, s)  # [B|1, L|1, T]
     return _rotate(k, spec.interleaved, c[:, :, None, :], sn[:, :, None, :])

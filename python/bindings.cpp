@@ -10,6 +10,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "deepforcing_kernels C++ kernels";
   // sink_attention_fwd / sink_rephase_keys take float32 rotation tables (cos, sin, rot_len), not shifts
   m.attr("TABLES_API") = true;
+  // sink_attention_fwd takes an optional key_bias [B or 1, Hq or 1, Lk] float32 after mass_end
+  m.attr("KEY_BIAS_API") = true;
+  // the rotation tables may be per KV head: [Hkv, T] and [B, Lk, Hkv, T]
+  m.attr("HEAD_TABLES_API") = true;
   m.def("version", &deepforcing::version, "version the extension was built as");
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");
@@ -20,7 +24,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "See csrc/sink_attention_cpu.h.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"), py::arg("rot_len"),
         py::arg("interleaved"), py::arg("softmax_scale"), py::arg("return_mass"), py::arg("mass_start"),
-        py::arg("mass_end"));
+        py::arg("mass_end"), py::arg("key_bias") = py::none());
   m.def("sink_rephase_keys", &deepforcing::sink_rephase_keys,
         "Keys as the CPU kernel sees them (fp32, re-phased by the same tables): a test hook for the re-phase step.",
         py::arg("k"), py::arg("cos"), py::arg("sin"), py::arg("rot_len"), py::arg("interleaved"));

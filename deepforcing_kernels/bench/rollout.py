@@ -18,7 +18,6 @@ cache's state (K/V plus bookkeeping), plus the per-block series the plot draws.
 from __future__ import annotations
 
 import dataclasses
-
 import random
 import time
 from dataclasses import dataclass, field

@@ -152,7 +152,8 @@ class StreamingKVCache:
             torch.empty(0, device=self.device)
         except (RuntimeError, AssertionError) as e:
             raise ValueError(f"device {self.device} is not available here: {e}") from None
-        impl = resolve(backend, self.device, self.head_dim, dtype)
+        uses = ("head_rope",) if rope is not None and getattr(rope, "head_scale", None) is not None else ()
+        impl = resolve(backend, self.device, self.head_dim, dtype, features=uses)
         if reduce_over_heads is not None and not callable(reduce_over_heads):
             raise ArgumentTypeError("reduce_over_heads must be callable(partial_scores) -> scores")
         self.reduce_over_heads = reduce_over_heads

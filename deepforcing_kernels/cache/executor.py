@@ -15,8 +15,8 @@ from .._checks import ArgumentTypeError
 from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
-from .context import LayerContext
 from .bank import FrameBank
+from .context import LayerContext
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step
 from .storage import LayerStorage
 

@@ -19,8 +19,8 @@ blocks), each written by one clean pass as the driver does; their slots are draw
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence

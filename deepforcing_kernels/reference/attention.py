@@ -28,9 +28,13 @@ def effective_keys(k: torch.Tensor, rope: Optional[RopeSpec], shifts: Optional[t
 def sink_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, rope: Optional[RopeSpec], sink_len: int,
     sink_shift: int, key_shift: Optional[torch.Tensor], softmax_scale: float, return_lse: bool,
-    return_mass: bool, mass_q_range: Tuple[int, int],
+    return_mass: bool, mass_q_range: Tuple[int, int], key_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Attention over re-phased keys; maths in float32, output in ``q.dtype``.
+
+    ``key_bias`` (float32 ``[B or 1, Hq or 1, Lk]``, or None) is added to the scaled logits of every query row of
+    its (batch, query head) before the softmax: ``s = softmax_scale * q . k + key_bias``; lse and mass are those
+    of that biased softmax.
 
     Returns ``out [B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` (float32, natural log) or None, and
     ``mass [B, Hkv, Lk]`` (float32) or None.
@@ -52,6 +56,9 @@ def sink_attention_reference(
         for s in range(0, Lq, Q_CHUNK):
             e = min(Lq, s + Q_CHUNK)
             scores = torch.matmul(qf[:, heads, s:e], kg.transpose(-1, -2)) * softmax_scale  # [B, G, c, Lk]
+            if key_bias is not None:
+                hb = heads if key_bias.shape[1] > 1 else slice(0, 1)
+                scores = scores + key_bias[:, hb, None, :].to(scores.dtype)
             # normalise by exp(s - max) / sum, not exp(s - lse): at logits ~1e4 the ulp of lse alone is ~1e-3
             row_max = scores.amax(dim=-1, keepdim=True)
             p = torch.exp(scores - row_max)

@@ -76,8 +76,12 @@ def apply_rope(x: torch.Tensor, spec: RopeSpec, *, frame_offset: int = 0, grid: 
     if total != x.shape[1]:
         raise ValueError(f"grid {tuple(grid)} has {total} tokens but x has L={x.shape[1]}")
     pos = rope_positions(spec, frame_offset, grid, device=x.device).to(torch.float64)  # [L, A]
-    freqs = spec.pair_freqs().to(x.device)  # [P]
     axes = spec.pair_axes().to(x.device)  # [P]
+    if spec.head_scale is not None:  # every head its own temporal frequencies
+        spec.check_heads(x.shape[2])
+        freqs = spec.head_pair_freqs(x.shape[2]).to(x.device)  # [H, P]
+        return rotate_pairs(x, spec, (pos[:, axes][:, None, :] * freqs)[None])
+    freqs = spec.pair_freqs().to(x.device)  # [P]
     angles = pos[:, axes] * freqs  # [L, P]
     return rotate_pairs(x, spec, angles[None, :, None, :])
 
@@ -116,6 +120,11 @@ def rephase(k: torch.Tensor, spec: RopeSpec, shift: Shift) -> torch.Tensor:
     check_tensor("k", k, ndim=4)
     check_rope("spec", spec, k.shape[-1])
     s = _normalise_shift(shift, k)
-    freqs = spec.temporal_freqs().to(k.device)  # [T]
-    angles = s.to(torch.float64)[:, :, None, None] * freqs  # [B|1, L|1, 1, T]
+    if spec.head_scale is not None:
+        spec.check_heads(k.shape[2], "k")
+        freqs = spec.head_temporal_freqs().repeat_interleave(k.shape[2] // spec.num_scaled_heads, dim=0)
+        freqs = freqs.to(k.device)  # [H, T]
+    else:
+        freqs = spec.temporal_freqs().to(k.device)[None]  # [1, T]
+    angles = s.to(torch.float64)[:, :, None, None] * freqs  # [B|1, L|1, H|1, T]
     return rotate_pairs(k, spec, angles)

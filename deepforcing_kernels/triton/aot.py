@@ -51,7 +51,7 @@ SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 HEAD_DIM = 128
 DTYPES = {name: torch_dtype(name) for name in F16}
 MODES = MODE_IDS
-_PTR_ARGS = {"Q", "K", "V", "Out", "Lse", "Stats", "Mass", "Cos", "Sin"}
+_PTR_ARGS = {"Q", "K", "V", "Out", "Lse", "Stats", "Mass", "Cos", "Sin", "Bias"}
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Variant:
     op: str  # "fwd" | "mass"
     dtype: str  # "fp16" | "bf16"
     mode: str  # "none" | "sink" | "perkey"
+    bias: bool = False  # the key_bias variant (HAS_BIAS)
 
 
 @dataclass
@@ -77,7 +78,9 @@ class Result:
 
 def production_variants() -> List[Variant]:
     """Every kernel the GPU path launches in production (head_dim 128, Wan layout)."""
-    return [Variant(f"{op}_{dt}_{mode}", op, dt, mode) for op in ("fwd", "mass") for dt in DTYPES for mode in MODES]
+    plain = [Variant(f"{op}_{dt}_{mode}", op, dt, mode) for op in ("fwd", "mass") for dt in DTYPES for mode in MODES]
+    # key_bias runs with a re-phased sink (Recency Forcing): those variants, for both passes and dtypes
+    return plain + [Variant(f"{op}_{dt}_sink_bias", op, dt, "sink", True) for op in ("fwd", "mass") for dt in DTYPES]
 
 
 def _signature(fn, variant: Variant, arch: int):
@@ -87,7 +90,8 @@ def _signature(fn, variant: Variant, arch: int):
     dt = variant.dtype
     cfg = (fwd_config if variant.op == "fwd" else mass_config)(HEAD_DIM, DTYPES[dt], arch, variant.mode)
     const: Dict[str, object] = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=HEAD_DIM,
-                                    REPHASE=MODES[variant.mode], INTERLEAVED=True, SPLIT=True, DOT_F32=False)
+                                    REPHASE=MODES[variant.mode], INTERLEAVED=True, SPLIT=True, DOT_F32=False,
+                                    HAS_BIAS=variant.bias)
     if variant.op == "fwd":
         const["STORE_LSE"] = True
         const["STORE_STATS"] = True  # the superset: with return_mass the forward also stores max and sum
@@ -101,7 +105,7 @@ def _signature(fn, variant: Variant, arch: int):
         if name in const:
             sig[name] = "constexpr"
         elif name in _PTR_ARGS:
-            sig[name] = "*fp32" if name in ("Lse", "Stats", "Mass", "Cos", "Sin") else f"*{dt}"
+            sig[name] = "*fp32" if name in ("Lse", "Stats", "Mass", "Cos", "Sin", "Bias") else f"*{dt}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "qk_scale":
             sig[name] = "fp32"
@@ -109,7 +113,7 @@ def _signature(fn, variant: Variant, arch: int):
             sig[name] = "i32"
             # Batch / token / head strides of [B, L, H, 128] tensors are multiples of 16 elements. The cos/sin
             # table strides (T = 22 per key) and the sizes are not.
-            if name.startswith("stride_") and name not in ("stride_cb", "stride_cn"):
+            if name.startswith("stride_") and name not in ("stride_cb", "stride_cn", "stride_ch", "stride_bb", "stride_bh"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, const, attrs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 

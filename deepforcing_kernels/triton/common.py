@@ -47,6 +47,28 @@ def dot_in_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
 
 
+def table_strides(cos: torch.Tensor, mode: int):
+    """``(stride_cb, stride_cn, stride_ch)`` of the kernels' rotation tables: batch and key strides of per-key
+    tables, and the KV-head stride of per-head tables (``[H, T]`` / ``[B, Lk, H, T]``; 0 when the table is shared
+    by every head)."""
+    if mode == REPHASE_PER_KEY:
+        return cos.stride(0), cos.stride(1), (cos.stride(2) if cos.dim() == 4 else 0)
+    if mode == REPHASE_SINK and cos.dim() == 2:
+        return 0, 0, cos.stride(0)
+    return 0, 0, 0
+
+
+def bias_args(key_bias, placeholder: torch.Tensor):
+    """``(pointer, stride_b, stride_h)`` of the kernels' bias arguments: a contiguous float32 ``[B|1, Hq|1, Lk]``
+    bias with zero strides on its broadcast axes, or (without a bias) an fp32 placeholder the kernels never read,
+    so both variants keep one pointer type."""
+    if key_bias is None:
+        return placeholder, 0, 0
+    sb = 0 if key_bias.shape[0] == 1 else key_bias.stride(0)
+    sh = 0 if key_bias.shape[1] == 1 else key_bias.stride(1)
+    return key_bias, sb, sh
+
+
 def ensure_kernel_mode() -> None:
     """Rebuild the kernels if ``TRITON_INTERPRET`` changed since they were created.
 

@@ -2,11 +2,11 @@
 (3 passes each: two denoising, one clean), replayed through this cache pass by pass on every backend."""
 import pytest
 import torch
+from methods_parity import drive, load_trace, reference_output, rope_of, window_of
+from support import require_cpp, state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.schedule import simulate, tape_frames_at
-from methods_parity import clean_kv, drive, load_trace, reference_output, rope_of, window_of
-from support import require_cpp, state_equal
 
 TRACE = load_trace("rolling_sink")
 CFG = TRACE["config"]

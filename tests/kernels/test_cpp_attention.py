@@ -370,7 +370,10 @@ def test_cpp_entry_checks_its_assumptions():
         c.sink_attention_fwd(q, k, v, e, e, 2, True, 0.125, False, 0, 4)
     with pytest.raises(RuntimeError, match="rot_len must be Lk"):
         c.sink_attention_fwd(q, k, v, torch.ones(1, 5, 3), torch.zeros(1, 5, 3), 4, True, 0.125, False, 0, 4)
-    with pytest.raises(RuntimeError, match=r"must have shape \[T\], \[B, Lk, T\]"):
+    with pytest.raises(RuntimeError, match=r"must have shape \[T\], \[H, T\], \[B, Lk, T\]"):
+        c.sink_attention_fwd(q, k, v, torch.ones(1, 5, 1, 1, 3), torch.zeros(1, 5, 1, 1, 3), 5, True, 0.125, False,
+                             0, 4)
+    with pytest.raises(RuntimeError, match="per-head tables have 5 heads but k has 1 KV heads"):
         c.sink_attention_fwd(q, k, v, torch.ones(5, 3), torch.zeros(5, 3), 5, True, 0.125, False, 0, 4)
     with pytest.raises(RuntimeError, match="has only 32"):
         c.sink_attention_fwd(q, k, v, torch.ones(33), torch.zeros(33), 2, True, 0.125, False, 0, 4)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.triton
 ARCHS = (80, 90)
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 EXPECTED = {f"{op}_{dt}_{mode}" for op in ("fwd", "mass") for dt in ("fp16", "bf16")
-            for mode in ("none", "sink", "perkey")}
+            for mode in ("none", "sink", "perkey", "sink_bias")}  # sink_bias: key_bias with a re-phased sink
 
 
 @pytest.fixture(scope="module")
