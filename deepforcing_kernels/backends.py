@@ -321,12 +321,14 @@ def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int
         if cand == "triton" and dev.type != "cuda":
             continue  # auto never picks the interpreter
         if b.reason_against(dev, head_dim, dtype, features) is None:
-            if cand == "reference" and dev.type == "cpu" and _REGISTRY["cpp"].available() is not None:
+            # warn when the extension is missing or too old, not for a call no build takes (an odd head_dim)
+            why_not_cpp = _REGISTRY["cpp"].reason_against(dev, None, None, features) if dev.type == "cpu" else None
+            if cand == "reference" and why_not_cpp is not None:
                 global _warned_reference
                 if not _warned_reference:
                     _warned_reference = True
-                    warnings.warn("deepforcing_kernels: the C++ CPU kernel is not built; using the slower PyTorch "
-                                  "reference. Build it with `pip install --no-build-isolation -e .`.", stacklevel=3)
+                    warnings.warn(f"deepforcing_kernels: using the slower PyTorch reference: {why_not_cpp}",
+                                  stacklevel=3)
             return b
     return _REGISTRY["reference"]
 
