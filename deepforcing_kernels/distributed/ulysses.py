@@ -39,6 +39,7 @@ class SequenceParallelWan(nn.Module):
         if cfg is None or not hasattr(cfg, "num_heads"):
             raise TypeError(f"model must be a CausalWanModel (with .config), got {type(model).__name__}")
         self.model = model
+        self._cfg = getattr(model, "wan_config", cfg)  # the sizes (a diffusers-wrapped model's config is a dict)
         self.comm = comm if comm is not None else SequenceComm()
         self.world, self.rank = self.comm.world, self.comm.rank
         kv = getattr(cfg, "num_kv_heads", None)
@@ -49,28 +50,28 @@ class SequenceParallelWan(nn.Module):
     # ---------------------------------------------------------------- the model protocol
     @property
     def config(self) -> Any:
-        return self.model.config
+        return self._cfg
 
     @property
     def latent_channels(self) -> int:
-        return int(getattr(self.model, "latent_channels", self.model.config.in_dim))
+        return int(getattr(self.model, "latent_channels", self._cfg.in_dim))
 
     @property
     def text_dim(self) -> int:
-        return int(getattr(self.model, "text_dim", self.model.config.text_dim))
+        return int(getattr(self.model, "text_dim", self._cfg.text_dim))
 
     @property
     def default_latent_size(self) -> Any:
-        return tuple(getattr(self.model, "default_latent_size", self.model.config.latent_size))
+        return tuple(getattr(self.model, "default_latent_size", self._cfg.latent_size))
 
     @property
     def local_heads(self) -> int:
         """Heads of this rank's cache and attention."""
-        return self.model.config.num_heads // self.world
+        return self._cfg.num_heads // self.world
 
     def check_tokens(self, latent_size: Optional[Sequence[int]] = None) -> int:
         """Tokens per frame at ``latent_size``; raises :class:`ParallelError` unless divisible by the world."""
-        n = self.model.config.tokens_per_frame(latent_size)
+        n = self._cfg.tokens_per_frame(latent_size)
         if n % self.world:
             check_divisible(num_heads=self.world, num_kv_heads=None, tokens_per_frame=n, world=self.world)
         return n
@@ -92,7 +93,7 @@ class SequenceParallelWan(nn.Module):
         heads = getattr(cache, "num_heads", None)
         if heads is not None and heads != self.local_heads:
             raise ValueError(f"the cache holds {heads} heads but this rank attends with {self.local_heads} "
-                             f"({self.model.config.num_heads} heads over {self.world} ranks): build it from "
+                             f"({self._cfg.num_heads} heads over {self.world} ranks): build it from "
                              "cache_spec()")
         red = getattr(cache, "reduce_over_heads", self.reduce_over_heads)
         if red is not self.reduce_over_heads and getattr(getattr(cache, "policy", None), "compresses", False):

@@ -57,7 +57,9 @@ class CausalWanModel(nn.Module):
         super().__init__()
         if not isinstance(config, WanConfig):
             raise TypeError(f"config must be a WanConfig, got {type(config).__name__}")
-        self.config = config
+        # the sizes are kept as ``wan_config`` (read by every method here) and exposed as ``config``; a subclass that
+        # also derives from diffusers' ConfigMixin (pipeline/hub_models.py) gets ConfigMixin's ``config`` instead
+        self.wan_config = config
         c = config
         self.patch_embedding = nn.Conv3d(c.in_dim, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
         self.text_embedding = nn.Sequential(nn.Linear(c.text_dim, c.dim), nn.GELU(approximate="tanh"),
@@ -69,25 +71,30 @@ class CausalWanModel(nn.Module):
         self.rope = c.rope()
         self.init_weights()
 
+    @property
+    def config(self) -> WanConfig:
+        """The model's sizes (:class:`WanConfig`)."""
+        return self.wan_config
+
     # ------------------------------------------------------------ the CausalVideoModel protocol
     @property
     def latent_channels(self) -> int:
         """Latent channels in (``in_dim``)."""
-        return self.config.in_dim
+        return self.wan_config.in_dim
 
     @property
     def text_dim(self) -> int:
         """Width of the text embeddings (4096 for umT5-XXL)."""
-        return self.config.text_dim
+        return self.wan_config.text_dim
 
     @property
     def default_latent_size(self) -> Tuple[int, int]:
         """Latent ``(H, W)`` generated when none is given (60 x 104 is 480 x 832 pixels)."""
-        return tuple(self.config.latent_size)
+        return tuple(self.wan_config.latent_size)
 
     def cache_spec(self, latent_size: Sequence[int]) -> CacheSpec:
         """Cache geometry at ``latent_size``: one layer per block, all heads, Wan's 3-D RoPE."""
-        c = self.config
+        c = self.wan_config
         rows, cols = c.token_grid(latent_size)
         return CacheSpec(c.num_layers, c.num_heads, c.num_heads, c.head_dim, rows * cols, self.rope)
 
@@ -106,14 +113,15 @@ class CausalWanModel(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         w = self.patch_embedding.weight
-        w.copy_(nn.init.xavier_uniform_(torch.empty(w.shape[0], w[0].numel(), dtype=w.dtype), generator=g)
-                .view_as(w))
+        flat = torch.empty(w.shape[0], w[0].numel(), dtype=w.dtype)
+        nn.init.xavier_uniform_(flat, generator=g)  # in place (a loader that turns nn.init off leaves it as is)
+        w.copy_(flat.view_as(w))
         nn.init.zeros_(self.patch_embedding.bias)
         for seq in (self.text_embedding, self.time_embedding):
             for m in seq.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.normal_(m.weight, std=0.02, generator=g)
-        dim = self.config.dim
+        dim = self.wan_config.dim
         for mod in [b.modulation for b in self.blocks] + [self.head.modulation]:
             mod.copy_(torch.randn(mod.shape, generator=g, dtype=mod.dtype) / dim ** 0.5)
         if zero_head:
@@ -125,7 +133,7 @@ class CausalWanModel(nn.Module):
     # ------------------------------------------------------------ pieces of forward
     def embed_text(self, text_embeds: torch.Tensor) -> torch.Tensor:
         """Zero-pad ``text_embeds`` [B, L, text_dim] to ``text_len`` rows and apply ``text_embedding``."""
-        tl = self.config.text_len
+        tl = self.wan_config.text_len
         if tl is not None:
             if text_embeds.shape[1] > tl:
                 raise ValueError(f"text_embeds has {text_embeds.shape[1]} rows but the model's text_len is {tl}")
@@ -137,9 +145,9 @@ class CausalWanModel(nn.Module):
     def embed_time(self, timestep: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``timestep`` [B, F] -> ``e`` [B, F, dim] and ``e0`` [B, F, 6, dim]."""
         b, nf = timestep.shape
-        sin = sinusoidal_embedding(self.config.freq_dim, timestep.flatten()).to(dtype)
+        sin = sinusoidal_embedding(self.wan_config.freq_dim, timestep.flatten()).to(dtype)
         e = self.time_embedding(sin)
-        e0 = self.time_projection(e).unflatten(1, (6, self.config.dim))
+        e0 = self.time_projection(e).unflatten(1, (6, self.wan_config.dim))
         return e.unflatten(0, (b, nf)), e0.unflatten(0, (b, nf))
 
     @torch.no_grad()
@@ -147,14 +155,14 @@ class CausalWanModel(nn.Module):
         """Embed ``text_embeds [B, L, text_dim]`` (zero-padded to ``text_len``) and project it to every block's
         cross-attention keys and values, once per prompt; pass the result to :meth:`forward` as the text."""
         if not isinstance(text_embeds, torch.Tensor) or text_embeds.dim() != 3 or \
-                text_embeds.shape[2] != self.config.text_dim:
-            raise ValueError(f"text_embeds must be [B, L, {self.config.text_dim}]")
+                text_embeds.shape[2] != self.wan_config.text_dim:
+            raise ValueError(f"text_embeds must be [B, L, {self.wan_config.text_dim}]")
         dtype = self.patch_embedding.weight.dtype
         context = self.embed_text(text_embeds.to(dtype))
         return WanTextContext(tuple(blk.cross_attn.text_kv(context) for blk in self.blocks))
 
     def _check_inputs(self, latents: Any, timestep: Any, text_embeds: Any, cache: Any, start_frame: Any) -> None:
-        c = self.config
+        c = self.wan_config
         if isinstance(text_embeds, WanTextContext):
             if len(text_embeds.kv) != c.num_layers:
                 raise ValueError(f"the text context has {len(text_embeds.kv)} blocks, the model {c.num_layers}")
@@ -207,7 +215,7 @@ class CausalWanModel(nn.Module):
             the flow ``[B, F, out_dim, H, W]`` in the model's dtype.
         """
         self._check_inputs(latents, timestep, text_embeds, cache, start_frame)
-        c = self.config
+        c = self.wan_config
         dtype = self.patch_embedding.weight.dtype
         b = latents.shape[0]
         x = self.patch_embedding(latents.to(dtype).transpose(1, 2))  # [B, dim, F, H/ph, W/pw]

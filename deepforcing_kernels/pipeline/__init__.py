@@ -1,7 +1,9 @@
 """From a prompt to an mp4: text encoder -> Self-Forcing rollout -> streaming VAE decode -> mp4 writer.
 
 The package's parts: :mod:`.media` (images and videos read as a stream's first frames), :mod:`.stream` (latent
-blocks decoded as they come), :mod:`.run` (frames written to mp4 and resumed exactly), :mod:`.core` (the pipeline).
+blocks decoded as they come), :mod:`.run` (frames written to mp4 and resumed exactly), :mod:`.core` (the pipeline), :mod:`.offload` (components on the accelerator only while used); in diffusers' shape
+(loaded on first use: they import diffusers) :mod:`.diffusers_pipeline` (:class:`DeepForcingPipeline`),
+:mod:`.hub_models` (the DiT and sampler settings as diffusers components), :mod:`.hub` (``deepforcing convert``).
 
 :class:`VideoPipeline` ties the pieces together and streams: each latent block the rollout produces is decoded
 at once (the VAE's :class:`~deepforcing_kernels.video.vae.StreamDecoder` keeps the causal decoder's feature cache
@@ -31,10 +33,25 @@ bit for bit what they would have been, so the frames of all segments equal an un
 segments the one file is the open segment: its anchor holds every latent block of the run (use segments for
 long runs).
 """
+from typing import Any
+
 from .core import PromptLike, VideoPipeline
 from .media import _valid_prefix_frames, parse_switch, prefix_from_pixels, read_image, read_video, segment_path  # noqa: F401
 from .run import VideoRun, WriteResult
 from .stream import FrameChunk, FrameStream
 
-__all__ = ["VideoPipeline", "FrameStream", "FrameChunk", "VideoRun", "WriteResult", "parse_switch",
+__all__ = ["VideoPipeline", "DeepForcingPipeline", "DeepForcingPipelineOutput", "FrameStream", "FrameChunk", "VideoRun", "WriteResult", "parse_switch",
            "segment_path", "read_image", "read_video", "prefix_from_pixels", "PromptLike"]
+
+# the diffusers-style pipeline imports diffusers: loaded on first use only
+_LAZY = {"DeepForcingPipeline": "diffusers_pipeline", "DeepForcingPipelineOutput": "diffusers_pipeline",
+         "CausalWanTransformer": "hub_models", "SelfForcingScheduler": "hub_models",
+         "convert_original": "hub"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

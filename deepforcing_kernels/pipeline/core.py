@@ -8,7 +8,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..formats import FRAME_STREAM_FORMAT, VIDEO_RUN_FORMAT
+from ..sampler import DENOISING_STEPS, SHIFT
 from .media import PathOrTensor, parse_switch, prefix_from_pixels, read_image, read_video
+from .offload import lend
 from .run import VideoRun, WriteResult
 from .stream import FrameChunk, FrameStream, video_frames
 
@@ -30,6 +32,11 @@ class VideoPipeline:
             (``deep_forcing``, ``sliding``, ...).
         cache_dtype, backend: passed to the driver.
         latent_size: latent ``(h, w)``; default the model's (the video is ``8h x 8w``).
+        denoising_steps, shift: the sampler's settings (Self-Forcing's by default), passed to the driver.
+
+    Memory: ``offload`` (a :class:`~deepforcing_kernels.pipeline.offload.ComponentOffload`, default None) lends the
+    text encoder and the VAE to the accelerator only while they are used; ``kv_offload`` (a device, default None)
+    keeps the KV cache of the layers not in use there (:func:`~deepforcing_kernels.cache.offload.offload_layers`).
 
     Build one with :meth:`from_weights` (real Wan2.1 weights) or :meth:`tiny` (random stand-ins: its video is
     noise).
@@ -37,7 +44,8 @@ class VideoPipeline:
 
     def __init__(self, model: Any, vae: Any, text_encoder: Any, *, policy: Any = "deep_forcing",
                  cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
-                 latent_size: Optional[Sequence[int]] = None) -> None:
+                 latent_size: Optional[Sequence[int]] = None, denoising_steps: Sequence[float] = DENOISING_STEPS,
+                 shift: float = SHIFT) -> None:
         from ..policy import CachePolicy
 
         if isinstance(policy, str):
@@ -53,6 +61,9 @@ class VideoPipeline:
             raise TypeError("text_encoder must be callable(prompts) -> [B, L, text_dim]")
         self.model, self.vae, self.text_encoder, self.policy = model, vae, text_encoder, policy
         self.cache_dtype, self.backend = cache_dtype, backend
+        self.denoising_steps, self.shift = tuple(float(t) for t in denoising_steps), float(shift)
+        self.offload: Any = None
+        self.kv_offload: Optional[Union[str, torch.device]] = None
         self.latent_size = tuple(int(v) for v in (latent_size or model.default_latent_size))
         sf = int(vae.spatial_factor)
         self.pixel_size = (self.latent_size[0] * sf, self.latent_size[1] * sf)
@@ -149,7 +160,7 @@ class VideoPipeline:
     # ------------------------------------------------------------ inputs
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompts -> text embeddings ``[B, L, text_dim]`` (the text encoder, no grad)."""
-        with torch.no_grad():
+        with torch.no_grad(), lend(self.offload, "text_encoder"):
             emb = self.text_encoder(list(prompts))
         if not isinstance(emb, torch.Tensor) or emb.dim() != 3 or emb.shape[-1] != self.model.text_dim:
             raise ValueError(f"the text encoder gave {getattr(emb, 'shape', type(emb).__name__)}; the model takes "
@@ -225,7 +236,8 @@ class VideoPipeline:
             raise TypeError(f"{what} must be a file path or a tensor, got {type(src).__name__}")
         if px.dim() != 4 or px.shape[1] != 3:
             raise ValueError(f"{what} must have 3 (RGB) channels: [T, 3, H, W] frames, got {list(px.shape)}")
-        lat, info = prefix_from_pixels(self.vae, px, self.pixel_size, self.policy.block_frames, what=what)
+        with lend(self.offload, "vae"):
+            lat, info = prefix_from_pixels(self.vae, px, self.pixel_size, self.policy.block_frames, what=what)
         info[what] = str(src) if not isinstance(src, torch.Tensor) else "<tensor>"
         return lat, info
 
@@ -273,15 +285,21 @@ class VideoPipeline:
         rollout = generate(self.model, None, num_frames, self.policy, seed, latent_size=self.latent_size,
                            cache_dtype=self.cache_dtype, backend=self.backend, progress=False,
                            resume_from=rstate, prefix_latents=prefix, text_schedule=schedule, recache=recache,
-                           steerable=steerable)
+                           steerable=steerable, denoising_steps=self.denoising_steps, shift=self.shift)
+        if self.kv_offload is not None:
+            from ..cache.offload import offload_layers
+
+            rollout.kv_offload = offload_layers(rollout.cache, self.kv_offload)
         decoder = self.vae.stream_decoder()
         if dstate is not None:
-            decoder.load_state_dict(dstate)
+            with lend(self.offload, "vae"):  # the decoder's feature cache goes where the VAE runs
+                decoder.load_state_dict(dstate)
             if decoder.latent_frames != rollout.frames_done:
                 raise ValueError(f"cannot resume: the decoder state is at latent frame {decoder.latent_frames} but "
                                  f"the rollout state at {rollout.frames_done}")
         stream = FrameStream(rollout, decoder, progress=progress, info=info, auto_tick=_auto_tick,
-                             encode=lambda text: self.encode_prompts([text]))
+                             encode=lambda text: self.encode_prompts([text]),
+                             decode_context=lambda: lend(self.offload, "vae"))
         stream.frames_out = video_frames(rollout.frames_done, stream.tf)
         return stream
 

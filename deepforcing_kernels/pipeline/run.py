@@ -294,10 +294,11 @@ class VideoRun:
             self._anchor, self._pending = None, []
             return
         # rewrite the open segment: replay the anchor's latents through a decoder restored to the anchor
-        dec = self.stream.decoder.vae.stream_decoder()
-        dec.load_state_dict(anchor["decoder"])
-        lat = anchor["latents"]
-        frames = dec.decode(lat)
+        with self.stream.decode_context():
+            dec = self.stream.decoder.vae.stream_decoder()
+            dec.load_state_dict(anchor["decoder"])
+            lat = anchor["latents"]
+            frames = dec.decode(lat)
         f0 = int(anchor["frame_start"])
         if f0 + frames.shape[1] != written or not f0 <= open_start <= written:
             raise ValueError(f"cannot resume: the anchor's latents decode to frames [{f0}, {f0 + frames.shape[1]}) "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional
 
@@ -50,9 +51,12 @@ class FrameStream:
 
     def __init__(self, rollout: Any, decoder: Any, *, progress: bool = True, info: Optional[Dict] = None,
                  before_decode: Optional[Callable[[torch.Tensor, int, int], None]] = None,
-                 auto_tick: bool = True, encode: Optional[Callable[[str], torch.Tensor]] = None) -> None:
+                 auto_tick: bool = True, encode: Optional[Callable[[str], torch.Tensor]] = None,
+                 decode_context: Optional[Callable[[], Any]] = None) -> None:
         self.rollout, self.decoder = rollout, decoder
         self.encode = encode  # prompt -> text embeddings, for switch() (the pipeline's text encoder)
+        # entered around every decode: the pipeline lends the VAE to the accelerator there (pipeline/offload.py)
+        self.decode_context = decode_context or nullcontext
         self.tf = int(decoder.vae.temporal_factor)
         self.progress = progress
         self.info = dict(info or {})
@@ -93,7 +97,8 @@ class FrameStream:
         n = video_frames(f0 + block.shape[1], self.tf) - a
         if self.before_decode is not None:
             self.before_decode(block, f0, a)
-        frames = self.decoder.decode(block)
+        with self.decode_context():
+            frames = self.decoder.decode(block)
         t2 = time.perf_counter()
         if frames.shape[1] != n:  # the decoder and the rollout disagree on where the stream is
             raise RuntimeError(f"decoder gave {frames.shape[1]} frames for latent frames [{f0}, "

@@ -126,6 +126,8 @@ class UMT5Encoder(torch.nn.Module):
         self.text_len = text_len
         self.dim = int(model.config.d_model)
         self._tokenizer: Optional[Callable] = None
+        #: the tokenizer object in use (a transformers tokenizer, a ByteTokenizer, a callable), or None
+        self.tokenizer_object: Any = None
         self._tokenizer_hint = tokenizer_hint
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -167,6 +169,7 @@ class UMT5Encoder(torch.nn.Module):
         else:
             raise TypeError(f"tokenizer must be a folder, a transformers tokenizer or a callable, "
                             f"got {type(tokenizer).__name__}")
+        self.tokenizer_object = tokenizer
 
     def tokenize(self, prompts: Union[str, Sequence[str]]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts to ``(ids, mask)`` ``[B, text_len]`` with this encoder's tokenizer."""

@@ -1,0 +1,82 @@
+"""A whole output folder written at once: :func:`atomic_folder` (a Hub folder, a converted model).
+
+The folder is written under a hidden temporary sibling (``.tmp-NAME-<random>``) and renamed to its name when
+complete, so an interruption leaves no half-written folder under the final name (at worst the temporary, which
+the next write removes). An existing folder is never replaced unless ``force``: the refusal is one line naming
+the first existing file. With ``force`` the old folder is first renamed aside and removed only once the new one
+is in place, so at every moment one complete folder exists (under its name, or aside for the instant between
+the two renames).
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Union
+
+from .files import _fsync_dir
+
+__all__ = ["atomic_folder", "FolderExistsError", "check_folder_free"]
+
+
+class FolderExistsError(FileExistsError):
+    """An output folder that is there already (one line naming the file that would be overwritten)."""
+
+
+def _first_file(folder: Path) -> Path:
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if files:
+            return Path(root) / sorted(files)[0]
+    return folder
+
+
+def check_folder_free(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "") -> None:
+    """Raise :class:`FolderExistsError` (one line: the file, and ``flag`` that allows overwriting) unless
+    ``path`` is free: absent, an empty folder, or ``force``. A file at ``path`` is refused whatever ``force``."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise FolderExistsError(f"{str(p)!r} is a file, not a folder: refusing to replace it")
+    if force or not p.exists() or not any(p.iterdir()):
+        return
+    hint = f"; pass {flag} to replace the folder" if flag else "; pass force=True to replace the folder"
+    raise FolderExistsError(f"{str(_first_file(p))!r} exists: refusing to overwrite it{hint}")
+
+
+def _remove_dead_temporaries(parent: Path, name: str) -> None:
+    for stale in parent.glob(f".tmp-{name}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def atomic_folder(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "") -> Iterator[Path]:
+    """Write a folder whole or not at all: yields a temporary sibling to fill; on normal exit it becomes
+    ``path`` (replacing an existing folder only with ``force``), on an exception it is removed.
+
+    Raises:
+        FolderExistsError: ``path`` holds files and ``force`` is False (checked before anything is written).
+    """
+    p = Path(path).absolute()
+    check_folder_free(p, force=force, flag=flag)
+    parent = p.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(parent, p.name)
+    tmp = parent / f".tmp-{p.name}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_folder_free(p, force=force, flag=flag)  # someone else may have written it meanwhile
+        if p.exists():
+            aside = parent / f".tmp-{p.name}-old-{secrets.token_hex(4)}"
+            os.replace(p, aside)
+            os.replace(tmp, p)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, p)
+        _fsync_dir(str(parent))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
