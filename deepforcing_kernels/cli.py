@@ -1,4 +1,4 @@
-"""The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``, ``gpu-check``, ``serve``.
+"""The ``deepforcing`` command line: ``demo``, ``generate``, ``trace``, ``bench``, ``gpu-check``, ``serve``, ``convert``.
 
 Each subcommand lives in :mod:`deepforcing_kernels.commands` as a module (or package) with
 ``add_arguments(parser)`` and ``run(args) -> int``, imported only when it runs, so ``deepforcing --help`` stays
@@ -18,6 +18,7 @@ COMMANDS = {
     "bench": "benchmark the op, the compression step and whole rollouts",
     "gpu-check": "correctness, op timing and model rollouts on one CUDA GPU (--dry-run: tiny, on CPU)",
     "serve": "watch and steer streams live in the browser (a local page; the model fixed at start)",
+    "convert": "an original Wan2.1 folder + a causal-DiT checkpoint -> a Hub folder (DeepForcingPipeline)",
 }
 
 

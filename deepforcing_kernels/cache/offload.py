@@ -51,7 +51,7 @@ class LayerOffload:
         self.lends = 0
         self.bytes_moved = 0
         self._on_device = 0
-        self.peak_device_bytes = 0 if not self.same else sum(_slot_bytes(l.storage) for l in cache.layers)
+        self._peak = 0
         for layer in cache.layers:
             _move(layer.storage, self.host)
             attend, recompute = layer.attend, layer.recompute
@@ -68,7 +68,7 @@ class LayerOffload:
         _move(layer.storage, self.device)
         n = _slot_bytes(layer.storage)
         self._on_device += n
-        self.peak_device_bytes = max(self.peak_device_bytes, self._on_device)
+        self._peak = max(self._peak, self._on_device)
         try:
             yield
         finally:
@@ -83,6 +83,11 @@ class LayerOffload:
                 return fn(*args, **kw)
         run.__doc__ = fn.__doc__
         return run
+
+    @property
+    def peak_device_bytes(self) -> int:
+        """Most slot bytes on the device at once: one layer's when lending, all of them when host == device."""
+        return self.host_bytes() if self.same else self._peak
 
     def host_bytes(self) -> int:
         """Slot bytes of every layer (held on the host between passes)."""

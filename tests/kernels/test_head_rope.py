@@ -4,8 +4,8 @@ the op on every CPU backend under the docs/spec.md section 7 budget at scales 0.
 per-head tables in the op's schema (opcheck, gradients), and the validation of the scale."""
 import pytest
 import torch
-
 from support import cpp_available
+
 from deepforcing_kernels import RopeSpec, sink_attention
 from deepforcing_kernels.reference import rope as ref_rope
 from deepforcing_kernels.rope import head_jitter

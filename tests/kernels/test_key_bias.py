@@ -8,10 +8,9 @@ import types
 
 import pytest
 import torch
-
 from support import cpp_available
-from deepforcing_kernels import RopeSpec, sink_attention
-from deepforcing_kernels import backends
+
+from deepforcing_kernels import RopeSpec, backends, sink_attention
 from deepforcing_kernels.attention import normalise_key_bias
 from deepforcing_kernels.rotation import rotation_tables
 from deepforcing_kernels.testing import assert_within_budget

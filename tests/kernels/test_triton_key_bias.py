@@ -1,14 +1,13 @@
 """The Triton kernels' ``key_bias`` (forward and mass pass) under TRITON_INTERPRET=1, with the small tiles that
 run every multi-tile path: the biases of test_key_bias.py against the float64 oracle, on every re-phasing
 variant, fp32 / bf16, including rows where the bias removes every key of the first tiles; and gradients."""
-from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: F401  (first: imports triton under the interpreter)
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from test_key_bias import KINDS, make_bias, qkv, shift_kw  # noqa: E402
+from triton_interp import gpu_like_bf16_casts, small_tiles  # noqa: F401  (first: imports triton under the interpreter)
 
 from deepforcing_kernels import RopeSpec, sink_attention  # noqa: E402
 from deepforcing_kernels.testing import assert_within_budget  # noqa: E402
-from test_key_bias import KINDS, make_bias, qkv, shift_kw  # noqa: E402
 
 pytestmark = pytest.mark.triton
 ROPE = RopeSpec.wan(64)
