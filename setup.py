@@ -65,7 +65,7 @@ def extension_and_cmdclass():
 
 
 ext_modules, cmdclass = extension_and_cmdclass()
-VIDEO = ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors", "pillow"]
+VIDEO = ["transformers>=4.40", "diffusers>=0.33", "av", "safetensors", "pillow", "imageio", "imageio-ffmpeg"]
 
 setup(
     name="deepforcing_kernels",
