@@ -197,8 +197,6 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
                              f"start_frame must be {state.block_start + cur}, got {f0}")
     elif F > B:
         raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
-    if policy.has_tape and F != B:
-        raise ValueError(f"a rolling_sink stream runs whole blocks of {B} frames, got a first block of {F}")
     first = state.first_block_frames if state.block_start is not None else (F if F != B else None)
     stream_start = f0 if state.stream_start is None else state.stream_start
     L, W = state.frames, policy.window_frames
@@ -241,11 +239,14 @@ def _with_tape(policy: CachePolicy, state: ScheduleState, plan: PassPlan) -> Pas
     if state.block_start is None:
         return plan
     F, s, ss = policy.block_frames, state.block_start, state.stream_start
-    bank = tuple(f for f in range(s, s + F) if f - ss < policy.tape_frames)
+    bank = tuple(f for f in range(s, s + state.current_block_frames(policy)) if f - ss < policy.tape_frames)
+    # the tape's laps are counted from the first whole block (a short first block, an image, shifts the grid;
+    # the authors' pipeline runs whole blocks only), its frames from the stream's first frame
+    base = ss + (state.first_block_frames or 0)
     tape_at, tape = None, ()
-    if s - ss >= policy.window_frames:
+    if s - base >= policy.window_frames:
         tape_at = s - F
-        tape = tuple(ss + f for f in tape_frames_at(policy, tape_at - ss))
+        tape = tuple(ss + f for f in tape_frames_at(policy, tape_at - base))
     return replace(plan, bank=bank, tape_at=tape_at, tape=tape)
 
 

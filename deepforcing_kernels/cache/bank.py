@@ -38,15 +38,15 @@ class FrameBank:
         self.k = torch.zeros(shape, dtype=st.dtype, device=st.device)
         self.v = torch.zeros(shape, dtype=st.dtype, device=st.device)
 
-    def apply(self, storage: LayerStorage, plan: PassPlan, used: int, prev_start: int, stream_start: int,
-              block_frames: int) -> None:
+    def apply(self, storage: LayerStorage, plan: PassPlan, used: int, prev_start: int, prev_frames: int,
+              stream_start: int, block_frames: int) -> None:
         """Run a plan's bank and tape steps on a cache of ``used`` slots (before its eviction): bank the previous
-        block's frames (it starts at ``prev_start``; its slots are the last ``block_frames`` frames), then overwrite the block before it with
+        block's frames (``prev_frames`` frames from ``prev_start``: the last slots), then overwrite the block before it with
         the tape frames (their source frame goes to ``storage.frames``; ``pos`` keeps the slots' positions)."""
         n, Fn = self.n, block_frames * self.n
         if plan.bank:
             for f in plan.bank:
-                src, dst = used - Fn + (f - prev_start) * n, (f - stream_start) * n
+                src, dst = used - prev_frames * n + (f - prev_start) * n, (f - stream_start) * n
                 self.k[:, dst:dst + n].copy_(storage.k[:, src:src + n])
                 self.v[:, dst:dst + n].copy_(storage.v[:, src:src + n])
         if plan.tape_at is not None:

@@ -192,7 +192,9 @@ class CacheLayer:
             T = L0
         else:
             if self.bank is not None:  # Rolling Sink: bank the previous block, replay the tape (before evicting)
-                self.bank.apply(st, plan, L0, self._state.block_start, self._state.stream_start, F)
+                s0 = self._state
+                self.bank.apply(st, plan, L0, s0.block_start, s0.current_block_frames(p), s0.stream_start,
+                                p.block_frames)
             if plan.action == "roll" and plan.evict_frames:
                 e = plan.evict_frames * n
                 st.evict(p.sink_frames * n, e, L0)

@@ -205,5 +205,5 @@ def _check_tape_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], bad
     if bool((replayed & ((fr < lo) | (fr >= lo + p.tape_frames))).any()):
         bad(f"replayed slots hold frames outside the tape [{lo}, {lo + p.tape_frames})")
     if bool((replayed & (pos >= st.block_start - p.block_frames)).any()) or \
-            bool((replayed & (pos < lo + p.window_frames - p.block_frames)).any()):
+            bool((replayed & (pos < lo + (st.first_block_frames or 0) + p.window_frames - p.block_frames)).any()):
         bad("replayed slots sit where the tape has not been written")

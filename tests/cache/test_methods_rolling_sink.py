@@ -139,3 +139,23 @@ def test_a_rolling_sink_stream_cannot_skip_frames():
     cache.layers[0].attend(q, q, q, start_frame=0)
     with pytest.raises(ValueError, match="start_frame must be 3"):
         cache.layers[0].attend(q, q, q, start_frame=6)
+
+
+def test_a_one_frame_first_block_shifts_the_tape_grid():
+    """An image as its own first block: the laps count from the first whole block, the tape stays in 0..5."""
+    pol = CachePolicy.rolling_sink(9, frame_tokens=None)
+    cache = StreamingKVCache(pol, num_layers=1, batch_size=1, num_heads=1, head_dim=8, tokens_per_frame=2,
+                             rope=RopeSpec.gptj(8), dtype=torch.float32)
+    layer, replayed = cache.layers[0], set()
+    for f0 in [0] + list(range(1, 1 + 3 * 20, 3)):
+        F = 1 if f0 == 0 else 3
+        for _ in range(2):
+            q, k, v = torch.randn(3, 1, 2 * F, 1, 8).unbind(0)
+            layer.attend(q, k, v, start_frame=f0)
+        fr, pos = layer.frames()[0, ::2].tolist(), layer.positions()[0, ::2].tolist()
+        assert pos == list(range(f0 + F - len(pos), f0 + F))
+        replayed |= {f for f, p in zip(fr, pos) if f != p}
+        copy = StreamingKVCache(pol, num_layers=1, batch_size=1, num_heads=1, head_dim=8, tokens_per_frame=2,
+                                rope=RopeSpec.gptj(8), dtype=torch.float32)
+        copy.load_state_dict(cache.state_dict())  # every state of the stream passes the checks
+    assert replayed == set(range(6))
