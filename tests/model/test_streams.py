@@ -55,10 +55,6 @@ def test_logits_mode_prefix_differs_only_through_the_query_buffer(model):
 @pytest.mark.parametrize("policy", POLICY_NAMES)
 def test_image_to_video_one_frame_prefix_runs_through_every_policy(model, policy):
     image = torch.randn(1, 1, CFG.in_dim, 4, 4, generator=torch.Generator().manual_seed(3))
-    if policy == "rolling_sink":  # its tape replays whole blocks: a 1-frame first block is refused, by name
-        with pytest.raises(ValueError, match="rolling_sink stream runs whole blocks"):
-            list(_run(model, 1 + 3 * 10, policy, prefix_latents=image))
-        return
     r = _run(model, 1 + 3 * 10, policy, prefix_latents=image)
     blocks = list(r)
     assert blocks[0].shape[1] == 1 and torch.equal(blocks[0], image)
