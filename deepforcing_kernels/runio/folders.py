@@ -2,8 +2,8 @@
 
 The folder is written under a hidden temporary sibling (``.tmp-NAME-<random>``) and renamed to its name when
 complete, so an interruption leaves no half-written folder under the final name (at worst the temporary, which
-the next write removes). An existing folder is never replaced unless ``force``: the refusal is one line naming
-the first existing file. With ``force`` the old folder is first renamed aside and removed only once the new one
+the next write removes). An existing folder is never replaced unless ``force``: the refusal is the one overwrite
+rule's (:func:`~.claims.check_claims`, one line naming the first existing file). With ``force`` the old folder is first renamed aside and removed only once the new one
 is in place, so at every moment one complete folder exists (under its name, or aside for the instant between
 the two renames).
 """
@@ -14,35 +14,38 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, List, Union
 
+from .claims import OverwriteError, check_claims
 from .files import _fsync_dir
 
-__all__ = ["atomic_folder", "FolderExistsError", "check_folder_free"]
+__all__ = ["atomic_folder", "FolderExistsError", "check_folder_free", "folder_claims"]
 
 
-class FolderExistsError(FileExistsError):
-    """An output folder that is there already (one line naming the file that would be overwritten)."""
+#: the refusal: one line naming the first file that would be overwritten (the one overwrite rule's error)
+FolderExistsError = OverwriteError
 
 
-def _first_file(folder: Path) -> Path:
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        if files:
-            return Path(root) / sorted(files)[0]
-    return folder
-
-
-def check_folder_free(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "") -> None:
-    """Raise :class:`FolderExistsError` (one line: the file, and ``flag`` that allows overwriting) unless
-    ``path`` is free: absent, an empty folder, or ``force``. A file at ``path`` is refused whatever ``force``."""
+def folder_claims(path: Union[str, os.PathLike]) -> List[Path]:
+    """Every existing file a folder written at ``path`` would replace: its files (top level first, each level
+    sorted; none for an empty folder), or ``path`` itself when it is a file."""
     p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise FolderExistsError(f"{str(p)!r} is a file, not a folder: refusing to replace it")
-    if force or not p.exists() or not any(p.iterdir()):
-        return
-    hint = f"; pass {flag} to replace the folder" if flag else "; pass force=True to replace the folder"
-    raise FolderExistsError(f"{str(_first_file(p))!r} exists: refusing to overwrite it{hint}")
+    if not p.exists() and not p.is_symlink():
+        return []
+    if not p.is_dir() or p.is_symlink():
+        return [p]
+    found: List[Path] = []
+    for root, dirs, files in os.walk(p):
+        dirs.sort()
+        found += [Path(root) / f for f in sorted(files)]
+    return found
+
+
+def check_folder_free(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "force=True") -> None:
+    """Raise :class:`~.claims.OverwriteError` (one line naming the first file and ``flag``) unless ``path`` is
+    free: absent, an empty folder, or ``force`` (the one overwrite rule of :mod:`.claims`, on the folder's
+    files)."""
+    check_claims(folder_claims(path), force=force, flag=flag)
 
 
 def _remove_dead_temporaries(parent: Path, name: str) -> None:
@@ -52,12 +55,13 @@ def _remove_dead_temporaries(parent: Path, name: str) -> None:
 
 
 @contextmanager
-def atomic_folder(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "") -> Iterator[Path]:
+def atomic_folder(path: Union[str, os.PathLike], *, force: bool = False, flag: str = "force=True"
+                  ) -> Iterator[Path]:
     """Write a folder whole or not at all: yields a temporary sibling to fill; on normal exit it becomes
     ``path`` (replacing an existing folder only with ``force``), on an exception it is removed.
 
     Raises:
-        FolderExistsError: ``path`` holds files and ``force`` is False (checked before anything is written).
+        OverwriteError: ``path`` holds files and ``force`` is False (checked before anything is written).
     """
     p = Path(path).absolute()
     check_folder_free(p, force=force, flag=flag)
