@@ -5,9 +5,9 @@ pass. With ``offload_layers(cache, "cpu")`` every layer's slot tensors (K, V, so
 extras of :class:`~.storage.LayerStorage`) live on the host; a layer's are copied to the cache's device just
 before its pass (``attend`` / ``recompute``) and back right after, so the accelerator holds one layer's slots
 instead of all of them. The arithmetic is untouched (the same tensors, moved whole), so the results equal a
-resident cache's bit for bit. The cost is two copies of a layer's slots per pass: at Wan 1.3B's geometry (19
-frames x 1560 tokens x 12 heads x 128, bf16) 182 MB per layer-pass, 30 x 5 = 150 layer-passes per block; it
-trades PCIe bandwidth for memory, for GPUs too small for the resident cache. When host and device are the same
+resident cache's bit for bit. The cost is two copies of a layer's slots per pass: at Wan 1.3B's geometry (24
+frames of capacity x 1560 tokens x 12 heads x 128, bf16, with the source frames and Top-C extras) 231 MB per
+layer-pass, 30 x 5 = 150 layer-passes per block; it trades PCIe bandwidth for memory, for GPUs too small for the resident cache. When host and device are the same
 (a CPU run), nothing is copied and the code path is the same.
 """
 from __future__ import annotations

@@ -276,3 +276,14 @@ def test_offload_changes_where_weights_wait_not_the_frames(tmp_path):
     layers = pipe.transformer.wan_config.num_layers
     assert k["lends"] == 3 * 5 * layers  # 3 blocks x 5 passes x layers
     assert k["peak_device_bytes"] * layers == k["slot_bytes"] and k["bytes_moved"] > 0
+
+
+def test_offload_bench_reports_each_component():
+    """bench.offload's per-process measurement (run in this process here): RSS figures and the accounting."""
+    from deepforcing_kernels.bench.offload import _child
+
+    r = _child("model+kv", 3, 4, "cpu")
+    c = r["components"]
+    assert r["rss_peak"] > 0 and r["rss_before"] > 0
+    assert r["peak_resident_bytes"] == c["transformer"]["bytes"] + max(c["text_encoder"]["bytes"], c["vae"]["bytes"])
+    assert c["vae"]["offloaded"] and r["kv_cache"]["slot_bytes"] > 0
