@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Iterable, List, Sequence, Union
 
-from .files import RunError
+from .files import RunError, lock_exclusive
 
 __all__ = ["video_claims", "latents_claims", "check_claims", "release", "OverwriteError", "OutputLock"]
 
@@ -91,20 +91,8 @@ class OutputLock:
         self._fd = None
 
     def __enter__(self) -> "OutputLock":
-        import errno
-        import fcntl
-
-        if self._fd is not None:  # already held (taken early, then used as a context)
-            return self
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunError(f"{self.file.name[1:-5]} is being written by another process") from None
-            raise
-        self._fd = fd
+        if self._fd is None:  # (taken early, then used as a context: held once)
+            self._fd = lock_exclusive(self.file, f"{self.file.name[1:-5]} is being written by another process")
         return self
 
     def __exit__(self, *exc) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from typing import Any
+from typing import Any, Union
 
 import torch
 
-__all__ = ["RunError", "atomic_save", "check_parent_writable", "content_digest", "check_checksum", "CHECKSUM_KEY"]
+__all__ = ["RunError", "atomic_save", "lock_exclusive", "check_parent_writable", "content_digest", "check_checksum", "CHECKSUM_KEY"]
 
 
 class RunError(ValueError):
@@ -110,6 +110,30 @@ def atomic_save(obj: Any, path: str, *, fsync: bool = True, seal: bool = False) 
     if fsync:
         _fsync_dir(d)
     return size
+
+
+def lock_exclusive(path: Union[str, os.PathLike], busy: str, *, directory: bool = False) -> int:
+    """An fd holding a non-blocking exclusive ``flock`` on ``path`` (a lock file, created when missing, or with
+    ``directory`` an existing folder); another holder: :class:`RunError` ``busy``. Retries when the holder removed
+    ``path`` between our open and our lock, so two processes never hold locks on two inodes of one name."""
+    import errno
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDONLY) if directory else os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunError(busy) from None
+            raise
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _load(path: str, what: str, mmap: bool = False) -> Any:

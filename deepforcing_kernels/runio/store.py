@@ -1,8 +1,6 @@
 """The files of one run, together: :class:`RunStore` (manifest, block files, resume state, lock, clean-up)."""
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 from typing import Any, Dict, List, Optional
 
@@ -10,7 +8,7 @@ import torch
 
 from ..formats import RUN_BLOCK_FORMAT, RUN_FORMAT
 from . import files
-from .files import RunError, _load, _tmp_prefix, check_parent_writable
+from .files import RunError, _load, _tmp_prefix, check_parent_writable, lock_exclusive
 from .layout import (
     STATE_NAME,
     _block_files,
@@ -57,15 +55,8 @@ class RunStore:
     def lock(self) -> None:
         """Create the parts directory and hold an exclusive ``flock`` on it (another writer: RunError)."""
         os.makedirs(self.dir, exist_ok=True)
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunError(f"{self.out} is being written by another process (it holds {self.dir})") from None
-            raise
-        self._lock_fd = fd
+        self._lock_fd = lock_exclusive(self.dir, f"{self.out} is being written by another process (it holds "
+                                                 f"{self.dir})", directory=True)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
