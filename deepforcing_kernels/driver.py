@@ -16,7 +16,6 @@ seed and settings continues bit for bit, as if the run had never stopped.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +23,7 @@ import torch
 
 from .formats import ROLLOUT_STATE_FORMAT
 from .models.base import build_cache, check_model
+from .runio.files import content_digest
 from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
 
 __all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS"]
@@ -255,15 +255,10 @@ class Rollout:
                 "recache_frames": self._recache_frames(), "text": self._text_digest()}
 
     def _text_digest(self) -> str:
-        """sha256 of the text embeddings the blocks attend to (the prompts, as the model sees them; a live switch
+        """Digest of the text embeddings the blocks attend to (the prompts, as the model sees them; a live switch
         adds one): a resume under another prompt is refused like one under another seed, whichever front end
         made the embeddings. Computed per state (a few ms per prompt), never cached across switches."""
-        h = hashlib.sha256()
-        for t in self._texts:
-            t = t[:1].detach().to("cpu").contiguous()  # batch rows are one prompt expanded
-            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        return content_digest([t[:1] for t in self._texts])  # batch rows are one prompt expanded
 
     def _recache_frames(self) -> List[int]:
         return [f for f, r in zip(self.switch_frames, self._recache_at) if r]
