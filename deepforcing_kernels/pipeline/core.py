@@ -126,10 +126,7 @@ class VideoPipeline:
 
         folder = Path(weights_dir)
         layout = weights_layout(folder)
-        if checkpoint is None:
-            checkpoint = cls._own_dit(folder, layout)
-        elif not isinstance(checkpoint, Mapping) and not Path(checkpoint).exists():
-            raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+        checkpoint = cls._checkpoint_for(folder, layout, checkpoint)
         from ..models import WanConfig
 
         cfg = model if isinstance(model, WanConfig) else WanConfig.from_name(model)
@@ -143,7 +140,13 @@ class VideoPipeline:
         return cls(dit, vae, enc, policy=policy, cache_dtype=cache_dtype, backend=backend, latent_size=latent_size)
 
     @staticmethod
-    def _own_dit(folder: Path, layout: str) -> Path:
+    def _checkpoint_for(folder: Path, layout: str, checkpoint: Any) -> Any:
+        """The DiT to load: ``checkpoint`` as given (FileNotFoundError for a path that does not exist), or with
+        None the folder's own DiT."""
+        if checkpoint is not None:
+            if not isinstance(checkpoint, Mapping) and not Path(checkpoint).exists():
+                raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+            return checkpoint
         if layout == "diffusers":
             raise ValueError(f"weights folder {str(folder)!r} is diffusers-format: its DiT "
                              f"({str(folder / 'transformer')!r}) uses diffusers' names; pass checkpoint= (a "

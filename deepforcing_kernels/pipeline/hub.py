@@ -63,10 +63,7 @@ def convert_original(weights_dir: Union[str, os.PathLike], checkpoint: Any, out:
     check_folder_free(out, force=force)
     folder = Path(weights_dir)
     layout = weights_layout(folder)
-    if checkpoint is None:
-        checkpoint = VideoPipeline._own_dit(folder, layout)
-    elif not isinstance(checkpoint, dict) and not Path(checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {str(checkpoint)!r} does not exist")
+    checkpoint = VideoPipeline._checkpoint_for(folder, layout, checkpoint)
     cfg = model if isinstance(model, WanConfig) else WanConfig.from_name(model)
     if not isinstance(model, WanConfig) and canonical_model_name(model) == "tiny":
         vae_config = TINY_VAE_CONFIG if vae_config is None else vae_config
