@@ -62,3 +62,24 @@ def policies(draw, kinds=("full", "sliding", "frame_sink", "deep_sink", "deep_fo
     N = draw(st.integers(S + R + 1, W))  # at least one Top-C frame
     return CachePolicy.deep_forcing(W, S, N, R, score=score, topc_max_reuse=draw(st.sampled_from([None, 1, 2, 7])),
                                     unify_topc_rope=draw(st.booleans()), sink_gap=gap, block_frames=F)
+
+
+def write_tiny_original_folder(folder) -> None:
+    """A tiny Wan2.1 folder in the original release's layout under ``folder`` (created): random
+    ``Wan2.1_VAE.pth`` and umT5 ``.pth`` at the tiny configs, and a word-level tokenizer in ``google/umt5-xxl/``
+    (the words of the tests' prompts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from deepforcing_kernels.video import t5, vae
+
+    (folder / "google" / "umt5-xxl").mkdir(parents=True)
+    torch.save(vae.random_original_state_dict(seed=3, **vae.TINY_VAE_CONFIG), folder / "Wan2.1_VAE.pth")
+    torch.save(t5.random_original_state_dict(seed=3, **t5.TINY_T5_CONFIG),
+               folder / "models_t5_umt5-xxl-enc-bf16.pth")
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(str(folder / "google" / "umt5-xxl"))

@@ -13,6 +13,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from support import write_tiny_original_folder  # noqa: E402
+
 from deepforcing_kernels.cli import main  # noqa: E402
 from deepforcing_kernels.models import CausalWanModel, WanConfig  # noqa: E402
 from deepforcing_kernels.pipeline import DeepForcingPipeline, VideoPipeline  # noqa: E402
@@ -40,21 +42,8 @@ def tiny():
 def _original_folder(root):
     """A tiny original-layout Wan2.1 folder (random Wan2.1_VAE.pth and umT5 .pth, a word-level tokenizer in
     google/umt5-xxl/) and a Self-Forcing training checkpoint of a random tiny DiT ("generator", "model." names)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from deepforcing_kernels.video import t5, vae
-
     o = root / "Wan2.1-tiny"
-    (o / "google" / "umt5-xxl").mkdir(parents=True)
-    torch.save(vae.random_original_state_dict(seed=3, **vae.TINY_VAE_CONFIG), o / "Wan2.1_VAE.pth")
-    torch.save(t5.random_original_state_dict(seed=3, **t5.TINY_T5_CONFIG), o / "models_t5_umt5-xxl-enc-bf16.pth")
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(o / "google" / "umt5-xxl"))
+    write_tiny_original_folder(o)
     dit = CausalWanModel(WanConfig.tiny())
     dit.init_weights(generator=torch.Generator().manual_seed(5), zero_head=False)
     ckpt = root / "self_forcing_dmd.pt"

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import write_tiny_original_folder
 
 pytest.importorskip("diffusers")
 av = pytest.importorskip("av")
@@ -215,22 +216,12 @@ def test_from_weights_original_folder_and_checkpoint(pipe, tmp_path):
     Self-Forcing-style checkpoint: the pipeline loads each piece and writes an mp4."""
     pytest.importorskip("safetensors")
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     from deepforcing_kernels.models import WanConfig
     from deepforcing_kernels.video import t5, vae
 
     o = tmp_path / "Wan2.1-tiny"
-    (o / "google" / "umt5-xxl").mkdir(parents=True)
-    torch.save(vae.random_original_state_dict(seed=3, **vae.TINY_VAE_CONFIG), o / "Wan2.1_VAE.pth")
-    torch.save(t5.random_original_state_dict(seed=3, **t5.TINY_T5_CONFIG), o / "models_t5_umt5-xxl-enc-bf16.pth")
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "fox"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(str(o / "google" / "umt5-xxl"))
+    write_tiny_original_folder(o)
     own = {k: v.contiguous() for k, v in pipe.model.state_dict().items()}
     save_file(own, str(o / "diffusion_pytorch_model.safetensors"))
     kw = dict(model=WanConfig.tiny(latent_size=LAT), dtype=torch.float32, vae_config=vae.TINY_VAE_CONFIG,
