@@ -321,11 +321,11 @@ def _resolve(name: str, device: Union[str, torch.device], head_dim: Optional[int
         if cand == "triton" and dev.type != "cuda":
             continue  # auto never picks the interpreter
         if b.reason_against(dev, head_dim, dtype, features) is None:
-            # warn when the extension is missing or too old, not for a call no build takes (an odd head_dim)
-            why_not_cpp = _REGISTRY["cpp"].reason_against(dev, None, None, features) if dev.type == "cpu" else None
-            if cand == "reference" and why_not_cpp is not None:
-                global _warned_reference
-                if not _warned_reference:
+            # warn (once) when the extension is missing or too old, not for a call no build takes (an odd head_dim)
+            global _warned_reference
+            if cand == "reference" and dev.type == "cpu" and not _warned_reference:
+                why_not_cpp = _REGISTRY["cpp"].reason_against(dev, None, None, features)
+                if why_not_cpp is not None:
                     _warned_reference = True
                     warnings.warn(f"deepforcing_kernels: using the slower PyTorch reference: {why_not_cpp}",
                                   stacklevel=3)

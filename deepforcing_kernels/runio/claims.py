@@ -51,7 +51,7 @@ def latents_claims(path: PathLike) -> List[Path]:
     parts = Path(str(p) + ".d")
     out = [p] if p.exists() or p.is_symlink() else []
     if parts.is_dir():
-        out += sorted(parts.iterdir()) or [parts]
+        out += sorted(parts.iterdir())  # (an empty folder holds nothing to lose: the run fills it)
     elif parts.exists() or parts.is_symlink():
         out.append(parts)
     return out

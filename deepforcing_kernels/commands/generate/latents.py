@@ -55,7 +55,7 @@ __all__ = ["run"]
 def run(args: argparse.Namespace) -> int:
     """Check the arguments of a single-process run, then run it: an mp4 run in :mod:`.mp4`, a latents run here."""
     from ...models import WanConfig
-    from ...runio import RunError, RunStore, parts_dir
+    from ...runio import RunError, RunStore
 
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
             stale = check_claims(latents_claims(args.out), force=args.force)
         except RunError as e:
             fail(str(e))
-        release(p for p in stale if os.path.abspath(p) != os.path.abspath(parts_dir(args.out)))
+        release(stale)
 
     try:
         store.lock()

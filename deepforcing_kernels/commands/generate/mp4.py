@@ -98,9 +98,10 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
             fail(f"--resume: {out} is complete (no {st} to continue from)")
     replaced = []
     for out in outs:  # the one overwrite rule: every file a run of this name may write, before anything is
-        own = video_claims(out) if args.resume and os.path.exists(state_path(out)) else []  # a resume's own files
+        if args.resume and os.path.exists(state_path(out)):
+            continue  # a resume's files are its own
         try:
-            replaced += check_claims(video_claims(out), force=args.force, own=own)
+            replaced += check_claims(video_claims(out), force=args.force)
         except RunError as e:
             fail(str(e) + ("" if args.resume else " (or --resume to continue an interrupted run)"))
         if os.path.exists(out) and not args.resume and not args.force:
