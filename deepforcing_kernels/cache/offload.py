@@ -91,7 +91,7 @@ class LayerOffload:
 
     def host_bytes(self) -> int:
         """Slot bytes of every layer (held on the host between passes)."""
-        return sum(_slot_bytes(l.storage) for l in self.cache.layers)
+        return sum(_slot_bytes(layer.storage) for layer in self.cache.layers)
 
     def report(self) -> Dict[str, Any]:
         """Plain values: device, host, lends, bytes_moved, peak_device_bytes, total slot bytes."""
@@ -106,6 +106,6 @@ def offload_layers(cache: Any, host: Union[str, torch.device] = "cpu") -> LayerO
     moved). Install it before the first pass or between blocks; the cache's state dict and resume are unchanged.
     """
     layers: List[Any] = list(getattr(cache, "layers", ()))
-    if not layers or not all(hasattr(l, "storage") for l in layers):
+    if not layers or not all(hasattr(layer, "storage") for layer in layers):
         raise TypeError(f"cache must be a StreamingKVCache, got {type(cache).__name__}")
     return LayerOffload(cache, host)

@@ -239,7 +239,7 @@ class DeepForcingPipeline(DiffusionPipeline):
         if kv is not None:
             out["kv_cache"] = kv.report()
         elif s is not None:
-            n = sum(t.numel() * t.element_size() for l in s.rollout.cache.layers for t in l.storage.per_slot())
+            n = sum(t.numel() * t.element_size() for layer in s.rollout.cache.layers for t in layer.storage.per_slot())
             out["kv_cache"] = {"device": str(off.device), "slot_bytes": n, "peak_device_bytes": n, "bytes_moved": 0}
         return out
 

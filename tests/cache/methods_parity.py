@@ -58,7 +58,7 @@ def drive(trace: Dict, cache: StreamingKVCache, start: int = 0, stop: int = None
     """Run passes ``[start, stop)`` of the trace through layer 0 of ``cache`` (q, k rotated at absolute frames in
     float64, cast to the cache's dtype, as the model does); yields ``(pass index, output)``."""
     c = trace["config"]
-    n, F, (h, w) = c["tokens_per_frame"], c["block_frames"], c["grid"]
+    F, (h, w) = c["block_frames"], c["grid"]
     rope, P = rope_of(trace), len(c["timesteps"])
     stop = trace["q"].shape[0] if stop is None else stop
     layer = cache.layers[0]

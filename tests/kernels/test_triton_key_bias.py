@@ -16,7 +16,7 @@ CASES = [(kind, "sink") for kind in KINDS] + [(kind, s) for kind in ("random", "
 
 
 @pytest.fixture(autouse=True)
-def _interpret_small_tiles(small_tiles):
+def _interpret_small_tiles(small_tiles):  # noqa: F811  (the imported fixture)
     yield
 
 
