@@ -244,3 +244,14 @@ def test_every_spec_citation_resolves():
     assert not missing, f"citations of sections docs/spec.md does not have: {missing}"
     stale = [p.name for p in PKG.rglob("*.py") if re.search(r"\bSPEC(\.md)? section", p.read_text())]
     assert not stale, f"citations of a SPEC.md that is not in the tree: {stale}"
+
+
+def test_ruff_clean():
+    """The lint rules pinned in pyproject.toml (E, F, W, I) hold over the package, the tests and the benchmarks."""
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.fail("ruff is missing from the environment: `make setup` installs requirements.txt, which lists it")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([str(ruff), "check", "--output-format", "concise", "deepforcing_kernels", "tests", "benchmarks"],
+                       cwd=root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
