@@ -27,65 +27,40 @@ import json
 import random
 import shutil
 import statistics
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from deepforcing_kernels.pipeline import VideoPipeline
-from deepforcing_kernels.serve import ServeApp, ServeOptions, make_server
+from deepforcing_kernels.serve import browser
 from deepforcing_kernels.serve.app import rss_mib
 
 LAT = (4, 4)
 
 
 def chrome(size=(1100, 860)):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = next(p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p)
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              f"--window-size={size[0]},{size[1]}", "--mute-audio"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    return browser.chrome(size=size)
 
 
 def serve(max_streams=1, latent_size=LAT):
-    logs = []
-    app = ServeApp(ServeOptions(latent_size=latent_size, max_streams=max_streams), log=logs.append)
-    srv = make_server(app, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    srv.url, srv.logs = "http://%s:%d/" % srv.server_address[:2], logs
+    srv = browser.start_server(latent_size=latent_size, max_streams=max_streams)
+    srv.url += "/"
     return srv
 
 
 def wait(cond, timeout=120.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)  # each look is a chromedriver round trip: polling faster takes the cores it measures
-    raise TimeoutError("the page did not get there in time")
+    v = browser.wait_until(cond, timeout)
+    if v is None:
+        raise TimeoutError("the page did not get there in time")
+    return v
 
 
 def open_page(b, srv):
-    b.get(srv.url)
-    wait(lambda: b.execute_script("return window.df && window.df.sid"))
+    browser.open_page(b, srv.url)
 
 
-def start(b, prompt, frames, seed=0, policy="deep_forcing"):
-    from selenium.webdriver.common.by import By
-
-    for el, v in (("prompt", prompt), ("frames", str(frames)), ("seed", str(seed))):
-        e = b.find_element(By.ID, el)
-        e.clear()
-        e.send_keys(v)
-    b.execute_script(f"document.getElementById('policy').value = {policy!r}")
-    b.find_element(By.ID, "start").click()
+start = browser.start_run
 
 
 def page_run(b, frames, seed):

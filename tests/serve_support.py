@@ -4,26 +4,18 @@ import base64
 import http.client
 import io
 import json
-import threading
 import time
 
 import numpy as np
 
-from deepforcing_kernels.serve import ServeApp, ServeOptions, make_server
+from deepforcing_kernels.serve import browser
 
 LAT = (4, 4)  # latent size of the tiny model here -> 32 x 32 video
 
 
 def start_server(**options):
     """A running server (``server.url``, ``server.app``, ``server.logs``: the error lines it logged)."""
-    opts = ServeOptions(**{"latent_size": LAT, **options})
-    logs = []
-    app = ServeApp(opts, log=logs.append)
-    srv = make_server(app, "127.0.0.1", 0)
-    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    srv.logs = logs
-    srv.url = "http://%s:%d" % srv.server_address[:2]
-    return srv
+    return browser.start_server(**{"latent_size": LAT, **options})
 
 
 def request(srv, method, path, body=None, raw=None, headers=None):

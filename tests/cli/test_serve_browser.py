@@ -7,7 +7,6 @@ its message and the next Start works.
 Skipped only when the browser is missing and DEEPFORCING_REQUIRE_BROWSER is unset (CI sets it, and installs the
 browser, so there these tests cannot silently skip)."""
 import os
-import shutil
 
 import pytest
 import torch
@@ -16,22 +15,16 @@ pytest.importorskip("diffusers")
 av = pytest.importorskip("av")
 pytest.importorskip("PIL")
 
-CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-DRIVER = shutil.which("chromedriver")
-try:
-    import selenium  # noqa: F401
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    HAVE_SELENIUM = True
-except ImportError:
-    HAVE_SELENIUM = False
-MISSING = [n for n, ok in (("chromium", CHROMIUM), ("chromedriver", DRIVER), ("selenium", HAVE_SELENIUM)) if not ok]
+from deepforcing_kernels.serve import browser as page  # noqa: E402
+
+_, _, MISSING = page.find_browser()
 if MISSING and os.environ.get("DEEPFORCING_REQUIRE_BROWSER") != "1":
     pytest.skip(f"no headless browser here ({', '.join(MISSING)} missing)", allow_module_level=True)
 
 from serve_support import LAT, decode_blocks, start_server, wait_for  # noqa: E402
+
+if not MISSING:  # else the fixture below fails the tests with what is missing
+    from selenium.webdriver.common.by import By
 
 from deepforcing_kernels.pipeline import VideoPipeline  # noqa: E402
 from deepforcing_kernels.video.writer import frames_to_uint8  # noqa: E402
@@ -39,20 +32,12 @@ from deepforcing_kernels.video.writer import frames_to_uint8  # noqa: E402
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def chrome(download_dir=None, size=(1100, 900)):
+def chrome(download_dir=None):
     """A headless Chromium under selenium (the driver named explicitly: nothing is downloaded)."""
     if MISSING:
         pytest.fail(f"DEEPFORCING_REQUIRE_BROWSER=1 but {', '.join(MISSING)} missing: install chromium "
                     "chromium-driver (apt) and selenium (pip)")
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              f"--window-size={size[0]},{size[1]}", "--disable-extensions", "--mute-audio"):
-        opts.add_argument(a)
-    d = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    if download_dir is not None:
-        d.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
-    return d
+    return page.chrome(download_dir)
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +59,11 @@ def browser(downloads):
     d.quit()
 
 
+_start = page.start_run
+
+
 def _open(browser, server):
-    browser.get(server.url + "/")
-    assert wait_for(lambda: browser.execute_script("return window.df.sid") is not None, 20)
-
-
-def _start(browser, prompt, frames, seed=0, policy="deep_forcing"):
-    for el, value in (("prompt", prompt), ("frames", str(frames)), ("seed", str(seed))):
-        e = browser.find_element(By.ID, el)
-        e.clear()
-        e.send_keys(value)
-    browser.execute_script(f"document.getElementById('policy').value = {policy!r}")
-    browser.find_element(By.ID, "start").click()
+    page.open_page(browser, server.url)
 
 
 def _ended(browser, timeout=60):
