@@ -46,6 +46,17 @@ def _model_dtype_device(model: Any) -> Tuple[torch.dtype, torch.device]:
     return getattr(model, "dtype", torch.float32), torch.device(getattr(model, "device", "cpu"))
 
 
+def _checked_steps(steps: Any, shift: float, name: str) -> List[float]:
+    """The warped schedule; ValueError naming ``name`` for an empty or non-numeric list (values out of
+    [0, 1000] are :func:`warp_timesteps`'s error, prefixed)."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of timesteps in [0, 1000], got {steps!r}")
+    try:
+        return warp_timesteps([float(t) for t in steps], shift)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from None
+
+
 def _generator_for(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
@@ -66,7 +77,8 @@ class Rollout:
                  denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
-                 text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False):
+                 text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False,
+                 first_block_steps: Optional[Sequence[float]] = None):
         check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -129,7 +141,12 @@ class Rollout:
                 raise ValueError(f"text_schedule switches at frame {f}, which is not a block boundary (blocks start "
                                  f"at {self._starts_hint()}): switches happen between blocks")
 
-        self.timesteps = warp_timesteps(denoising_steps, shift)
+        self.timesteps = _checked_steps(denoising_steps, shift, "denoising_steps")
+        # Causal Forcing++'s first generated block takes its own (longer) list: its configs'
+        # denoising_step_list_first_chunk, applied to block_index 0 of the generated blocks (a prefix's given
+        # blocks come before it)
+        self.first_timesteps = (None if first_block_steps is None
+                                else _checked_steps(first_block_steps, shift, "first_block_steps"))
         self.cache = build_cache(model, policy, latent_size=self.latent_size, batch_size=self.batch_size,
                                  dtype=self.cache_dtype, device=self.device, backend=backend)
         self.tokens_per_frame = self.cache.tokens_per_frame
@@ -249,7 +266,9 @@ class Rollout:
     # ------------------------------------------------------------ state
     def _settings(self) -> Dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
-                "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
+                "block_frames": self.block_frames, "timesteps": list(self.timesteps),
+                "first_timesteps": None if self.first_timesteps is None else list(self.first_timesteps),
+                "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
                 "switch_frames": list(self.switch_frames), "recache": self.recache,
                 "recache_frames": self._recache_frames(), "text": self._text_digest()}
@@ -379,7 +398,8 @@ class Rollout:
     @torch.no_grad()
     def _block(self, f0: int, idx: int) -> torch.Tensor:
         flow = self._flow(f0, idx)
-        x0 = denoise_block(flow, self._noise_fn(self.block_frames), self.timesteps, batch_size=self.batch_size,
+        steps = self.timesteps if self.first_timesteps is None or f0 != self.prefix_frames else self.first_timesteps
+        x0 = denoise_block(flow, self._noise_fn(self.block_frames), steps, batch_size=self.batch_size,
                            block_frames=self.block_frames, dtype=self.dtype, device=self.device)
         clean_pass(flow, x0)
         return x0
@@ -431,7 +451,7 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
              callback: Optional[Callable[[torch.Tensor, int], None]] = None,
              resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
              text_schedule: Optional[TextSchedule] = None, recache: bool = False,
-             steerable: bool = False) -> Rollout:
+             steerable: bool = False, first_block_steps: Optional[Sequence[float]] = None) -> Rollout:
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
@@ -448,6 +468,8 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
         cache_dtype: dtype of the cached K/V and of attention (default: the model's dtype).
         backend: attention backend, passed to the cache when it takes one.
         denoising_steps, shift: the schedule before the warp (see :func:`warp_timesteps`).
+        first_block_steps: the schedule of the first generated block only (Causal Forcing++'s
+            ``denoising_step_list_first_chunk``: 4 steps before 1- or 2-step blocks); None: ``denoising_steps``.
         progress: show a tqdm bar (frames, frames/s, frames in cache).
         callback: ``callback(block, start_frame)`` called for each block as it is produced; with it,
             ``generate(..., callback=f).run()`` is the callback form.
@@ -482,4 +504,5 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
     return Rollout(model, text_embeds, num_frames, policy, seed, batch_size=batch_size, latent_size=latent_size,
                    cache_dtype=cache_dtype, backend=backend, denoising_steps=denoising_steps, shift=shift,
                    progress=progress, callback=callback, resume_from=resume_from, prefix_latents=prefix_latents,
-                   text_schedule=text_schedule, recache=recache, steerable=steerable)
+                   text_schedule=text_schedule, recache=recache, steerable=steerable,
+                   first_block_steps=first_block_steps)

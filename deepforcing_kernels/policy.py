@@ -206,10 +206,11 @@ class CachePolicy:
                              "the cache")
         if not isinstance(self.score, str) or self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.score == "mass" and R > 2 * F:
-            raise ValueError(f"score='mass' carries the previous pass's last recent_frames - block_frames "
-                             f"frames of queries, so recent_frames ({R}) must be <= 2 * block_frames ({2 * F}); "
-                             "use score='logits' for a longer query buffer")
+        if self.score == "mass" and R - F > F and (R - F) % F:
+            raise ValueError(f"score='mass' carries the last recent_frames - block_frames frames of queries from "
+                             f"whole earlier blocks when they span more than one, so recent_frames - block_frames "
+                             f"({R - F}) must be at most block_frames or a multiple of it ({F}); use "
+                             "score='logits' for any length")
         if self.topc_max_reuse is not None:
             self._store_checked_int("topc_max_reuse", 1)
 
@@ -231,6 +232,14 @@ class CachePolicy:
     def compresses(self) -> bool:
         """Whether the policy runs Participative Compression."""
         return self.kind == "deep_forcing"
+
+    @property
+    def mass_parts(self) -> int:
+        """Earlier blocks whose queries' attention mass the ``mass`` score carries to a compression: the last
+        ``recent_frames - block_frames`` frames of queries, from the previous block alone when they fit in it
+        (chunk-wise: 1 of 3 frames), else from that many whole blocks (frame-wise, 1 frame a block: 3)."""
+        R, F = self.recent_frames or 0, self.block_frames
+        return 1 if R - F <= F else (R - F) // F
 
     @property
     def topc_frames(self) -> int:

@@ -1,4 +1,5 @@
-"""The one home of the package's name tables: cache policies, models, attention backends and dtypes.
+"""The one home of the package's name tables: cache policies, models, sampling recipes, attention backends and
+dtypes.
 
 Everything that lists or parses one of these names (the command line, the benchmarks, the demo, the pipeline, the
 cache, the backend registry, the Triton tools) reads it here; no other module spells a table out.
@@ -14,7 +15,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["POLICY_NAMES", "BENCH_BASELINE_NAMES", "MODEL_NAMES", "BACKEND_NAMES", "BACKEND_PRIORITY", "DTYPE_NAMES", "canonical_policy_name",
+__all__ = ["POLICY_NAMES", "BENCH_BASELINE_NAMES", "MODEL_NAMES", "RECIPE_NAMES", "canonical_recipe_name", "recipe",
+           "recipe_help", "BACKEND_NAMES", "BACKEND_PRIORITY", "DTYPE_NAMES", "canonical_policy_name",
            "make_policy", "policy_help", "canonical_model_name", "model_constructor", "model_help",
            "canonical_dtype_name", "torch_dtype", "dtype_name"]
 
@@ -113,6 +115,49 @@ def model_constructor(name: str) -> str:
 def model_help() -> str:
     """``name: description`` lines for --help texts."""
     return "; ".join(f"{n}: {d}" for n, (_, d) in _MODELS.items())
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+#: how a base model's checkpoint is sampled: recipe name -> (latent frames per block, denoising steps before the
+#: warp, the first generated block's own steps or None, which weights of a training checkpoint (True:
+#: ``generator_ema``, False: ``generator``, None: ``generator`` when present), one-line description). Values are
+#: the authors' inference configs (docs/methods.md, "Causal Forcing").
+_RECIPES: Dict[str, Tuple[int, Tuple[float, ...], Optional[Tuple[float, ...]], Optional[bool], str]] = {
+    "self_forcing": (3, (1000.0, 750.0, 500.0, 250.0), None, None,
+                     "chunk-wise, 3 latent frames a block, 4 steps (Self-Forcing and the models built on it)"),
+    "causal_forcing_chunkwise": (3, (1000.0, 750.0, 500.0, 250.0), None, False,
+                                 "Causal Forcing chunk-wise: 3 frames a block, 4 steps, the generator (no EMA)"),
+    "causal_forcing_framewise": (1, (1000.0, 750.0, 500.0, 250.0), None, True,
+                                 "Causal Forcing frame-wise: 1 frame a block, 4 steps, EMA weights"),
+    "causal_forcing_pp_2step": (1, (1000.0, 500.0), (1000.0, 750.0, 500.0, 250.0), True,
+                                "Causal Forcing++ frame-wise 2-step (the first block 4 steps), EMA weights"),
+    "causal_forcing_pp_1step": (1, (1000.0,), (1000.0, 750.0, 500.0, 250.0), True,
+                                "Causal Forcing++ frame-wise 1-step (the first block 4 steps), EMA weights"),
+}
+RECIPE_NAMES: Tuple[str, ...] = tuple(_RECIPES)
+
+
+def canonical_recipe_name(name: str) -> str:
+    """``"causal-forcing-pp-2step"`` / ``"causal_forcing++_2step"`` -> ``"causal_forcing_pp_2step"``; ValueError
+    listing the names for an unknown one."""
+    key = _key(name, "recipe").replace("++", "_pp")
+    if key not in _RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPE_NAMES)}")
+    return key
+
+
+def recipe(name: str) -> Dict[str, Any]:
+    """The sampling recipe called ``name``: ``{"block_frames", "denoising_steps", "first_block_steps",
+    "use_ema"}`` (keywords of :func:`make_policy`, :func:`deepforcing_kernels.generate` and
+    :func:`deepforcing_kernels.models.load_checkpoint`)."""
+    frames, steps, first, ema, _ = _RECIPES[canonical_recipe_name(name)]
+    return {"block_frames": frames, "denoising_steps": list(steps),
+            "first_block_steps": None if first is None else list(first), "use_ema": ema}
+
+
+def recipe_help() -> str:
+    """``name: description`` lines for --help texts."""
+    return "; ".join(f"{n}: {d}" for n, (*_, d) in _RECIPES.items())
 
 
 # ---------------------------------------------------------------------------------------------- backends

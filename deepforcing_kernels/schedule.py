@@ -251,9 +251,10 @@ def _with_tape(policy: CachePolicy, state: ScheduleState, plan: PassPlan) -> Pas
 
 
 def _carry_mass(policy: CachePolicy, frames_after: int) -> bool:
-    """Mass mode records the tail mass of a pass only when the next block will compress (no wasted work)."""
+    """Mass mode records the tail mass of a pass only when one of the next ``mass_parts`` blocks will compress
+    (no wasted work; chunk-wise that is the next block)."""
     return (policy.compresses and policy.score == "mass" and policy.recent_frames > policy.block_frames
-            and frames_after + policy.block_frames > policy.window_frames)
+            and frames_after + policy.mass_parts * policy.block_frames > policy.window_frames)
 
 
 # ---------------------------------------------------------------------------------------------- slot layout

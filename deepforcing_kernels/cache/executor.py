@@ -17,7 +17,7 @@ from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
 from .bank import FrameBank
 from .context import LayerContext
-from .scoring import LogitScorer, MassScorer, Scorer, compress_step
+from .scoring import LogitScorer, MassScorer, Scorer, compress_step, mass_part_keys
 from .storage import LayerStorage
 
 __all__ = ["CacheLayer", "attention_layout"]
@@ -69,7 +69,7 @@ class CacheLayer:
                                           device=c.device, frame_sums=c.backend_impl.frame_sums,
                                           reduce_over_heads=c.reduce_over_heads)
             else:
-                self.scorer = MassScorer(c.reduce_over_heads)
+                self.scorer = MassScorer(c.reduce_over_heads, parts=p.mass_parts)
         extra: Dict[str, torch.dtype] = {}
         if p.compresses:
             extra["reuse"] = torch.int32  # Top-C reuse counters travel with their tokens
@@ -327,12 +327,16 @@ class CacheLayer:
             if kw is None or kw["mass_q_range"][1] != Lq:
                 kw = self._plain_kw = dict(args, return_mass=False, mass_q_range=(0, Lq))
             return run(q, kk, vv, **kw)[0]
-        tail = (p.recent_frames - p.block_frames) * n  # queries whose mass the next compression reuses
+        # queries whose mass later compressions reuse: the last recent - block frames, or (frame-wise, when they
+        # span several blocks) the whole pass, as part block % mass_parts
+        K = p.mass_parts
+        tail = (p.recent_frames - p.block_frames if K == 1 else p.block_frames) * n
+        part = (plan.start_frame // p.block_frames) % K
         scorer: Scorer = self.scorer
         S_tok, end = p.sink_frames * n, T - p.recent_frames * n
         if not plan.compress_after_attend:
-            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(Lq - tail, Lq), **args)
-            scorer.carry(self.storage, L, mass)
+            out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(max(0, Lq - tail), Lq), **args)
+            scorer.carry(self.storage, L, mass, part)
             return out
         # mass-mode compression: score = carried mass + mass of every query of this pass, over Kaug
         if plan.carry_mass and tail:
@@ -345,7 +349,7 @@ class CacheLayer:
             t_out, _, t_mass = run(q[:, Lq - tail:], kk, vv, return_mass=True, mass_q_range=(0, tail), **args)
             out = torch.cat([h_out, t_out], dim=1)
             score = scorer.candidate_scores(self.storage, S_tok, end, h_mass, t_mass)
-            scorer.carry(self.storage, L, t_mass)  # gathered with the tokens by the compaction below
+            scorer.carry(self.storage, L, t_mass, part)  # gathered with the tokens by the compaction below
         else:
             out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args)
             score = scorer.candidate_scores(self.storage, S_tok, end, mass)
@@ -364,6 +368,7 @@ class CacheLayer:
         tensors = self.storage.state(self._len)
         d.update(k=tensors["k"], v=tensors["v"], frames=tensors["frames"], reuse=tensors.get("reuse"),
                  mass=tensors.get("mass"))
+        d.update({name: tensors[name] for name in mass_part_keys(self.policy)})
         d["qbuf"] = self.scorer.state() if self.scorer is not None else None
         if self.bank is not None:
             d["pos"] = tensors["pos"]

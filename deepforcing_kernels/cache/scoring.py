@@ -18,13 +18,14 @@ the benchmarks call the same function.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from .storage import LayerStorage, eager_under_compile, move_left, select_topc
 
-__all__ = ["Scorer", "LogitScorer", "MassScorer", "release_logit_score", "compress_step", "identity_reduce"]
+__all__ = ["Scorer", "LogitScorer", "MassScorer", "release_logit_score", "compress_step", "identity_reduce",
+           "mass_part_keys"]
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -90,8 +91,9 @@ class Scorer:
     def observe(self, q: torch.Tensor, frames: int) -> None:
         """Called with every pass's queries (``frames`` frames; before any compression of that pass)."""
 
-    def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor) -> None:
-        """Keep ``mass [B, Hkv, length]`` for the next compression (mass-based scorers; a no-op otherwise)."""
+    def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor, part: int = 0) -> None:
+        """Keep ``mass [B, Hkv, length]`` for the next compression (mass-based scorers; a no-op otherwise) as
+        carried part ``part`` (one per earlier block the score reaches back to)."""
 
     def candidate_scores(self, storage: LayerStorage, start: int, end: int, *masses: torch.Tensor) -> torch.Tensor:
         """float32 ``[B, end - start]``: the reduced score of each candidate slot in ``[start, end)``; ``masses``
@@ -154,20 +156,39 @@ class LogitScorer(Scorer):
 
 
 class MassScorer(Scorer):
-    """Attention mass: carried per-slot mass (``storage.extra["mass"]``) plus the current pass's mass."""
+    """Attention mass: carried per-slot mass plus the current pass's mass.
 
-    slot_buffers = {"mass": torch.float32}
+    ``parts`` carried buffers (``storage.extra["mass"]``, then ``"mass1"`` ...): one when the previous block's
+    queries cover the carried frames (chunk-wise), else one per earlier block, written in turn (block ``b`` into
+    part ``b % parts``, after its compression has read the part of block ``b - parts``). A part covers the
+    slots that existed when it was recorded; every candidate of a later compression is older than that.
+    """
 
-    def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor) -> None:
-        """Keep ``mass [B, Hkv, length]`` (summed over heads) as the next compression's previous-pass part."""
-        storage.extra["mass"][:, :length] = mass.sum(dim=1)
+    def __init__(self, reduce_over_heads: Optional[Reduce] = None, parts: int = 1) -> None:
+        super().__init__(reduce_over_heads)
+        self.names = ("mass",) + tuple(f"mass{i}" for i in range(1, parts))
+        self.slot_buffers = {n: torch.float32 for n in self.names}
+
+    def carry(self, storage: LayerStorage, length: int, mass: torch.Tensor, part: int = 0) -> None:
+        """Keep ``mass [B, Hkv, length]`` (summed over heads) as carried part ``part`` of later compressions."""
+        storage.extra[self.names[part]][:, :length] = mass.sum(dim=1)
 
     def candidate_scores(self, storage: LayerStorage, start: int, end: int, *masses: torch.Tensor) -> torch.Tensor:
-        """Carried mass + each pass part (summed over heads), in that order, then reduced."""
+        """Carried parts + each pass part (summed over heads), in that order, then reduced."""
         total = storage.extra["mass"][:, start:end]
+        for n in self.names[1:]:
+            total = total + storage.extra[n][:, start:end]
         for m in masses:
             total = total + m[:, :, start:end].sum(dim=1)
         return self.reduce_over_heads(total)
+
+
+def mass_part_keys(policy: Any) -> Tuple[str, ...]:
+    """The layer-state keys of the mass score's carried parts beyond ``mass`` (frame-wise Deep Forcing carries
+    one per earlier block: ``mass1``, ...; none chunk-wise)."""
+    if not (policy.compresses and policy.score == "mass"):
+        return ()
+    return tuple(f"mass{i}" for i in range(1, policy.mass_parts))
 
 
 @eager_under_compile  # in-place compaction of the storage: eager even under torch.compile (see .storage)

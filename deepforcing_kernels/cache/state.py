@@ -10,6 +10,7 @@ from ..formats import CACHE_STATE_FORMAT
 from ..schedule import ScheduleState
 from .context import LayerContext
 from .executor import CacheLayer
+from .scoring import mass_part_keys
 
 __all__ = ["check_state", "check_layer_state", "STATE_KEYS", "LAYER_KEYS"]
 
@@ -18,6 +19,7 @@ STATE_KEYS = frozenset({"format", "policy", "geometry", "layers"})
 LAYER_KEYS = frozenset({"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"})
 #: the further keys of a layer of a policy with a tape (Rolling Sink): slot positions and the frame bank
 TAPE_KEYS = frozenset({"pos", "bank_k", "bank_v"})
+
 
 
 def check_state(ctx: LayerContext, layers: Tuple[CacheLayer, ...], geometry: Dict[str, Any],
@@ -45,6 +47,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     """Validate one layer's state against the cache's context and ``layer``'s storage and scorer; returns
     ``(schedule state, tensors)`` for :meth:`CacheLayer.load_state`. ValueError naming the layer otherwise."""
     keys = LAYER_KEYS | TAPE_KEYS if ctx.policy.has_tape else LAYER_KEYS
+    parts = mass_part_keys(ctx.policy)
+    keys = keys | set(parts)
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
@@ -101,7 +105,7 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         v = getattr(st, name)
         if v is not None and not -_INT_LIMIT < v < _INT_LIMIT:
             bad(f"{name}={v} is out of range")
-    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v"):
+    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and (t.layout != torch.strided or t.device.type not in ("cpu", ctx.device.type)):
             bad(f"{name!r} must be a dense tensor on the CPU or {ctx.device}, got {t.layout} on {t.device}")
@@ -144,14 +148,14 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
     # tensor values
-    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v"):
+    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
             bad(f"{name!r} holds NaN or inf")
     if p.has_tape:
         _check_tape_values(p, n, st, d, bad)
         return
-    if d["mass"] is not None and bool((d["mass"] < 0).any()):
+    if any(d[m] is not None and bool((d[m] < 0).any()) for m in ("mass",) + mass_part_keys(p)):
         bad("'mass' holds negative values")
     fr = d["frames"]
     B, L = fr.shape

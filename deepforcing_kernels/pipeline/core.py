@@ -33,6 +33,8 @@ class VideoPipeline:
         cache_dtype, backend: passed to the driver.
         latent_size: latent ``(h, w)``; default the model's (the video is ``8h x 8w``).
         denoising_steps, shift: the sampler's settings (Self-Forcing's by default), passed to the driver.
+        first_block_steps: the first generated block's own steps (Causal Forcing++; see
+            :func:`deepforcing_kernels.presets.recipe`), passed to the driver.
 
     Memory: ``offload`` (a :class:`~deepforcing_kernels.pipeline.offload.ComponentOffload`, default None) lends the
     text encoder and the VAE to the accelerator only while they are used; ``kv_offload`` (a device, default None)
@@ -45,7 +47,7 @@ class VideoPipeline:
     def __init__(self, model: Any, vae: Any, text_encoder: Any, *, policy: Any = "deep_forcing",
                  cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
                  latent_size: Optional[Sequence[int]] = None, denoising_steps: Sequence[float] = DENOISING_STEPS,
-                 shift: float = SHIFT) -> None:
+                 shift: float = SHIFT, first_block_steps: Optional[Sequence[float]] = None) -> None:
         from ..policy import CachePolicy
 
         if isinstance(policy, str):
@@ -62,6 +64,7 @@ class VideoPipeline:
         self.model, self.vae, self.text_encoder, self.policy = model, vae, text_encoder, policy
         self.cache_dtype, self.backend = cache_dtype, backend
         self.denoising_steps, self.shift = tuple(float(t) for t in denoising_steps), float(shift)
+        self.first_block_steps = None if first_block_steps is None else tuple(float(t) for t in first_block_steps)
         self.offload: Any = None
         self.kv_offload: Optional[Union[str, torch.device]] = None
         self.latent_size = tuple(int(v) for v in (latent_size or model.default_latent_size))
@@ -97,7 +100,7 @@ class VideoPipeline:
                      cache_dtype: Optional[torch.dtype] = None, backend: str = "auto",
                      latent_size: Optional[Sequence[int]] = None, text_len: Optional[int] = None,
                      vae_config: Optional[Dict[str, Any]] = None,
-                     text_config: Optional[Dict[str, Any]] = None) -> "VideoPipeline":
+                     text_config: Optional[Dict[str, Any]] = None, **sampler: Any) -> "VideoPipeline":
         """A pipeline from a Wan2.1-T2V folder (the original release or its diffusers form) and a DiT checkpoint.
 
         Args:
@@ -116,6 +119,7 @@ class VideoPipeline:
             lora, lora_alpha, use_ema, trust_pickle: passed to ``load_checkpoint``.
             text_len, vae_config, text_config: passed to ``load_front_end`` (default: the model's ``text_len``
                 and the real Wan2.1 sizes; original-format folders only for the configs).
+            sampler: ``denoising_steps`` / ``shift`` / ``first_block_steps``, passed to the constructor.
 
         Raises:
             FileNotFoundError naming the missing file or folder; ValueError for weights that do not match.
@@ -137,7 +141,8 @@ class VideoPipeline:
         load_checkpoint(dit, checkpoint, lora=lora, lora_alpha=lora_alpha, use_ema=use_ema,
                         trust_pickle=trust_pickle)
         dit = dit.to(device=device, dtype=dtype)
-        return cls(dit, vae, enc, policy=policy, cache_dtype=cache_dtype, backend=backend, latent_size=latent_size)
+        return cls(dit, vae, enc, policy=policy, cache_dtype=cache_dtype, backend=backend, latent_size=latent_size,
+                   **sampler)
 
     @staticmethod
     def _checkpoint_for(folder: Path, layout: str, checkpoint: Any) -> Any:
@@ -288,7 +293,8 @@ class VideoPipeline:
         rollout = generate(self.model, None, num_frames, self.policy, seed, latent_size=self.latent_size,
                            cache_dtype=self.cache_dtype, backend=self.backend, progress=False,
                            resume_from=rstate, prefix_latents=prefix, text_schedule=schedule, recache=recache,
-                           steerable=steerable, denoising_steps=self.denoising_steps, shift=self.shift)
+                           steerable=steerable, denoising_steps=self.denoising_steps, shift=self.shift,
+                           first_block_steps=self.first_block_steps)
         if self.kv_offload is not None:
             from ..cache.offload import offload_layers
 

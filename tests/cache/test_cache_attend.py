@@ -222,14 +222,17 @@ def augmented_shift(policy, plan, frames_before, T, n):
 
 
 def check_mass_topc(policy, *, n=2, blocks=16, passes=3, H=4, Hkv=2, seed=0):
-    """Run a mass-mode cache and check every compression against a brute force: score = mass of the previous
-    pass's last R-F frames of queries (over the cache that pass attended) + mass of the compressing pass's
-    queries over the augmented cache; summed over heads; per batch element. Returns the compression count."""
+    """Run a mass-mode cache and check every compression against a brute force: score = mass of the last R-F
+    frames of queries before the compressing block, each taken from the last pass of the block that made it
+    (over the cache that pass attended: chunk-wise the previous block's tail, frame-wise the last R-F blocks
+    whole), + mass of the compressing pass's queries over the augmented cache; summed over heads; per batch
+    element. Returns the compression count."""
     cache = make_cache(policy, n=n, H=H, Hkv=Hkv)
     layer, rope = cache.layers[0], cache.rope
     F, R, S, C = policy.block_frames, policy.recent_frames, policy.sink_frames, policy.topc_frames
-    tail = (R - F) * n
-    prev = None  # (q, keys, values, attention args) of the previous pass, as it attended
+    # the earlier blocks' query frames the score reaches back to: (blocks back, its last frames of queries)
+    back = [(1, R - F)] if R - F <= F else [(j, F) for j in range(1, (R - F) // F + 1)]
+    last = {}  # block start -> (q, keys, values, attention args) of that block's latest pass, as it attended
     compressions = 0
     for f0, p, q, k, v, _ in stream(policy, cache, blocks=blocks, passes=passes, seed=seed):
         v = v.clone()
@@ -239,17 +242,23 @@ def check_mass_topc(policy, *, n=2, blocks=16, passes=3, H=4, Hkv=2, seed=0):
             kk, vv = torch.cat([layer.keys(), k], 1), torch.cat([layer.values(), v], 1)
             T = kk.shape[1]
             carried = torch.zeros(cache.batch_size, T)
-            if tail:
-                pq, pk, pv, pargs = prev
+            for j, frames in back:
+                if not frames:
+                    continue
+                pq, pk, pv, pargs = last[f0 - j * F]
+                tail = frames * n
                 m = sink_attention(pq, pk, pv, rope=rope, backend="reference", return_mass=True,
                                    mass_q_range=(pq.shape[1] - tail, pq.shape[1]), **pargs).mass
                 m = m.sum(1)
-                # the previous pass may have attended another slot table (a compressing pass attends to the
-                # augmented cache): match its slots to today's by token identity (kept in the values)
+                # that pass may have attended another slot table (a compressing pass attends to the augmented
+                # cache): match its slots to today's by token identity (kept in the values); a token newer than
+                # that pass is in today's recent frames, never a candidate
                 for b in range(cache.batch_size):
                     by_id = {float(i): float(x) for i, x in zip(pv[b, :, 0, 0], m[b])}
-                    for j, i in enumerate(layer.values()[b, :, 0, 0].tolist()):
-                        carried[b, j] = by_id[i]
+                    ids_now = layer.values()[b, :, 0, 0].tolist()
+                    assert all(float(i) in by_id for i in ids_now[S * n:T - R * n])
+                    for jj, i in enumerate(ids_now):
+                        carried[b, jj] += by_id.get(float(i), 0.0)
             shift = augmented_shift(policy, plan, layer.frames(), T, n)
             cur = sink_attention(q, kk, vv, rope=rope, key_shift=shift, backend="reference",
                                  return_mass=True).mass.sum(1)
@@ -264,9 +273,9 @@ def check_mass_topc(policy, *, n=2, blocks=16, passes=3, H=4, Hkv=2, seed=0):
             got = layer.values()[..., 0, 0]
             for b in range(cache.batch_size):
                 assert got[b, S * n:(S + C) * n].tolist() == ids[b, S * n:T - R * n][pick[b]].tolist(), (f0, p, b)
-            prev = (q, kk, vv, dict(key_shift=shift))  # this pass attended the augmented cache
+            last[f0] = (q, kk, vv, dict(key_shift=shift))  # this pass attended the augmented cache
         else:
-            prev = (q, layer.keys(), layer.values(), layer.attention_args())
+            last[f0] = (q, layer.keys(), layer.values(), layer.attention_args())
     return compressions
 
 
@@ -276,16 +285,22 @@ def check_mass_topc(policy, *, n=2, blocks=16, passes=3, H=4, Hkv=2, seed=0):
     CachePolicy.deep_forcing(window_frames=7, sink_frames=1, budget_frames=7, recent_frames=2,
                              topc_max_reuse=1, block_frames=1),
     CachePolicy.deep_forcing(window_frames=9, sink_frames=2, budget_frames=6, recent_frames=3, block_frames=3),
+    # frame-wise (Causal Forcing's 1 latent frame a block): the carried mass spans the last 3 blocks
+    CachePolicy.deep_forcing(window_frames=9, sink_frames=2, budget_frames=7, recent_frames=4, block_frames=1),
+    CachePolicy.deep_forcing(block_frames=1),  # the defaults, frame-wise
+    CachePolicy.deep_forcing(window_frames=13, sink_frames=2, budget_frames=10, recent_frames=6, block_frames=2),
 ])
 def test_mass_topc_equals_brute_force_attention_mass(policy):
-    assert check_mass_topc(policy) >= 4
+    W, N, F = policy.window_frames, policy.budget_frames, policy.block_frames
+    blocks = max(16, (W + 5 * (W - N + F)) // F)  # five compressions at least, at any block size
+    assert check_mass_topc(policy, blocks=blocks) >= 4
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mass_topc_brute_force_random_configs(data):
     F = data.draw(st.integers(1, 3))
-    R = data.draw(st.integers(F, 2 * F))
+    R = data.draw(st.one_of(st.integers(F, 2 * F), st.sampled_from([F + F * j for j in (2, 3)])))
     S = data.draw(st.integers(1, 3))
     W = data.draw(st.integers(S + R, S + R + 6))
     N = data.draw(st.integers(S + R, W))

@@ -58,7 +58,7 @@ BAD = [
     (CachePolicy.deep_forcing, dict(recent_frames=2), "recent_frames (2) must be >= block_frames"),
     (CachePolicy.deep_forcing, dict(score="softmax"), "score"),
     (CachePolicy.deep_forcing, dict(topc_max_reuse=0), "topc_max_reuse"),
-    (CachePolicy.deep_forcing, dict(recent_frames=7, budget_frames=17), "2 * block_frames"),
+    (CachePolicy.deep_forcing, dict(recent_frames=7, budget_frames=17), "or a multiple of it"),
     (CachePolicy.deep_forcing, dict(sink_gap=-2), "sink_gap"),
 ]
 

@@ -22,8 +22,11 @@ from ...presets import (
     DTYPE_NAMES,
     MODEL_NAMES,
     POLICY_NAMES,
+    RECIPE_NAMES,
     canonical_model_name,
     canonical_policy_name,
+    canonical_recipe_name,
+    recipe_help,
 )
 
 __all__ = ["add_arguments", "run", "policy_name", "model_name", "default_out"]
@@ -59,6 +62,35 @@ def model_name(value: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose from {', '.join(MODEL_NAMES)}") from None
 
 
+def recipe_name(value: str) -> str:
+    """argparse type of ``--recipe``: the canonical name (``causal-forcing++-2step`` -> ``causal_forcing_pp_2step``)."""
+    try:
+        return canonical_recipe_name(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown recipe {value!r}; choose from {', '.join(RECIPE_NAMES)}") from None
+
+
+def _steps(value: str):
+    """argparse type of ``--steps`` / ``--first-block-steps``: comma-separated timesteps in [0, 1000]."""
+    try:
+        steps = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated timesteps such as 1000,500, got {value!r}") from None
+    if not steps or any(not 0.0 <= t <= 1000.0 for t in steps):  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"timesteps must lie in [0, 1000], got {value!r}")
+    return steps
+
+
+def _block_frames(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of latent frames, got {value!r}") from None
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64 latent frames, got {n}")
+    return n
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="tiny", type=model_name,
                         help=f"model size: {', '.join(MODEL_NAMES)} (default tiny)")
@@ -74,6 +106,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="deep_forcing", type=policy_name,
                         help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. "
                              "accepted)")
+    parser.add_argument("--recipe", default="self_forcing", type=recipe_name,
+                        help="how the base model is sampled (frames a block, steps, EMA weights): " + recipe_help()
+                        + " (default self_forcing)")
+    parser.add_argument("--block-frames", type=_block_frames, default=None, metavar="N",
+                        help="latent frames a block (default: the recipe's; 1 = frame-wise)")
+    parser.add_argument("--steps", type=_steps, default=None, metavar="T,T,...",
+                        help="denoising timesteps before the warp (default: the recipe's, e.g. 1000,750,500,250)")
+    parser.add_argument("--first-block-steps", type=_steps, default=None, metavar="T,T,...",
+                        help="the first generated block's own timesteps (Causal Forcing++; default: the recipe's)")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
+                     help="load a training checkpoint's generator_ema weights (default: the recipe's choice)")
+    ema.add_argument("--no-ema", dest="ema", action="store_const", const=False,
+                     help="load a training checkpoint's generator weights")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass; logits = the release)")
     parser.add_argument("--seed", type=_seed, default=0,

@@ -10,18 +10,36 @@ import torch
 
 from ...models import build_model as _build_named_model
 from ...models import random_text_embeds  # noqa: F401  (re-exported for the runs)
-from ...presets import canonical_model_name, canonical_policy_name, make_policy, torch_dtype
+from ...presets import canonical_model_name, canonical_policy_name, make_policy, recipe, torch_dtype
 from .._common import StopRequest, fail
 
-__all__ = ["policy_from_args", "build_model", "random_text_embeds", "read_tensors", "load_text", "check_device",
+__all__ = ["policy_from_args", "sampling_from_args", "build_model", "random_text_embeds", "read_tensors", "load_text", "check_device",
            "check_backend", "run_settings", "settings_diff", "save_interval", "stop_request", "wants_video",
            "read_prompt_file", "state_path", "threads_for", "model_dtype", "cache_dtype", "first_line"]
 
 
-def policy_from_args(name: str, score: Optional[str]) -> Any:
-    """The :class:`CachePolicy` of ``--policy`` / ``--score`` (:func:`deepforcing_kernels.presets.make_policy`);
-    ValueError naming ``--score`` when the policy cannot take it."""
+def sampling_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--recipe`` with ``--block-frames`` / ``--steps`` / ``--first-block-steps`` / ``--ema`` laid over it:
+    ``{"recipe", "block_frames", "denoising_steps", "first_block_steps", "use_ema"}``."""
+    out = {"recipe": getattr(args, "recipe", None) or "self_forcing", **recipe(getattr(args, "recipe", None)
+                                                                          or "self_forcing")}
+    for key, flag in (("block_frames", "block_frames"), ("denoising_steps", "steps"),
+                      ("first_block_steps", "first_block_steps"), ("use_ema", "ema")):
+        if getattr(args, flag, None) is not None:
+            out[key] = getattr(args, flag)
+    return out
+
+
+def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None) -> Any:
+    """The :class:`CachePolicy` of ``--policy`` / ``--score`` (:func:`deepforcing_kernels.presets.make_policy`),
+    with blocks of ``block_frames`` latent frames (the recipe's) when given; ValueError naming ``--score`` when
+    the policy cannot take it, ``--block-frames`` when the policy cannot run blocks of that size."""
     try:
+        if block_frames is not None and block_frames != 3:
+            try:
+                return make_policy(name, score=score, block_frames=block_frames)
+            except ValueError as e:
+                raise ValueError(f"--block-frames {block_frames} does not fit --policy {name}: {e}") from None
         return make_policy(name, score=score)
     except ValueError as e:
         msg = str(e)
@@ -29,10 +47,17 @@ def policy_from_args(name: str, score: Optional[str]) -> Any:
 
 
 def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dtype = torch.float32,
-                device: str = "cpu"):
+                device: str = "cpu", use_ema: Optional[bool] = None):
     """:func:`deepforcing_kernels.models.build_model` with ``--checkpoint`` read as a file (one-line failures
-    naming the flag)."""
+    naming the flag). ``use_ema`` picks a training checkpoint's ``generator_ema`` (True) or ``generator`` (False);
+    None takes ``generator`` when present (as the authors' inference scripts without ``--use_ema``)."""
     sd = read_tensors(checkpoint, "--checkpoint") if checkpoint else None
+    if sd is not None and use_ema is not None and isinstance(sd, dict) and ("generator" in sd or "generator_ema" in sd):
+        key = "generator_ema" if use_ema else "generator"
+        if not isinstance(sd.get(key), dict):
+            fail(f"--checkpoint {checkpoint} has no '{key}' weights ({'--ema' if use_ema else '--no-ema'}, or the "
+                 f"recipe's choice); its keys: {', '.join(sorted(map(str, sd))[:8])}")
+        sd = sd[key]
     return _build_named_model(name, sd, seed, dtype, device)
 
 
@@ -169,7 +194,21 @@ def run_settings(args: argparse.Namespace, policy: Any, latent_size: Any, device
             "policy": args.policy, "score": policy.score if policy.compresses else None,
             "policy_config": policy.to_dict(), "seed": args.seed, "batch_size": args.batch_size,
             "latent_size": list(latent_size), "dtype": args.dtype, "cache_dtype": args.cache_dtype or args.dtype,
-            "backend": args.backend, "device": device.type, "frames": args.frames, "threads": threads}
+            "backend": args.backend, "device": device.type, "frames": args.frames, "threads": threads,
+            **_sampling_settings(args)}
+
+
+def _sampling_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The sampler's settings a run is saved with; the Self-Forcing default is left out, so runs saved before
+    recipes existed resume unchanged."""
+    s = sampling_from_args(args)
+    if s["denoising_steps"] == recipe("self_forcing")["denoising_steps"] and s["first_block_steps"] is None:
+        out = {}
+    else:
+        out = {"denoising_steps": s["denoising_steps"], "first_block_steps": s["first_block_steps"]}
+    if s["use_ema"] is not None and getattr(args, "checkpoint", None):
+        out["use_ema"] = s["use_ema"]
+    return out
 
 
 _NOT_COMPARED = ("frames", "threads")

@@ -42,6 +42,7 @@ from .common import (
     policy_from_args,
     random_text_embeds,
     run_settings,
+    sampling_from_args,
     save_interval,
     settings_diff,
     stop_request,
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.max_save_overhead) or not 0 <= args.max_save_overhead < 1:
         fail(f"--max-save-overhead must be a fraction in [0, 1), got {args.max_save_overhead}")
     try:
-        policy = policy_from_args(args.policy, args.score)
+        policy = policy_from_args(args.policy, args.score, sampling_from_args(args)["block_frames"])
     except ValueError as e:
         fail(str(e))
     video = wants_video(args)
@@ -192,8 +193,9 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
     from ...runio import retain_freed_host_memory
 
     dtype = model_dtype(args)
+    sampling = sampling_from_args(args)
     try:
-        model = build_model(args.model, args.checkpoint, args.seed, dtype, str(device))
+        model = build_model(args.model, args.checkpoint, args.seed, dtype, str(device), sampling["use_ema"])
     except (ValueError, TypeError, KeyError) as e:
         fail(f"--checkpoint {args.checkpoint}: {first_line(e)}")
     if text is None:
@@ -203,7 +205,9 @@ def _generate(args: argparse.Namespace, policy: Any, settings: Dict[str, Any], p
         rollout = generate(model, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                            latent_size=tuple(settings["latent_size"]),
                            cache_dtype=cache_dtype(args),
-                           backend=args.backend, progress=not args.no_progress, resume_from=state)
+                           backend=args.backend, progress=not args.no_progress, resume_from=state,
+                           denoising_steps=sampling["denoising_steps"],
+                           first_block_steps=sampling["first_block_steps"])
     except (ValueError, TypeError, RuntimeError, KeyError) as e:
         if state is not None:
             where = os.path.join(store.dir, "state.pt") if previous["layout"] == "blocks" else args.out

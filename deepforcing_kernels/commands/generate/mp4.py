@@ -22,7 +22,16 @@ from typing import Any, List, Optional
 from ...runio.claims import OutputLock, RunError, check_claims, release, video_claims
 from ...runio.files import check_checksum
 from .._common import check_positive, fail, set_threads
-from .common import cache_dtype, model_dtype, read_prompt_file, save_interval, state_path, stop_request, threads_for
+from .common import (
+    cache_dtype,
+    model_dtype,
+    read_prompt_file,
+    sampling_from_args,
+    save_interval,
+    state_path,
+    stop_request,
+    threads_for,
+)
 
 __all__ = ["run_video"]
 
@@ -44,7 +53,9 @@ def _pipeline(args: argparse.Namespace, policy: Any, device: Any):
     from ...pipeline import VideoPipeline
 
     dtype = model_dtype(args)
-    kw = dict(policy=policy, backend=args.backend, cache_dtype=cache_dtype(args))
+    sampling = sampling_from_args(args)
+    kw = dict(policy=policy, backend=args.backend, cache_dtype=cache_dtype(args),
+              denoising_steps=sampling["denoising_steps"], first_block_steps=sampling["first_block_steps"])
     if args.latent_size:
         kw["latent_size"] = tuple(args.latent_size)
     if args.weights is None:
@@ -58,7 +69,7 @@ def _pipeline(args: argparse.Namespace, policy: Any, device: Any):
         fail(f"--weights {args.weights}: " + ("is a file, not a folder" if os.path.exists(args.weights)
                                                else "no such folder"))
     return VideoPipeline.from_weights(args.weights, args.checkpoint, model=args.model, dtype=dtype, device=device,
-                                      **kw)
+                                      use_ema=sampling["use_ema"], **kw)
 
 
 def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optional[List[int]] = None) -> int:

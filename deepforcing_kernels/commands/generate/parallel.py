@@ -94,7 +94,7 @@ def _common(args: argparse.Namespace):
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")
     try:
-        policy = g.policy_from_args(args.policy, args.score)
+        policy = g.policy_from_args(args.policy, args.score, g.sampling_from_args(args)["block_frames"])
     except ValueError as e:
         raise ParallelError(str(e))
     check_frames(args.frames, block=policy.block_frames)
@@ -127,7 +127,8 @@ def _run_sequence(args: argparse.Namespace) -> int:
                                                               else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    model = g.build_model(args.model, args.checkpoint, args.seed, g.model_dtype(args), str(device))
+    model = g.build_model(args.model, args.checkpoint, args.seed, g.model_dtype(args), str(device),
+                          g.sampling_from_args(args)["use_ema"])
     if text is None:
         text = g.random_text_embeds(model.config, args.seed)
     settings = g.run_settings(args, policy, latent_size, device, threads)
@@ -167,9 +168,11 @@ def _loop_sequence(args, generate, sp, text, policy, latent_size, g, store, sett
     from .._common import StopRequest
 
     stop = StopRequest().__enter__()  # on every rank before the run's first file: a Ctrl-C from then on stops at a block end
+    sampling = g.sampling_from_args(args)
     rollout = generate(sp, text, args.frames, policy, args.seed, batch_size=args.batch_size,
                        latent_size=latent_size, cache_dtype=g.cache_dtype(args),
-                       backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state)
+                       backend=args.backend, progress=not args.no_progress and rank == 0, resume_from=state,
+                       denoising_steps=sampling["denoising_steps"], first_block_steps=sampling["first_block_steps"])
     bf = rollout.block_frames
     _agree(None)  # every rank has its stop handler before rank 0 writes anything
     if rank == 0:
