@@ -24,7 +24,7 @@ import torch
 from .formats import ROLLOUT_STATE_FORMAT
 from .models.base import build_cache, check_model
 from .runio.files import content_digest
-from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
+from .sampler import DENOISING_STEPS, SHIFT, checked_timesteps, clean_pass, denoise_block, warp_timesteps
 
 __all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS"]
 
@@ -44,17 +44,6 @@ def _model_dtype_device(model: Any) -> Tuple[torch.dtype, torch.device]:
     if p is not None:
         return p.dtype, p.device
     return getattr(model, "dtype", torch.float32), torch.device(getattr(model, "device", "cpu"))
-
-
-def _checked_steps(steps: Any, shift: float, name: str) -> List[float]:
-    """The warped schedule; ValueError naming ``name`` for an empty or non-numeric list (values out of
-    [0, 1000] are :func:`warp_timesteps`'s error, prefixed)."""
-    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) == 0:
-        raise ValueError(f"{name} must be a non-empty sequence of timesteps in [0, 1000], got {steps!r}")
-    try:
-        return warp_timesteps([float(t) for t in steps], shift)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name}: {e}") from None
 
 
 def _generator_for(device: torch.device, seed: int) -> torch.Generator:
@@ -141,12 +130,12 @@ class Rollout:
                 raise ValueError(f"text_schedule switches at frame {f}, which is not a block boundary (blocks start "
                                  f"at {self._starts_hint()}): switches happen between blocks")
 
-        self.timesteps = _checked_steps(denoising_steps, shift, "denoising_steps")
+        self.timesteps = checked_timesteps(denoising_steps, shift, "denoising_steps")
         # Causal Forcing++'s first generated block takes its own (longer) list: its configs'
         # denoising_step_list_first_chunk, applied to block_index 0 of the generated blocks (a prefix's given
         # blocks come before it)
         self.first_timesteps = (None if first_block_steps is None
-                                else _checked_steps(first_block_steps, shift, "first_block_steps"))
+                                else checked_timesteps(first_block_steps, shift, "first_block_steps"))
         self.cache = build_cache(model, policy, latent_size=self.latent_size, batch_size=self.batch_size,
                                  dtype=self.cache_dtype, device=self.device, backend=backend)
         self.tokens_per_frame = self.cache.tokens_per_frame

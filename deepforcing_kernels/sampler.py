@@ -8,11 +8,11 @@ block's start frame, so the cache appends on the first and overwrites on the oth
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["DENOISING_STEPS", "SHIFT", "warp_timesteps", "denoise_block", "clean_pass"]
+__all__ = ["DENOISING_STEPS", "SHIFT", "warp_timesteps", "checked_timesteps", "denoise_block", "clean_pass"]
 
 # Self-Forcing's 4-step schedule before the warp, and the warp's shift.
 DENOISING_STEPS: Tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
@@ -35,6 +35,17 @@ def warp_timesteps(steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIF
 
 
 Flow = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B, F, C, h, w], t [B, F]) -> flow
+
+
+def checked_timesteps(steps: Any, shift: float, name: str) -> List[float]:
+    """The warped schedule; ValueError naming ``name`` for an empty or non-numeric list (values out of
+    [0, 1000] are :func:`warp_timesteps`'s error, prefixed)."""
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) == 0:
+        raise ValueError(f"{name} must be a non-empty sequence of timesteps in [0, 1000], got {steps!r}")
+    try:
+        return warp_timesteps([float(t) for t in steps], shift)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def denoise_block(flow: Flow, noise: Callable[[], torch.Tensor], timesteps: Sequence[float], *,
