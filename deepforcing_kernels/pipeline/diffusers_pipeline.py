@@ -155,7 +155,9 @@ class DeepForcingPipeline(DiffusionPipeline):
             raise ValueError("the text encoder's tokenizer is not a transformers tokenizer: pass tokenizer= (e.g. "
                              "AutoTokenizer.from_pretrained('google/umt5-xxl'))")
         return cls(CausalWanTransformer.from_wan(pipe.model), pipe.vae.model, model, tok,
-                   SelfForcingScheduler(denoising_steps=list(pipe.denoising_steps), shift=pipe.shift),
+                   SelfForcingScheduler(denoising_steps=list(pipe.denoising_steps), shift=pipe.shift,
+                                        first_block_steps=None if pipe.first_block_steps is None
+                                        else list(pipe.first_block_steps)),
                    policy=pipe.policy)
 
     @classmethod

@@ -81,6 +81,8 @@ class SelfForcingScheduler(SchedulerMixin, ConfigMixin):
     Args:
         denoising_steps: timesteps before the warp (Self-Forcing: ``[1000, 750, 500, 250]``).
         shift: the flow-matching warp's shift (5.0).
+        first_block_steps: the first generated block's own timesteps (Causal Forcing++: ``[1000, 750, 500,
+            250]`` before 1- or 2-step blocks), or None.
 
     ``timesteps`` are the warped steps each block is denoised at (:func:`~deepforcing_kernels.sampler.
     warp_timesteps`); a clean pass at ``t = 0`` follows them. The per-block loop is
@@ -91,15 +93,21 @@ class SelfForcingScheduler(SchedulerMixin, ConfigMixin):
     order = 1
 
     @register_to_config
-    def __init__(self, denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT) -> None:
+    def __init__(self, denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT,
+                 first_block_steps: Optional[Sequence[float]] = None) -> None:
         steps = [float(t) for t in denoising_steps]
         self.timesteps: List[float] = warp_timesteps(steps, float(shift))  # validates both
+        if first_block_steps is not None:
+            warp_timesteps([float(t) for t in first_block_steps], float(shift))
 
     @property
     def sampler_kwargs(self) -> dict:
-        """``denoising_steps`` and ``shift`` as :func:`~deepforcing_kernels.driver.generate` takes them."""
+        """``denoising_steps``, ``shift`` and ``first_block_steps`` as :func:`~deepforcing_kernels.driver.generate`
+        takes them (a config saved before ``first_block_steps`` existed reads as None)."""
+        first = getattr(self.config, "first_block_steps", None)
         return {"denoising_steps": tuple(float(t) for t in self.config.denoising_steps),
-                "shift": float(self.config.shift)}
+                "shift": float(self.config.shift),
+                "first_block_steps": None if first is None else tuple(float(t) for t in first)}
 
 
 def wan_config_of(transformer: Any) -> WanConfig:

@@ -127,6 +127,27 @@ def test_save_pretrained_round_trip_is_exact(tiny, tmp_path):
                           back(PROMPT, 6, generator=g, progress=False).frames)
 
 
+def test_a_causal_forcing_pp_recipe_survives_the_hub_layout(tmp_path):
+    """Frame-wise blocks and the 4-step first block of Causal Forcing++ 2-step are saved (the policy's block size,
+    the scheduler's first_block_steps) and sample the same frames after from_pretrained."""
+    from deepforcing_kernels.presets import make_policy, recipe
+
+    r = recipe("causal_forcing_pp_2step")
+    vp = VideoPipeline.tiny(2, latent_size=LAT, policy=make_policy("deep_forcing", block_frames=r["block_frames"]),
+                            denoising_steps=r["denoising_steps"], first_block_steps=r["first_block_steps"])
+    ref, _ = _engine_frames(vp, 4, seed=1)
+    DeepForcingPipeline.from_video_pipeline(vp).save_pretrained(tmp_path / "hub")
+    back = DeepForcingPipeline.from_pretrained(tmp_path / "hub", torch_dtype=torch.float32)
+    assert back.scheduler.config.first_block_steps == r["first_block_steps"]
+    eng = back.engine()
+    assert eng.policy.block_frames == 1 and eng.first_block_steps == tuple(r["first_block_steps"])
+    got, _ = _engine_frames(eng, 4, seed=1)
+    assert torch.equal(got, ref)
+    plain, _ = _engine_frames(VideoPipeline.tiny(2, latent_size=LAT, policy=eng.policy,
+                                                 denoising_steps=r["denoising_steps"]), 4, seed=1)
+    assert not torch.equal(plain, ref)  # the first block's own steps made a difference
+
+
 def test_the_folder_loads_with_diffusers_and_transformers(tiny, tmp_path):
     """vae/ with diffusers' AutoencoderKLWan, text_encoder/ and tokenizer/ with transformers' from_pretrained, and
     the DiT's safetensors as an original-names checkpoint of the engine's loader."""
