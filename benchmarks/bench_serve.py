@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from deepforcing_kernels.pipeline import VideoPipeline
+from deepforcing_kernels.runio.host import limit_malloc_arenas
 from deepforcing_kernels.serve import browser
 from deepforcing_kernels.serve.app import rss_mib
 
@@ -156,6 +157,7 @@ def soak(args):
     import tempfile
 
     torch.set_num_threads(1)
+    limit_malloc_arenas()  # as `deepforcing serve` does
     tempfile.tempdir = scratch = tempfile.mkdtemp(prefix="deepforcing-soak-")  # the sessions' folders go here
     srv = serve(max_streams=2)
     rng = random.Random(0)

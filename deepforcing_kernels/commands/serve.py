@@ -90,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         source.load()  # bad weights fail now, not in the page
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    from ..runio.host import limit_malloc_arenas
+
+    limit_malloc_arenas()  # each stream runs in a thread of its own: without a cap each may keep an arena
     app = ServeApp(opts, source)
     try:
         server = make_server(app, args.host, args.port, quiet=not args.verbose)

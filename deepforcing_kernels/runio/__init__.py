@@ -31,11 +31,12 @@ import torch  # noqa: F401  (tests patch runio.torch.save to fail a write)
 
 from ..formats import RUN_BLOCK_FORMAT, RUN_FORMAT, RUN_STATE_FORMAT
 from .files import RunError, atomic_save, check_parent_writable
-from .host import retain_freed_host_memory, to_cpu
+from .host import limit_malloc_arenas, retain_freed_host_memory, return_freed_host_memory, to_cpu
 from .layout import STATE_NAME, load_run, parts_dir
 from .store import RunStore
 from .writers import BackgroundWriter, StateSaver
 
 __all__ = ["RUN_FORMAT", "RUN_BLOCK_FORMAT", "RUN_STATE_FORMAT", "RunStore", "StateSaver", "BackgroundWriter", "load_run",
-           "atomic_save", "parts_dir", "RunError", "to_cpu", "retain_freed_host_memory", "check_parent_writable",
+           "atomic_save", "parts_dir", "RunError", "to_cpu", "retain_freed_host_memory", "limit_malloc_arenas",
+           "return_freed_host_memory", "check_parent_writable",
            "STATE_NAME"]

@@ -5,7 +5,7 @@ from typing import Any, List, Optional
 
 import torch
 
-__all__ = ["to_cpu", "retain_freed_host_memory"]
+__all__ = ["to_cpu", "retain_freed_host_memory", "limit_malloc_arenas", "return_freed_host_memory"]
 
 
 def to_cpu(obj: Any, pool: Optional[List[torch.Tensor]] = None) -> Any:
@@ -62,5 +62,30 @@ def retain_freed_host_memory(limit_bytes: int = 1 << 34) -> bool:
         m_trim_threshold, m_mmap_threshold = -1, -3
         ok = libc.mallopt(m_mmap_threshold, min(limit_bytes, 1 << 30)) == 1
         return bool(ok and libc.mallopt(m_trim_threshold, limit_bytes) == 1)
+    except (OSError, AttributeError):
+        return False
+
+
+def limit_malloc_arenas(arenas: int = 2) -> bool:
+    """Cap glibc's malloc arenas (``mallopt(M_ARENA_MAX)``): every thread that allocates may otherwise get an
+    arena of its own, and a server that runs each stream in a new thread keeps the freed pages of all of them
+    (resident memory creeping up stream after stream). Process-wide, so only ``deepforcing serve`` calls it;
+    returns False where mallopt is not available."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").mallopt(-8, int(arenas)) == 1  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        return False
+
+
+def return_freed_host_memory() -> bool:
+    """Hand the heap's free pages back to the system (``malloc_trim(0)``), e.g. after a stream ended and its
+    cache and decoder were dropped; returns False where malloc_trim is not available."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
     except (OSError, AttributeError):
         return False

@@ -12,6 +12,7 @@ command out.
 from __future__ import annotations
 
 import collections
+import gc
 import secrets
 import shlex
 import shutil
@@ -375,7 +376,15 @@ class ServeApp:
         n = 1 + 4 * (req["frames"] - 1)
         s.push({"type": "started", "run": run, "frames": req["frames"], "video_frames": n,
                 "size": list(pipe.pixel_size), "policy": req["policy"], "seed": req["seed"]})
-        live.start(lambda block: self._on_block(s, run, block), lambda ls: self._ended(s, run, ls))
+        worker = live.start(lambda block: self._on_block(s, run, block), lambda ls: self._ended(s, run, ls))
+        # once the stream's thread is gone nothing holds its rollout, cache or decoder: give their pages back,
+        # so a long-lived server's memory does not creep up stream after stream
+        del live, pipe
+        worker.join()
+        gc.collect()
+        from ..runio.host import return_freed_host_memory
+
+        return_freed_host_memory()
 
     def _on_block(self, s: Session, run: int, block: Any) -> None:
         from ..video.writer import frames_to_uint8
