@@ -257,7 +257,8 @@ def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any
                             dtype=cfg.dtype, window_frames=cfg.window_frames)
     return StreamingKVCache(bench_policy(name, cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
                             num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame,
-                            rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
+                            rope=rope, dtype=cfg.dtype, backend=cfg.backend, frame_grid=(1, cfg.tokens_per_frame),
+                            **extra)
 
 
 # ---------------------------------------------------------------------------------------------- cache rollout
