@@ -243,8 +243,12 @@ class ReleaseLayer:
 
 def bench_policy(name: str, window_frames: int) -> Any:
     """The policy ``name`` with a window of ``window_frames`` frames of the bench's size (a window written in the
-    authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21)."""
-    p = make_policy(name, window_frames=window_frames)
+    authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21). The
+    bench's window replaces the preset's Self-Forcing window of 21 frames; a method whose authors run another
+    window (MemRoPE's 12) keeps its own."""
+    p = make_policy(name)
+    if p.window_frames == 21:
+        p = make_policy(name, window_frames=window_frames)
     return dataclasses.replace(p, frame_tokens=None) if getattr(p, "frame_tokens", None) is not None else p
 
 
