@@ -142,8 +142,10 @@ def _rotate(x: torch.Tensor, interleaved: bool, c: torch.Tensor, s: torch.Tensor
     ``x.shape[:-1] + (pairs,)``), in float32 (float64 for float64 inputs); other channels are copied."""
     pairs = c.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    p = torch.arange(pairs, device=x.device)
-    re_i, im_i = (2 * p, 2 * p + 1) if interleaved else (p, p + x.shape[-1] // 2)
+    # basic (strided) slices, not index tensors: the same arithmetic, without a gather and a scatter per call
+    half = x.shape[-1] // 2
+    re_i, im_i = (slice(0, 2 * pairs, 2), slice(1, 2 * pairs, 2)) if interleaved else \
+        (slice(0, pairs), slice(half, half + pairs))
     xf = x.to(cd)
     re, im = xf[..., re_i], xf[..., im_i]
     c, s = c.to(cd), s.to(cd)
