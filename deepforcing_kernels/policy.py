@@ -13,19 +13,20 @@ policy             keeps                                    RoPE of kept keys
 ``deep_forcing``   sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
 ``rolling_sink``   FIFO window; a tape of early frames      tape frames at their slots' positions
                    replays into the older slots
+``memrope``        sink + EMA memory frames + FIFO          sink and memory re-phased, contiguous
 =================  =======================================  =====================================
 
-The methods of other authors (``rolling_sink``, and the options their presets set) are described, with the source
+The methods of other authors (``rolling_sink``, ``memrope``, and the options their presets set) are described, with the source
 repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
-KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink")
+KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope")
 #: Rolling Sink's hard-coded tokens per frame (Wan at 832x480): its window is ``window_frames * 1560`` tokens
 AUTHORS_FRAME_TOKENS = 1560
 SCORES = ("mass", "logits")
@@ -62,6 +63,11 @@ class CachePolicy:
             the window as ``window_frames * 1560`` tokens. A cache with another frame size resolves the window to
             ``window_frames * frame_tokens // tokens_per_frame`` whole frames (:meth:`for_tokens_per_frame`), as
             that code does; None sizes the window in frames at any frame size.
+        memory_alphas: ``memrope`` only: the update rate of each EMA memory frame kept after the sink (the
+            authors' long- and short-term memories, ``(0.01, 0.1)``); one memory frame per rate.
+        average_first_roll: ``memrope`` only: False (the authors' code) starts the memories at the first roll from
+            the mean of the evicted frames alone, so the frames the memory slots held until then are dropped
+            without being averaged; True averages them in too.
     """
 
     kind: str
@@ -77,6 +83,8 @@ class CachePolicy:
     unify_topc_rope: bool = False
     tape_frames: Optional[int] = None
     frame_tokens: Optional[int] = None
+    memory_alphas: Optional[Tuple[float, ...]] = None
+    average_first_roll: bool = False
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -129,6 +137,17 @@ class CachePolicy:
                    tape_frames=window_frames - block_frames if tape_frames is None else tape_frames,
                    frame_tokens=frame_tokens)
 
+    @classmethod
+    def memrope(cls, window_frames: int = 12, sink_frames: int = 3, memory_alphas: Sequence[float] = (0.01, 0.1),
+                average_first_roll: bool = False, *, block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
+        """MemRoPE (docs/methods.md): ``[sink][one EMA memory frame per alpha][recent][new block]`` in a window of
+        ``window_frames``. At each roll the evicted frames' un-rotated K/V, averaged over all their tokens, are
+        folded into every memory (``m = a * mean + (1 - a) * m``); sink, memories and recent frames are attended
+        at contiguous positions right behind the block. ``average_first_roll``: see the class docstring."""
+        return cls("memrope", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
+                   rephase_sink=True, sink_gap=0, memory_alphas=tuple(memory_alphas),
+                   average_first_roll=average_first_roll)
+
     def for_tokens_per_frame(self, tokens_per_frame: int) -> "CachePolicy":
         """The policy a cache with ``tokens_per_frame`` tokens per frame runs: ``rolling_sink`` with
         ``frame_tokens`` set resolves its window to ``window_frames * frame_tokens // tokens_per_frame`` whole
@@ -152,8 +171,9 @@ class CachePolicy:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         F = self._store_checked_int("block_frames", 1)
-        if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool):
-            raise ArgumentTypeError("rephase_sink and unify_topc_rope must be bools")
+        if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool) or \
+                not isinstance(self.average_first_roll, bool):
+            raise ArgumentTypeError("rephase_sink, unify_topc_rope and average_first_roll must be bools")
         if self.kind == "full":
             self._only(window_frames=None, sink_frames=0)
         else:
@@ -171,6 +191,10 @@ class CachePolicy:
                                  f"({self.window_frames}): a rolled cache must hold the sink and the new block")
         if self.kind in ("full", "sliding", "frame_sink", "rolling_sink"):
             self._only(rephase_sink=False, sink_gap=None)
+        if self.kind == "memrope":
+            self._check_memory()
+        else:
+            self._only(memory_alphas=None, average_first_roll=False)
         if self.kind in ("deep_sink", "deep_forcing"):
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
@@ -214,6 +238,23 @@ class CachePolicy:
         if self.topc_max_reuse is not None:
             self._store_checked_int("topc_max_reuse", 1)
 
+    def _check_memory(self) -> None:
+        """``memrope``: a sink of >= 0 frames, >= 1 rates in (0, 1], a window holding sink + memories + a block,
+        its sink re-phased contiguously (``sink_gap=0``)."""
+        S, F = self._store_checked_int("sink_frames", 0), self.block_frames
+        a = self.memory_alphas
+        if isinstance(a, list):
+            a = tuple(a)  # a policy dict read back from JSON
+        if not isinstance(a, tuple) or not a or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in a):
+            raise ValueError(f"memory_alphas must be a non-empty tuple of rates in (0, 1], got {a!r}")
+        object.__setattr__(self, "memory_alphas", tuple(float(x) for x in a))
+        if S + len(a) + F > self.window_frames:
+            raise ValueError(f"sink_frames + memory frames + block_frames ({S} + {len(a)} + {F}) must be <= "
+                             f"window_frames ({self.window_frames})")
+        if not self.rephase_sink or self.sink_gap != 0:
+            raise ValueError("memrope attends its sink and memories contiguously (rephase_sink=True, sink_gap=0)")
+
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
         value = check_int(name, getattr(self, name), minimum=minimum)
@@ -252,6 +293,17 @@ class CachePolicy:
     def has_tape(self) -> bool:
         """Whether the policy replays a tape of early frames (Rolling Sink)."""
         return self.kind == "rolling_sink"
+
+    @property
+    def memory_frames(self) -> int:
+        """EMA memory frames after the sink (``memrope``; 0 otherwise)."""
+        return len(self.memory_alphas) if self.memory_alphas else 0
+
+    @property
+    def prefix_frames(self) -> int:
+        """Frames at the head of a rolled cache that never roll out: the sink and the memory frames. A roll evicts
+        right after them, and the sink re-phasing moves all of them."""
+        return self.sink_frames + self.memory_frames
 
     @property
     def gap_frames(self) -> int:

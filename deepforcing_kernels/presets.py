@@ -33,6 +33,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     # the field's other training-free methods, as their authors run them (docs/methods.md)
     "rolling_sink": ("rolling_sink", {}, "FIFO 21 frames of 1560 tokens; a tape of frames 0..17 replayed at the "
                      "older slots' positions (Rolling Sink)"),
+    "memrope": ("memrope", {}, "window 12: sink 3 + EMA memories of the evicted frames (alpha 0.01, 0.1) + recent "
+                "4, at contiguous positions (MemRoPE)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the

@@ -23,6 +23,7 @@ production code never imports it.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,7 +32,7 @@ from ._checks import INT64_MAX, INT64_MIN, check_int, check_rope, check_tensor
 from .rope import RopeSpec
 
 __all__ = ["apply_rope", "rephase", "key_shifts", "shift_tables", "rotation_tables", "rotate_keys",
-           "normalise_key_shift"]
+           "normalise_key_shift", "rotate_at_frames"]
 
 Shift = Union[int, torch.Tensor]
 
@@ -141,8 +142,10 @@ def _rotate(x: torch.Tensor, interleaved: bool, c: torch.Tensor, s: torch.Tensor
     ``x.shape[:-1] + (pairs,)``), in float32 (float64 for float64 inputs); other channels are copied."""
     pairs = c.shape[-1]
     cd = torch.float64 if x.dtype == torch.float64 else torch.float32
-    p = torch.arange(pairs, device=x.device)
-    re_i, im_i = (2 * p, 2 * p + 1) if interleaved else (p, p + x.shape[-1] // 2)
+    # basic (strided) slices, not index tensors: the same arithmetic, without a gather and a scatter per call
+    half = x.shape[-1] // 2
+    re_i, im_i = (slice(0, 2 * pairs, 2), slice(1, 2 * pairs, 2)) if interleaved else \
+        (slice(0, pairs), slice(half, half + pairs))
     xf = x.to(cd)
     re, im = xf[..., re_i], xf[..., im_i]
     c, s = c.to(cd), s.to(cd)
@@ -228,3 +231,53 @@ def rephase(k: torch.Tensor, spec: RopeSpec, shift: Shift) -> torch.Tensor:
         return _rotate(k, spec.interleaved, c, sn)
     c, sn = shift_tables(spec, s)  # [B|1, L|1, T]
     return _rotate(k, spec.interleaved, c[:, :, None, :], sn[:, :, None, :])
+
+
+def rotate_at_frames(x: torch.Tensor, spec: RopeSpec, frames: torch.Tensor, grid: Optional[Sequence[int]] = None,
+                     *, inverse: bool = False) -> torch.Tensor:
+    """The full RoPE (temporal and spatial pairs) of whole frames at given temporal positions, or its exact
+    inverse: what works on un-rotated keys (MemRoPE's averages) needs both, and they live here, once.
+
+    Args:
+        x: ``[B, Nf * n, H, D]``, ``Nf`` whole frames of ``n`` tokens (row-major over ``grid``).
+        spec: the RoPE layout.
+        frames: int64 ``[B, Nf]`` or ``[Nf]``: the temporal position of each frame.
+        grid: ``(rows, cols)`` of a frame for a 3-D spec (``rows * cols == n``); None for a 1-D spec, whose
+            every token of frame slot ``i`` sits at position ``frames[i]`` (the unit the cache shifts keys by).
+        inverse: rotate by the negated angles (un-rotates keys rotated at those positions).
+
+    Returns:
+        A new tensor of ``x``'s dtype; angles in float64 from the integer positions, rotation in float32 (float64
+        for float64 inputs), as :func:`apply_rope`.
+    """
+    check_tensor("x", x, ndim=4)
+    check_rope("spec", spec, x.shape[-1])
+    B, L, H = x.shape[0], x.shape[1], x.shape[2]
+    fr = frames.to(device=x.device, dtype=torch.int64).expand(B, -1)
+    nf = fr.shape[1]
+    if nf == 0 or L % nf:
+        raise ValueError(f"x has {L} tokens, not whole frames of the {nf} frame positions given")
+    n = L // nf
+    pos = torch.zeros(B, L, spec.num_axes, dtype=torch.int64, device=x.device)
+    pos[..., 0] = fr.repeat_interleave(n, dim=1)
+    if spec.num_axes > 1:
+        if grid is None or len(grid) != spec.num_axes - 1 or math.prod(grid) != n:
+            raise ValueError(f"grid must give the {spec.num_axes - 1} spatial sizes of a {n}-token frame, got {grid!r}")
+        axes = torch.meshgrid(*[torch.arange(g, device=x.device) for g in grid], indexing="ij")
+        for a, m in enumerate(axes):
+            pos[..., a + 1] = m.reshape(-1).repeat(nf)
+    elif grid is not None:
+        raise ValueError(f"a 1-D spec has no spatial grid, got {grid!r}")
+    axes_of = spec.pair_axes().to(x.device)
+    if spec.head_scale is not None:
+        spec.check_heads(H)
+        ang = pos.to(torch.float64)[..., axes_of][:, :, None, :] * spec.head_pair_freqs(H).to(x.device)
+    else:
+        ang = (pos.to(torch.float64)[..., axes_of] * spec.pair_freqs().to(x.device))[:, :, None, :]
+    sn = torch.sin(ang)
+    cs, sn = torch.cos(ang), (-sn if inverse else sn)
+    if spec.interleaved:  # every pair rotates: one complex multiply (~7x faster on CPU than the strided path)
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        xc = torch.view_as_complex(x.to(cd).reshape(B, L, H, -1, 2))
+        return torch.view_as_real(xc * torch.complex(cs.to(cd), sn.to(cd))).flatten(-2).to(x.dtype)
+    return _rotate(x, spec.interleaved, cs, sn)

@@ -38,6 +38,12 @@ between, so every pass attends to the same window): the previous block's frames 
 ``window_frames``, the slots of the block before it are overwritten by ``block_frames`` banked frames
 (``PassPlan.tape``, taken by :func:`tape_frames_at`) attended at those slots' positions (``PassPlan.tape_at``).
 
+MemRoPE (``memrope``, docs/methods.md) rolls like Deep Sink with ``sink_gap = 0``, but evicts after the sink *and*
+its memory frames (``policy.prefix_frames``), and each roll first folds the evicted frames into the memories
+(``PassPlan.fold``: which frame slots are averaged; ``PassPlan.fold_init``: the first roll starts the memories
+from that mean). The memories hold no frame; :func:`simulate` marks them with frame ``-2``. Once the memories
+exist (the first roll) ``sink_start`` is set, so a schedule state needs no further field.
+
 Top-C picks depend on the data, so :func:`simulate` marks Top-C slots with frame ``-1`` (and position ``-1``
 unless ``unify_topc_rope``). To see real picks, run a tiny cache and read its accessors::
 
@@ -57,8 +63,9 @@ from typing import Any, Dict, List, Optional, Tuple
 from ._scalars import check_int
 from .policy import CachePolicy
 
-SINK, TOPC, RECENT = "sink", "topc", "recent"
+SINK, TOPC, RECENT, MEMORY = "sink", "topc", "recent", "memory"
 UNKNOWN_FRAME = -1  # a Top-C slot in simulate(): which token the data picks is not known without tensors
+MEMORY_FRAME = -2  # a memory slot in simulate(): an average of frames, not one frame
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,9 @@ class PassPlan:
         tape_at: ``rolling_sink``: first frame position of the slots the tape overwrites (the block before the
             previous one), or None.
         tape: ``rolling_sink``: the banked frames written there, slot by slot (a frame's tokens keep their order).
+        fold: ``memrope``: ``(first frame slot, frames)`` of the cache before the pass whose tokens are averaged
+            into the memories (before the eviction), or None.
+        fold_init: ``memrope``: the first roll: the memories start from that mean.
     """
 
     action: str
@@ -143,6 +153,8 @@ class PassPlan:
     bank: Tuple[int, ...] = ()
     tape_at: Optional[int] = None
     tape: Tuple[int, ...] = ()
+    fold: Optional[Tuple[int, int]] = None
+    fold_init: bool = False
 
     @property
     def new_block(self) -> bool:
@@ -192,8 +204,10 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
                              "whole blocks")
         if F != B:
             raise ValueError(f"only a stream's first block may have other than {B} frames, got {F}")
-        if policy.has_tape and f0 != state.block_start + cur:
-            raise ValueError(f"a rolling_sink stream moves block after block (its tape replays every frame), so "
+        if (policy.has_tape or policy.memory_frames) and f0 != state.block_start + cur:
+            why = ("its tape replays every frame" if policy.has_tape else
+                   "its keys sit at their slots' positions, as the authors' code places them")
+            raise ValueError(f"a {policy.kind} stream moves block after block ({why}), so "
                              f"start_frame must be {state.block_start + cur}, got {f0}")
     elif F > B:
         raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
@@ -218,7 +232,19 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
     sink_after = f0 + F - W - g if policy.rephase_sink else None
     after = ScheduleState(W, f0, stream_start, sink_after, False, first)
     plan = PassPlan("roll", f0, L, L + F - W, W, sink_after, False, False, False, after)
+    if policy.memory_frames:
+        return replace(plan, **_fold(policy, state, plan.evict_frames))
     return _with_tape(policy, state, plan) if policy.has_tape else plan
+
+
+def _fold(policy: CachePolicy, state: ScheduleState, evict: int) -> Dict[str, Any]:
+    """MemRoPE's fold of a roll: the evicted frames (right after the sink and the memories); at the first roll
+    (no memories yet) the memory slots still hold frames, which the authors' code overwrites without averaging
+    them (``average_first_roll`` averages them in)."""
+    first = state.sink_start is None
+    if first and policy.average_first_roll:
+        return {"fold": (policy.sink_frames, policy.memory_frames + evict), "fold_init": True}
+    return {"fold": (policy.prefix_frames, evict), "fold_init": first}
 
 
 def tape_frames_at(policy: CachePolicy, rel: int) -> Tuple[int, ...]:
@@ -258,12 +284,15 @@ def _carry_mass(policy: CachePolicy, frames_after: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- slot layout
-def slot_kinds(policy: CachePolicy, frames: int, compressed: bool, tokens_per_frame: int) -> Tuple[str, ...]:
-    """Kind of every token slot of a cache holding ``frames`` frames: ``"sink"``, ``"topc"`` or ``"recent"``."""
+def slot_kinds(policy: CachePolicy, frames: int, compressed: bool, tokens_per_frame: int,
+               memory: bool = False) -> Tuple[str, ...]:
+    """Kind of every token slot of a cache holding ``frames`` frames: ``"sink"``, ``"topc"``, ``"memory"``
+    (``memory``: MemRoPE's memories exist, i.e. its sink has been re-phased) or ``"recent"``."""
     S = min(policy.sink_frames, frames)
     C = policy.topc_frames if compressed else 0
+    M = policy.memory_frames if memory else 0
     n = tokens_per_frame
-    return (SINK,) * (S * n) + (TOPC,) * (C * n) + (RECENT,) * ((frames - S - C) * n)
+    return (SINK,) * (S * n) + (TOPC,) * (C * n) + (MEMORY,) * (M * n) + (RECENT,) * ((frames - S - C - M) * n)
 
 
 def topc_positions_unified(sink_start: int, first_slot: int, count: int, tokens_per_frame: int) -> List[int]:
@@ -311,6 +340,8 @@ def _run(frames: Tuple[int, ...], positions: Tuple[int, ...]) -> str:
         known = [p for p in positions if p != UNKNOWN_FRAME]
         where = f"@{known[0]}..{known[-1]}" if known else ""
         return f"topc x{len(frames)}{where}"
+    if frames and frames[0] == MEMORY_FRAME:
+        return f"memory@{positions[0]}..{positions[-1]}" if positions[0] != positions[-1] else f"memory@{positions[0]}"
     items: List[str] = []
     for f, p in zip(frames, positions):
         s = f"{f}@{p}"
@@ -342,7 +373,7 @@ class BlockTrace:
 
 def _layout(policy: CachePolicy, slot_frames: List[int], state_frames: int, compressed: bool,
             sink_start: Optional[int], stream_start: int, n: int) -> Layout:
-    kinds = slot_kinds(policy, state_frames, compressed, n)
+    kinds = slot_kinds(policy, state_frames, compressed, n, bool(policy.memory_frames) and sink_start is not None)
     assert len(kinds) == len(slot_frames)
     shift = 0 if sink_start is None else sink_start - stream_start
     pos = []
@@ -354,6 +385,8 @@ def _layout(policy: CachePolicy, slot_frames: List[int], state_frames: int, comp
             pos.append(f + shift)
         elif k == TOPC:
             pos.append(unified[s - S_tok] if unified is not None else f)
+        elif k == MEMORY:  # contiguous after the sink
+            pos.append(sink_start + s // n)
         else:
             pos.append(f)
     return Layout(tuple(slot_frames), tuple(pos), kinds)
@@ -388,8 +421,11 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
             at = len(slots) - 2 * F * n
             slots[at:at + F * n] = [f for f in plan.tape for _ in range(n)]
         if plan.action == "roll":
-            del slots[S_tok:S_tok + plan.evict_frames * n]
-            del pos[S_tok:S_tok + plan.evict_frames * n]
+            P_tok = policy.prefix_frames * n  # the sink (and MemRoPE's memories) stay
+            del slots[P_tok:P_tok + plan.evict_frames * n]
+            del pos[P_tok:P_tok + plan.evict_frames * n]
+            if plan.fold is not None:
+                slots[S_tok:P_tok] = [MEMORY_FRAME] * (P_tok - S_tok)
         pos = pos + new
         aug = slots + new
         after_slots = aug

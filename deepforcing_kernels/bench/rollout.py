@@ -243,8 +243,12 @@ class ReleaseLayer:
 
 def bench_policy(name: str, window_frames: int) -> Any:
     """The policy ``name`` with a window of ``window_frames`` frames of the bench's size (a window written in the
-    authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21)."""
-    p = make_policy(name, window_frames=window_frames)
+    authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21). The
+    bench's window replaces the preset's Self-Forcing window of 21 frames; a method whose authors run another
+    window (MemRoPE's 12) keeps its own."""
+    p = make_policy(name)
+    if p.window_frames == 21:
+        p = make_policy(name, window_frames=window_frames)
     return dataclasses.replace(p, frame_tokens=None) if getattr(p, "frame_tokens", None) is not None else p
 
 
@@ -257,7 +261,8 @@ def _make_cache(name: str, cfg: "RolloutConfig", rope: Any, extra: Dict[str, Any
                             dtype=cfg.dtype, window_frames=cfg.window_frames)
     return StreamingKVCache(bench_policy(name, cfg.window_frames), num_layers=cfg.num_layers, batch_size=1,
                             num_heads=cfg.num_heads, head_dim=cfg.head_dim, tokens_per_frame=cfg.tokens_per_frame,
-                            rope=rope, dtype=cfg.dtype, backend=cfg.backend, **extra)
+                            rope=rope, dtype=cfg.dtype, backend=cfg.backend, frame_grid=(1, cfg.tokens_per_frame),
+                            **extra)
 
 
 # ---------------------------------------------------------------------------------------------- cache rollout

@@ -104,6 +104,8 @@ class StreamingKVCache:
             the sync matters.
         reduce_over_heads: ``partial [B, L] -> [B, L]``, applied to every Top-C score after the sum over this
             cache's heads (default identity); a head-sharded cache sums its peers' partial scores here.
+        frame_grid: ``(rows, cols)`` of a frame's tokens (row-major, ``rows * cols == tokens_per_frame``) for a
+            3-D ``rope``: required by ``memrope``, which averages un-rotated keys; ignored by other policies.
 
     Raises:
         ValueError (or :class:`~deepforcing_kernels.policy.ArgumentTypeError`, also a TypeError) naming the bad
@@ -114,7 +116,8 @@ class StreamingKVCache:
                  tokens_per_frame: int, rope: Optional[RopeSpec], dtype: torch.dtype = torch.bfloat16,
                  device: Union[str, torch.device] = "cpu", num_kv_heads: Optional[int] = None,
                  backend: str = "auto", reserve_frames: Optional[int] = None, check_finite: bool = True,
-                 reduce_over_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+                 reduce_over_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 frame_grid: Optional[Tuple[int, ...]] = None) -> None:
         if not isinstance(policy, CachePolicy):
             raise ArgumentTypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
         # the policy at this frame size (Rolling Sink's window in the authors' 1560-token frames); what runs
@@ -145,6 +148,7 @@ class StreamingKVCache:
             except TypeError as e:
                 raise ArgumentTypeError(str(e)) from None
         self.rope = rope
+        self.frame_grid = _check_frame_grid(policy, rope, frame_grid, self.tokens_per_frame)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         # resolve now: a device or backend that cannot run here must fail at construction, not inside a pass
@@ -181,7 +185,8 @@ class StreamingKVCache:
             run_kw={"rope": rope, "softmax_scale": 1.0 / self.head_dim ** 0.5, "return_lse": False},
             # one scratch buffer for the Top-C gather of K then V, shared by all layers (they run one at a time)
             scratch=(torch.empty(self.batch_size, C_tok, self.num_kv_heads, self.head_dim, dtype=dtype,
-                                 device=self.device) if C_tok else None))
+                                 device=self.device) if C_tok else None),
+            frame_grid=self.frame_grid)
         self.layers: Tuple[CacheLayer, ...] = tuple(CacheLayer(self._ctx, i) for i in range(self.num_layers))
 
     def __repr__(self) -> str:
@@ -216,9 +221,12 @@ class StreamingKVCache:
         if self.rope is not None:
             rope = {"head_dim": self.rope.head_dim, "theta": self.rope.theta, "layout": self.rope.layout,
                     "band_dims": list(self.rope.band_dims)}
-        return {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_heads": self.num_heads,
-                "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "tokens_per_frame": self.tokens_per_frame, "dtype": dtype_name(self.dtype), "rope": rope}
+        g = {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_heads": self.num_heads,
+             "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+             "tokens_per_frame": self.tokens_per_frame, "dtype": dtype_name(self.dtype), "rope": rope}
+        if self.frame_grid is not None:  # only where the state depends on it (MemRoPE's un-rotated averages)
+            g["frame_grid"] = list(self.frame_grid)
+        return g
 
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume the stream bit for bit: cloned tensors (on the cache's device) and plain
@@ -233,3 +241,26 @@ class StreamingKVCache:
         checked = check_state(self._ctx, self.layers, self.geometry(), state)
         for layer, (st, d) in zip(self.layers, checked):
             layer.load_state(st, d)
+
+
+def _check_frame_grid(policy: CachePolicy, rope: Optional[RopeSpec], grid: Any,
+                      tokens_per_frame: int) -> Optional[Tuple[int, ...]]:
+    """The frame grid a policy that un-rotates keys needs (None for every other policy, whatever was given)."""
+    if not policy.memory_frames or rope is None:
+        return None
+    if rope.num_axes == 1:
+        if grid not in (None, (), [], (tokens_per_frame,), [tokens_per_frame]):
+            raise ValueError(f"frame_grid={grid!r}: a 1-D rope has no spatial grid")
+        return None
+    if grid is None:
+        raise ValueError(f"a {policy.kind!r} policy averages un-rotated keys, so frame_grid=(rows, cols) of a "
+                         f"{tokens_per_frame}-token frame is required with a {rope.num_axes}-D rope")
+    if not isinstance(grid, (tuple, list)) or len(grid) != rope.num_axes - 1:
+        raise ValueError(f"frame_grid must be {rope.num_axes - 1} ints (rows, cols), got {grid!r}")
+    g = tuple(check_int("frame_grid", x, minimum=1) for x in grid)
+    prod = 1
+    for x in g:
+        prod *= x
+    if prod != tokens_per_frame:
+        raise ValueError(f"frame_grid {g} has {prod} tokens, but a frame has tokens_per_frame={tokens_per_frame}")
+    return g

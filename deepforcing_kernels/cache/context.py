@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -27,6 +27,8 @@ class LayerContext:
         want_q, want_kv: the shapes of a full block's ``q`` and ``k`` / ``v``.
         run_kw: the arguments every pass passes to the backend besides the layout.
         scratch: the Top-C gather buffer shared by all layers (they run one at a time), or None.
+        frame_grid: the spatial grid of a frame (``(rows, cols)`` for a 3-D RoPE), for policies that un-rotate
+            keys (``memrope``); None otherwise.
     """
 
     policy: CachePolicy
@@ -47,3 +49,4 @@ class LayerContext:
     want_kv: torch.Size
     run_kw: Dict[str, Any]
     scratch: Optional[torch.Tensor]
+    frame_grid: Optional[Tuple[int, ...]] = None

@@ -17,6 +17,7 @@ from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
 from .bank import FrameBank
 from .context import LayerContext
+from .memory import EmaMemory
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step, mass_part_keys
 from .storage import LayerStorage
 
@@ -41,7 +42,7 @@ def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, si
         moved = bool(key_shift.any()) if L else False
         return {"sink_len": 0, "sink_shift": 0, "key_shift": key_shift.contiguous() if moved else None}
     shift = 0 if sink_start is None else sink_start - (stream_start if stream_start is not None else 0)
-    sink_len = min(policy.sink_frames, frames) * n if shift else 0
+    sink_len = min(policy.prefix_frames, frames) * n if shift else 0  # MemRoPE's memories move with the sink
     key_shift = None
     if policy.unify_topc_rope and compressed and sink_start is not None:
         L, S_tok, C_tok = frames * n, policy.sink_frames * n, policy.topc_frames * n
@@ -80,6 +81,8 @@ class CacheLayer:
                                     tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
                                     dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch)
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
+        self.memory: Optional[EmaMemory] = (EmaMemory(self.storage, p, c.rope, c.frame_grid) if p.memory_frames
+                                            else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -90,6 +93,8 @@ class CacheLayer:
         self._args_cache = None
         if self.scorer is not None:
             self.scorer.reset()
+        if self.memory is not None:
+            self.memory.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -120,7 +125,19 @@ class CacheLayer:
     def kinds(self) -> Tuple[str, ...]:
         """Kind of each slot (shared by the batch): ``"sink"``, ``"topc"`` or ``"recent"``."""
         s = self._state
-        return slot_kinds(self.policy, s.frames, s.compressed, self.ctx.tokens_per_frame)
+        return slot_kinds(self.policy, s.frames, s.compressed, self.ctx.tokens_per_frame, self._has_memory)
+
+    @property
+    def _has_memory(self) -> bool:
+        """MemRoPE's memories exist (from the first roll on, which is also when its sink is first re-phased)."""
+        return self.memory is not None and self._state.sink_start is not None
+
+    def memories(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``memrope``: copies of the un-rotated float32 EMA keys and values ``[B, M, Hkv, D]`` (zeros before the
+        first roll); None for other policies."""
+        if self.memory is None:
+            return None
+        return self.memory.k.clone(), self.memory.v.clone()
 
     def reuse_counts(self) -> Optional[torch.Tensor]:
         """``[B, L]`` int32: how often each token was chosen as Top-C (``deep_forcing`` only, else None)."""
@@ -197,7 +214,9 @@ class CacheLayer:
                                 p.block_frames)
             if plan.action == "roll" and plan.evict_frames:
                 e = plan.evict_frames * n
-                st.evict(p.sink_frames * n, e, L0)
+                if plan.fold is not None:  # MemRoPE: average the evicted frames into the memories first
+                    self.memory.fold(st, plan, self._state.stream_start)
+                st.evict(p.prefix_frames * n, e, L0)
                 L0 -= e
             st.write_new(L0, k, v, plan.start_frame, F)
             if "pos" in st.extra:
@@ -223,7 +242,7 @@ class CacheLayer:
             return []
         fr = self.storage.frames[0, :self._len:n].tolist()  # one entry per frame slot (whole frames only)
         S = min(p.sink_frames, st.frames)
-        C = p.topc_frames if st.compressed else 0
+        C = p.topc_frames if st.compressed else (p.memory_frames if self._has_memory else 0)
         groups: List[Tuple[int, int, int]] = []
         for lo, hi in ((0, S), (S + C, st.frames)):
             f = lo
@@ -373,6 +392,8 @@ class CacheLayer:
         if self.bank is not None:
             d["pos"] = tensors["pos"]
             d.update(self.bank.state(self.bank_frames()))
+        if self.memory is not None:
+            d.update(self.memory.state())
         return d
 
     def bank_frames(self) -> int:
@@ -390,6 +411,8 @@ class CacheLayer:
         self._state = state
         if self.bank is not None:
             self.bank.load(self.bank_frames(), tensors)
+        if self.memory is not None:
+            self.memory.load(tensors)
         self._args_cache = None
 
 

@@ -19,6 +19,8 @@ STATE_KEYS = frozenset({"format", "policy", "geometry", "layers"})
 LAYER_KEYS = frozenset({"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"})
 #: the further keys of a layer of a policy with a tape (Rolling Sink): slot positions and the frame bank
 TAPE_KEYS = frozenset({"pos", "bank_k", "bank_v"})
+#: the further keys of a layer of a policy with memories (MemRoPE): the un-rotated float32 EMAs
+MEMORY_KEYS = frozenset({"memory_k", "memory_v"})
 
 
 
@@ -49,6 +51,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     keys = LAYER_KEYS | TAPE_KEYS if ctx.policy.has_tape else LAYER_KEYS
     parts = mass_part_keys(ctx.policy)
     keys = keys | set(parts)
+    if ctx.policy.memory_frames:
+        keys = keys | MEMORY_KEYS
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
@@ -73,6 +77,9 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
         bank = FrameBank.filled(p.tape_frames, st.block_start, st.stream_start) * ctx.tokens_per_frame
         shape = (ctx.batch_size, bank, ctx.num_kv_heads, ctx.head_dim)
         want["bank_k"] = want["bank_v"] = (shape, ctx.dtype)
+    if p.memory_frames:
+        want["memory_k"] = want["memory_v"] = ((ctx.batch_size, p.memory_frames, ctx.num_kv_heads, ctx.head_dim),
+                                               torch.float32)
     for name, w in want.items():
         t = d[name]
         if w is None:
@@ -105,7 +112,8 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         v = getattr(st, name)
         if v is not None and not -_INT_LIMIT < v < _INT_LIMIT:
             bad(f"{name}={v} is out of range")
-    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v") + mass_part_keys(p):
+    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v", "memory_k",
+                 "memory_v") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and (t.layout != torch.strided or t.device.type not in ("cpu", ctx.device.type)):
             bad(f"{name!r} must be a dense tensor on the CPU or {ctx.device}, got {t.layout} on {t.device}")
@@ -148,7 +156,7 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
     # tensor values
-    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v") + mass_part_keys(p):
+    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v", "memory_k", "memory_v") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
             bad(f"{name!r} holds NaN or inf")
@@ -181,6 +189,8 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
             bad("Top-C slots hold frames outside the gap between the sink and the recent frames")
         if C_tok > n and bool((topc[:, n:] <= topc[:, :-n]).any()):
             bad(f"a frame fills more than its {n} token slots in the Top-C region")
+    if p.memory_frames:
+        _check_memory_values(p, n, st, d, bad)
     reuse = d["reuse"]
     if reuse is not None:
         if bool((reuse < 0).any()):
@@ -211,3 +221,20 @@ def _check_tape_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], bad
     if bool((replayed & (pos >= st.block_start - p.block_frames)).any()) or \
             bool((replayed & (pos < lo + (st.first_block_frames or 0) + p.window_frames - p.block_frames)).any()):
         bad("replayed slots sit where the tape has not been written")
+
+
+def _check_memory_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], bad: Any) -> None:
+    """MemRoPE: before the first roll the EMAs are zero; after it the memory slots sit at frames
+    ``stream_start + sink_frames + i`` and hold the EMA values."""
+    mk, mv = d["memory_k"], d["memory_v"]
+    if st.sink_start is None:
+        if bool((mk != 0).any()) or bool((mv != 0).any()):
+            bad("the memories hold values before the first roll")
+        return
+    S, M = p.sink_frames, p.memory_frames
+    want = st.stream_start + S + torch.arange(M, device=d["frames"].device).repeat_interleave(n)
+    if not bool((d["frames"][:, S * n:(S + M) * n] == want).all()):
+        bad(f"memory slots must sit at frames {st.stream_start + S}..{st.stream_start + S + M - 1}")
+    v = d["v"][:, S * n:(S + M) * n].reshape(mv.shape[0], M, n, *mv.shape[2:])
+    if not bool((v == mv.to(device=v.device, dtype=v.dtype)[:, :, None]).all()):
+        bad("the memory slots' values differ from 'memory_v'")

@@ -31,8 +31,8 @@ from ..presets import POLICY_NAMES
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
 from .generate import policy_name
 
-KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5}
-KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad"]
+KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5, "memory": 6}
+KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad", "#17becf"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +107,8 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
         # tokens_per_frame only sets how many slots a frame is drawn with
         policy = dataclasses.replace(policy, frame_tokens=None)
     cache = StreamingKVCache(policy, num_layers=1, batch_size=1, num_heads=H, head_dim=D,
-                             tokens_per_frame=tokens_per_frame, rope=rope, dtype=torch.float32)
+                             tokens_per_frame=tokens_per_frame, rope=rope, dtype=torch.float32,
+                             frame_grid=(1, tokens_per_frame))
     layer = cache.layers[0]
     g = torch.Generator().manual_seed(seed)
     bf = policy.block_frames
@@ -127,7 +128,8 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
                 tr.positions.append(layer.positions()[0].tolist())
                 kinds = _kinds(layer, policy, fr)
                 # the block being generated is "recent" to the cache; draw it apart, and the given frames too
-                tr.kinds.append(["block" if f >= f0 else "prefix" if f < P and kd != "topc" else kd
+                tr.kinds.append(["block" if f >= f0 and kd != "memory" else
+                                 "prefix" if f < P and kd not in ("topc", "memory") else kd
                                  for f, kd in zip(fr, kinds)])
     return tr
 
@@ -144,6 +146,8 @@ def _runs(frames: Sequence[int], positions: Sequence[int], kinds: Sequence[str])
         if k == "topc":
             srcs = sorted(set(frames[i:j]))
             parts.append(f"topc {j - i} tok from {len(srcs)} frames ({srcs[0]}..{srcs[-1]})")
+        elif k == "memory":  # averages of evicted frames, not frames
+            parts.append(f"memory@{positions[i]}..{positions[j - 1]}")
         else:
             seen, items = set(), []
             for f, p in zip(frames[i:j], positions[i:j]):
@@ -213,9 +217,9 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     fig, axes = plt.subplots(4, 1, figsize=(13, 13), gridspec_kw={"height_ratios": [3, 3, 3, 1.3]})
     common = dict(aspect="auto", origin="lower", extent=extent, interpolation="nearest")
     ax = axes[0]
-    im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=5.5, **common)
-    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(6))
-    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block", "prefix (given)"])
+    im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=6.5, **common)
+    cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(7))
+    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block", "prefix (given)", "memory (EMA)"])
     ax.set_title("slot kind")
     ax = axes[1]
     im = ax.imshow(np.ma.masked_invalid(frames), cmap="viridis", vmin=0, vmax=last, **common)

@@ -25,6 +25,8 @@ class CacheSpec(NamedTuple):
     head_dim: int
     tokens_per_frame: int
     rope: Optional[RopeSpec]
+    #: ``(rows, cols)`` of a frame's tokens for a 3-D ``rope`` (policies that un-rotate keys need it)
+    frame_grid: Optional[Tuple[int, ...]] = None
 
 
 @runtime_checkable
@@ -72,4 +74,4 @@ def build_cache(model: Any, policy: Any, *, latent_size: Sequence[int], batch_si
     return StreamingKVCache(policy, num_layers=spec.num_layers, batch_size=batch_size, num_heads=spec.num_heads,
                             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                             tokens_per_frame=spec.tokens_per_frame, rope=spec.rope, dtype=dtype, device=device,
-                            **cache_kw)
+                            frame_grid=getattr(spec, "frame_grid", None), **cache_kw)

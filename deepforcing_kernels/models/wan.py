@@ -96,7 +96,7 @@ class CausalWanModel(nn.Module):
         """Cache geometry at ``latent_size``: one layer per block, all heads, Wan's 3-D RoPE."""
         c = self.wan_config
         rows, cols = c.token_grid(latent_size)
-        return CacheSpec(c.num_layers, c.num_heads, c.num_heads, c.head_dim, rows * cols, self.rope)
+        return CacheSpec(c.num_layers, c.num_heads, c.num_heads, c.head_dim, rows * cols, self.rope, (rows, cols))
 
     @torch.no_grad()
     def init_weights(self, *, generator: Optional[torch.Generator] = None, zero_head: bool = True) -> None:

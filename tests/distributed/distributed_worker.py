@@ -136,6 +136,8 @@ POLICIES = {
     "sliding": lambda CP: CP.sliding(window_frames=6),
     # window 6, tape 3: the tape replays in the last two blocks (backward, then forward)
     "rolling_sink": lambda CP: CP.rolling_sink(window_frames=6, frame_tokens=None),
+    # window 8, sink 1, 2 memories: rolls (and folds into the memories) at f0 = 6 (the first), 9, 12
+    "memrope": lambda CP: CP.memrope(window_frames=8, sink_frames=1),
 }
 LATENT = (6, 8)  # 3 x 4 = 12 tokens per frame: divisible by 2 and 3
 FRAMES = 15      # 5 blocks: compressions (deep_forcing) / rolls (sliding, deep_sink) in the last two
