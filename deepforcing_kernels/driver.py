@@ -411,12 +411,15 @@ class Rollout:
     # ------------------------------------------------------------ prompt switches
     def _keep_clean(self, f0: int, block: torch.Tensor) -> None:
         """Keep the clean latents the re-cache may need: frames of the sink (the first ``sink_frames`` of the
-        stream) and the last ``window_frames`` frames; at most ``sink + window`` frames, whatever the length."""
-        p = self.policy
+        stream; Rolling Sink: its tape's ``tape_frames``) and the last ``window_frames`` frames; at most
+        ``sink + window`` frames, whatever the length."""
+        p = self.cache.policy  # as the cache resolved it (a frame size in tokens may resize its window)
         for i in range(block.shape[1]):
             self._clean[f0 + i] = block[:, i]
         end = f0 + block.shape[1]
-        keep_sink = p.sink_frames if p.rephase_sink or p.kind == "frame_sink" else 0
+        # the stream's first frames the cache may hold again: the sink, or Rolling Sink's tape (it replays them)
+        keep_sink = max(p.sink_frames if p.rephase_sink or p.kind == "frame_sink" else 0,
+                        p.tape_frames if p.has_tape else 0)
         window = p.window_frames if p.kind != "full" else end
         for f in [f for f in self._clean if f >= keep_sink and f < end - window]:
             del self._clean[f]

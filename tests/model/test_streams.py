@@ -127,6 +127,18 @@ def test_recache_rewrites_held_frames_as_a_fresh_clean_pass(model):
         torch.testing.assert_close(la.values(), lb.values(), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", POLICY_NAMES)
+def test_every_policy_recaches_late_in_a_stream(model, name):
+    """A re-cache long after the window filled finds the clean latents of every frame its cache holds whole
+    (Rolling Sink's replayed tape frames too), and keeps them bounded."""
+    a, b = _text(1), _text(2)
+    r = _run(model, 63, name, text=None, text_schedule=[(0, a), (48, b)], recache=True)
+    out = r.run()
+    assert out.shape[1] == 63 and torch.isfinite(out).all()
+    p = r.cache.policy  # as resolved for this frame size (Rolling Sink's window is counted in 1560-token frames)
+    assert len(r._clean) <= max(p.sink_frames, p.tape_frames or 0) + (p.window_frames or 63)
+
+
 def test_recache_leaves_topc_slots_and_keeps_bounded_latents(model):
     a, b = _text(1), _text(2)
     r = _run(model, 60, "deep_forcing", text=None, text_schedule=[(0, a), (60, b)], recache=True)
