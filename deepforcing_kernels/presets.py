@@ -31,6 +31,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
     # the field's other training-free methods, as their authors run them (docs/methods.md)
     "rolling_sink": ("rolling_sink", {}, "FIFO 21 frames of 1560 tokens; a tape of frames 0..17 replayed at the "
                      "older slots' positions (Rolling Sink)"),
+    "infinity_rope": ("infinity_rope", {}, "sink 1 + newest 5 frames, block-relativistic RoPE; a prompt switch keeps "
+                      "sink + 2 (kv_flush), a scene cut moves the block to position 45 (Infinity-RoPE)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the
