@@ -25,9 +25,9 @@ from .formats import ROLLOUT_STATE_FORMAT
 from .models.base import build_cache, check_model
 from .runio.files import content_digest
 from .sampler import DENOISING_STEPS, SHIFT, clean_pass, denoise_block, warp_timesteps
+from .schedule import switch_state
 
 __all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS"]
-
 
 
 def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
@@ -66,7 +66,8 @@ class Rollout:
                  denoising_steps: Sequence[float] = DENOISING_STEPS, shift: float = SHIFT, progress: bool = True,
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
-                 text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False):
+                 text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False,
+                 scene_cuts: Sequence[int] = ()):
         check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -107,6 +108,10 @@ class Rollout:
         self.recache = recache
         # per switch: whether it re-caches (the constructor's flag for a given schedule; add_switch sets its own)
         self._recache_at = [recache and i > 0 for i in range(len(texts))]
+        if any(f not in self.switch_frames[1:] for f in scene_cuts) or (scene_cuts and not policy.block_relative):
+            raise ValueError(f"scene_cuts {list(scene_cuts)} must be switch frames of text_schedule "
+                             f"({self.switch_frames[1:]}) of an infinity_rope policy (rope_cut), not {policy.kind!r}")
+        self._cut_at = [f in scene_cuts and i > 0 for i, f in enumerate(self.switch_frames)]
         # a live switch may ask for a re-cache at any boundary: keep the clean latents it needs from the start
         self.steerable = steerable
         self._keeps_clean = steerable or (recache and len(texts) > 1)
@@ -213,7 +218,7 @@ class Rollout:
         return ctx
 
     # ------------------------------------------------------------ steering
-    def add_switch(self, text_embeds: torch.Tensor, *, recache: bool = False) -> int:
+    def add_switch(self, text_embeds: torch.Tensor, *, recache: bool = False, scene_cut: bool = False) -> int:
         """Switch prompts at the next block boundary: every block from frame ``frames_done`` on cross-attends to
         ``text_embeds`` (``[L, text_dim]`` or ``[B, L, text_dim]``); returns that frame. Call it between blocks,
         from the thread that iterates. The blocks already yielded are untouched, so the stream up to the
@@ -223,7 +228,9 @@ class Rollout:
         prompt (as ``generate(..., recache=True)`` does at a scheduled switch); it needs the clean latents of
         the sink and the last window, which a rollout keeps when made with ``steerable=True`` (or with a
         re-caching schedule): ValueError otherwise. The switch joins :meth:`state_dict`'s settings
-        (``switch_frames``, ``recache_frames``): a resume must give the same schedule."""
+        (``switch_frames``, ``recache_frames``): a resume must give the same schedule. ``scene_cut``: as
+        ``generate(..., scene_cuts=[f])`` (``infinity_rope`` only)."""
+        switch_state(self.policy, self.cache.layers[0].state, scene_cut)  # ValueError for a cut it cannot make
         if not isinstance(recache, bool):
             raise TypeError(f"recache must be a bool, got {type(recache).__name__}")
         f = self.frames_done
@@ -238,12 +245,13 @@ class Rollout:
         t = t.to(self.device, self.dtype).expand(self.batch_size, -1, -1)
         if self.switch_frames[-1] == f:  # nothing ran under the last switch yet: this one replaces it
             i = len(self.switch_frames) - 1
-            self._texts[i], self._recache_at[i] = t, recache and i > 0
+            self._texts[i], self._recache_at[i], self._cut_at[i] = t, recache and i > 0, scene_cut and i > 0
             self._contexts.pop(i, None)
         else:
             self.switch_frames.append(f)
             self._texts.append(t)
             self._recache_at.append(recache)
+            self._cut_at.append(scene_cut)
         return f
 
     # ------------------------------------------------------------ state
@@ -252,7 +260,8 @@ class Rollout:
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps), "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
                 "switch_frames": list(self.switch_frames), "recache": self.recache,
-                "recache_frames": self._recache_frames(), "text": self._text_digest()}
+                "recache_frames": self._recache_frames(), "text": self._text_digest(),
+                "cut_frames": [f for f, c in zip(self.switch_frames, self._cut_at) if c]}
 
     def _text_digest(self) -> str:
         """Digest of the text embeddings the blocks attend to (the prompts, as the model sees them; a live switch
@@ -271,7 +280,7 @@ class Rollout:
             raise ValueError("resume_from has no settings: not a Rollout.state_dict()")
         mine = self._settings()
         for key, value in settings.items():
-            if key in ("prefix_frames", "switch_frames", "recache", "recache_frames") or key not in mine:
+            if key in ("prefix_frames", "switch_frames", "recache", "recache_frames", "cut_frames") or key not in mine:
                 continue
             if mine.get(key) != value:
                 if key == "text":
@@ -280,7 +289,8 @@ class Rollout:
         # which switches re-cache is what counts (a live switch sets its own); a state saved before per-switch
         # flags existed re-caches at every switch when its "recache" is set
         derived = list(settings.get("switch_frames", [0]))[1:] if settings.get("recache", False) else []
-        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache_frames", derived)):
+        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache_frames", derived),
+                             ("cut_frames", [])):
             if settings.get(key, default) != mine[key]:
                 raise ValueError(f"cannot resume: {key} was {settings.get(key, default)!r} in the saved run but is "
                                  f"{mine[key]!r} now")
@@ -339,8 +349,10 @@ class Rollout:
         f0 = self.frames_done
         frames, given = self._block_at(f0)
         idx = self._text_index(f0)
-        if idx and self.switch_frames[idx] == f0 and self._recache_at[idx]:
-            self._recache(idx)
+        if idx and self.switch_frames[idx] == f0:  # infinity_rope flushes here (kv_flush), maybe with a cut
+            if self._recache_at[idx]:
+                self._recache(idx)
+            self.cache.switch(scene_cut=self._cut_at[idx])
         block = self._prefix_block(f0, frames, idx) if given else self._block(f0, idx)
         if self._keeps_clean:
             self._keep_clean(f0, block)
@@ -431,7 +443,7 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
              callback: Optional[Callable[[torch.Tensor, int], None]] = None,
              resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
              text_schedule: Optional[TextSchedule] = None, recache: bool = False,
-             steerable: bool = False) -> Rollout:
+             steerable: bool = False, scene_cuts: Sequence[int] = ()) -> Rollout:
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
@@ -467,6 +479,9 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
             ``window_frames`` frames, never more.
         steerable: keep those clean latents from the start, so that :meth:`Rollout.add_switch` can switch
             prompts mid-stream with ``recache=True`` (a live viewer); the blocks are the same either way.
+        scene_cuts: switch frames of ``text_schedule`` that are scene cuts: ``infinity_rope`` places the block
+            there at its ``cut_position`` (rope_cut). Every switch of an ``infinity_rope`` stream flushes its cache
+            (kv_flush: the sink and the last ``flush_frames`` frames stay), as the authors' pipeline does.
 
     Returns:
         a :class:`Rollout`: iterate it for blocks ``[B, block_frames, C, H, W]`` in frame order; its
@@ -482,4 +497,4 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
     return Rollout(model, text_embeds, num_frames, policy, seed, batch_size=batch_size, latent_size=latent_size,
                    cache_dtype=cache_dtype, backend=backend, denoising_steps=denoising_steps, shift=shift,
                    progress=progress, callback=callback, resume_from=resume_from, prefix_latents=prefix_latents,
-                   text_schedule=text_schedule, recache=recache, steerable=steerable)
+                   text_schedule=text_schedule, recache=recache, steerable=steerable, scene_cuts=scene_cuts)
