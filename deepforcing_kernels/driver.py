@@ -24,10 +24,18 @@ import torch
 from .formats import ROLLOUT_STATE_FORMAT
 from .models.base import build_cache, check_model
 from .runio.files import content_digest
-from .sampler import DENOISING_STEPS, SHIFT, checked_timesteps, clean_pass, denoise_block, warp_timesteps
+from .sampler import (
+    DENOISING_STEPS,
+    SHIFT,
+    check_text_schedule,
+    checked_timesteps,
+    clean_pass,
+    denoise_block,
+    warp_timesteps,
+)
+from .schedule import switch_state
 
 __all__ = ["generate", "Rollout", "load_run", "warp_timesteps", "DENOISING_STEPS"]
-
 
 
 def load_run(path: str, *, with_state: bool = False) -> Dict[str, Any]:
@@ -67,7 +75,7 @@ class Rollout:
                  callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
                  text_schedule: Optional[TextSchedule] = None, recache: bool = False, steerable: bool = False,
-                 first_block_steps: Optional[Sequence[float]] = None):
+                 first_block_steps: Optional[Sequence[float]] = None, scene_cuts: Sequence[int] = ()):
         check_model(model)
         if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames <= 0:
             raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -97,7 +105,7 @@ class Rollout:
             if text_embeds is None:
                 raise ValueError("give text_embeds or text_schedule")
             text_schedule = [(0, text_embeds)]
-        texts = self._check_schedule(text_schedule, model.text_dim)
+        texts = check_text_schedule(text_schedule, model.text_dim)
         b_text = max(t.shape[0] for _, t in texts)
         self.batch_size = int(batch_size) if batch_size is not None else b_text
         if self.batch_size <= 0 or any(t.shape[0] not in (1, self.batch_size) for _, t in texts):
@@ -108,6 +116,10 @@ class Rollout:
         self.recache = recache
         # per switch: whether it re-caches (the constructor's flag for a given schedule; add_switch sets its own)
         self._recache_at = [recache and i > 0 for i in range(len(texts))]
+        if any(f not in self.switch_frames[1:] for f in scene_cuts) or (scene_cuts and not policy.block_relative):
+            raise ValueError(f"scene_cuts {list(scene_cuts)} must be switch frames of text_schedule "
+                             f"({self.switch_frames[1:]}) of an infinity_rope policy (rope_cut), not {policy.kind!r}")
+        self._cut_at = [f in scene_cuts and i > 0 for i, f in enumerate(self.switch_frames)]
         # a live switch may ask for a re-cache at any boundary: keep the clean latents it needs from the start
         self.steerable = steerable
         self._keeps_clean = steerable or (recache and len(texts) > 1)
@@ -149,31 +161,6 @@ class Rollout:
         self._pbar = None
 
     # ------------------------------------------------------------ checks
-    @staticmethod
-    def _check_schedule(schedule: TextSchedule, text_dim: int) -> List[Tuple[int, torch.Tensor]]:
-        if not isinstance(schedule, (list, tuple)) or not schedule:
-            raise ValueError("text_schedule must be a non-empty list of (start_frame, text_embeds) pairs")
-        out: List[Tuple[int, torch.Tensor]] = []
-        for i, item in enumerate(schedule):
-            if not isinstance(item, (list, tuple)) or len(item) != 2:
-                raise ValueError(f"text_schedule[{i}] must be a (start_frame, text_embeds) pair")
-            f, t = item
-            if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-                raise ValueError(f"text_schedule[{i}] starts at {f!r}: frames are non-negative ints")
-            if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
-                raise ValueError(f"text_schedule[{i}]'s text_embeds must be a tensor [L, text_dim] or "
-                                 "[B, L, text_dim]")
-            if t.shape[-1] != text_dim:
-                raise ValueError(f"text_embeds has width {t.shape[-1]}, the model takes {text_dim}")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                raise ValueError(f"text_schedule[{i}]'s text_embeds hold NaN or inf (or are not floating point)")
-            if i == 0 and f != 0:
-                raise ValueError(f"text_schedule must start at frame 0, got {f}")
-            if i and f <= out[-1][0]:
-                raise ValueError(f"text_schedule must be in increasing frame order, got {out[-1][0]} then {f}")
-            out.append((f, t[None] if t.dim() == 2 else t))
-        return out
-
     def _check_prefix(self, prefix: Any) -> torch.Tensor:
         if not isinstance(prefix, torch.Tensor) or prefix.dim() not in (4, 5) or not prefix.is_floating_point():
             raise ValueError("prefix_latents must be a float tensor [B, P, C, h, w] (or [P, C, h, w])")
@@ -219,7 +206,7 @@ class Rollout:
         return ctx
 
     # ------------------------------------------------------------ steering
-    def add_switch(self, text_embeds: torch.Tensor, *, recache: bool = False) -> int:
+    def add_switch(self, text_embeds: torch.Tensor, *, recache: bool = False, scene_cut: bool = False) -> int:
         """Switch prompts at the next block boundary: every block from frame ``frames_done`` on cross-attends to
         ``text_embeds`` (``[L, text_dim]`` or ``[B, L, text_dim]``); returns that frame. Call it between blocks,
         from the thread that iterates. The blocks already yielded are untouched, so the stream up to the
@@ -229,13 +216,15 @@ class Rollout:
         prompt (as ``generate(..., recache=True)`` does at a scheduled switch); it needs the clean latents of
         the sink and the last window, which a rollout keeps when made with ``steerable=True`` (or with a
         re-caching schedule): ValueError otherwise. The switch joins :meth:`state_dict`'s settings
-        (``switch_frames``, ``recache_frames``): a resume must give the same schedule."""
+        (``switch_frames``, ``recache_frames``): a resume must give the same schedule. ``scene_cut``: as
+        ``generate(..., scene_cuts=[f])`` (``infinity_rope`` only)."""
+        switch_state(self.policy, self.cache.layers[0].state, scene_cut)  # ValueError for a cut it cannot make
         if not isinstance(recache, bool):
             raise TypeError(f"recache must be a bool, got {type(recache).__name__}")
         f = self.frames_done
         if f >= self.num_frames:
             raise ValueError(f"the stream is finished ({self.num_frames} frames): no block is left to switch")
-        (_, t), = self._check_schedule([(0, text_embeds)], self.model.text_dim)
+        (_, t), = check_text_schedule([(0, text_embeds)], self.model.text_dim)
         if t.shape[0] not in (1, self.batch_size):
             raise ValueError(f"text_embeds has batch {t.shape[0]}; this stream has batch {self.batch_size}")
         if recache and f and not self._keeps_clean:
@@ -244,12 +233,13 @@ class Rollout:
         t = t.to(self.device, self.dtype).expand(self.batch_size, -1, -1)
         if self.switch_frames[-1] == f:  # nothing ran under the last switch yet: this one replaces it
             i = len(self.switch_frames) - 1
-            self._texts[i], self._recache_at[i] = t, recache and i > 0
+            self._texts[i], self._recache_at[i], self._cut_at[i] = t, recache and i > 0, scene_cut and i > 0
             self._contexts.pop(i, None)
         else:
             self.switch_frames.append(f)
             self._texts.append(t)
             self._recache_at.append(recache)
+            self._cut_at.append(scene_cut)
         return f
 
     # ------------------------------------------------------------ state
@@ -260,7 +250,8 @@ class Rollout:
                 "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
                 "switch_frames": list(self.switch_frames), "recache": self.recache,
-                "recache_frames": self._recache_frames(), "text": self._text_digest()}
+                "recache_frames": self._recache_frames(), "text": self._text_digest(),
+                "cut_frames": [f for f, c in zip(self.switch_frames, self._cut_at) if c]}
 
     def _text_digest(self) -> str:
         """Digest of the text embeddings the blocks attend to (the prompts, as the model sees them; a live switch
@@ -279,7 +270,7 @@ class Rollout:
             raise ValueError("resume_from has no settings: not a Rollout.state_dict()")
         mine = self._settings()
         for key, value in settings.items():
-            if key in ("prefix_frames", "switch_frames", "recache", "recache_frames") or key not in mine:
+            if key in ("prefix_frames", "switch_frames", "recache", "recache_frames", "cut_frames") or key not in mine:
                 continue
             if mine.get(key) != value:
                 if key == "text":
@@ -288,7 +279,8 @@ class Rollout:
         # which switches re-cache is what counts (a live switch sets its own); a state saved before per-switch
         # flags existed re-caches at every switch when its "recache" is set
         derived = list(settings.get("switch_frames", [0]))[1:] if settings.get("recache", False) else []
-        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache_frames", derived)):
+        for key, default in (("prefix_frames", 0), ("switch_frames", [0]), ("recache_frames", derived),
+                             ("cut_frames", [])):
             if settings.get(key, default) != mine[key]:
                 raise ValueError(f"cannot resume: {key} was {settings.get(key, default)!r} in the saved run but is "
                                  f"{mine[key]!r} now")
@@ -347,8 +339,10 @@ class Rollout:
         f0 = self.frames_done
         frames, given = self._block_at(f0)
         idx = self._text_index(f0)
-        if idx and self.switch_frames[idx] == f0 and self._recache_at[idx]:
-            self._recache(idx)
+        if idx and self.switch_frames[idx] == f0:  # infinity_rope flushes here (kv_flush), maybe with a cut
+            if self._recache_at[idx]:
+                self._recache(idx)
+            self.cache.switch(scene_cut=self._cut_at[idx])
         block = self._prefix_block(f0, frames, idx) if given else self._block(f0, idx)
         if self._keeps_clean:
             self._keep_clean(f0, block)
@@ -443,7 +437,8 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
              callback: Optional[Callable[[torch.Tensor, int], None]] = None,
              resume_from: Optional[Dict[str, Any]] = None, prefix_latents: Optional[torch.Tensor] = None,
              text_schedule: Optional[TextSchedule] = None, recache: bool = False,
-             steerable: bool = False, first_block_steps: Optional[Sequence[float]] = None) -> Rollout:
+             steerable: bool = False, first_block_steps: Optional[Sequence[float]] = None,
+             scene_cuts: Sequence[int] = ()) -> Rollout:
     """Generate ``num_frames`` latent frames with the Self-Forcing rollout, streaming them block by block.
 
     Args:
@@ -481,6 +476,9 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
             ``window_frames`` frames, never more.
         steerable: keep those clean latents from the start, so that :meth:`Rollout.add_switch` can switch
             prompts mid-stream with ``recache=True`` (a live viewer); the blocks are the same either way.
+        scene_cuts: switch frames of ``text_schedule`` that are scene cuts: ``infinity_rope`` places the block
+            there at its ``cut_position`` (rope_cut). Every switch of an ``infinity_rope`` stream flushes its cache
+            (kv_flush: the sink and the last ``flush_frames`` frames stay), as the authors' pipeline does.
 
     Returns:
         a :class:`Rollout`: iterate it for blocks ``[B, block_frames, C, H, W]`` in frame order; its
@@ -497,4 +495,4 @@ def generate(model: torch.nn.Module, text_embeds: Optional[torch.Tensor], num_fr
                    cache_dtype=cache_dtype, backend=backend, denoising_steps=denoising_steps, shift=shift,
                    progress=progress, callback=callback, resume_from=resume_from, prefix_latents=prefix_latents,
                    text_schedule=text_schedule, recache=recache, steerable=steerable,
-                   first_block_steps=first_block_steps)
+                   first_block_steps=first_block_steps, scene_cuts=scene_cuts)

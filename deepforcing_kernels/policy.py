@@ -14,6 +14,9 @@ policy             keeps                                    RoPE of kept keys
 ``rolling_sink``   FIFO window; a tape of early frames      tape frames at their slots' positions
                    replays into the older slots
 ``memrope``        sink + EMA memory frames + FIFO          sink and memory re-phased, contiguous
+``infinity_rope``  first ``sink_frames`` + FIFO; a prompt   block-relativistic: slot ``i`` at
+                   switch keeps sink + ``flush_frames``     ``base + i``; a scene cut moves the
+                                                            block to ``cut_position``
 =================  =======================================  =====================================
 
 The methods of other authors (``rolling_sink``, ``memrope``, and the options their presets set) are described, with the source
@@ -26,7 +29,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
-KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope")
+KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope")
 #: Rolling Sink's hard-coded tokens per frame (Wan at 832x480): its window is ``window_frames * 1560`` tokens
 AUTHORS_FRAME_TOKENS = 1560
 SCORES = ("mass", "logits")
@@ -68,6 +71,10 @@ class CachePolicy:
         average_first_roll: ``memrope`` only: False (the authors' code) starts the memories at the first roll from
             the mean of the evicted frames alone, so the frames the memory slots held until then are dropped
             without being averaged; True averages them in too.
+        flush_frames: ``infinity_rope`` only: frames after the sink a prompt switch keeps (the authors' kv_flush
+            keeps sink + 2); None: a switch does not flush.
+        cut_position: ``infinity_rope`` only: temporal position, relative to the sink at 0, where a scene cut
+            places the block after the switch (the authors' rope_cut ``transition_from = 45``).
     """
 
     kind: str
@@ -85,6 +92,8 @@ class CachePolicy:
     frame_tokens: Optional[int] = None
     memory_alphas: Optional[Tuple[float, ...]] = None
     average_first_roll: bool = False
+    flush_frames: Optional[int] = None
+    cut_position: Optional[int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -148,6 +157,19 @@ class CachePolicy:
                    rephase_sink=True, sink_gap=0, memory_alphas=tuple(memory_alphas),
                    average_first_roll=average_first_roll)
 
+    @classmethod
+    def infinity_rope(cls, window_frames: int = 6, sink_frames: int = 1, flush_frames: Optional[int] = 2,
+                      cut_position: int = 45, *, block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
+        """Infinity-RoPE (docs/methods.md): the first ``sink_frames`` frames + FIFO, ``window_frames`` in all (the
+        authors' ``local_attn_size = 6``, ``sink_size = 1``). Block-relativistic RoPE: every pass attends to its
+        window as if slot ``i`` sat at position ``i`` and its queries at ``window_frames - block_frames``, i.e.
+        slot ``i`` at ``base + i`` with ``base = f0 + block_frames - window_frames`` once the window has filled
+        (in the steady state: a sink re-phased right behind the recent frames, ``sink_gap = 0``). A prompt switch
+        (:meth:`StreamingKVCache.switch <deepforcing_kernels.StreamingKVCache.switch>`) keeps the sink and the
+        last ``flush_frames`` frames (kv_flush); a scene cut places the next block at ``cut_position`` (rope_cut)."""
+        return cls("infinity_rope", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
+                   rephase_sink=True, sink_gap=0, flush_frames=flush_frames, cut_position=cut_position)
+
     def for_tokens_per_frame(self, tokens_per_frame: int) -> "CachePolicy":
         """The policy a cache with ``tokens_per_frame`` tokens per frame runs: ``rolling_sink`` with
         ``frame_tokens`` set resolves its window to ``window_frames * frame_tokens // tokens_per_frame`` whole
@@ -182,7 +204,7 @@ class CachePolicy:
                 raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
         if self.kind in ("sliding", "rolling_sink"):
             self._only(sink_frames=0)
-        if self.kind in ("frame_sink", "deep_sink", "deep_forcing"):
+        if self.kind in ("frame_sink", "deep_sink", "deep_forcing", "infinity_rope"):
             S = self._store_checked_int("sink_frames", 1)
             if S >= self.window_frames:
                 raise ValueError(f"sink_frames ({S}) must be < window_frames ({self.window_frames})")
@@ -195,7 +217,15 @@ class CachePolicy:
             self._check_memory()
         else:
             self._only(memory_alphas=None, average_first_roll=False)
-        if self.kind in ("deep_sink", "deep_forcing"):
+        if self.kind == "infinity_rope":
+            if not self.rephase_sink or self.sink_gap != 0:
+                raise ValueError("infinity_rope places its window contiguously (rephase_sink=True, sink_gap=0)")
+            if self.flush_frames is not None:
+                self._store_checked_int("flush_frames", 0)
+            self._store_checked_int("cut_position", 0)
+        else:
+            self._only(flush_frames=None, cut_position=None)
+        if self.kind in ("deep_sink", "deep_forcing", "infinity_rope"):
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
             if self.sink_gap is not None:
@@ -304,6 +334,11 @@ class CachePolicy:
         """Frames at the head of a rolled cache that never roll out: the sink and the memory frames. A roll evicts
         right after them, and the sink re-phasing moves all of them."""
         return self.sink_frames + self.memory_frames
+
+    @property
+    def block_relative(self) -> bool:
+        """Whether the window is attended block-relativistically (Infinity-RoPE: slot ``i`` at ``base + i``)."""
+        return self.kind == "infinity_rope"
 
     @property
     def gap_frames(self) -> int:

@@ -35,6 +35,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                      "older slots' positions (Rolling Sink)"),
     "memrope": ("memrope", {}, "window 12: sink 3 + EMA memories of the evicted frames (alpha 0.01, 0.1) + recent "
                 "4, at contiguous positions (MemRoPE)"),
+    "infinity_rope": ("infinity_rope", {}, "sink 1 + newest 5 frames, block-relativistic RoPE; a prompt switch keeps "
+                      "sink + 2 (kv_flush), a scene cut moves the block to position 45 (Infinity-RoPE)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the

@@ -12,7 +12,7 @@ from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["DENOISING_STEPS", "SHIFT", "warp_timesteps", "checked_timesteps", "denoise_block", "clean_pass"]
+__all__ = ["DENOISING_STEPS", "SHIFT", "warp_timesteps", "checked_timesteps", "check_text_schedule", "denoise_block", "clean_pass"]
 
 # Self-Forcing's 4-step schedule before the warp, and the warp's shift.
 DENOISING_STEPS: Tuple[float, ...] = (1000.0, 750.0, 500.0, 250.0)
@@ -46,6 +46,33 @@ def checked_timesteps(steps: Any, shift: float, name: str) -> List[float]:
         return warp_timesteps([float(t) for t in steps], shift)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{name}: {e}") from None
+
+
+def check_text_schedule(schedule: Any, text_dim: int) -> List[Tuple[int, torch.Tensor]]:
+    """``[(first frame, text embeddings), ...]`` checked (frames from 0, increasing; finite float tensors
+    ``[L, text_dim]`` or ``[B, L, text_dim]``), each as ``[B, L, text_dim]``; ValueError naming the entry."""
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise ValueError("text_schedule must be a non-empty list of (start_frame, text_embeds) pairs")
+    out: List[Tuple[int, torch.Tensor]] = []
+    for i, item in enumerate(schedule):
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError(f"text_schedule[{i}] must be a (start_frame, text_embeds) pair")
+        f, t = item
+        if isinstance(f, bool) or not isinstance(f, int) or f < 0:
+            raise ValueError(f"text_schedule[{i}] starts at {f!r}: frames are non-negative ints")
+        if not isinstance(t, torch.Tensor) or t.dim() not in (2, 3):
+            raise ValueError(f"text_schedule[{i}]'s text_embeds must be a tensor [L, text_dim] or "
+                             "[B, L, text_dim]")
+        if t.shape[-1] != text_dim:
+            raise ValueError(f"text_embeds has width {t.shape[-1]}, the model takes {text_dim}")
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"text_schedule[{i}]'s text_embeds hold NaN or inf (or are not floating point)")
+        if i == 0 and f != 0:
+            raise ValueError(f"text_schedule must start at frame 0, got {f}")
+        if i and f <= out[-1][0]:
+            raise ValueError(f"text_schedule must be in increasing frame order, got {out[-1][0]} then {f}")
+        out.append((f, t[None] if t.dim() == 2 else t))
+    return out
 
 
 def denoise_block(flow: Flow, noise: Callable[[], torch.Tensor], timesteps: Sequence[float], *,

@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._scalars import check_int
+from .blockrel import EVENTS, placement
 from .policy import CachePolicy
 
 SINK, TOPC, RECENT, MEMORY = "sink", "topc", "recent", "memory"
@@ -81,6 +82,9 @@ class ScheduleState:
         compressed: a Top-C region (``topc_frames`` frames' worth of tokens) follows the sink.
         first_block_frames: frames of the stream's first block when it is shorter than ``block_frames`` (an
             image prefix run as its own block, Self-Forcing's ``independent_first_frame``); None otherwise.
+        pending: ``infinity_rope``: the event a prompt switch left for the next block (``"flush"`` or ``"cut"``,
+            :mod:`deepforcing_kernels.blockrel`); None otherwise.
+        cut: ``infinity_rope``: the current block was placed by a scene cut (its own slots at its own frames).
     """
 
     frames: int = 0
@@ -89,6 +93,8 @@ class ScheduleState:
     sink_start: Optional[int] = None
     compressed: bool = False
     first_block_frames: Optional[int] = None
+    pending: Optional[str] = None
+    cut: bool = False
 
     def current_block_frames(self, policy: CachePolicy) -> int:
         """Frames of the current (last written) block."""
@@ -102,8 +108,10 @@ class ScheduleState:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "ScheduleState":
         keys = {"frames", "block_start", "stream_start", "sink_start", "compressed"}
-        if not isinstance(d, dict) or set(d) not in (keys, keys | {"first_block_frames"}):
+        if not isinstance(d, dict) or not keys <= set(d) <= keys | {"first_block_frames", "pending", "cut"}:
             raise ValueError(f"a schedule state dict is expected, got {d!r}")
+        if d.get("pending") not in (None,) + EVENTS or not isinstance(d.get("cut", False), bool):
+            raise ValueError(f"pending must be None or one of {EVENTS} and cut a bool, got {d!r}")
         check_int("frames", d["frames"], minimum=0)
         for name in ("block_start", "stream_start", "sink_start"):
             if d[name] is not None:
@@ -213,6 +221,8 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
         raise ValueError(f"a stream's first block has at most block_frames={B} frames, got {F}")
     first = state.first_block_frames if state.block_start is not None else (F if F != B else None)
     stream_start = f0 if state.stream_start is None else state.stream_start
+    if policy.block_relative:
+        return _block_relative(policy, state, f0, F, first, stream_start)
     L, W = state.frames, policy.window_frames
     if policy.kind == "full" or L + F <= W:
         after = ScheduleState(L + F, f0, stream_start, state.sink_start, state.compressed, first)
@@ -245,6 +255,33 @@ def _fold(policy: CachePolicy, state: ScheduleState, evict: int) -> Dict[str, An
     if first and policy.average_first_roll:
         return {"fold": (policy.sink_frames, policy.memory_frames + evict), "fold_init": True}
     return {"fold": (policy.prefix_frames, evict), "fold_init": first}
+
+
+def _block_relative(policy: CachePolicy, state: ScheduleState, f0: int, F: int, first: Optional[int],
+                    stream_start: int) -> PassPlan:
+    """A new block of an ``infinity_rope`` stream (:mod:`deepforcing_kernels.blockrel`): the flush / roll
+    eviction, then slot ``i`` at ``sink_start + i`` (``sink_start = f0 - q``); None while every slot is still at
+    its own frame (the first window, before any event)."""
+    evict, L, q, cut = placement(policy, state.frames, f0 - stream_start, F, state.pending)
+    moved = state.sink_start is not None or evict or cut or q != f0 - stream_start
+    sink = f0 - q if moved else None
+    after = ScheduleState(L, f0, stream_start, sink, False, first, None, cut)
+    return PassPlan("roll" if evict else "append", f0, state.frames, evict, L, sink, False, False, False, after)
+
+
+def switch_state(policy: CachePolicy, state: ScheduleState, cut: bool = False) -> ScheduleState:
+    """The state after a prompt switch announced before the next block: ``infinity_rope`` flushes at that
+    block (``flush_frames`` set) and, with ``cut``, places it at ``cut_position``; other policies are unchanged.
+    ValueError for a cut on a policy without one."""
+    if not isinstance(cut, bool):
+        raise TypeError(f"cut must be a bool, got {type(cut).__name__}")
+    if not policy.block_relative:
+        if cut:
+            raise ValueError(f"a scene cut needs the infinity_rope policy (rope_cut), not {policy.kind!r}")
+        return state
+    if not cut and policy.flush_frames is None:
+        return state
+    return replace(state, pending="cut" if cut else "flush")
 
 
 def tape_frames_at(policy: CachePolicy, rel: int) -> Tuple[int, ...]:
@@ -393,7 +430,7 @@ def _layout(policy: CachePolicy, slot_frames: List[int], state_frames: int, comp
 
 
 def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
-             start_frame: int = 0) -> List[BlockTrace]:
+             start_frame: int = 0, switches: Optional[Dict[int, bool]] = None) -> List[BlockTrace]:
     """Run the schedule alone (no tensors) over a stream of ``num_frames`` frames, block after block.
 
     Args:
@@ -401,6 +438,7 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
         num_frames: frames to generate; rounded up to whole blocks.
         tokens_per_frame: slots per frame in the returned layouts.
         start_frame: the first block's f0.
+        switches: ``{frame: cut}``: prompt switches before the blocks at those frames (:func:`switch_state`).
 
     Returns:
         One :class:`BlockTrace` per block. Top-C slots have frame -1 (the data decides which tokens stay).
@@ -414,6 +452,8 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
     pos: List[int] = []  # tape policies: the position each slot is attended at
     out: List[BlockTrace] = []
     for f0 in range(start_frame, start_frame + num_frames, F):
+        if switches and f0 in switches:
+            state = switch_state(policy, state, switches[f0])
         plan = plan_pass(policy, state, f0)
         new = [f0 + i for i in range(F) for _ in range(n)]
         before = ScheduleState() if state.block_start is None else state
@@ -441,6 +481,12 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
                         ss, n)
         if policy.has_tape:
             attended = after = Layout(tuple(after_slots), tuple(pos), after.kinds)
+        if policy.block_relative and plan.state.sink_start is not None:  # slot i at sink_start + i
+            st, L = plan.state, len(after_slots)
+            rel = [st.sink_start + s // n for s in range(L)]
+            if st.cut:
+                rel[L - F * n:] = after_slots[L - F * n:]
+            attended = after = Layout(tuple(after_slots), tuple(rel), after.kinds)
         out.append(BlockTrace(f0, plan, attended, after))
         slots, state = after_slots, plan.state
     return out

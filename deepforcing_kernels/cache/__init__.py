@@ -215,6 +215,14 @@ class StreamingKVCache:
         for layer in self.layers:
             layer.reset()
 
+    def switch(self, *, scene_cut: bool = False) -> None:
+        """Announce a prompt switch before the next block (call it between blocks). ``infinity_rope`` flushes then
+        (the sink and the last ``flush_frames`` frames stay: the authors' kv_flush) and, with ``scene_cut``, places
+        that block at ``cut_position`` (rope_cut); every other policy's cache is unchanged (ValueError for a
+        ``scene_cut`` there). The event is part of :meth:`state_dict` until the block runs."""
+        for layer in self.layers:
+            layer.switch(scene_cut)
+
     def geometry(self) -> Dict[str, Any]:
         """Shapes, dtype and RoPE layout as plain values (what a state dict must match)."""
         rope = None

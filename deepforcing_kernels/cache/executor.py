@@ -14,7 +14,7 @@ import torch
 from .._checks import ArgumentTypeError
 from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
-from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds
+from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds, switch_state
 from .bank import FrameBank
 from .context import LayerContext
 from .memory import EmaMemory
@@ -26,16 +26,28 @@ __all__ = ["CacheLayer", "attention_layout"]
 
 def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, sink_start: Optional[int],
                      stream_start: Optional[int], compressed: bool, frame_tab: torch.Tensor,
-                     pos_tab: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+                     pos_tab: Optional[torch.Tensor] = None, cut_tokens: int = 0) -> Dict[str, Any]:
     """``sink_len``, ``sink_shift`` (tokens / frames) and ``key_shift`` (int64 ``[B, L]`` or None) that attention
     applies over the first ``frames`` frames of slots, for a layer whose sink encodes ``sink_start``.
 
     Shifts are in frames (the temporal RoPE unit). With ``unify_topc_rope`` and a Top-C region, Top-C slot ``i``
     is placed right after the sink at ``sink_start + i // tokens_per_frame``, so every key gets its own shift.
     With a per-slot position table ``pos_tab`` (Rolling Sink's replayed frames) key ``j`` moves by
-    ``pos_tab[:, j] - frame_tab[:, j]`` (None while no key moves).
+    ``pos_tab[:, j] - frame_tab[:, j]`` (None while no key moves). A block-relative policy (``infinity_rope``)
+    attends slot ``j`` at ``sink_start + j // tokens_per_frame``, its last ``cut_tokens`` slots (a block placed by a
+    scene cut) at their own frames; where only the sink moves that is ``sink_len`` / ``sink_shift``.
     """
     n = tokens_per_frame
+    if policy.block_relative and sink_start is not None:
+        L, S_tok = frames * n, min(policy.sink_frames, frames) * n
+        slot = torch.arange(L, device=frame_tab.device) // n
+        key_shift = sink_start + slot - frame_tab[:, :L]
+        if cut_tokens:
+            key_shift[:, L - cut_tokens:] = 0
+        head = int(key_shift[0, 0]) if L else 0
+        if not bool(key_shift[:, S_tok:].any()) and bool((key_shift[:, :S_tok] == head).all()):
+            return {"sink_len": S_tok if head else 0, "sink_shift": head, "key_shift": None}
+        return {"sink_len": 0, "sink_shift": 0, "key_shift": key_shift.contiguous()}
     if pos_tab is not None:
         L = frames * n
         key_shift = pos_tab[:, :L] - frame_tab[:, :L]
@@ -149,7 +161,8 @@ class CacheLayer:
         to :func:`~deepforcing_kernels.sink_attention` with ``keys()`` / ``values()``)."""
         s = self._state
         return attention_layout(self.policy, self.ctx.tokens_per_frame, s.frames, s.sink_start, s.stream_start,
-                                s.compressed, self.storage.frames, self.storage.extra.get("pos"))
+                                s.compressed, self.storage.frames, self.storage.extra.get("pos"),
+                                s.current_block_frames(self.policy) * self.ctx.tokens_per_frame if s.cut else 0)
 
     def shifts(self) -> torch.Tensor:
         """``[B, L]`` int64: the temporal shift each slot's key gets at attention (position - frame)."""
@@ -231,6 +244,11 @@ class CacheLayer:
         out = self._attend(q, plan, T)
         self._state = plan.state
         return out
+
+    def switch(self, cut: bool = False) -> None:
+        """A prompt switch before the next block (:func:`~deepforcing_kernels.schedule.switch_state`): an
+        ``infinity_rope`` layer flushes at that block and, with ``cut``, places it at the cut position."""
+        self._state = switch_state(self.policy, self._state, cut)
 
     # ------------------------------------------------------------------ re-cache (prompt switch)
     def whole_frame_groups(self) -> List[Tuple[int, int, int]]:
@@ -324,9 +342,10 @@ class CacheLayer:
                          "(the cache would stay poisoned for the rest of the stream)")
 
     def _layout(self, plan: PassPlan) -> Dict[str, Any]:
-        return attention_layout(self.policy, self.ctx.tokens_per_frame, plan.attend_frames,
-                                plan.attend_sink_start, self._state.stream_start, plan.attend_compressed,
-                                self.storage.frames, self.storage.extra.get("pos"))
+        st, n = plan.state, self.ctx.tokens_per_frame
+        return attention_layout(self.policy, n, plan.attend_frames, plan.attend_sink_start, st.stream_start,
+                                plan.attend_compressed, self.storage.frames, self.storage.extra.get("pos"),
+                                st.current_block_frames(self.policy) * n if st.cut else 0)
 
     def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
         c, p, n = self.ctx, self.policy, self.ctx.tokens_per_frame

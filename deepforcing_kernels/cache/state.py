@@ -65,7 +65,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
         raise ValueError(f"layer {index}: {st.frames} frames exceed the window")
     if (st.frames == 0) != (st.block_start is None) or (st.block_start is None) != (st.stream_start is None):
         raise ValueError(f"layer {index}: inconsistent schedule state {st}")
-    if (st.sink_start is not None and not p.rephase_sink) or (st.compressed and not p.compresses):
+    if (st.sink_start is not None and not p.rephase_sink) or (st.compressed and not p.compresses) or \
+            ((st.pending is not None or st.cut) and not p.block_relative):
         raise ValueError(f"layer {index}: schedule state {st} cannot come from a {p.kind!r} policy")
     want: Dict[str, Any] = dict(layer.storage.expected(L))
     want.setdefault("reuse", None)
@@ -146,12 +147,15 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
     elif p.kind != "full":
         if not whole(st.frames) and st.frames != W:
             bad(f"the cache holds whole blocks or its window, not {st.frames} frames")
-        if st.sink_start is not None and st.frames != W:
+        if st.sink_start is not None and st.frames != W and not p.block_relative:
             bad(f"sink_start={st.sink_start} (a re-phased sink) with {st.frames} frames: the sink is re-phased "
                 f"only once the window ({W}) rolls")
     elif not whole(st.frames):
         bad(f"a full cache holds whole blocks, not {st.frames} frames")
-    if st.sink_start is not None:
+    if st.sink_start is not None and p.block_relative:
+        if not st.block_start - max(W, p.cut_position) <= st.sink_start <= st.block_start:
+            bad(f"sink_start={st.sink_start} is not where a block-relative window puts slot 0")
+    elif st.sink_start is not None:
         lo_s, hi_s = st.stream_start - p.gap_frames, st.block_start + cur - st.frames - p.gap_frames
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")

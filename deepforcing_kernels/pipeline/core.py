@@ -254,7 +254,7 @@ class VideoPipeline:
                video: Optional[PathOrTensor] = None, prefix_latents: Optional[torch.Tensor] = None,
                switches: Optional[Sequence[Union[Tuple[int, str], str]]] = None, recache: bool = False,
                resume: Optional[Mapping[str, Any]] = None, progress: bool = True, steerable: bool = False,
-               _auto_tick: bool = True) -> FrameStream:
+               _auto_tick: bool = True, scene_cuts: Sequence[int] = ()) -> FrameStream:
         """Decoded frames as they are produced: iterate the returned :class:`FrameStream` for
         :class:`FrameChunk` (``chunk.frames [B, t, 3, H, W]`` in [-1, 1], ``chunk.latents``, indices).
 
@@ -272,6 +272,7 @@ class VideoPipeline:
             prefix_latents: or the prefix latents themselves ``[B, P, C, h, w]``.
             switches: ``[(frame, "text"), ...]`` (or ``"FRAME:TEXT"`` strings) after ``prompt``.
             recache: the driver's KV re-cache at each switch.
+            scene_cuts: switch frames that are scene cuts (``infinity_rope``: rope_cut; the driver's ``scene_cuts``).
             resume: a :meth:`FrameStream.state_dict` of the same call; the stream continues after it.
             progress: a tqdm bar with frames/s of generation and of decoding.
             steerable: let :meth:`FrameStream.switch` re-cache at a switch made while the stream runs (the
@@ -294,7 +295,7 @@ class VideoPipeline:
                            cache_dtype=self.cache_dtype, backend=self.backend, progress=False,
                            resume_from=rstate, prefix_latents=prefix, text_schedule=schedule, recache=recache,
                            steerable=steerable, denoising_steps=self.denoising_steps, shift=self.shift,
-                           first_block_steps=self.first_block_steps)
+                           first_block_steps=self.first_block_steps, scene_cuts=scene_cuts)
         if self.kv_offload is not None:
             from ..cache.offload import offload_layers
 
@@ -318,7 +319,7 @@ class VideoPipeline:
              switches: Optional[Sequence[Union[Tuple[int, str], str]]] = None, recache: bool = False,
              resume: Optional[Mapping[str, Any]] = None, progress: bool = True, on_error: str = "partial",
              codec: Optional[str] = None, crf: int = 18, resumable: bool = True,
-             steerable: bool = False, write_ahead: bool = False) -> VideoRun:
+             steerable: bool = False, write_ahead: bool = False, scene_cuts: Sequence[int] = ()) -> VideoRun:
         """A :class:`VideoRun` writing ``path`` (or its segments); iterate it (or call ``run()``). Arguments as
         :meth:`frames` and :meth:`write`; ``resume`` is a :meth:`VideoRun.state_dict`; ``resumable=False`` keeps
         no anchor (no ``state_dict``, no latents held); ``steerable`` as :meth:`frames` (then
@@ -329,7 +330,7 @@ class VideoPipeline:
         stream = self.frames(prompt, num_frames, seed, image=image, video=video, prefix_latents=prefix_latents,
                              switches=switches, recache=recache, progress=progress,
                              resume=None if resume is None else resume.get("stream"), steerable=steerable,
-                             _auto_tick=False)
+                             _auto_tick=False, scene_cuts=scene_cuts)
         return VideoRun(stream, path, fps=fps, segment_frames=segment_frames, on_error=on_error, codec=codec,
                         crf=crf, resume=resume, resumable=resumable, write_ahead=write_ahead)
 
@@ -340,13 +341,13 @@ class VideoPipeline:
               resume: Optional[Mapping[str, Any]] = None, progress: bool = True, on_error: str = "partial",
               codec: Optional[str] = None, crf: int = 18,
               on_block: Optional[Callable[[FrameChunk, VideoRun], None]] = None,
-              resumable: bool = True) -> WriteResult:
+              resumable: bool = True, scene_cuts: Sequence[int] = ()) -> WriteResult:
         """Generate and write the mp4 while the rollout runs; returns a :class:`WriteResult`.
 
         Args:
             path: the ``.mp4``; with ``segment_frames=N`` the files are ``NAME_00000.mp4``, ``NAME_00001.mp4``,
                 ... of exactly ``N`` video frames each (the last fewer), each finished before the next opens.
-            prompt, num_frames, seed, image, video, prefix_latents, switches, recache, progress: as
+            prompt, num_frames, seed, image, video, prefix_latents, switches, recache, progress, scene_cuts: as
                 :meth:`frames`.
             fps: frames per second (Wan2.1: 16).
             resume: a :meth:`VideoRun.state_dict` (e.g. saved by ``on_block``); the open segment is rewritten and
@@ -360,5 +361,5 @@ class VideoPipeline:
         run = self.open(path, prompt, num_frames, seed, fps=fps, segment_frames=segment_frames, image=image,
                         video=video, prefix_latents=prefix_latents, switches=switches, recache=recache,
                         resume=resume, progress=progress, on_error=on_error, codec=codec, crf=crf,
-                        resumable=resumable or resume is not None)
+                        resumable=resumable or resume is not None, scene_cuts=scene_cuts)
         return run.run(on_block)

@@ -111,7 +111,7 @@ class FrameStream:
             self.tick(chunk)
         return chunk
 
-    def switch(self, prompt: str, *, recache: bool = False) -> int:
+    def switch(self, prompt: str, *, recache: bool = False, scene_cut: bool = False) -> int:
         """Switch to ``prompt`` at the next block boundary (:meth:`Rollout.add_switch
         <deepforcing_kernels.driver.Rollout.add_switch>`); returns the latent frame it applies from. Call it
         between chunks. ``info["schedule"]`` records it."""
@@ -121,7 +121,7 @@ class FrameStream:
             raise ValueError("prompt is empty")
         if self.encode is None:
             raise ValueError("this stream has no text encoder to switch with (build it with VideoPipeline.frames)")
-        f = self.rollout.add_switch(self.encode(prompt), recache=recache)
+        f = self.rollout.add_switch(self.encode(prompt), recache=recache, scene_cut=scene_cut)
         sched = [(g, t) for g, t in self.info.get("schedule", []) if g < f]
         self.info["schedule"] = sched + [(f, prompt)]
         self.info.setdefault("recache_frames", [])

@@ -173,6 +173,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch", action="append", default=[], type=_switch, metavar="FRAME:TEXT",
                         help="change the prompt at latent frame FRAME (a block start), e.g. --switch 48:'a red "
                              "fox runs'; repeatable")
+    parser.add_argument("--cut", action="append", default=[], type=int, metavar="FRAME",
+                        help="--policy infinity_rope: the --switch at FRAME is a scene cut (rope_cut: the block moves "
+                             "to RoPE position 45); every switch of that policy flushes its cache to sink + 2 "
+                             "frames (kv_flush); repeatable")
     parser.add_argument("--recache", action="store_true",
                         help="at each --switch, recompute the K/V of the frames the cache holds whole (sink and "
                              "recent) under the new prompt")

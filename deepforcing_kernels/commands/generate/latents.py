@@ -90,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     if args.switch and max(f for f, _ in args.switch) >= args.frames:
         late = max(f for f, _ in args.switch)
         fail(f"--switch {late}:...: frame {late} is past the run's end (--frames {args.frames}); it would never apply")
+    for f in getattr(args, "cut", None) or ():
+        if f not in {g for g, _ in args.switch}:
+            fail(f"--cut {f}: no --switch at frame {f} (a scene cut is a prompt switch's)")
+        if not policy.block_relative:
+            fail(f"--cut needs --policy infinity_rope (rope_cut), not {policy.kind}")
     device = check_device(args.device)
     check_backend(args.backend, device)
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):

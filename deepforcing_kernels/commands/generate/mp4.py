@@ -162,6 +162,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                     res = pipe.write(out, prompt, args.frames, args.seed, fps=args.fps,
                                      segment_frames=args.segment_frames, image=args.image, video=args.video,
                                      switches=args.switch or None, recache=args.recache, resume=resume,
+                                     scene_cuts=args.cut,
                                      progress=not args.no_progress, on_error="partial",
                                      on_block=lambda c, r: on_block(c, r, stop))
                 except KeyboardInterrupt:
