@@ -43,8 +43,8 @@ Participative Compression (``deep_forcing``)
 
 Accessors (per layer)
     ``keys()`` (as stored), ``effective_keys()`` (float32, re-phased as attention sees them), ``values()``,
-    ``positions()`` / ``frames()`` / ``shifts()`` ``[B, L]``, ``kinds()`` (``"sink"`` / ``"topc"`` / ``"recent"``
-    per slot, shared by the batch), ``reuse_counts()``, ``attention_args()`` (``sink_len``, ``sink_shift``,
+    ``positions()`` / ``frames()`` / ``shifts()`` ``[B, L]``, ``kinds()`` (``"sink"`` / ``"topc"`` / ``"memory"`` /
+    ``"recent"`` per slot, shared by the batch), ``memories()`` (MemRoPE's un-rotated EMAs), ``reuse_counts()``, ``attention_args()`` (``sink_len``, ``sink_shift``,
     ``key_shift`` for :func:`~deepforcing_kernels.sink_attention` over ``keys()`` / ``values()``) and ``state``
     (the :class:`~deepforcing_kernels.schedule.ScheduleState`).
 

@@ -135,7 +135,8 @@ class CacheLayer:
         return self.storage.frames[:, :self._len].clone()
 
     def kinds(self) -> Tuple[str, ...]:
-        """Kind of each slot (shared by the batch): ``"sink"``, ``"topc"`` or ``"recent"``."""
+        """Kind of each slot (shared by the batch): ``"sink"``, ``"topc"``, ``"memory"`` (MemRoPE) or
+        ``"recent"``."""
         s = self._state
         return slot_kinds(self.policy, s.frames, s.compressed, self.ctx.tokens_per_frame, self._has_memory)
 
