@@ -18,6 +18,16 @@ if importlib.util.find_spec("triton") is not None:
 from support import cpp_available, require_cpp  # noqa: E402,F401  (after triton: support imports the package)
 
 
+# One intra-op thread for the whole session: the suite's tensors are tiny, and on a 2-core machine a second
+# thread only spins (the tiny model's rollouts run 2-3x slower with two threads on a quiet machine, 20-40x when
+# another process holds a core). Tests about threads set their own counts (the C++ kernel at 1 and 2 threads in
+# test_cpp_attention and test_reliability_op_fuzz, two streams from two threads in test_reliability_threads) and
+# restore this one.
+torch.set_num_threads(1)
+# ... and the commands the tests start as subprocesses (the CLI's entry point, serve, gpu-check) the same
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -25,8 +35,8 @@ def _seed():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for modules of tiny tensors: on a shared 2-core machine a second thread only spins
-    (about 50x slower). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One intra-op thread for a module, whatever a test before it left set (the session's default is one too, see
+    above). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
