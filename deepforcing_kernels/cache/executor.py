@@ -78,7 +78,8 @@ class CacheLayer:
             extra["pos"] = torch.int64  # the position each slot is attended at (a replayed frame's is not its own)
         self.storage = LayerStorage(batch=c.batch_size, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                     tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
-                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch)
+                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch,
+                                    slot_ops=c.backend_impl.slot_ops())
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
