@@ -66,8 +66,10 @@ def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
         if not (t.is_cpu and t.is_floating_point() and t.is_contiguous()):
             return torch_all_finite(*tensors)
     # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs more in
-    # fork/join than the scan itself
-    return bool(_ext_all_finite(tensors))
+    # fork/join than the scan itself. Eager calls skip the compiler-disable wrapper (a few us a pass).
+    if torch.compiler.is_compiling():
+        return bool(_ext_all_finite(tensors))
+    return bool(_ext.require().all_finite(tensors))
 
 
 # The extension's host helpers run eagerly under torch.compile (a clean graph break, same numbers as eager)

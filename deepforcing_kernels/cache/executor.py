@@ -84,6 +84,7 @@ class CacheLayer:
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
+        self._overwrite_plan: Optional[PassPlan] = None  # the plan of an overwrite pass of the current block
 
     def reset(self) -> None:
         """Forget the stream (the storage stays allocated)."""
@@ -181,7 +182,15 @@ class CacheLayer:
 
     def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> torch.Tensor:
         F = self._check_inputs(q, k, v)
-        plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
+        memo = self._overwrite_plan
+        if memo is not None and memo.state is self._state and start_frame == memo.start_frame and \
+                F == self.policy.block_frames and type(start_frame) is int:
+            plan = memo  # passes 2..5 of a block: the engine's answer is the same plan (it is pure)
+        else:
+            plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
+            self._overwrite_plan = None
+            if plan.action == "overwrite" and F == self.policy.block_frames:
+                self._overwrite_plan = plan
         c, p, st = self.ctx, self.policy, self.storage
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:

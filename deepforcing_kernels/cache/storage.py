@@ -56,6 +56,7 @@ class LayerStorage:
                  dtype: torch.dtype, device: torch.device, extra: Optional[Dict[str, torch.dtype]] = None,
                  scratch: Optional[torch.Tensor] = None, slot_ops: Optional[object] = None) -> None:
         self.slot_ops = slot_ops
+        self._frame_pattern: Dict[int, torch.Tensor] = {}
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.tokens_per_frame, self.dtype, self.device = tokens_per_frame, dtype, device
         self.extra_dtypes = dict(extra or {})
@@ -99,10 +100,13 @@ class LayerStorage:
     def write_new(self, off: int, k: torch.Tensor, v: torch.Tensor, first_frame: int, block_frames: int) -> None:
         """A new block's slots at ``off``: K/V, source frames, zeroed extras."""
         n, Lb = self.tokens_per_frame, k.shape[1]
-        self.frames[:, off:off + Lb] = (first_frame + torch.arange(block_frames, device=self.device)
-                                        ).repeat_interleave(n)
+        pat = self._frame_pattern.get(block_frames)
+        if pat is None:  # the block's frame offsets, token by token, made once per block length
+            pat = self._frame_pattern[block_frames] = torch.arange(block_frames, device=self.device
+                                                                   ).repeat_interleave(n).expand(self.batch, -1)
+        torch.add(pat, first_frame, out=self.frames[:, off:off + Lb])
         for t in self.extra.values():
-            t[:, off:off + Lb] = 0
+            t[:, off:off + Lb].zero_()
         self.write(off, k, v)
 
     def write(self, off: int, k: torch.Tensor, v: torch.Tensor) -> None:
