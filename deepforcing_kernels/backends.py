@@ -66,8 +66,10 @@ def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
         if not (t.is_cpu and t.is_floating_point() and t.is_contiguous()):
             return torch_all_finite(*tensors)
     # a single-threaded exponent-bit scan: on CPU a parallel ATen reduction of a block-sized tensor costs more in
-    # fork/join than the scan itself
-    return bool(_ext_all_finite(tensors))
+    # fork/join than the scan itself. Eager calls skip the compiler-disable wrapper (a few us a pass).
+    if torch.compiler.is_compiling():
+        return bool(_ext_all_finite(tensors))
+    return bool(_ext.require().all_finite(tensors))
 
 
 # The extension's host helpers run eagerly under torch.compile (a clean graph break, same numbers as eager)
@@ -86,6 +88,30 @@ def _cpp_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
     if q.device.type == "cpu" and q.is_contiguous():
         return _ext_frame_sums(q, frames)  # one thread: this runs on every pass
     return torch_frame_sums(q, frames)
+
+
+class CppSlotOps:
+    """The extension's slot moves for the cache's storage, on the calling thread (csrc/cache_ops.h): a block's K/V
+    is a few hundred KB, and an ATen parallel copy of it waits longer for its threads to wake (~60 us a copy with
+    two threads under ``OMP_WAIT_POLICY=PASSIVE``) than it spends copying. Pure data movement: the bytes are the
+    ones ``Tensor.copy_`` writes. :meth:`usable` says whether the tensors qualify (contiguous CPU tensors, eager);
+    the storage keeps its torch code for everything else."""
+
+    def __init__(self, mod) -> None:
+        self.copy = mod.copy_slots
+        self.move = mod.move_slots
+        self.compact = mod.compact_slots
+
+    @staticmethod
+    def usable(*tensors: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _cpp_slot_ops() -> Optional[CppSlotOps]:
+    mod = _ext.load()
+    return CppSlotOps(mod) if mod is not None and getattr(mod, "SLOT_API", False) else None
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -230,6 +256,7 @@ class Backend:
             return_mass, mass_q_range, key_bias=None) -> (out, lse | None, mass | None)`` over validated arguments.
         all_finite, frame_sums: the host helpers the cache uses with this backend.
         takes: ``(feature) -> None | reason``: whether it takes an optional input of :data:`FEATURES`.
+        slot_ops: ``() -> CppSlotOps | None``: the host's slot moves for the cache storage (None: torch's copies).
     """
 
     name: str
@@ -240,6 +267,7 @@ class Backend:
     all_finite: Callable[..., bool] = torch_all_finite
     frame_sums: Callable[[torch.Tensor, int], torch.Tensor] = torch_frame_sums
     takes: Callable[[str], Optional[str]] = _all_features
+    slot_ops: Callable[[], Optional[CppSlotOps]] = lambda: None
 
     def runs_on(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":
@@ -265,7 +293,7 @@ class Backend:
 _REGISTRY: Dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _triton_available, triton_supports, _triton_run),
     "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_supports, _cpp_run, _cpp_all_finite, _cpp_frame_sums,
-                   _cpp_features),
+                   _cpp_features, _cpp_slot_ops),
     "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
 }
 _warned_reference = False

@@ -81,9 +81,16 @@ def shift_tables(rope: RopeSpec, shift: torch.Tensor, heads: int = 1) -> Tuple[t
         w = head_freqs(rope, heads).to(shift.device)
         ang = shift.to(torch.float64)[..., None, None] * w
     else:
-        w = rope.temporal_freqs().to(shift.device)
+        w = _temporal_freqs(rope, shift.device)
         ang = shift.to(torch.float64)[..., None] * w
     return torch.cos(ang), torch.sin(ang)
+
+
+@functools.lru_cache(maxsize=64)
+def _temporal_freqs(rope: RopeSpec, device: torch.device) -> torch.Tensor:
+    """``rope.temporal_freqs()`` on ``device``, made once per spec (the sink moves every compressing block, and
+    each new shift's table starts from these)."""
+    return rope.temporal_freqs().to(device)
 
 
 @functools.lru_cache(maxsize=256)

@@ -18,6 +18,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_openmp", &deepforcing::has_openmp, "whether the extension was compiled with OpenMP");
   m.def("max_threads", &deepforcing::max_threads, "ATen intra-op threads available to the kernels");
   m.def("frame_sums", &deepforcing::frame_sums, "per-frame float32 sums of a [B, F*n, H, D] block (one thread)");
+  // copy_slots / move_slots / compact_slots: the cache's slot moves on the calling thread
+  m.attr("SLOT_API") = true;
+  m.def("copy_slots", &deepforcing::copy_slots, "dst[:, offset:offset+n] = src on slot tensors (one thread)");
+  m.def("move_slots", &deepforcing::move_slots, "t[:, dst:dst+count] = t[:, src:src+count], a memmove (one thread)");
+  m.def("compact_slots", &deepforcing::compact_slots, "the Top-C compaction of slot tensors in place (one thread)");
   m.def("all_finite", &deepforcing::all_finite, "whether contiguous CPU tensors hold no NaN / inf (one thread)");
   m.def("sink_attention_fwd", &deepforcing::sink_attention_fwd,
         "Fused sink attention forward on CPU with precomputed float32 rotation tables: (out, lse, mass-or-empty). "

@@ -79,16 +79,24 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup
 def machine_info() -> Dict[str, object]:
     """What a reader needs to judge the numbers: CPU model, cores, torch threads and build, GPU if any."""
     model = platform.processor() or ""
+    flags: set = set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.lower().startswith("model name"):
+                low = line.lower()
+                if low.startswith("model name"):
                     model = line.split(":", 1)[1].strip()
+                if low.startswith("flags"):
+                    flags = set(low.split(":", 1)[1].split())
                     break
     except OSError:
         pass
+    # the matrix / vector units the kernels' GEMM paths care about, most capable first
+    isa = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
+                                   ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]
     info: Dict[str, object] = {
         "cpu_model": model or "unknown",
+        "cpu_isa": isa,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

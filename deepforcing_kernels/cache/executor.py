@@ -91,13 +91,15 @@ class CacheLayer:
             extra["pos"] = torch.int64  # the position each slot is attended at (a replayed frame's is not its own)
         self.storage = LayerStorage(batch=c.batch_size, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                                     tokens_per_frame=c.tokens_per_frame, capacity_frames=c.capacity_frames,
-                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch)
+                                    dtype=c.dtype, device=c.device, extra=extra, scratch=c.scratch,
+                                    slot_ops=c.backend_impl.slot_ops())
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self.memory: Optional[EmaMemory] = (EmaMemory(self.storage, p, c.rope, c.frame_grid) if p.memory_frames
                                             else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
+        self._overwrite_plan: Optional[PassPlan] = None  # the plan of an overwrite pass of the current block
 
     def reset(self) -> None:
         """Forget the stream (the storage stays allocated)."""
@@ -211,7 +213,15 @@ class CacheLayer:
 
     def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> torch.Tensor:
         F = self._check_inputs(q, k, v)
-        plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
+        memo = self._overwrite_plan
+        if memo is not None and memo.state is self._state and start_frame == memo.start_frame and \
+                F == self.policy.block_frames and type(start_frame) is int:
+            plan = memo  # passes 2..5 of a block: the engine's answer is the same plan (it is pure)
+        else:
+            plan = plan_pass(self.policy, self._state, start_frame, None if F == self.policy.block_frames else F)
+            self._overwrite_plan = None
+            if plan.action == "overwrite" and F == self.policy.block_frames:
+                self._overwrite_plan = plan
         c, p, st = self.ctx, self.policy, self.storage
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:

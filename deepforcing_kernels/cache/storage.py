@@ -48,11 +48,15 @@ class LayerStorage:
         dtype, device: of K and V.
         extra: per-slot buffers to keep beside K/V: ``{name: dtype}`` (zeroed when a block's slots are new).
         scratch: a shared ``[B, C_tok, Hkv, D]`` buffer for the Top-C gather of K and V (layers run one at a time).
+        slot_ops: the backend's single-threaded slot moves (:class:`~deepforcing_kernels.backends.CppSlotOps`),
+            used where the tensors qualify; None: torch's copies.
     """
 
     def __init__(self, *, batch: int, kv_heads: int, head_dim: int, tokens_per_frame: int, capacity_frames: int,
                  dtype: torch.dtype, device: torch.device, extra: Optional[Dict[str, torch.dtype]] = None,
-                 scratch: Optional[torch.Tensor] = None) -> None:
+                 scratch: Optional[torch.Tensor] = None, slot_ops: Optional[object] = None) -> None:
+        self.slot_ops = slot_ops
+        self._frame_pattern: Dict[int, torch.Tensor] = {}
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
         self.tokens_per_frame, self.dtype, self.device = tokens_per_frame, dtype, device
         self.extra_dtypes = dict(extra or {})
@@ -85,20 +89,33 @@ class LayerStorage:
     @eager_under_compile
     def evict(self, keep: int, count: int, used: int) -> None:
         """Drop slots ``[keep, keep + count)`` by moving ``[keep + count, used)`` left (FIFO after the sink)."""
-        for t in self.per_slot():
+        ops, ts = self.slot_ops, self.per_slot()
+        if ops is not None and ops.usable(*ts):
+            for t in ts:
+                ops.move(t, keep + count, keep, used - keep - count)
+            return
+        for t in ts:
             move_left(t, keep + count, keep, used - keep - count)
 
     def write_new(self, off: int, k: torch.Tensor, v: torch.Tensor, first_frame: int, block_frames: int) -> None:
         """A new block's slots at ``off``: K/V, source frames, zeroed extras."""
         n, Lb = self.tokens_per_frame, k.shape[1]
-        self.frames[:, off:off + Lb] = (first_frame + torch.arange(block_frames, device=self.device)
-                                        ).repeat_interleave(n)
+        pat = self._frame_pattern.get(block_frames)
+        if pat is None:  # the block's frame offsets, token by token, made once per block length
+            pat = self._frame_pattern[block_frames] = torch.arange(block_frames, device=self.device
+                                                                   ).repeat_interleave(n).expand(self.batch, -1)
+        torch.add(pat, first_frame, out=self.frames[:, off:off + Lb])
         for t in self.extra.values():
-            t[:, off:off + Lb] = 0
+            t[:, off:off + Lb].zero_()
         self.write(off, k, v)
 
     def write(self, off: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Overwrite the K/V of slots ``[off, off + Lk)``."""
+        ops = self.slot_ops
+        if ops is not None and ops.usable(self.k, self.v, k, v):
+            ops.copy(self.k, off, k)
+            ops.copy(self.v, off, v)
+            return
         Lb = k.shape[1]
         self.k[:, off:off + Lb].copy_(k)
         self.v[:, off:off + Lb].copy_(v)
@@ -108,7 +125,11 @@ class LayerStorage:
                     recent_len: int) -> None:
         """Compaction: slots ``[0, keep_head)`` stay, the Top-C slots ``idx`` (int64 ``[B, C]``, ascending) follow
         them, then ``[recent_src, recent_src + recent_len)`` moves to ``recent_dst``; all per-slot tensors."""
-        for t in self.per_slot():
+        ops, ts = self.slot_ops, self.per_slot()
+        if ops is not None and ops.usable(idx, *ts):
+            ops.compact(ts, idx, keep_head, recent_src, recent_dst, recent_len)  # in place, no scratch
+            return
+        for t in ts:
             scratch = self.scratch if (t is self.k or t is self.v) else None
             compact(t, idx, keep_head, recent_src, recent_dst, recent_len, scratch)
 
