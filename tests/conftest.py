@@ -17,7 +17,6 @@ if importlib.util.find_spec("triton") is not None:
 
 from support import cpp_available, require_cpp  # noqa: E402,F401  (after triton: support imports the package)
 
-
 # One intra-op thread for the whole session: the suite's tensors are tiny, and on a 2-core machine a second
 # thread only spins (the tiny model's rollouts run 2-3x slower with two threads on a quiet machine, 20-40x when
 # another process holds a core). Tests about threads set their own counts (the C++ kernel at 1 and 2 threads in
