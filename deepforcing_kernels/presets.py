@@ -33,6 +33,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                      "older slots' positions (Rolling Sink)"),
     "memrope": ("memrope", {}, "window 12: sink 3 + EMA memories of the evicted frames (alpha 0.01, 0.1) + recent "
                 "4, at contiguous positions (MemRoPE)"),
+    "tethercache": ("tethercache", {}, "window 21: sink 3 + memory 14 admitted at the clean pass by GRAB (mean logit "
+                    "+ 0.35 x diversity), AdaIN-edited by TAME (tau 0.35) + recent 4, contiguous positions (TetherCache)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the
