@@ -17,9 +17,11 @@ policy             keeps                                    RoPE of kept keys
 ``infinity_rope``  first ``sink_frames`` + FIFO; a prompt   block-relativistic: slot ``i`` at
                    switch keeps sink + ``flush_frames``     ``base + i``; a scene cut moves the
                                                             block to ``cut_position``
+``tethercache``    sink + admitted memory frames + recent   every slot at contiguous positions
+                   (GRAB admission, TAME AdaIN)
 =================  =======================================  =====================================
 
-The methods of other authors (``rolling_sink``, ``memrope``, and the options their presets set) are described, with the source
+The methods of other authors (``rolling_sink``, ``memrope``, ``tethercache``, and the options their presets set) are described, with the source
 repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
-KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope")
+KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope",
+         "tethercache")
 #: Rolling Sink's hard-coded tokens per frame (Wan at 832x480): its window is ``window_frames * 1560`` tokens
 AUTHORS_FRAME_TOKENS = 1560
 SCORES = ("mass", "logits")
@@ -75,6 +78,9 @@ class CachePolicy:
             keeps sink + 2); None: a switch does not flush.
         cut_position: ``infinity_rope`` only: temporal position, relative to the sink at 0, where a scene cut
             places the block after the switch (the authors' rope_cut ``transition_from = 45``).
+        grab_alpha, grab_temperature, tame_tau: ``tethercache`` only: GRAB's diversity weight (score = softmax of
+            the candidates' mean logits at ``grab_temperature`` + ``grab_alpha`` x temporal diversity) and TAME's
+            AdaIN strength (admitted K/V move ``tame_tau`` of the way to the sink + memory statistics).
     """
 
     kind: str
@@ -94,6 +100,9 @@ class CachePolicy:
     average_first_roll: bool = False
     flush_frames: Optional[int] = None
     cut_position: Optional[int] = None
+    grab_alpha: Optional[float] = None
+    grab_temperature: Optional[float] = None
+    tame_tau: Optional[float] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -170,6 +179,21 @@ class CachePolicy:
         return cls("infinity_rope", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
                    rephase_sink=True, sink_gap=0, flush_frames=flush_frames, cut_position=cut_position)
 
+    @classmethod
+    def tethercache(cls, window_frames: int = 21, sink_frames: int = 3, recent_frames: int = 4,
+                    grab_alpha: float = 0.35, grab_temperature: float = 1.0, tame_tau: float = 0.35, *,
+                    block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
+        """TetherCache (docs/methods.md): ``[sink][memory][recent]`` in a window of ``window_frames``, the memory
+        holding ``window - sink - recent`` frames. Each roll sets the frames that leave ``recent`` aside; the
+        block's clean pass (``timestep 0``) scores them against the memory (GRAB: softmax over the candidates of
+        their mean un-rotated logit with the pass's queries, plus ``grab_alpha`` x temporal diversity), keeps the
+        best, and blends the newly admitted frames' un-rotated K and V toward the per-channel mean / std of sink +
+        memory (TAME: AdaIN, strength ``tame_tau``). Every slot is attended at contiguous positions behind the
+        block."""
+        return cls("tethercache", block_frames=block_frames, window_frames=window_frames, sink_frames=sink_frames,
+                   rephase_sink=True, sink_gap=0, recent_frames=recent_frames, grab_alpha=grab_alpha,
+                   grab_temperature=grab_temperature, tame_tau=tame_tau)
+
     def for_tokens_per_frame(self, tokens_per_frame: int) -> "CachePolicy":
         """The policy a cache with ``tokens_per_frame`` tokens per frame runs: ``rolling_sink`` with
         ``frame_tokens`` set resolves its window to ``window_frames * frame_tokens // tokens_per_frame`` whole
@@ -225,6 +249,10 @@ class CachePolicy:
             self._store_checked_int("cut_position", 0)
         else:
             self._only(flush_frames=None, cut_position=None)
+        if self.kind == "tethercache":
+            self._check_tether()
+            return
+        self._only(grab_alpha=None, grab_temperature=None, tame_tau=None)
         if self.kind in ("deep_sink", "deep_forcing", "infinity_rope"):
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
@@ -285,6 +313,27 @@ class CachePolicy:
         if not self.rephase_sink or self.sink_gap != 0:
             raise ValueError("memrope attends its sink and memories contiguously (rephase_sink=True, sink_gap=0)")
 
+    def _check_tether(self) -> None:
+        """``tethercache``: sink >= 0, recent >= one block, memory = window - sink - recent >= 0, alpha >= 0,
+        temperature > 0, tau in [0, 1], contiguous re-phasing (``sink_gap=0``); no Deep Forcing fields."""
+        S, F = self._store_checked_int("sink_frames", 0), self.block_frames
+        R = self._store_checked_int("recent_frames", 1)
+        if R < F:
+            raise ValueError(f"recent_frames ({R}) must be >= block_frames ({F}): the new block lands in recent")
+        if S + R > self.window_frames:
+            raise ValueError(f"sink_frames + recent_frames ({S} + {R}) must be <= window_frames "
+                             f"({self.window_frames}): the memory holds the rest")
+        for name, ok, what in (("grab_alpha", lambda x: x >= 0, ">= 0"), ("grab_temperature", lambda x: x > 0, "> 0"),
+                               ("tame_tau", lambda x: 0 <= x <= 1, "in [0, 1]")):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok(x) or x != x:
+                raise ValueError(f"{name} must be a number {what}, got {x!r}")
+            object.__setattr__(self, name, float(x))
+        if not self.rephase_sink or self.sink_gap != 0:
+            raise ValueError("tethercache attends every slot at contiguous positions (rephase_sink=True, sink_gap=0)")
+        self._only(budget_frames=None, score=None, topc_max_reuse=None, unify_topc_rope=False, tape_frames=None,
+                   frame_tokens=None)
+
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
         value = check_int(name, getattr(self, name), minimum=minimum)
@@ -330,10 +379,23 @@ class CachePolicy:
         return len(self.memory_alphas) if self.memory_alphas else 0
 
     @property
+    def tether_frames(self) -> int:
+        """TetherCache's memory frames, ``window - sink - recent`` (``tethercache``; 0 otherwise)."""
+        if self.kind != "tethercache":
+            return 0
+        return self.window_frames - self.sink_frames - self.recent_frames
+
+    @property
+    def unrotates_keys(self) -> bool:
+        """Whether the policy works on un-rotated keys (MemRoPE's averages, TetherCache's scores and AdaIN), so a
+        3-D RoPE cache needs its frame grid."""
+        return bool(self.memory_frames) or self.kind == "tethercache"
+
+    @property
     def prefix_frames(self) -> int:
-        """Frames at the head of a rolled cache that never roll out: the sink and the memory frames. A roll evicts
-        right after them, and the sink re-phasing moves all of them."""
-        return self.sink_frames + self.memory_frames
+        """Frames at the head of a rolled cache that never roll out: the sink and the memory frames (MemRoPE's
+        EMAs, TetherCache's admitted frames). A roll evicts right after them."""
+        return self.sink_frames + self.memory_frames + self.tether_frames
 
     @property
     def block_relative(self) -> bool:

@@ -37,6 +37,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                 "4, at contiguous positions (MemRoPE)"),
     "infinity_rope": ("infinity_rope", {}, "sink 1 + newest 5 frames, block-relativistic RoPE; a prompt switch keeps "
                       "sink + 2 (kv_flush), a scene cut moves the block to position 45 (Infinity-RoPE)"),
+    "tethercache": ("tethercache", {}, "window 21: sink 3 + memory 14 admitted at the clean pass by GRAB (mean logit "
+                    "+ 0.35 x diversity), AdaIN-edited by TAME (tau 0.35) + recent 4, contiguous positions (TetherCache)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the

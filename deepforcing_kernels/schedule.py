@@ -44,6 +44,11 @@ its memory frames (``policy.prefix_frames``), and each roll first folds the evic
 from that mean). The memories hold no frame; :func:`simulate` marks them with frame ``-2``. Once the memories
 exist (the first roll) ``sink_start`` is set, so a schedule state needs no further field.
 
+TetherCache (``tethercache``, docs/methods.md) rolls the same way after its sink and memory frames (``prefix_frames``
+counts them), with every slot at contiguous positions behind the block (``sink_gap = 0``). What the memory holds
+is data-dependent (admission at the clean pass, :mod:`deepforcing_kernels.cache.admission`): :func:`simulate` marks
+it with frame ``-2`` too.
+
 Top-C picks depend on the data, so :func:`simulate` marks Top-C slots with frame ``-1`` (and position ``-1``
 unless ``unify_topc_rope``). To see real picks, run a tiny cache and read its accessors::
 
@@ -212,7 +217,7 @@ def plan_pass(policy: CachePolicy, state: ScheduleState, start_frame: int,
                              "whole blocks")
         if F != B:
             raise ValueError(f"only a stream's first block may have other than {B} frames, got {F}")
-        if (policy.has_tape or policy.memory_frames) and f0 != state.block_start + cur:
+        if (policy.has_tape or policy.unrotates_keys) and f0 != state.block_start + cur:
             why = ("its tape replays every frame" if policy.has_tape else
                    "its keys sit at their slots' positions, as the authors' code places them")
             raise ValueError(f"a {policy.kind} stream moves block after block ({why}), so "
@@ -327,7 +332,7 @@ def slot_kinds(policy: CachePolicy, frames: int, compressed: bool, tokens_per_fr
     (``memory``: MemRoPE's memories exist, i.e. its sink has been re-phased) or ``"recent"``."""
     S = min(policy.sink_frames, frames)
     C = policy.topc_frames if compressed else 0
-    M = policy.memory_frames if memory else 0
+    M = policy.prefix_frames - policy.sink_frames if memory else 0
     n = tokens_per_frame
     return (SINK,) * (S * n) + (TOPC,) * (C * n) + (MEMORY,) * (M * n) + (RECENT,) * ((frames - S - C - M) * n)
 
@@ -410,7 +415,8 @@ class BlockTrace:
 
 def _layout(policy: CachePolicy, slot_frames: List[int], state_frames: int, compressed: bool,
             sink_start: Optional[int], stream_start: int, n: int) -> Layout:
-    kinds = slot_kinds(policy, state_frames, compressed, n, bool(policy.memory_frames) and sink_start is not None)
+    kinds = slot_kinds(policy, state_frames, compressed, n,
+                       policy.prefix_frames > policy.sink_frames and sink_start is not None)
     assert len(kinds) == len(slot_frames)
     shift = 0 if sink_start is None else sink_start - stream_start
     pos = []
@@ -464,7 +470,7 @@ def simulate(policy: CachePolicy, num_frames: int, tokens_per_frame: int = 1, *,
             P_tok = policy.prefix_frames * n  # the sink (and MemRoPE's memories) stay
             del slots[P_tok:P_tok + plan.evict_frames * n]
             del pos[P_tok:P_tok + plan.evict_frames * n]
-            if plan.fold is not None:
+            if plan.fold is not None or policy.tether_frames:
                 slots[S_tok:P_tok] = [MEMORY_FRAME] * (P_tok - S_tok)
         pos = pos + new
         aug = slots + new

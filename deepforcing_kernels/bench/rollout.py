@@ -366,6 +366,9 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
                 af = _attend_frames(caches[name].layers[0], f0)
                 attended[name].append(af if af is not None else float("nan"))
             acc = dict.fromkeys(names, 0.0)
+            for name in names:  # the block's last pass is its clean pass (TetherCache admits there)
+                if getattr(caches[name], "wants_pass_marks", False):
+                    caches[name].mark_pass(clean=p == cfg.passes - 1)
             # interleaved per layer: each policy's layer l runs right after the others' layer l, so outside
             # load (bursts of a few ms to seconds) lands on every policy alike and the ratios stay clean
             for li in range(cfg.num_layers):

@@ -105,7 +105,8 @@ class StreamingKVCache:
         reduce_over_heads: ``partial [B, L] -> [B, L]``, applied to every Top-C score after the sum over this
             cache's heads (default identity); a head-sharded cache sums its peers' partial scores here.
         frame_grid: ``(rows, cols)`` of a frame's tokens (row-major, ``rows * cols == tokens_per_frame``) for a
-            3-D ``rope``: required by ``memrope``, which averages un-rotated keys; ignored by other policies.
+            3-D ``rope``: required by ``memrope`` and ``tethercache``, which work on un-rotated keys; ignored by
+            other policies.
 
     Raises:
         ValueError (or :class:`~deepforcing_kernels.policy.ArgumentTypeError`, also a TypeError) naming the bad
@@ -223,6 +224,19 @@ class StreamingKVCache:
         for layer in self.layers:
             layer.switch(scene_cut)
 
+    @property
+    def wants_pass_marks(self) -> bool:
+        """Whether the policy needs to know which pass is a block's clean pass (``tethercache``): the model then
+        calls :meth:`mark_pass` before each pass."""
+        return bool(self.policy.tether_frames)
+
+    def mark_pass(self, *, clean: bool) -> None:
+        """Say whether the passes that follow (every layer's, until the next mark) are a block's clean pass
+        (``t = 0``, the authors' ``context_noise``), for policies that act there (:attr:`wants_pass_marks`)."""
+        if not isinstance(clean, bool):
+            raise ArgumentTypeError(f"clean must be a bool, got {type(clean).__name__}")
+        self._ctx.clean_pass = clean
+
     def geometry(self) -> Dict[str, Any]:
         """Shapes, dtype and RoPE layout as plain values (what a state dict must match)."""
         rope = None
@@ -254,7 +268,7 @@ class StreamingKVCache:
 def _check_frame_grid(policy: CachePolicy, rope: Optional[RopeSpec], grid: Any,
                       tokens_per_frame: int) -> Optional[Tuple[int, ...]]:
     """The frame grid a policy that un-rotates keys needs (None for every other policy, whatever was given)."""
-    if not policy.memory_frames or rope is None:
+    if not policy.unrotates_keys or rope is None:
         return None
     if rope.num_axes == 1:
         if grid not in (None, (), [], (tokens_per_frame,), [tokens_per_frame]):

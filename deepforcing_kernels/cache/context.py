@@ -50,3 +50,5 @@ class LayerContext:
     run_kw: Dict[str, Any]
     scratch: Optional[torch.Tensor]
     frame_grid: Optional[Tuple[int, ...]] = None
+    #: whether the current pass is a block's clean pass, as :meth:`StreamingKVCache.mark_pass` set it (None: unknown)
+    clean_pass: Optional[bool] = None

@@ -15,6 +15,7 @@ from .._checks import ArgumentTypeError
 from ..policy import CachePolicy
 from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds, switch_state
+from .admission import TetherAdmission
 from .bank import FrameBank
 from .context import LayerContext
 from .memory import EmaMemory
@@ -48,6 +49,10 @@ def attention_layout(policy: CachePolicy, tokens_per_frame: int, frames: int, si
         if not bool(key_shift[:, S_tok:].any()) and bool((key_shift[:, :S_tok] == head).all()):
             return {"sink_len": S_tok if head else 0, "sink_shift": head, "key_shift": None}
         return {"sink_len": 0, "sink_shift": 0, "key_shift": key_shift.contiguous()}
+    if policy.tether_frames and sink_start is not None:  # TetherCache: every slot at its contiguous position
+        L = frames * n
+        pos = sink_start + torch.arange(L, device=frame_tab.device) // n
+        return {"sink_len": 0, "sink_shift": 0, "key_shift": (pos - frame_tab[:, :L]).contiguous()}
     if pos_tab is not None:
         L = frames * n
         key_shift = pos_tab[:, :L] - frame_tab[:, :L]
@@ -96,6 +101,9 @@ class CacheLayer:
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self.memory: Optional[EmaMemory] = (EmaMemory(self.storage, p, c.rope, c.frame_grid) if p.memory_frames
                                             else None)
+        self.admission: Optional[TetherAdmission] = (
+            TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
+            if p.tether_frames else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -109,6 +117,8 @@ class CacheLayer:
             self.scorer.reset()
         if self.memory is not None:
             self.memory.reset()
+        if self.admission is not None:
+            self.admission.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -145,7 +155,7 @@ class CacheLayer:
     @property
     def _has_memory(self) -> bool:
         """MemRoPE's memories exist (from the first roll on, which is also when its sink is first re-phased)."""
-        return self.memory is not None and self._state.sink_start is not None
+        return (self.memory is not None or self.admission is not None) and self._state.sink_start is not None
 
     def memories(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """``memrope``: copies of the un-rotated float32 EMA keys and values ``[B, M, Hkv, D]`` (zeros before the
@@ -186,7 +196,8 @@ class CacheLayer:
         return rephase(k, self.ctx.rope, self.shifts())
 
     # ------------------------------------------------------------------ the pass
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int,
+               clean: Optional[bool] = None) -> torch.Tensor:
         """Write this pass's K/V, run the schedule, and attend.
 
         Args:
@@ -196,6 +207,9 @@ class CacheLayer:
                 All three in the cache's dtype and on its device.
             start_frame: the block's first frame. The current block's start overwrites its slots (passes 2..5);
                 a frame at or after the current block's end starts a new block.
+            clean: whether this is the block's clean pass (``t = 0``); None: as the cache's
+                :meth:`~deepforcing_kernels.StreamingKVCache.mark_pass` said (the model marks every pass). Only
+                ``tethercache`` reads it (its admission runs at the clean pass), and there it must be known.
 
         Returns:
             ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype (computed under ``torch.no_grad``:
@@ -208,10 +222,11 @@ class CacheLayer:
         """
         if torch.is_grad_enabled():  # inference only: a graph through the persistent storage would grow
             with torch.no_grad():
-                return self._pass(q, k, v, start_frame)
-        return self._pass(q, k, v, start_frame)
+                return self._pass(q, k, v, start_frame, clean)
+        return self._pass(q, k, v, start_frame, clean)
 
-    def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int) -> torch.Tensor:
+    def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int,
+              clean: Optional[bool] = None) -> torch.Tensor:
         F = self._check_inputs(q, k, v)
         memo = self._overwrite_plan
         if memo is not None and memo.state is self._state and start_frame == memo.start_frame and \
@@ -223,6 +238,14 @@ class CacheLayer:
             if plan.action == "overwrite" and F == self.policy.block_frames:
                 self._overwrite_plan = plan
         c, p, st = self.ctx, self.policy, self.storage
+        if self.admission is not None:
+            clean = c.clean_pass if clean is None else clean
+            if not isinstance(clean, bool):
+                raise ValueError("a tethercache layer admits frames at the block's clean pass: pass clean=True / "
+                                 "False to attend(), or mark the pass with cache.mark_pass(clean=...)")
+            if plan.action == "roll" and plan.evict_frames != p.block_frames:
+                raise ValueError(f"a tethercache window rolls whole blocks, but this pass would evict "
+                                 f"{plan.evict_frames} frames (a first block of other than {p.block_frames} frames)")
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:
             st.grow(plan.frames_before + F, self._len)  # `full` only (others fit window + block)
@@ -240,6 +263,8 @@ class CacheLayer:
                 e = plan.evict_frames * n
                 if plan.fold is not None:  # MemRoPE: average the evicted frames into the memories first
                     self.memory.fold(st, plan, self._state.stream_start)
+                if self.admission is not None and p.tether_frames:  # TetherCache: set recent's head aside
+                    self.admission.stash(st, p.prefix_frames * n)
                 st.evict(p.prefix_frames * n, e, L0)
                 L0 -= e
             st.write_new(L0, k, v, plan.start_frame, F)
@@ -252,6 +277,9 @@ class CacheLayer:
             S_tok, R_tok = p.sink_frames * n, p.recent_frames * n
             # the release scores the whole augmented cache; only the candidates' scores are ever read
             self._compress(self.scorer.candidate_scores(st, S_tok, T - R_tok), T)
+        if self.admission is not None and clean and self.admission.pending:
+            self.admission.admit(st, q, plan.start_frame)  # before the clean pass attends, as the authors' code
+            self._args_cache = None  # the memory's frames, hence their shifts, changed
         out = self._attend(q, plan, T)
         self._state = plan.state
         return out
@@ -271,7 +299,8 @@ class CacheLayer:
             return []
         fr = self.storage.frames[0, :self._len:n].tolist()  # one entry per frame slot (whole frames only)
         S = min(p.sink_frames, st.frames)
-        C = p.topc_frames if st.compressed else (p.memory_frames if self._has_memory else 0)
+        # memories are not frames that a clean pass can rewrite (MemRoPE's averages, TetherCache's edited K/V)
+        C = p.topc_frames if st.compressed else (p.prefix_frames - p.sink_frames if self._has_memory else 0)
         groups: List[Tuple[int, int, int]] = []
         for lo, hi in ((0, S), (S + C, st.frames)):
             f = lo
@@ -424,6 +453,8 @@ class CacheLayer:
             d.update(self.bank.state(self.bank_frames()))
         if self.memory is not None:
             d.update(self.memory.state())
+        if self.admission is not None:
+            d.update(self.admission.state())
         return d
 
     def bank_frames(self) -> int:
@@ -431,7 +462,6 @@ class CacheLayer:
         if self.bank is None:
             return 0
         return FrameBank.filled(self.policy.tape_frames, self._state.block_start, self._state.stream_start)
-
 
     def load_state(self, state: ScheduleState, tensors: Dict[str, Any]) -> None:
         """Restore a layer state already checked by :func:`~.state.check_layer_state`."""
@@ -443,6 +473,8 @@ class CacheLayer:
             self.bank.load(self.bank_frames(), tensors)
         if self.memory is not None:
             self.memory.load(tensors)
+        if self.admission is not None:
+            self.admission.load(tensors)
         self._args_cache = None
 
 

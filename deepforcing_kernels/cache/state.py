@@ -21,6 +21,8 @@ LAYER_KEYS = frozenset({"schedule", "k", "v", "frames", "reuse", "mass", "qbuf"}
 TAPE_KEYS = frozenset({"pos", "bank_k", "bank_v"})
 #: the further keys of a layer of a policy with memories (MemRoPE): the un-rotated float32 EMAs
 MEMORY_KEYS = frozenset({"memory_k", "memory_v"})
+#: the further keys of a TetherCache layer: the frames set aside for the next clean pass's admission (or none)
+STASH_KEYS = frozenset({"stash_k", "stash_v", "stash_frames"})
 
 
 
@@ -53,6 +55,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     keys = keys | set(parts)
     if ctx.policy.memory_frames:
         keys = keys | MEMORY_KEYS
+    if ctx.policy.tether_frames:
+        keys = keys | STASH_KEYS
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
@@ -81,6 +85,12 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     if p.memory_frames:
         want["memory_k"] = want["memory_v"] = ((ctx.batch_size, p.memory_frames, ctx.num_kv_heads, ctx.head_dim),
                                                torch.float32)
+    if p.tether_frames:  # set-aside frames: none, or one block's
+        stash = d["stash_k"].shape[1] if isinstance(d["stash_k"], torch.Tensor) else -1
+        stash = stash if stash in (0, p.block_frames * ctx.tokens_per_frame) else p.block_frames * ctx.tokens_per_frame
+        shape = (ctx.batch_size, stash, ctx.num_kv_heads, ctx.head_dim)
+        want["stash_k"] = want["stash_v"] = (shape, ctx.dtype)
+        want["stash_frames"] = ((ctx.batch_size, stash), torch.int64)
     for name, w in want.items():
         t = d[name]
         if w is None:
@@ -113,8 +123,8 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         v = getattr(st, name)
         if v is not None and not -_INT_LIMIT < v < _INT_LIMIT:
             bad(f"{name}={v} is out of range")
-    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v", "memory_k",
-                 "memory_v") + mass_part_keys(p):
+    for name in ("k", "v", "frames", "reuse", "mass", "qbuf", "pos", "bank_k", "bank_v", "memory_k", "memory_v",
+                 "stash_k", "stash_v", "stash_frames") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and (t.layout != torch.strided or t.device.type not in ("cpu", ctx.device.type)):
             bad(f"{name!r} must be a dense tensor on the CPU or {ctx.device}, got {t.layout} on {t.device}")
@@ -160,7 +170,8 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         if not lo_s <= st.sink_start <= hi_s:
             bad(f"sink_start={st.sink_start} is outside [{lo_s}, {hi_s}], where this schedule puts it")
     # tensor values
-    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v", "memory_k", "memory_v") + mass_part_keys(p):
+    for name in ("k", "v", "mass", "qbuf", "bank_k", "bank_v", "memory_k", "memory_v", "stash_k",
+                 "stash_v") + mass_part_keys(p):
         t = d.get(name)
         if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
             bad(f"{name!r} holds NaN or inf")
@@ -181,6 +192,9 @@ def _check_layer_values(ctx: LayerContext, index: int, st: ScheduleState, d: Dic
         bad(f"the last {cur * n} slots do not hold the current block (frames {st.block_start}..{hi - 1})")
     S_tok = min(p.sink_frames, st.frames) * n
     C_tok = p.topc_frames * n if st.compressed else 0
+    if p.tether_frames and st.sink_start is not None:  # admitted frames: per video, checked like Top-C picks
+        C_tok = p.tether_frames * n
+        _check_stash_values(p, n, st, d, bad)
     fixed = torch.cat([fr[:, :S_tok], fr[:, S_tok + C_tok:]], dim=1).view(B, -1, n)
     if not bool((fixed == fixed[:, :, :1]).all()) or bool((fixed[:, 1:, 0] <= fixed[:, :-1, 0]).any()):
         bad("sink and recent slots must hold whole frames, each once")
@@ -242,3 +256,14 @@ def _check_memory_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], b
     v = d["v"][:, S * n:(S + M) * n].reshape(mv.shape[0], M, n, *mv.shape[2:])
     if not bool((v == mv.to(device=v.device, dtype=v.dtype)[:, :, None]).all()):
         bad("the memory slots' values differ from 'memory_v'")
+
+
+def _check_stash_values(p: Any, n: int, st: ScheduleState, d: Dict[str, Any], bad: Any) -> None:
+    """TetherCache: the memory holds whole frames (checked with the Top-C rules); set-aside frames exist only
+    between a roll and its clean pass and are the frames that left ``recent``: ``block_start - recent ..``."""
+    sf = d["stash_frames"]
+    if not sf.shape[1]:
+        return
+    want = st.block_start - p.recent_frames + torch.arange(p.block_frames, device=sf.device).repeat_interleave(n)
+    if not bool((sf == want).all()):
+        bad(f"set-aside frames must be {int(want[0])}..{int(want[-1])}, the frames the last roll evicted")

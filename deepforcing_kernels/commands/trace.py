@@ -118,8 +118,11 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
     for f0 in starts:
         frames = 1 if (f0 == 0 and P % bf == 1) else bf
         given = f0 < P
-        for p in range(1 if given else passes_per_block):
+        npass = 1 if given else passes_per_block
+        for p in range(npass):
             q, k, v = torch.randn(3, 1, frames * tokens_per_frame, H, D, generator=g).unbind(0)
+            if cache.wants_pass_marks:  # the last pass of a block is its clean pass (a given block's only one)
+                cache.mark_pass(clean=p == npass - 1)
             layer.attend(q, k, v, start_frame=f0)
             if p == 0:
                 fr = layer.frames()[0].tolist()
@@ -134,8 +137,9 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
     return tr
 
 
-def _runs(frames: Sequence[int], positions: Sequence[int], kinds: Sequence[str]) -> str:
-    """``0@5..9@14 | topc 4 tok from 10-15 | 17@17..20@20 | block 21@21..23@23`` (first token of each frame)."""
+def _runs(frames: Sequence[int], positions: Sequence[int], kinds: Sequence[str], admitted: bool = False) -> str:
+    """``0@5..9@14 | topc 4 tok from 10-15 | 17@17..20@20 | block 21@21..23@23`` (first token of each frame).
+    ``admitted``: memory slots hold whole admitted frames (TetherCache), listed as ``memory 3@3,7@4,..``."""
     parts: List[str] = []
     i, n = 0, len(frames)
     while i < n:
@@ -146,6 +150,13 @@ def _runs(frames: Sequence[int], positions: Sequence[int], kinds: Sequence[str])
         if k == "topc":
             srcs = sorted(set(frames[i:j]))
             parts.append(f"topc {j - i} tok from {len(srcs)} frames ({srcs[0]}..{srcs[-1]})")
+        elif k == "memory" and admitted:  # TetherCache: the admitted frames, each at its contiguous position
+            seen, items = set(), []
+            for f, p in zip(frames[i:j], positions[i:j]):
+                if f not in seen:
+                    seen.add(f)
+                    items.append(f"{f}@{p}")
+            parts.append("memory " + ",".join(items))
         elif k == "memory":  # averages of evicted frames, not frames
             parts.append(f"memory@{positions[i]}..{positions[j - 1]}")
         else:
@@ -180,7 +191,7 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
         if len(show) < len(idx) and bi == idx[-tail]:
             out.append("  ...")
         out.append(f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
-                   f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi])}")
+                   f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi], tr.policy.kind == 'tethercache')}")
     sizes = [len(f) / n for f in tr.frames]
     out.append(f"cache frames: max {max(sizes):g}, last {sizes[-1]:g}")
     counts = tr.topc_counts()
@@ -219,7 +230,7 @@ def plot(tr: CacheTrace, path: str, title: Optional[str] = None) -> None:
     ax = axes[0]
     im = ax.imshow(kinds, cmap=ListedColormap(KIND_COLORS), vmin=-0.5, vmax=6.5, **common)
     cb = fig.colorbar(im, ax=ax, pad=0.01, ticks=range(7))
-    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block", "prefix (given)", "memory (EMA)"])
+    cb.ax.set_yticklabels(["empty", "sink", "Top-C", "recent", "this block", "prefix (given)", "memory (EMA / admitted)"])
     ax.set_title("slot kind")
     ax = axes[1]
     im = ax.imshow(np.ma.masked_invalid(frames), cmap="viridis", vmin=0, vmax=last, **common)

@@ -96,8 +96,10 @@ class SequenceParallelWan(nn.Module):
                              f"({self._cfg.num_heads} heads over {self.world} ranks): build it from "
                              "cache_spec()")
         red = getattr(cache, "reduce_over_heads", self.reduce_over_heads)
-        if red is not self.reduce_over_heads and getattr(getattr(cache, "policy", None), "compresses", False):
-            raise ValueError("this cache would choose Top-C from this rank's heads alone: build it with "
+        pol = getattr(cache, "policy", None)
+        if red is not self.reduce_over_heads and (getattr(pol, "compresses", False) or
+                                                  getattr(pol, "tether_frames", 0)):
+            raise ValueError("this cache would choose Top-C / admit frames from this rank's heads alone: build it with "
                              "reduce_over_heads=model.reduce_over_heads (deepforcing_kernels.models.build_cache, "
                              "which the driver uses, does)")
         return self.model(latents, timestep, text_embeds, cache=cache, start_frame=start_frame,

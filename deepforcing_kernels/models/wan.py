@@ -230,6 +230,8 @@ class CausalWanModel(nn.Module):
                 context = context.expand(b, -1, -1)
             texts = (context,) * len(self.blocks)
         attn_dtype = getattr(cache, "dtype", None) or dtype
+        if getattr(cache, "wants_pass_marks", False):  # TetherCache admits at the clean pass (t = 0)
+            cache.mark_pass(clean=bool((timestep == 0).all()))
         if seq_parallel is not None:
             x = seq_parallel.shard(x, grid[0])  # this rank's slice of every frame
         for i, block in enumerate(self.blocks):

@@ -138,6 +138,9 @@ POLICIES = {
     "rolling_sink": lambda CP: CP.rolling_sink(window_frames=6, frame_tokens=None),
     # window 8, sink 1, 2 memories: rolls (and folds into the memories) at f0 = 6 (the first), 9, 12
     "memrope": lambda CP: CP.memrope(window_frames=8, sink_frames=1),
+    # window 9 = sink 1 + memory 5 + recent 3: rolls at f0 = 9, 12, each clean pass admitting (GRAB over heads
+    # of both ranks) and editing (TAME, per head)
+    "tethercache": lambda CP: CP.tethercache(window_frames=9, sink_frames=1, recent_frames=3),
 }
 LATENT = (6, 8)  # 3 x 4 = 12 tokens per frame: divisible by 2 and 3
 FRAMES = 15      # 5 blocks: compressions (deep_forcing) / rolls (sliding, deep_sink) in the last two
@@ -210,9 +213,9 @@ def scenario_rollout(heads: str, *policies: str) -> int:
                 assert torch.allclose(lp.values(), vs[:, :, r * h:(r + 1) * h], rtol=1e-5, atol=1e-5)
             if blk == 3:
                 states = par.state_dict()  # after the first compression: carried mass, reuse counters, qbuf
-        # Top-C: every rank reduced to bit-identical totals (hence identical selections), one per compression
+        # Top-C (GRAB): every rank reduced to bit-identical totals (hence identical selections), one per compression
         hist = sp.reduce_over_heads.history
-        compresses = policy.compresses
+        compresses = policy.compresses or bool(policy.tether_frames)  # TetherCache: GRAB scores reduce too
         assert (len(hist) > 0) == compresses, f"{name}: {len(hist)} Top-C reductions"
         counts = [None] * P
         dist.all_gather_object(counts, len(hist))

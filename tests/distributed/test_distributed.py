@@ -27,7 +27,8 @@ from deepforcing_kernels.distributed.testing import launch_local
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GEN = ["-m", "deepforcing_kernels", "generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress"]
-ALL_POLICIES = ["deep_forcing_mass", "deep_forcing_logits", "deep_sink", "sliding", "rolling_sink", "memrope"]
+ALL_POLICIES = ["deep_forcing_mass", "deep_forcing_logits", "deep_sink", "sliding", "rolling_sink", "memrope",
+                "tethercache"]
 
 
 def _env(extra=None):

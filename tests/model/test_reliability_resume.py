@@ -143,8 +143,9 @@ def tiny_model():
                                           (CachePolicy.deep_forcing(score="logits", unify_topc_rope=True), 1),
                                           (CachePolicy.deep_sink(), 1),
                                           (CachePolicy.rolling_sink(9, frame_tokens=None), 2),
-                                          (CachePolicy.memrope(), 2)],
-                         ids=["pc_mass_b2", "pc_logits", "ds", "rolling_sink_b2", "memrope_b2"])
+                                          (CachePolicy.memrope(), 2),
+                                          (CachePolicy.tethercache(), 2)],
+                         ids=["pc_mass_b2", "pc_logits", "ds", "rolling_sink_b2", "memrope_b2", "tethercache_b2"])
 def test_generate_resumed_after_every_block_from_disk(policy, batch, tmp_path):
     """A chain of rollouts, each stopped after one block and resumed from its file by the next, equals the straight
     rollout bit for bit (through the compressions at f0 = 21, 27, per-element Top-C and the cache's bf16 storage)."""

@@ -56,6 +56,10 @@ def test_logits_mode_prefix_differs_only_through_the_query_buffer(model):
 def test_image_to_video_one_frame_prefix_runs_through_every_policy(model, policy):
     image = torch.randn(1, 1, CFG.in_dim, 4, 4, generator=torch.Generator().manual_seed(3))
     r = _run(model, 1 + 3 * 10, policy, prefix_latents=image)
+    if policy == "tethercache":  # its window rolls whole blocks (docs/methods.md): refused with one clear line
+        with pytest.raises(ValueError, match="tethercache window rolls whole blocks"):
+            list(r)
+        return
     blocks = list(r)
     assert blocks[0].shape[1] == 1 and torch.equal(blocks[0], image)
     assert all(b.shape[1] == 3 for b in blocks[1:]) and len(blocks) == 11
