@@ -82,3 +82,15 @@ def clean_kv(trace: Dict, upto: int) -> Dict[int, Tuple[torch.Tensor, torch.Tens
         for j in range(F):
             out[f0 + j] = (trace["k"][i][:, j * n:(j + 1) * n], trace["v"][i][:, j * n:(j + 1) * n])
     return out
+
+
+def use_backend(backend: str, monkeypatch) -> None:
+    """Skip or set up a parity test's backend: C++ required when built for CI, Triton under the interpreter."""
+    import pytest
+    from support import require_cpp
+
+    if backend == "cpp":
+        require_cpp()
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")

@@ -3,8 +3,8 @@
 (rope_cut), replayed through this cache pass by pass on every backend."""
 import pytest
 import torch
-from methods_parity import drive, load_trace, reference_output, rope_of
-from support import require_cpp, state_equal
+from methods_parity import drive, load_trace, reference_output, rope_of, use_backend
+from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.presets import make_policy
@@ -58,11 +58,7 @@ def test_the_trace_is_the_authors_method():
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_infinity_rope_matches_the_authors_code_pass_by_pass(backend, monkeypatch):
-    if backend == "cpp":
-        require_cpp()
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     cache = _cache(backend)
     assert cache.backend == backend
     clean, worst, cut_passes = {}, 0.0, 0

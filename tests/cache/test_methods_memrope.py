@@ -7,8 +7,8 @@ memories after each block's first pass. This file re-derives windows and memorie
 float64, following their code's rules, and checks the trace, the cache and the outputs against that."""
 import pytest
 import torch
-from methods_parity import drive, load_trace, rope_of
-from support import require_cpp, state_equal
+from methods_parity import drive, load_trace, rope_of, use_backend
+from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.rotation import apply_rope, rotate_at_frames
@@ -125,11 +125,7 @@ def test_the_rederivation_is_their_code():
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_memrope_matches_the_authors_code_pass_by_pass(backend, monkeypatch):
-    if backend == "cpp":
-        require_cpp()
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     cache = _cache(backend)
     assert cache.backend == backend
     layer, worst = cache.layers[0], 0.0

@@ -2,8 +2,8 @@
 (3 passes each: two denoising, one clean), replayed through this cache pass by pass on every backend."""
 import pytest
 import torch
-from methods_parity import drive, load_trace, reference_output, rope_of, window_of
-from support import require_cpp, state_equal
+from methods_parity import drive, load_trace, reference_output, rope_of, use_backend, window_of
+from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.schedule import simulate, tape_frames_at
@@ -26,11 +26,7 @@ def _windows(layer, n):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_rolling_sink_matches_the_authors_code_pass_by_pass(backend, monkeypatch):
-    if backend == "cpp":
-        require_cpp()
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     assert CFG["blocks"] >= 40
     cache, n = _cache(backend), CFG["tokens_per_frame"]
     assert cache.backend == backend

@@ -4,8 +4,8 @@ this cache pass by pass on every backend: the windows (which frame each slot hol
 K/V of every admitted frame, and the outputs against float64 attention over the window their code attended."""
 import pytest
 import torch
-from methods_parity import load_trace, rope_of, window_of
-from support import require_cpp, state_equal
+from methods_parity import load_trace, rope_of, use_backend, window_of
+from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
 from deepforcing_kernels.presets import make_policy
@@ -84,11 +84,7 @@ def _windows(layer):
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_tethercache_matches_the_authors_code_pass_by_pass(backend, monkeypatch):
-    if backend == "cpp":
-        require_cpp()
-    if backend == "triton":
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    use_backend(backend, monkeypatch)
     assert CFG["blocks"] >= 40
     cache = _cache(backend)
     layer = cache.layers[0]
