@@ -26,7 +26,7 @@ repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
@@ -81,6 +81,12 @@ class CachePolicy:
         grab_alpha, grab_temperature, tame_tau: ``tethercache`` only: GRAB's diversity weight (score = softmax of
             the candidates' mean logits at ``grab_temperature`` + ``grab_alpha`` x temporal diversity) and TAME's
             AdaIN strength (admitted K/V move ``tame_tau`` of the way to the sink + memory statistics).
+        head_jitter, head_jitter_seed: any policy: LoL's multi-head RoPE jitter (docs/methods.md, "Head jitter"):
+            strength in ``[0, 2)`` of the per-head perturbation of the temporal band's frequencies, and the seed
+            that assigns the scales to heads (:func:`deepforcing_kernels.rope.head_jitter`). The cache built for
+            the policy carries the jittered :class:`~deepforcing_kernels.RopeSpec` (``cache.rope``) and the model
+            rotates its queries and keys with it. 0 (default): off, and the seed is stored as 0. Set them with
+            :meth:`with_head_jitter` or ``make_policy(..., head_jitter=)``.
     """
 
     kind: str
@@ -103,6 +109,8 @@ class CachePolicy:
     grab_alpha: Optional[float] = None
     grab_temperature: Optional[float] = None
     tame_tau: Optional[float] = None
+    head_jitter: float = 0.0
+    head_jitter_seed: int = 0
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -210,13 +218,15 @@ class CachePolicy:
                              f"{self.frame_tokens} tokens holds only {W} frames of {n} tokens; use frame_tokens=None")
         T = W - (self.window_frames - self.tape_frames)
         # where the authors' lap is not whole blocks their slices run past the tape's ends; cut it to whole blocks
-        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames)
+        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames
+                                        ).with_head_jitter(self.head_jitter, self.head_jitter_seed)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         F = self._store_checked_int("block_frames", 1)
+        self._check_jitter()
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool) or \
                 not isinstance(self.average_first_roll, bool):
             raise ArgumentTypeError("rephase_sink, unify_topc_rope and average_first_roll must be bools")
@@ -334,6 +344,30 @@ class CachePolicy:
         self._only(budget_frames=None, score=None, topc_max_reuse=None, unify_topc_rope=False, tape_frames=None,
                    frame_tokens=None)
 
+    def _check_jitter(self) -> None:
+        """``head_jitter``: a finite number in ``[0, 2)`` (stored as a float), its seed an int >= 0 (stored as 0
+        when the jitter is off, so every policy without jitter has one spelling)."""
+        s = self.head_jitter
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 2:  # NaN fails the comparison
+            raise ValueError(f"head_jitter must be a number in [0, 2), got {s!r}")
+        object.__setattr__(self, "head_jitter", float(s))
+        seed = self._store_checked_int("head_jitter_seed", 0)
+        if seed >= 2 ** 63:
+            raise ValueError(f"head_jitter_seed must be < 2**63, got {seed}")
+        if not s:
+            object.__setattr__(self, "head_jitter_seed", 0)
+
+    def with_head_jitter(self, strength: float, seed: int = 0) -> "CachePolicy":
+        """This policy with LoL's multi-head RoPE jitter of ``strength`` (in ``[0, 2)``; 0 turns it off) drawn by
+        ``seed``; ValueError naming ``head_jitter`` / ``head_jitter_seed`` for a bad value."""
+        return replace(self, head_jitter=strength, head_jitter_seed=seed)
+
+    def __repr__(self) -> str:
+        # the dataclass repr, with the jitter fields only when the jitter is on: a policy without jitter reads as
+        # it always has (saved runs compare policies by their repr)
+        shown = [f for f in fields(self) if self.head_jitter or not f.name.startswith("head_jitter")]
+        return f"{type(self).__qualname__}(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
+
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
         value = check_int(name, getattr(self, name), minimum=minimum)
@@ -407,9 +441,18 @@ class CachePolicy:
         """The effective sink gap g (``block_frames`` when ``sink_gap`` is None, the release)."""
         return self.block_frames if self.sink_gap is None else self.sink_gap
 
+    @property
+    def head_jitter_setting(self) -> Optional[list]:
+        """``[head_jitter, head_jitter_seed]`` as a saved run's settings hold it (None: no jitter)."""
+        return [self.head_jitter, self.head_jitter_seed] if self.head_jitter else None
+
     def to_dict(self) -> Dict[str, Any]:
-        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``)."""
-        return asdict(self)
+        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``); the head jitter's
+        fields only when it is on (a state saved without them reads back as jitter off)."""
+        d = asdict(self)
+        if not self.head_jitter:
+            del d["head_jitter"], d["head_jitter_seed"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CachePolicy":
