@@ -84,3 +84,17 @@ def test_help_lists_the_option(capsys):
         main(["generate", "--help"])
     out = capsys.readouterr().out
     assert "--head-jitter S" in out and "--head-jitter-seed N" in out
+
+
+def test_the_cost_bench_measures_a_rolled_sink(capsys):
+    """``python -m deepforcing_kernels.bench.jitter`` times what it says: a full window whose sink is re-phased, the
+    jittered side with per-head scales (tiny sizes here; the figures are in docs/methods.md)."""
+    import json
+
+    from deepforcing_kernels.bench.jitter import main as bench
+
+    assert bench(["--dim", "96", "--heads", "2", "--layers", "1", "--tokens-per-frame", "4", "--repeats", "1",
+                  "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["geometry"]["cache_frames"] == 21 and res["geometry"]["sink_shift"] != 0
+    assert res["strength"] == 0.8 and all(s > 0 for s in res["seconds"].values())
