@@ -1,6 +1,6 @@
 """The cost of LoL's head jitter (``make_policy(..., head_jitter=0.8)``): a model pass and the op, with and without.
 
-    python -m deepforcing_kernels.bench.jitter [--dim 1536 --heads 12 --layers 2 --tokens-per-frame 64]
+    python -m deepforcing_kernels.bench.jitter [--dim 1536 --heads 12 --layers 2 --tokens-per-frame 64 --threads 1]
 
 With jitter every head rotates its queries and keys at its own temporal frequencies, and the kernel re-phases the
 sink from per-head tables (``[Hkv, T]`` rows instead of one ``[T]`` row). The model side is a pass of the Wan DiT
@@ -79,8 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--strength", type=float, default=0.8)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.exit(1, f"{ap.prog}: error: --threads must be >= 1, got {a.threads}\n")
+        torch.set_num_threads(a.threads)
     try:
         res = run_jitter(dim=a.dim, heads=a.heads, layers=a.layers, tokens_per_frame=a.tokens_per_frame,
                          strength=a.strength, repeats=a.repeats, backend=a.backend)
