@@ -98,3 +98,18 @@ def test_the_cost_bench_measures_a_rolled_sink(capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["geometry"]["cache_frames"] == 21 and res["geometry"]["sink_shift"] != 0
     assert res["strength"] == 0.8 and all(s > 0 for s in res["seconds"].values())
+
+
+def test_a_video_run_takes_the_jitter(tmp_path, monkeypatch):
+    """The prompt -> mp4 path builds its cache from the same policy: per-head scales, the strength asked for."""
+    pytest.importorskip("av")
+    import deepforcing_kernels.driver as drv
+
+    made, real = [], drv.build_cache
+    monkeypatch.setattr(drv, "build_cache", lambda *a, **kw: made.append(real(*a, **kw)) or made[-1])
+    out = tmp_path / "fox.mp4"
+    assert main(["generate", "--model", "tiny", "--no-progress", "--prompt", "a red fox", "--frames", "3",
+                 "--head-jitter", "0.8", "--head-jitter-seed", "2", "--out", str(out)]) == 0
+    assert out.exists() and made and made[0].policy.head_jitter_setting == [0.8, 2]
+    scales = made[0].rope.head_scale
+    assert scales is not None and abs(max(scales) - min(scales) - 0.8) < 1e-12
