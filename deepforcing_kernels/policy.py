@@ -26,6 +26,7 @@ repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -348,7 +349,7 @@ class CachePolicy:
         """``head_jitter``: a finite number in ``[0, 2)`` (stored as a float), its seed an int >= 0 (stored as 0
         when the jitter is off, so every policy without jitter has one spelling)."""
         s = self.head_jitter
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s < 2:  # NaN fails the comparison
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 2:  # NaN fails the comparison
             raise ValueError(f"head_jitter must be a number in [0, 2), got {s!r}")
         object.__setattr__(self, "head_jitter", float(s))
         seed = self._store_checked_int("head_jitter_seed", 0)
