@@ -1,8 +1,9 @@
 """LoL's multi-head RoPE jitter (``head_jitter=``) as a policy option, through the tiny Wan model and the cache:
 
 * one layer's self-attention output equals a brute-force float64 re-derivation from the layer's un-rotated q, k, v
-  (its own per-head RoPE, written out here pair by pair, at the positions the cache says it attends each slot at):
-  the model rotates queries and keys, and the cache re-phases its sink / tape, with the same per-head angles;
+  (its own per-head RoPE, written out here pair by pair, at the positions the cache says it attends each slot at),
+  on the reference, C++ and (interpreted) Triton backends: the model rotates queries and keys, and the cache
+  re-phases its sink / tape, with the same per-head angles;
 * every policy of the preset table runs blocks with jitter on, on the reference and C++ backends (which agree),
   differs from jitter off, and strength 0 is jitter off bit for bit;
 * resume: the same jitter continues bit for bit, another one (or none) is refused naming ``head_jitter``;
@@ -32,8 +33,8 @@ SMALL = {"full": {}, "sliding": dict(window_frames=6), "frame_sink": dict(window
          "infinity_rope": {}, "tethercache": dict(window_frames=9, sink_frames=1, recent_frames=3)}
 
 
-def tiny_model(heads=2, seed=0):
-    cfg = WanConfig.tiny(num_heads=heads, dim=48 * heads, ffn_dim=96 * heads)
+def tiny_model(heads=2, seed=0, head_dim=48):
+    cfg = WanConfig.tiny(num_heads=heads, dim=head_dim * heads, ffn_dim=2 * head_dim * heads)
     m = CausalWanModel(cfg)
     m.init_weights(generator=torch.Generator().manual_seed(seed), zero_head=False)
     return m.eval()
@@ -86,12 +87,16 @@ def record_layer0(model, cache_layer):
     return passes, hooks
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 @pytest.mark.parametrize("name", ["deep_sink", "rolling_sink", "sliding"])
 def test_layer_output_equals_a_per_head_float64_rederivation(name, backend, monkeypatch):
     """The sink (deep_sink) and the tape (rolling_sink) are attended at positions their keys were not rotated at:
-    only per-head angles in the cache equal to the model's own rotation reproduce the layer's output."""
-    model = tiny_model()
+    only per-head angles in the cache equal to the model's own rotation reproduce the layer's output. Triton runs
+    under the interpreter, at head_dim 32 (its kernels take powers of two)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    model = tiny_model(head_dim=32 if backend == "triton" else 48)
     policy = make_policy(name, head_jitter=0.8, head_jitter_seed=1, **SMALL[name])
     import deepforcing_kernels.driver as drv
 
@@ -104,12 +109,14 @@ def test_layer_output_equals_a_per_head_float64_rederivation(name, backend, monk
 
     monkeypatch.setattr(drv, "build_cache", build)
     ro, _ = run(model, policy, frames=18, backend=backend)
+    assert ro.cache.backend == backend
     scales = made["cache"].rope.head_scale
     assert scales == head_jitter(model.rope, 2, 0.8, 1).head_scale and len(set(scales)) == 2
     passes, hooks = made["rec"]
     for h in hooks:
         h.remove()
-    H, D, n, cols = 2, 48, 6, 3
+    H, D, n, cols = 2, model.config.head_dim, 6, 3
+    bands = model.rope.band_dims
     store, moved, worst = {}, 0, 0.0
     o = model.blocks[0].self_attn.o
     for p in passes:
@@ -118,11 +125,11 @@ def test_layer_output_equals_a_per_head_float64_rederivation(name, backend, monk
         for i in range(L // n):  # this pass (re)writes its block's frames, as the cache does
             store[p["f0"] + i] = (k[i * n:(i + 1) * n], v[i * n:(i + 1) * n])
         tok = torch.arange(L)
-        qr = brute_rope(q, p["f0"] + tok // n, (tok % n) // cols, tok % cols, scales)
+        qr = brute_rope(q, p["f0"] + tok // n, (tok % n) // cols, tok % cols, scales, bands=bands)
         slot = torch.arange(len(p["frames"])) % n  # whole frames in slot order: token index within its frame
         kk = torch.stack([store[int(f)][0][int(t)] for f, t in zip(p["frames"], slot)])
         vv = torch.stack([store[int(f)][1][int(t)] for f, t in zip(p["frames"], slot)])
-        kr = brute_rope(kk, p["pos"], slot // cols, slot % cols, scales)
+        kr = brute_rope(kk, p["pos"], slot // cols, slot % cols, scales, bands=bands)
         moved += int((p["pos"] != p["frames"]).sum())
         att = torch.softmax(torch.einsum("qhd,khd->hqk", qr, kr) / math.sqrt(D), dim=-1)
         y = torch.einsum("hqk,khd->qhd", att, vv).reshape(1, L, H * D)
