@@ -3,26 +3,28 @@
 A :class:`CachePolicy` says *what* a streaming KV cache keeps (docs/spec.md section 4); it holds no tensors and no code
 paths of its own. Every policy is validated when it is built, so a policy that exists is one the engine can run.
 
-=================  =======================================  =====================================
-policy             keeps                                    RoPE of kept keys
-=================  =======================================  =====================================
-``full``           everything (the cache grows)             absolute
-``sliding``        the last ``window_frames``, FIFO         absolute
-``frame_sink``     first ``sink_frames`` + FIFO             absolute, never moved
-``deep_sink``      first ``sink_frames`` + FIFO             sink re-phased (docs/spec.md section 2)
-``deep_forcing``   sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
-``rolling_sink``   FIFO window; a tape of early frames      tape frames at their slots' positions
-                   replays into the older slots
-``memrope``        sink + EMA memory frames + FIFO          sink and memory re-phased, contiguous
-``infinity_rope``  first ``sink_frames`` + FIFO; a prompt   block-relativistic: slot ``i`` at
-                   switch keeps sink + ``flush_frames``     ``base + i``; a scene cut moves the
-                                                            block to ``cut_position``
-``tethercache``    sink + admitted memory frames + recent   every slot at contiguous positions
-                   (GRAB admission, TAME AdaIN)
-=================  =======================================  =====================================
+===================  =======================================  =====================================
+policy               keeps                                    RoPE of kept keys
+===================  =======================================  =====================================
+``full``             everything (the cache grows)             absolute
+``sliding``          the last ``window_frames``, FIFO         absolute
+``frame_sink``       first ``sink_frames`` + FIFO             absolute, never moved
+``deep_sink``        first ``sink_frames`` + FIFO             sink re-phased (docs/spec.md section 2)
+``deep_forcing``     sink + Top-C + ``recent_frames``         sink re-phased; Top-C optionally unified
+``rolling_sink``     FIFO window; a tape of early frames      tape frames at their slots' positions
+                     replays into the older slots
+``memrope``          sink + EMA memory frames + FIFO          sink and memory re-phased, contiguous
+``infinity_rope``    first ``sink_frames`` + FIFO; a prompt   block-relativistic: slot ``i`` at
+                     switch keeps sink + ``flush_frames``     ``base + i``; a scene cut moves the
+                                                              block to ``cut_position``
+``tethercache``      sink + admitted memory frames + recent   every slot at contiguous positions
+                     (GRAB admission, TAME AdaIN)
+``recency_forcing``  first ``sink_frames`` + FIFO; denoising  sink re-phased right behind the
+                     passes bias history chunks' logits       oldest frame (``sink_gap = 0``)
+===================  =======================================  =====================================
 
-The methods of other authors (``rolling_sink``, ``memrope``, ``tethercache``, and the options their presets set) are described, with the source
-repository and commit each one follows, in docs/methods.md.
+The methods of other authors (``rolling_sink``, ``memrope``, ``tethercache``, ``recency_forcing``, and the options
+their presets set) are described, with the source repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
 KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope",
-         "tethercache")
+         "tethercache", "recency_forcing")
 #: Rolling Sink's hard-coded tokens per frame (Wan at 832x480): its window is ``window_frames * 1560`` tokens
 AUTHORS_FRAME_TOKENS = 1560
 SCORES = ("mass", "logits")
@@ -88,6 +90,11 @@ class CachePolicy:
             the policy carries the jittered :class:`~deepforcing_kernels.RopeSpec` (``cache.rope``) and the model
             rotates its queries and keys with it. 0 (default): off, and the seed is stored as 0. Set them with
             :meth:`with_head_jitter` or ``make_policy(..., head_jitter=)``.
+        recency_beta, recency_gamma0, recency_recent_chunks, recency_history_chunks: ``recency_forcing`` only:
+            the temporal recency bias of a denoising pass at step index ``t`` (0-based),
+            ``-beta * dt ** (gamma0 * 2 ** (t + 1))`` with ``dt = min(1, (d - recent_chunks) / history_chunks)``
+            on the keys of frames ``d > recent_chunks`` chunks (of the pass's frames) behind the newest, counted
+            over the frames read; 0 on the sink and at the clean pass (:mod:`deepforcing_kernels.cache.recency`).
     """
 
     kind: str
@@ -112,6 +119,10 @@ class CachePolicy:
     tame_tau: Optional[float] = None
     head_jitter: float = 0.0
     head_jitter_seed: int = 0
+    recency_beta: Optional[float] = None
+    recency_gamma0: Optional[float] = None
+    recency_recent_chunks: Optional[int] = None
+    recency_history_chunks: Optional[int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -203,6 +214,20 @@ class CachePolicy:
                    rephase_sink=True, sink_gap=0, recent_frames=recent_frames, grab_alpha=grab_alpha,
                    grab_temperature=grab_temperature, tame_tau=tame_tau)
 
+    @classmethod
+    def recency_forcing(cls, window_frames: int = 21, sink_frames: int = 3, beta: float = 4.0, gamma0: float = 0.1,
+                        recent_chunks: int = 1, history_chunks: int = 4, *,
+                        block_frames: int = BLOCK_FRAMES) -> "CachePolicy":
+        """Recency Forcing, training-free (docs/methods.md): the first ``sink_frames`` frames, re-phased right
+        behind the oldest frame read (``sink_gap = 0``), + FIFO, ``window_frames`` read in all (the authors' sink 3
+        + newest 18). Each denoising pass adds ``-beta * dt ** (gamma0 * 2 ** (t + 1))`` (step index ``t`` from
+        0) to the logits of the keys ``d > recent_chunks`` chunks behind the newest, ``dt = min(1, (d -
+        recent_chunks) / history_chunks)``, fused into the attention call as a per-key bias; the sink and the
+        block's clean pass are unbiased."""
+        return cls("recency_forcing", block_frames=block_frames, window_frames=window_frames,
+                   sink_frames=sink_frames, rephase_sink=True, sink_gap=0, recency_beta=beta, recency_gamma0=gamma0,
+                   recency_recent_chunks=recent_chunks, recency_history_chunks=history_chunks)
+
     def for_tokens_per_frame(self, tokens_per_frame: int) -> "CachePolicy":
         """The policy a cache with ``tokens_per_frame`` tokens per frame runs: ``rolling_sink`` with
         ``frame_tokens`` set resolves its window to ``window_frames * frame_tokens // tokens_per_frame`` whole
@@ -239,7 +264,7 @@ class CachePolicy:
                 raise ValueError(f"window_frames ({W}) must hold at least one block ({F} frames)")
         if self.kind in ("sliding", "rolling_sink"):
             self._only(sink_frames=0)
-        if self.kind in ("frame_sink", "deep_sink", "deep_forcing", "infinity_rope"):
+        if self.kind in ("frame_sink", "deep_sink", "deep_forcing", "infinity_rope", "recency_forcing"):
             S = self._store_checked_int("sink_frames", 1)
             if S >= self.window_frames:
                 raise ValueError(f"sink_frames ({S}) must be < window_frames ({self.window_frames})")
@@ -260,11 +285,16 @@ class CachePolicy:
             self._store_checked_int("cut_position", 0)
         else:
             self._only(flush_frames=None, cut_position=None)
+        if self.kind == "recency_forcing":
+            self._check_recency()
+        else:
+            self._only(recency_beta=None, recency_gamma0=None, recency_recent_chunks=None,
+                       recency_history_chunks=None)
         if self.kind == "tethercache":
             self._check_tether()
             return
         self._only(grab_alpha=None, grab_temperature=None, tame_tau=None)
-        if self.kind in ("deep_sink", "deep_forcing", "infinity_rope"):
+        if self.kind in ("deep_sink", "deep_forcing", "infinity_rope", "recency_forcing"):
             if not self.rephase_sink:
                 raise ValueError(f"{self.kind} re-phases its sink (rephase_sink=True)")
             if self.sink_gap is not None:
@@ -364,10 +394,25 @@ class CachePolicy:
         return replace(self, head_jitter=strength, head_jitter_seed=seed)
 
     def __repr__(self) -> str:
-        # the dataclass repr, with the jitter fields only when the jitter is on: a policy without jitter reads as
-        # it always has (saved runs compare policies by their repr)
-        shown = [f for f in fields(self) if self.head_jitter or not f.name.startswith("head_jitter")]
+        # the dataclass repr, with the jitter fields only when the jitter is on and the recency bias's only for
+        # recency_forcing: every other policy reads as it always has (saved runs compare policies by their repr)
+        shown = [f for f in fields(self) if (self.head_jitter or not f.name.startswith("head_jitter"))
+                 and (self.recency_bias or not f.name.startswith("recency_"))]
         return f"{type(self).__qualname__}(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
+
+    def _check_recency(self) -> None:
+        """``recency_forcing``: the sink re-phased right behind the oldest frame read (``sink_gap=0``, the authors'
+        placement), ``beta >= 0`` and ``gamma0 > 0`` finite, ``recent_chunks >= 0``, ``history_chunks >= 1``."""
+        if not self.rephase_sink or self.sink_gap != 0:
+            raise ValueError("recency_forcing re-phases its sink right behind the oldest frame read "
+                             "(rephase_sink=True, sink_gap=0)")
+        for name, ok, what in (("recency_beta", lambda x: x >= 0, ">= 0"), ("recency_gamma0", lambda x: x > 0, "> 0")):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or not ok(x) or x == float("inf"):
+                raise ValueError(f"{name} must be a finite number {what}, got {x!r}")
+            object.__setattr__(self, name, float(x))
+        self._store_checked_int("recency_recent_chunks", 0)
+        self._store_checked_int("recency_history_chunks", 1)
 
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
@@ -433,6 +478,17 @@ class CachePolicy:
         return self.sink_frames + self.memory_frames + self.tether_frames
 
     @property
+    def recency_bias(self) -> bool:
+        """Whether denoising passes add a temporal recency bias to the keys' logits (``recency_forcing``)."""
+        return self.kind == "recency_forcing"
+
+    @property
+    def marks_passes(self) -> bool:
+        """Whether the cache must be told which pass is a block's clean pass (TetherCache admits there; Recency
+        Forcing leaves it unbiased)."""
+        return self.kind in ("tethercache", "recency_forcing")
+
+    @property
     def block_relative(self) -> bool:
         """Whether the window is attended block-relativistically (Infinity-RoPE: slot ``i`` at ``base + i``)."""
         return self.kind == "infinity_rope"
@@ -449,10 +505,14 @@ class CachePolicy:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``); the head jitter's
-        fields only when it is on (a state saved without them reads back as jitter off)."""
+        fields only when it is on (a state saved without them reads back as jitter off), the recency bias's only for
+        ``recency_forcing`` (every other policy's dict is what it was before they existed)."""
         d = asdict(self)
         if not self.head_jitter:
             del d["head_jitter"], d["head_jitter_seed"]
+        if not self.recency_bias:
+            for name in ("recency_beta", "recency_gamma0", "recency_recent_chunks", "recency_history_chunks"):
+                del d[name]
         return d
 
     @classmethod

@@ -39,6 +39,9 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                       "sink + 2 (kv_flush), a scene cut moves the block to position 45 (Infinity-RoPE)"),
     "tethercache": ("tethercache", {}, "window 21: sink 3 + memory 14 admitted at the clean pass by GRAB (mean logit "
                     "+ 0.35 x diversity), AdaIN-edited by TAME (tau 0.35) + recent 4, contiguous positions (TetherCache)"),
+    "recency_forcing": ("recency_forcing", {}, "sink 3 re-phased right behind the newest 18 frames; the denoising "
+                        "passes add a temporal recency bias -4 dt^gamma(step) to history chunks' logits, fused in the "
+                        "attention call (Recency Forcing, training-free)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the

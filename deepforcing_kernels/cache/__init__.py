@@ -169,6 +169,7 @@ class StreamingKVCache:
         except (RuntimeError, AssertionError) as e:
             raise ValueError(f"device {self.device} is not available here: {e}") from None
         uses = ("head_rope",) if rope is not None and getattr(rope, "head_scale", None) is not None else ()
+        uses += ("key_bias",) if policy.recency_bias else ()  # Recency Forcing's per-key logit bias
         impl = resolve(backend, self.device, self.head_dim, dtype, features=uses)
         if reduce_over_heads is not None and not callable(reduce_over_heads):
             raise ArgumentTypeError("reduce_over_heads must be callable(partial_scores) -> scores")
@@ -237,9 +238,9 @@ class StreamingKVCache:
 
     @property
     def wants_pass_marks(self) -> bool:
-        """Whether the policy needs to know which pass is a block's clean pass (``tethercache``): the model then
-        calls :meth:`mark_pass` before each pass."""
-        return bool(self.policy.tether_frames)
+        """Whether the policy needs to know which pass is a block's clean pass (``tethercache``,
+        ``recency_forcing``): the model then calls :meth:`mark_pass` before each pass."""
+        return self.policy.marks_passes
 
     def mark_pass(self, *, clean: bool) -> None:
         """Say whether the passes that follow (every layer's, until the next mark) are a block's clean pass

@@ -19,6 +19,7 @@ from .bank import FrameBank
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
+from .recency import RecencyBias
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step, mass_part_keys
 from .storage import LayerStorage
 
@@ -58,6 +59,7 @@ class CacheLayer:
         self.admission: Optional[TetherAdmission] = (
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)
+        self.recency: Optional[RecencyBias] = RecencyBias(p, c.tokens_per_frame, c.device) if p.recency_bias else None
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -73,6 +75,8 @@ class CacheLayer:
             self.memory.reset()
         if self.admission is not None:
             self.admission.reset()
+        if self.recency is not None:
+            self.recency.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -163,7 +167,8 @@ class CacheLayer:
                 a frame at or after the current block's end starts a new block.
             clean: whether this is the block's clean pass (``t = 0``); None: as the cache's
                 :meth:`~deepforcing_kernels.StreamingKVCache.mark_pass` said (the model marks every pass). Only
-                ``tethercache`` reads it (its admission runs at the clean pass), and there it must be known.
+                ``tethercache`` (its admission runs at the clean pass) and ``recency_forcing`` (which biases the
+                other passes) read it, and there it must be known.
 
         Returns:
             ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype (computed under ``torch.no_grad``:
@@ -200,6 +205,8 @@ class CacheLayer:
             if plan.action == "roll" and plan.evict_frames != p.block_frames:
                 raise ValueError(f"a tethercache window rolls whole blocks, but this pass would evict "
                                  f"{plan.evict_frames} frames (a first block of other than {p.block_frames} frames)")
+        step = None if self.recency is None else self.recency.begin(c.clean_pass if clean is None else clean,
+                                                                     plan.new_block)
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:
             st.grow(plan.frames_before + F, self._len)  # `full` only (others fit window + block)
@@ -234,7 +241,7 @@ class CacheLayer:
         if self.admission is not None and clean and self.admission.pending:
             self.admission.admit(st, q, plan.start_frame)  # before the clean pass attends, as the authors' code
             self._args_cache = None  # the memory's frames, hence their shifts, changed
-        out = self._attend(q, plan, T)
+        out = self._attend(q, plan, T, None if step is None else self.recency.key_bias(step, plan.attend_frames, F))
         self._state = plan.state
         return out
 
@@ -341,7 +348,7 @@ class CacheLayer:
                                 plan.attend_compressed, self.storage.frames, self.storage.extra.get("pos"),
                                 st.current_block_frames(self.policy) * n if st.cut else 0)
 
-    def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, plan: PassPlan, T: int, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         c, p, n = self.ctx, self.policy, self.ctx.tokens_per_frame
         L = plan.attend_frames * n
         if self._args_cache is not None and not plan.new_block:
@@ -358,6 +365,8 @@ class CacheLayer:
             kw = self._plain_kw  # the whole call's arguments, built once per layout
             if kw is None or kw["mass_q_range"][1] != Lq:
                 kw = self._plain_kw = dict(args, return_mass=False, mass_q_range=(0, Lq))
+            if key_bias is not None:  # Recency Forcing's denoising passes (cache/recency.py)
+                return run(q, kk, vv, key_bias=key_bias, **kw)[0]
             return run(q, kk, vv, **kw)[0]
         # queries whose mass later compressions reuse: the last recent - block frames, or (frame-wise, when they
         # span several blocks) the whole pass, as part block % mass_parts
@@ -409,6 +418,8 @@ class CacheLayer:
             d.update(self.memory.state())
         if self.admission is not None:
             d.update(self.admission.state())
+        if self.recency is not None:
+            d.update(self.recency.state())
         return d
 
     def bank_frames(self) -> int:
@@ -429,6 +440,8 @@ class CacheLayer:
             self.memory.load(tensors)
         if self.admission is not None:
             self.admission.load(tensors)
+        if self.recency is not None:
+            self.recency.load(tensors)
         self._args_cache = None
 
 

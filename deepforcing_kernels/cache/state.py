@@ -23,6 +23,8 @@ TAPE_KEYS = frozenset({"pos", "bank_k", "bank_v"})
 MEMORY_KEYS = frozenset({"memory_k", "memory_v"})
 #: the further keys of a TetherCache layer: the frames set aside for the next clean pass's admission (or none)
 STASH_KEYS = frozenset({"stash_k", "stash_v", "stash_frames"})
+#: the further key of a Recency Forcing layer: the passes of its current block run so far (an int)
+RECENCY_KEYS = frozenset({"recency_pass"})
 
 
 
@@ -57,6 +59,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
         keys = keys | MEMORY_KEYS
     if ctx.policy.tether_frames:
         keys = keys | STASH_KEYS
+    if ctx.policy.recency_bias:
+        keys = keys | RECENCY_KEYS
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
@@ -72,6 +76,12 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     if (st.sink_start is not None and not p.rephase_sink) or (st.compressed and not p.compresses) or \
             ((st.pending is not None or st.cut) and not p.block_relative):
         raise ValueError(f"layer {index}: schedule state {st} cannot come from a {p.kind!r} policy")
+    if p.recency_bias:  # a count of the current block's passes: none before the stream, at least one after
+        c = d["recency_pass"]
+        if isinstance(c, bool) or not isinstance(c, int) or not (0 if st.block_start is None else 1) <= c < 2 ** 31 \
+                or (st.block_start is None and c):
+            raise ValueError(f"layer {index}: 'recency_pass' must count the current block's passes (an int >= 1, "
+                             f"0 before the first pass), got {c!r}")
     want: Dict[str, Any] = dict(layer.storage.expected(L))
     want.setdefault("reuse", None)
     want.setdefault("mass", None)
