@@ -40,15 +40,16 @@ def make_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: int 
                 sink_shift=kv_frames + q_frames - sink_frames, rope=RopeSpec.wan(head_dim))
 
 
-def recency_frame_bias(kv_frames: int, sink_frames: int, *, step: int = 2, chunk: int = 3) -> torch.Tensor:
-    """float32 ``[kv_frames]``: a Recency-Forcing-shaped per-frame bias (``-4 dt ** (0.1 * 2 ** step)``,
-    ``dt = min(1, max(0, d - 1) / 4)``, ``d`` the distance in ``chunk``-frame chunks from the newest frame; 0 on the
-    sink and the two newest chunks), the bias the cost figures are measured with."""
-    d = (kv_frames - 1 - torch.arange(kv_frames)) // chunk
-    dt = ((d - 1).clamp(min=0).double() / 4).clamp(max=1.0)
-    b = torch.where(d > 1, -4.0 * dt ** (0.1 * 2 ** step), torch.zeros_like(dt))
-    b[:sink_frames] = 0.0
-    return b.float()
+def recency_frame_bias(kv_frames: int, sink_frames: int, *, step: int = 1, chunk: int = 3) -> torch.Tensor:
+    """float32 ``[kv_frames]``: the bias a ``recency_forcing`` cache gives the ``kv_frames`` frames it reads at
+    denoising step index ``step`` (:func:`deepforcing_kernels.cache.recency.frame_bias` with the policy's
+    constants: ``-4 dt ** (0.1 * 2 ** (step + 1))``, ``dt = min(1, max(0, d - 1) / 4)``, ``d`` the distance in
+    ``chunk``-frame chunks from the newest frame; 0 on the sink and the two newest chunks), the bias the cost
+    figures are measured with."""
+    from ..cache.recency import frame_bias
+    from ..policy import CachePolicy
+
+    return frame_bias(CachePolicy.recency_forcing(), kv_frames, chunk, step, sink_frames).float()
 
 
 def group_and_merge(q, k, v, frame_bias: torch.Tensor, tokens_per_frame: int, *, rope, sink_len: int,
