@@ -81,6 +81,11 @@ class CachePolicy:
             keeps sink + 2); None: a switch does not flush.
         cut_position: ``infinity_rope`` only: temporal position, relative to the sink at 0, where a scene cut
             places the block after the switch (the authors' rope_cut ``transition_from = 45``).
+        recency_beta, recency_gamma0, recency_recent_chunks, recency_history_chunks: ``recency_forcing`` only:
+            the temporal recency bias of a denoising pass at step index ``t`` (0-based),
+            ``-beta * dt ** (gamma0 * 2 ** (t + 1))`` with ``dt = min(1, (d - recent_chunks) / history_chunks)``
+            on the keys of frames ``d > recent_chunks`` chunks (of the pass's frames) behind the newest, counted
+            over the frames read; 0 on the sink and at the clean pass (:mod:`deepforcing_kernels.cache.recency`).
         grab_alpha, grab_temperature, tame_tau: ``tethercache`` only: GRAB's diversity weight (score = softmax of
             the candidates' mean logits at ``grab_temperature`` + ``grab_alpha`` x temporal diversity) and TAME's
             AdaIN strength (admitted K/V move ``tame_tau`` of the way to the sink + memory statistics).
@@ -90,11 +95,6 @@ class CachePolicy:
             the policy carries the jittered :class:`~deepforcing_kernels.RopeSpec` (``cache.rope``) and the model
             rotates its queries and keys with it. 0 (default): off, and the seed is stored as 0. Set them with
             :meth:`with_head_jitter` or ``make_policy(..., head_jitter=)``.
-        recency_beta, recency_gamma0, recency_recent_chunks, recency_history_chunks: ``recency_forcing`` only:
-            the temporal recency bias of a denoising pass at step index ``t`` (0-based),
-            ``-beta * dt ** (gamma0 * 2 ** (t + 1))`` with ``dt = min(1, (d - recent_chunks) / history_chunks)``
-            on the keys of frames ``d > recent_chunks`` chunks (of the pass's frames) behind the newest, counted
-            over the frames read; 0 on the sink and at the clean pass (:mod:`deepforcing_kernels.cache.recency`).
     """
 
     kind: str
@@ -114,15 +114,15 @@ class CachePolicy:
     average_first_roll: bool = False
     flush_frames: Optional[int] = None
     cut_position: Optional[int] = None
+    recency_beta: Optional[float] = None
+    recency_gamma0: Optional[float] = None
+    recency_recent_chunks: Optional[int] = None
+    recency_history_chunks: Optional[int] = None
     grab_alpha: Optional[float] = None
     grab_temperature: Optional[float] = None
     tame_tau: Optional[float] = None
     head_jitter: float = 0.0
     head_jitter_seed: int = 0
-    recency_beta: Optional[float] = None
-    recency_gamma0: Optional[float] = None
-    recency_recent_chunks: Optional[int] = None
-    recency_history_chunks: Optional[int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod

@@ -56,10 +56,10 @@ class CacheLayer:
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self.memory: Optional[EmaMemory] = (EmaMemory(self.storage, p, c.rope, c.frame_grid) if p.memory_frames
                                             else None)
+        self.recency: Optional[RecencyBias] = RecencyBias(p, c.tokens_per_frame, c.device) if p.recency_bias else None
         self.admission: Optional[TetherAdmission] = (
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)
-        self.recency: Optional[RecencyBias] = RecencyBias(p, c.tokens_per_frame, c.device) if p.recency_bias else None
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -73,10 +73,10 @@ class CacheLayer:
             self.scorer.reset()
         if self.memory is not None:
             self.memory.reset()
-        if self.admission is not None:
-            self.admission.reset()
         if self.recency is not None:
             self.recency.reset()
+        if self.admission is not None:
+            self.admission.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -205,8 +205,8 @@ class CacheLayer:
             if plan.action == "roll" and plan.evict_frames != p.block_frames:
                 raise ValueError(f"a tethercache window rolls whole blocks, but this pass would evict "
                                  f"{plan.evict_frames} frames (a first block of other than {p.block_frames} frames)")
-        step = None if self.recency is None else self.recency.begin(c.clean_pass if clean is None else clean,
-                                                                     plan.new_block)
+        if self.recency is not None:  # Recency Forcing: count the pass, know its step (before anything changes)
+            self.recency.begin(c.clean_pass if clean is None else clean, plan.new_block)
         n, Lb = c.tokens_per_frame, F * c.tokens_per_frame
         if plan.new_block and (plan.frames_before + F) * n > st.capacity:
             st.grow(plan.frames_before + F, self._len)  # `full` only (others fit window + block)
@@ -241,7 +241,7 @@ class CacheLayer:
         if self.admission is not None and clean and self.admission.pending:
             self.admission.admit(st, q, plan.start_frame)  # before the clean pass attends, as the authors' code
             self._args_cache = None  # the memory's frames, hence their shifts, changed
-        out = self._attend(q, plan, T, None if step is None else self.recency.key_bias(step, plan.attend_frames, F))
+        out = self._attend(q, plan, T)
         self._state = plan.state
         return out
 
@@ -348,7 +348,7 @@ class CacheLayer:
                                 plan.attend_compressed, self.storage.frames, self.storage.extra.get("pos"),
                                 st.current_block_frames(self.policy) * n if st.cut else 0)
 
-    def _attend(self, q: torch.Tensor, plan: PassPlan, T: int, key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
         c, p, n = self.ctx, self.policy, self.ctx.tokens_per_frame
         L = plan.attend_frames * n
         if self._args_cache is not None and not plan.new_block:
@@ -365,8 +365,9 @@ class CacheLayer:
             kw = self._plain_kw  # the whole call's arguments, built once per layout
             if kw is None or kw["mass_q_range"][1] != Lq:
                 kw = self._plain_kw = dict(args, return_mass=False, mass_q_range=(0, Lq))
-            if key_bias is not None:  # Recency Forcing's denoising passes (cache/recency.py)
-                return run(q, kk, vv, key_bias=key_bias, **kw)[0]
+            bias = None if self.recency is None else self.recency.key_bias(plan.attend_frames, Lq // n)
+            if bias is not None:  # Recency Forcing's denoising passes (cache/recency.py)
+                return run(q, kk, vv, key_bias=bias, **kw)[0]
             return run(q, kk, vv, **kw)[0]
         # queries whose mass later compressions reuse: the last recent - block frames, or (frame-wise, when they
         # span several blocks) the whole pass, as part block % mass_parts
@@ -416,10 +417,10 @@ class CacheLayer:
             d.update(self.bank.state(self.bank_frames()))
         if self.memory is not None:
             d.update(self.memory.state())
-        if self.admission is not None:
-            d.update(self.admission.state())
         if self.recency is not None:
             d.update(self.recency.state())
+        if self.admission is not None:
+            d.update(self.admission.state())
         return d
 
     def bank_frames(self) -> int:
@@ -438,10 +439,10 @@ class CacheLayer:
             self.bank.load(self.bank_frames(), tensors)
         if self.memory is not None:
             self.memory.load(tensors)
-        if self.admission is not None:
-            self.admission.load(tensors)
         if self.recency is not None:
             self.recency.load(tensors)
+        if self.admission is not None:
+            self.admission.load(tensors)
         self._args_cache = None
 
 

@@ -46,24 +46,29 @@ class RecencyBias:
     def __init__(self, policy: CachePolicy, tokens_per_frame: int, device: torch.device) -> None:
         self.policy, self.n, self.device = policy, tokens_per_frame, device
         self.passes = 0  # passes of the current block run so far
+        self.step: Optional[int] = None  # the step index of the pass under way (None: the clean pass)
         self._memo: Dict[Tuple[int, int, int], Optional[torch.Tensor]] = {}
 
     def reset(self) -> None:
         self.passes = 0
 
     def begin(self, clean: Any, new_block: bool) -> Optional[int]:
-        """Count a pass (the first of a new block, or the next of the current one); its step index, or None for
-        the clean pass. ValueError, counting nothing, when ``clean`` is not a bool."""
+        """Count a pass (the first of a new block, or the next of the current one) and set :attr:`step`, its step
+        index, or None for the clean pass (also returned). ValueError, counting nothing, when ``clean`` is not a
+        bool."""
         if not isinstance(clean, bool):
             raise ValueError("a recency_forcing layer biases the denoising passes and not the block's clean pass: "
                              "pass clean=True / False to attend(), or mark the pass with cache.mark_pass(clean=...)")
         step = 0 if new_block else self.passes
         self.passes = step + 1
-        return None if clean else step
+        self.step = None if clean else step
+        return self.step
 
-    def key_bias(self, step: Optional[int], frames: int, chunk_frames: int) -> Optional[torch.Tensor]:
-        """float32 ``[1, 1, frames * tokens_per_frame]`` for a pass at ``step`` reading ``frames`` frames, or None
-        where nothing is biased (the clean pass; a cache too short to hold a history chunk)."""
+    def key_bias(self, frames: int, chunk_frames: int, step: Any = "current") -> Optional[torch.Tensor]:
+        """float32 ``[1, 1, frames * tokens_per_frame]`` for a pass at ``step`` (default: the pass under way)
+        reading ``frames`` frames of which it writes ``chunk_frames``, or None where nothing is biased (the clean
+        pass; a cache too short to hold a history chunk)."""
+        step = self.step if step == "current" else step
         if step is None:
             return None
         key = (frames, chunk_frames, step)

@@ -57,10 +57,10 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
     keys = keys | set(parts)
     if ctx.policy.memory_frames:
         keys = keys | MEMORY_KEYS
-    if ctx.policy.tether_frames:
-        keys = keys | STASH_KEYS
     if ctx.policy.recency_bias:
         keys = keys | RECENCY_KEYS
+    if ctx.policy.tether_frames:
+        keys = keys | STASH_KEYS
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
