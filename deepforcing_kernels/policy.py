@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
+from .policy_checks import check_memory, check_recency, check_tether
 
 KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope",
          "tethercache", "recency_forcing")
@@ -274,7 +275,7 @@ class CachePolicy:
         if self.kind in ("full", "sliding", "frame_sink", "rolling_sink"):
             self._only(rephase_sink=False, sink_gap=None)
         if self.kind == "memrope":
-            self._check_memory()
+            check_memory(self)
         else:
             self._only(memory_alphas=None, average_first_roll=False)
         if self.kind == "infinity_rope":
@@ -286,12 +287,12 @@ class CachePolicy:
         else:
             self._only(flush_frames=None, cut_position=None)
         if self.kind == "recency_forcing":
-            self._check_recency()
+            check_recency(self)
         else:
             self._only(recency_beta=None, recency_gamma0=None, recency_recent_chunks=None,
                        recency_history_chunks=None)
         if self.kind == "tethercache":
-            self._check_tether()
+            check_tether(self)
             return
         self._only(grab_alpha=None, grab_temperature=None, tame_tau=None)
         if self.kind in ("deep_sink", "deep_forcing", "infinity_rope", "recency_forcing"):
@@ -337,44 +338,6 @@ class CachePolicy:
         if self.topc_max_reuse is not None:
             self._store_checked_int("topc_max_reuse", 1)
 
-    def _check_memory(self) -> None:
-        """``memrope``: a sink of >= 0 frames, >= 1 rates in (0, 1], a window holding sink + memories + a block,
-        its sink re-phased contiguously (``sink_gap=0``)."""
-        S, F = self._store_checked_int("sink_frames", 0), self.block_frames
-        a = self.memory_alphas
-        if isinstance(a, list):
-            a = tuple(a)  # a policy dict read back from JSON
-        if not isinstance(a, tuple) or not a or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x <= 1 for x in a):
-            raise ValueError(f"memory_alphas must be a non-empty tuple of rates in (0, 1], got {a!r}")
-        object.__setattr__(self, "memory_alphas", tuple(float(x) for x in a))
-        if S + len(a) + F > self.window_frames:
-            raise ValueError(f"sink_frames + memory frames + block_frames ({S} + {len(a)} + {F}) must be <= "
-                             f"window_frames ({self.window_frames})")
-        if not self.rephase_sink or self.sink_gap != 0:
-            raise ValueError("memrope attends its sink and memories contiguously (rephase_sink=True, sink_gap=0)")
-
-    def _check_tether(self) -> None:
-        """``tethercache``: sink >= 0, recent >= one block, memory = window - sink - recent >= 0, alpha >= 0,
-        temperature > 0, tau in [0, 1], contiguous re-phasing (``sink_gap=0``); no Deep Forcing fields."""
-        S, F = self._store_checked_int("sink_frames", 0), self.block_frames
-        R = self._store_checked_int("recent_frames", 1)
-        if R < F:
-            raise ValueError(f"recent_frames ({R}) must be >= block_frames ({F}): the new block lands in recent")
-        if S + R > self.window_frames:
-            raise ValueError(f"sink_frames + recent_frames ({S} + {R}) must be <= window_frames "
-                             f"({self.window_frames}): the memory holds the rest")
-        for name, ok, what in (("grab_alpha", lambda x: x >= 0, ">= 0"), ("grab_temperature", lambda x: x > 0, "> 0"),
-                               ("tame_tau", lambda x: 0 <= x <= 1, "in [0, 1]")):
-            x = getattr(self, name)
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok(x) or x != x:
-                raise ValueError(f"{name} must be a number {what}, got {x!r}")
-            object.__setattr__(self, name, float(x))
-        if not self.rephase_sink or self.sink_gap != 0:
-            raise ValueError("tethercache attends every slot at contiguous positions (rephase_sink=True, sink_gap=0)")
-        self._only(budget_frames=None, score=None, topc_max_reuse=None, unify_topc_rope=False, tape_frames=None,
-                   frame_tokens=None)
-
     def _check_jitter(self) -> None:
         """``head_jitter``: a finite number in ``[0, 2)`` (stored as a float), its seed an int >= 0 (stored as 0
         when the jitter is off, so every policy without jitter has one spelling)."""
@@ -399,20 +362,6 @@ class CachePolicy:
         shown = [f for f in fields(self) if (self.head_jitter or not f.name.startswith("head_jitter"))
                  and (self.recency_bias or not f.name.startswith("recency_"))]
         return f"{type(self).__qualname__}(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
-
-    def _check_recency(self) -> None:
-        """``recency_forcing``: the sink re-phased right behind the oldest frame read (``sink_gap=0``, the authors'
-        placement), ``beta >= 0`` and ``gamma0 > 0`` finite, ``recent_chunks >= 0``, ``history_chunks >= 1``."""
-        if not self.rephase_sink or self.sink_gap != 0:
-            raise ValueError("recency_forcing re-phases its sink right behind the oldest frame read "
-                             "(rephase_sink=True, sink_gap=0)")
-        for name, ok, what in (("recency_beta", lambda x: x >= 0, ">= 0"), ("recency_gamma0", lambda x: x > 0, "> 0")):
-            x = getattr(self, name)
-            if isinstance(x, bool) or not isinstance(x, (int, float)) or x != x or not ok(x) or x == float("inf"):
-                raise ValueError(f"{name} must be a finite number {what}, got {x!r}")
-            object.__setattr__(self, name, float(x))
-        self._store_checked_int("recency_recent_chunks", 0)
-        self._store_checked_int("recency_history_chunks", 1)
 
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
