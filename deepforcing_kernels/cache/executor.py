@@ -19,6 +19,7 @@ from .bank import FrameBank
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
+from .recache import RecacheView  # noqa: F401  (re-exported: the driver's re-cache view)
 from .recency import RecencyBias
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step, mass_part_keys
 from .storage import LayerStorage
@@ -444,25 +445,3 @@ class CacheLayer:
         if self.admission is not None:
             self.admission.load(tensors)
         self._args_cache = None
-
-
-class _RecacheLayer:
-    def __init__(self, layer: CacheLayer, slot_start: int) -> None:
-        self.layer, self.slot_start = layer, slot_start
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start_frame: int) -> torch.Tensor:
-        return self.layer.recompute(q, k, v, self.slot_start)
-
-
-class RecacheView:
-    """A cache-shaped view that makes one model pass rewrite held frames instead of streaming forward.
-
-    ``model(latents, zeros, new_text, cache=RecacheView(cache, slot_start), start_frame=first_frame)`` recomputes
-    the K/V of the whole frames at ``slot_start`` in every layer (:meth:`CacheLayer.recompute`) under the new
-    text; the schedule, Top-C slots and all other frames stay as they are. The groups to rewrite, in order, are
-    ``cache.layers[0].whole_frame_groups()`` (the same slots in every layer).
-    """
-
-    def __init__(self, cache: Any, slot_start: int) -> None:
-        self.dtype = cache.dtype
-        self.layers = tuple(_RecacheLayer(layer, slot_start) for layer in cache.layers)
