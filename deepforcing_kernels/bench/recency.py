@@ -4,8 +4,9 @@ One layer in the steady state (the window full: a 3-frame sink re-phased behind 
 denoising pass of the current block timed three ways, interleaved in one process (medians):
 
 * ``recency``: a ``recency_forcing`` layer's pass, the bias fused into the one attention call (``key_bias``);
-* ``deep_sink``: the same pass of ``deep_sink(21, 3, sink_gap=0)``, the same window without the bias (the cost the
-  bias adds is ``recency / deep_sink``);
+* ``unbiased``: the same layer's pass over the same slots without the bias (its clean pass): the cost the bias adds
+  is ``recency / unbiased``;
+* ``deep_sink``: the same pass of ``deep_sink(21, 3, sink_gap=0)`` (the same window, its own cache's storage);
 * ``groups``: the authors' way to that bias over the same layer's keys: one attention call per group of frames of
   equal bias (keys gathered), merged by log-sum-exp (:func:`~deepforcing_kernels.bench.ops.group_and_merge`; only
   the attention, not the pass's K/V write, so the unfused figure is a lower bound).
@@ -33,7 +34,8 @@ def bench_recency_pass(*, tokens_per_frame: int = 128, heads: int = 12, head_dim
                        warmup: int = 2, threads: Optional[int] = None, seed: int = 0) -> Dict[str, object]:
     """Time one denoising pass (step index ``step``) of a full ``recency_forcing`` layer against ``deep_sink`` and
     against group-and-merge (see the module docstring). Returns ``{"shape", "dtype", "threads", "ms": {name:
-    median}, "ms_all": {name: [...]}, "ratios": {"recency/deep_sink", "groups/recency"}, "max_diff_groups": the
+    median}, "ms_all": {name: [...]}, "ratios": {"recency/unbiased", "recency/deep_sink", "groups/recency"},
+    "max_diff_groups": the
     largest difference between the fused pass's output and the grouped calls'}``."""
     old = torch.get_num_threads()
     if threads is not None:
@@ -55,11 +57,11 @@ def bench_recency_pass(*, tokens_per_frame: int = 128, heads: int = 12, head_dim
         fb = recency_frame_bias(21, 3, step=step)
         args = layer.attention_args()
 
-        def recency():
+        def recency(clean=False):
             layer.recency.passes = step  # the next pass is denoising step `step` of the current block
-            return layer.attend(q, k, v, start_frame=f0, clean=False)
+            return layer.attend(q, k, v, start_frame=f0, clean=clean)
 
-        fns = {"recency": recency,
+        fns = {"recency": recency, "unbiased": lambda: recency(clean=True),
                "deep_sink": lambda: base.attend(q, k, v, start_frame=f0, clean=False),
                "groups": lambda: group_and_merge(q, layer.storage.k[:, :21 * n], layer.storage.v[:, :21 * n], fb, n,
                                                  rope=rope, sink_len=args["sink_len"],
@@ -73,7 +75,8 @@ def bench_recency_pass(*, tokens_per_frame: int = 128, heads: int = 12, head_dim
                           "backend": backend},
                 "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "ms": med,
                 "ms_all": {name: [t * 1e3 for t in ts] for name, ts in times.items()},
-                "ratios": {"recency/deep_sink": med["recency"] / med["deep_sink"],
+                "ratios": {"recency/unbiased": med["recency"] / med["unbiased"],
+                           "recency/deep_sink": med["recency"] / med["deep_sink"],
                            "groups/recency": med["groups"] / med["recency"]}, "max_diff_groups": diff}
     finally:
         torch.set_num_threads(old)
@@ -91,15 +94,16 @@ def _main() -> None:
     a = ap.parse_args()
     mi = machine_info()
     print(f"{mi['cpu_model']} ({', '.join(mi['cpu_isa'])}), {mi['cpu_count']} cores, torch {mi['torch']}")
-    print(f"{'dtype':9} {'step':4} {'recency ms':>10} {'deep_sink ms':>12} {'groups ms':>9} "
-          f"{'recency/deep_sink':>17} {'groups/recency':>14}")
+    print(f"{'dtype':9} {'step':4} {'recency ms':>10} {'unbiased ms':>11} {'deep_sink ms':>12} {'groups ms':>9} "
+          f"{'recency/unbiased':>16} {'recency/deep_sink':>17} {'groups/recency':>14}")
     for dt in (torch.float32, torch.bfloat16):
         for step in (0, 3):
             r = bench_recency_pass(dtype=dt, step=step, repeats=a.repeats, threads=a.threads,
                                    tokens_per_frame=a.tokens_per_frame)
             m, q = r["ms"], r["ratios"]
-            print(f"{r['dtype']:9} {step:4} {m['recency']:10.2f} {m['deep_sink']:12.2f} {m['groups']:9.2f} "
-                  f"{q['recency/deep_sink']:17.3f} {q['groups/recency']:14.3f}")
+            print(f"{r['dtype']:9} {step:4} {m['recency']:10.2f} {m['unbiased']:11.2f} {m['deep_sink']:12.2f} "
+                  f"{m['groups']:9.2f} {q['recency/unbiased']:16.3f} {q['recency/deep_sink']:17.3f} "
+                  f"{q['groups/recency']:14.3f}")
     print(f"shape {r['shape']}, threads {r['threads']}, {a.repeats} interleaved repeats, medians")
 
 

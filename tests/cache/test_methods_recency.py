@@ -293,13 +293,14 @@ def test_the_command_generates_and_resumes_under_recency_forcing(tmp_path, capsy
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_the_pass_bench_times_the_same_attention_three_ways(dtype, tol):
-    """bench/recency.py: the fused pass and the authors' grouped calls agree on the output they time."""
+def test_the_pass_bench_times_the_same_attention(dtype, tol):
+    """bench/recency.py: the fused pass and the authors' grouped calls agree on the output they time (four
+    entries: the biased pass, the same pass unbiased, deep_sink's, the grouped calls)."""
     from support import require_cpp
 
     from deepforcing_kernels.bench.recency import bench_recency_pass
 
     require_cpp()
     r = bench_recency_pass(tokens_per_frame=2, heads=2, head_dim=16, dtype=dtype, step=2, repeats=1, warmup=0)
-    assert set(r["ms"]) == {"recency", "deep_sink", "groups"} and r["shape"]["lk"] == 42
+    assert set(r["ms"]) == {"recency", "unbiased", "deep_sink", "groups"} and r["shape"]["lk"] == 42
     assert r["max_diff_groups"] <= tol and all(x > 0 for x in r["ratios"].values())
