@@ -162,8 +162,10 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
 
     Returns:
         A JSON-friendly dict: ``shape``, ``dtype``, ``threads``, ``gflop`` (GEMM FLOPs, 1e9), ``skipped``
-        backends, and ``results[name] = {"ms": median ms, "ms_all": [...], "vs_sdpa": ratio of medians to SDPA,
-        "vs_gemm": ratio to the GEMM pair, "gflops": GEMM FLOPs / median time}`` for every timed entry.
+        backends, ``results[name] = {"ms": median ms, "ms_all": [...], "vs_sdpa": ratio of medians to SDPA,
+        "vs_gemm": ratio to the GEMM pair, "gflops": GEMM FLOPs / median time}`` for every timed entry, and with
+        ``bias`` ``pairs["<b>+bias/<b>"]`` and ``pairs["<b>:groups/<b>+bias"]``: those ratios timed again as their
+        own interleaved pairs (the figures to quote).
     """
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -174,6 +176,15 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
                                 batch=batch, dtype=dtype, rephase=rephase, mass=mass, backends=backends,
                                 bias=bias)
         times = interleaved(fns, repeats=repeats, warmup=warmup)
+        # the bias's ratios as their own interleaved pairs: in the round-robin above a rotating order still runs
+        # "<b>+bias" right after "<b>" (warm on the same K/V) and the grouped calls right after "<b>+bias"
+        pairs = {}
+        for name in [n for n in fns if n.endswith("+bias")]:
+            plain, groups = name[:-len("+bias")], name[:-len("+bias")] + ":groups"
+            for a, b in ((name, plain), (groups, name)):
+                if a in fns:
+                    t = interleaved({a: fns[a], b: fns[b]}, repeats=repeats, warmup=warmup)
+                    pairs[f"{a}/{b}"] = statistics.median(t[a]) / statistics.median(t[b])
         gflop = meta["gflop"]
         med = {name: statistics.median(ts) for name, ts in times.items()}
         results = {}
@@ -192,6 +203,7 @@ def bench_op_case(*, tokens_per_frame: int = 128, q_frames: int = 3, kv_frames: 
             "gflop": gflop,
             "skipped": meta["skipped"],
             "results": results,
+            "pairs": pairs,
         }
     finally:
         torch.set_num_threads(old_threads)
@@ -217,6 +229,8 @@ def _main() -> None:
                 rel = f"{r['ms'] / base:6.3f}" if base else "     -"
                 print(f"{rep['dtype']:9} {str(mass):5} {name:11} {r['ms']:8.2f} {r['vs_sdpa']:7.3f} "
                       f"{r['vs_gemm']:7.3f} {rel} {r['gflops']:8.1f}")
+            for key, ratio in rep["pairs"].items():
+                print(f"{rep['dtype']:9} {str(mass):5} {key} (its own interleaved pair): {ratio:.3f}")
     print(f"shape {rep['shape']}, threads {rep['threads']}, {repeats} interleaved repeats, medians")
     print(format_machine(machine_info()))
 

@@ -304,3 +304,15 @@ def test_the_pass_bench_times_the_same_attention(dtype, tol):
     r = bench_recency_pass(tokens_per_frame=2, heads=2, head_dim=16, dtype=dtype, step=2, repeats=1, warmup=0)
     assert set(r["ms"]) == {"recency", "unbiased", "deep_sink", "groups"} and r["shape"]["lk"] == 42
     assert r["max_diff_groups"] <= tol and all(x > 0 for x in r["ratios"].values())
+
+
+def test_the_op_bench_times_the_bias_ratios_as_their_own_pairs():
+    from support import require_cpp
+
+    from deepforcing_kernels.bench.ops import bench_op_case
+
+    require_cpp()
+    r = bench_op_case(tokens_per_frame=4, heads=2, head_dim=16, kv_frames=21, sink_frames=3, bias=True, mass=False,
+                      repeats=1, warmup=0)
+    assert set(r["pairs"]) == {"cpp+bias/cpp", "cpp:groups/cpp+bias"} and all(x > 0 for x in r["pairs"].values())
+    assert "pairs" in bench_op_case(tokens_per_frame=4, heads=2, head_dim=16, repeats=1, warmup=0)
