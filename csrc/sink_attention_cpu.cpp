@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "gemm.h"
@@ -123,6 +124,11 @@ class F32Path {
     // Row r of S (srow) becomes its unnormalised probabilities 2^(a * s - am), in place; returns their sum.
     float exp_row(int64_t /*r*/, float* srow, float a, float am, const float* bias) const {
       return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am, bias);
+    }
+
+    // The same over keys [j0, j1) only (a run of equal bias, folded into am by the caller).
+    float exp_run(int64_t /*r*/, float* srow, int64_t j0, int64_t j1, float a, float am) const {
+      return detail::exp2_sub_sum(srow + j0, j1 - j0, a, am);
     }
 
     // O = P V for the task's rows, scaled by inv[r] = 1 / rowsum, into out.
@@ -246,6 +252,11 @@ class Bf16Path {
       return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_, bias);
     }
 
+    // The same over keys [j0, j1) only (a run of equal bias, folded into am by the caller).
+    float exp_run(int64_t r, float* srow, int64_t j0, int64_t j1, float a, float am) const {
+      return detail::exp2_scaled_bf16(srow + j0, P_ + r * x_.Lkp_ + j0, j1 - j0, a, am, x_.keep_f32_);
+    }
+
     // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
     void output(int64_t b, int64_t g, int64_t h, int64_t i0, int64_t m, const float* inv) const {
       const Problem& p = x_.p_;
@@ -291,12 +302,22 @@ class Bf16Path {
 
 // The key-bias option: float32 [Bb, Hb, Lk] (Bb in {1, B}, Hb in {1, Hq}) converted once per call to log2 units
 // (the scores' units); row(b, h) is the bias of query head h of batch b, or nullptr without a bias.
+// A bias row made of runs of equal values (a per-frame bias: Recency Forcing's chunks) averaging at least kMinRun
+// keys is also kept as runs: the sweeps then take each run's bias as an offset of the whole run and read no bias
+// per key (runs(b, h) = [first, last) into run_lo / run_hi / run_value, empty for a row that takes the per-key path).
+constexpr int64_t kMinRun = 256;
 struct KeyBias {
   at::Tensor log2_bias;  // undefined without a bias
   const float* data = nullptr;
-  int64_t stride_b = 0, stride_h = 0;
+  int64_t stride_b = 0, stride_h = 0, Lk = 0;
+  std::vector<int64_t> row_runs, run_lo, run_hi;  // row_runs[i] .. row_runs[i + 1]: the runs of bias row i
+  std::vector<float> run_value;
   const float* row(int64_t b, int64_t h) const {
     return data != nullptr ? data + b * stride_b + h * stride_h : nullptr;
+  }
+  std::pair<int64_t, int64_t> runs(int64_t b, int64_t h) const {
+    const int64_t i = (b * stride_b + h * stride_h) / Lk;
+    return {row_runs[i], row_runs[i + 1]};
   }
 };
 
@@ -314,6 +335,24 @@ KeyBias make_key_bias(const std::optional<at::Tensor>& key_bias, int64_t B, int6
   kb.data = kb.log2_bias.data_ptr<float>();
   kb.stride_b = t.size(0) == 1 ? 0 : t.size(1) * Lk;
   kb.stride_h = t.size(1) == 1 ? 0 : Lk;
+  kb.Lk = Lk;
+  const int64_t rows = t.size(0) * t.size(1);
+  kb.row_runs.assign(1, 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* x = kb.data + i * Lk;
+    const size_t first = kb.run_lo.size();
+    int64_t j = 0, n = 0;
+    for (; j < Lk && (n + 1) * kMinRun <= Lk; ++n) {  // stop early once the runs are too short on average
+      int64_t e = j + 1;
+      while (e < Lk && x[e] == x[j]) ++e;
+      kb.run_lo.push_back(j), kb.run_hi.push_back(e), kb.run_value.push_back(x[j]);
+      j = e;
+    }
+    if (j < Lk) {  // too many runs: this row takes the per-key path
+      kb.run_lo.resize(first), kb.run_hi.resize(first), kb.run_value.resize(first);
+    }
+    kb.row_runs.push_back(static_cast<int64_t>(kb.run_lo.size()));
+  }
   return kb;
 }
 
@@ -346,12 +385,25 @@ void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
         const float a = wk.scores(b, g, h, i0, m, alpha);
         const float* brow = bias.row(b, h);
+        const auto runs = brow != nullptr ? bias.runs(b, h) : std::pair<int64_t, int64_t>(0, 0);
         // Exact row softmax (unnormalised; 1 / rowsum applied to O and to the mass weights); a biased row's
-        // exponent is a * s + bias (log2 units), added in the max and again in the exp sweep.
+        // exponent is a * s + bias (log2 units), added in the max and again in the exp sweep, or, for a row of
+        // long runs of equal bias, applied once per run (max of each run's max, each run's exp at its offset).
         for (int64_t r = 0; r < m; ++r) {
           float* srow = wk.S + r * Lk;
-          const float mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
-          const float sum = wk.exp_row(r, srow, a, mx, brow);
+          float mx, sum = 0.f;
+          if (runs.first < runs.second) {
+            mx = -std::numeric_limits<float>::infinity();
+            for (int64_t u = runs.first; u < runs.second; ++u)
+              if (bias.run_value[u] != -std::numeric_limits<float>::infinity())
+                mx = std::max(mx, detail::row_max(srow + bias.run_lo[u], bias.run_hi[u] - bias.run_lo[u]) * a +
+                                      bias.run_value[u]);
+            for (int64_t u = runs.first; u < runs.second; ++u)
+              sum += wk.exp_run(r, srow, bias.run_lo[u], bias.run_hi[u], a, mx - bias.run_value[u]);
+          } else {
+            mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
+            sum = wk.exp_row(r, srow, a, mx, brow);
+          }
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * detail::kLn2;
         }
