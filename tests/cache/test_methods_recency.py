@@ -173,10 +173,12 @@ def test_the_clean_pass_and_a_zero_bias_run_as_deep_sink():
             assert not torch.equal(oc, ob), f"pass {i}"
 
 
-def test_the_fused_bias_matches_a_brute_force_layer_with_batch_gqa_and_bf16():
-    """Batch 2, 4 query heads over 2 KV heads, 3 tokens a frame, a bf16 cache: every pass of 14 blocks equals the
-    op's reference over the layer's keys with the bias of the formula spelled out (float64) here."""
-    pol = CachePolicy.recency_forcing()
+@pytest.mark.parametrize("jitter", [0.0, 0.5])
+def test_the_fused_bias_matches_a_brute_force_layer_with_batch_gqa_and_bf16(jitter):
+    """Batch 2, 4 query heads over 2 KV heads, 3 tokens a frame, a bf16 cache (with and without head jitter): every
+    pass of 14 blocks equals the op's reference over the layer's keys with the bias of the formula spelled out
+    (float64) here."""
+    pol = CachePolicy.recency_forcing().with_head_jitter(jitter)
     rope = RopeSpec.wan(16)
     n = 3
     cache = StreamingKVCache(pol, num_layers=1, batch_size=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -192,7 +194,7 @@ def test_the_fused_bias_matches_a_brute_force_layer_with_batch_gqa_and_bf16():
             want = torch.where(d > 1, -4.0 * ((d - 1) / 4).clamp(max=1) ** (0.1 * 2 ** (step + 1)), 0.0)
             want[:3] = 0
             kb = None if step == 4 else want.float().repeat_interleave(n)
-            ref = sink_attention(q, layer.keys(), layer.values(), rope=rope, key_bias=kb, backend="reference",
+            ref = sink_attention(q, layer.keys(), layer.values(), rope=cache.rope, key_bias=kb, backend="reference",
                                  **layer.attention_args())
             assert torch.equal(out, ref), f"block at {f0}, pass {step}"
 
@@ -316,3 +318,15 @@ def test_the_op_bench_times_the_bias_ratios_as_their_own_pairs():
                       repeats=1, warmup=0)
     assert set(r["pairs"]) == {"cpp+bias/cpp", "cpp:groups/cpp+bias"} and all(x > 0 for x in r["pairs"].values())
     assert "pairs" in bench_op_case(tokens_per_frame=4, heads=2, head_dim=16, repeats=1, warmup=0)
+
+
+def test_every_other_policy_reads_as_before():
+    """The recency fields appear only in a recency_forcing policy's dict and repr: the states and runs saved under
+    every other policy before they existed still match it."""
+    from deepforcing_kernels.presets import POLICY_NAMES
+
+    for name in POLICY_NAMES:
+        p = make_policy(name)
+        has = name == "recency_forcing"
+        assert any(k.startswith("recency_") for k in p.to_dict()) == has and ("recency_" in repr(p)) == has
+        assert CachePolicy.from_dict(p.to_dict()) == p
