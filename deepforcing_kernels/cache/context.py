@@ -1,7 +1,7 @@
 """What a cache layer is given by its cache: one immutable context object instead of the cache's own fields."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -52,3 +52,5 @@ class LayerContext:
     frame_grid: Optional[Tuple[int, ...]] = None
     #: whether the current pass is a block's clean pass, as :meth:`StreamingKVCache.mark_pass` set it (None: unknown)
     clean_pass: Optional[bool] = None
+    #: tensors every layer reuses, built once per cache (Recency Forcing's per-key biases, by frames read and step)
+    shared: Dict[Any, Any] = field(default_factory=dict)

@@ -57,7 +57,8 @@ class CacheLayer:
         self.bank: Optional[FrameBank] = FrameBank(self.storage, p.tape_frames) if p.has_tape else None
         self.memory: Optional[EmaMemory] = (EmaMemory(self.storage, p, c.rope, c.frame_grid) if p.memory_frames
                                             else None)
-        self.recency: Optional[RecencyBias] = RecencyBias(p, c.tokens_per_frame, c.device) if p.recency_bias else None
+        self.recency: Optional[RecencyBias] = (RecencyBias(p, c.tokens_per_frame, c.device, c.shared)
+                                               if p.recency_bias else None)
         self.admission: Optional[TetherAdmission] = (
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)

@@ -40,17 +40,20 @@ def frame_bias(policy: CachePolicy, frames: int, chunk_frames: int, step: int, s
 
 
 class RecencyBias:
-    """One layer's pass counter and the per-key bias tensors of its passes (built once per distinct
-    ``(frames read, pass frames, step)`` and kept: a stream has a handful)."""
+    """One layer's pass counter, and the per-key bias tensors of the passes (built once per distinct
+    ``(frames read, pass frames, step)`` and kept in ``shared``, a dict all the cache's layers share: a stream has
+    a handful, the same in every layer)."""
 
-    def __init__(self, policy: CachePolicy, tokens_per_frame: int, device: torch.device) -> None:
+    def __init__(self, policy: CachePolicy, tokens_per_frame: int, device: torch.device,
+                 shared: Optional[Dict[Any, Any]] = None) -> None:
         self.policy, self.n, self.device = policy, tokens_per_frame, device
         self.passes = 0  # passes of the current block run so far
         self.step: Optional[int] = None  # the step index of the pass under way (None: the clean pass)
-        self._memo: Dict[Tuple[int, int, int], Optional[torch.Tensor]] = {}
+        self._memo: Dict[Tuple[int, int, int], Optional[torch.Tensor]] = (
+            shared.setdefault("recency_bias", {}) if shared is not None else {})
 
     def reset(self) -> None:
-        self.passes = 0
+        self.passes, self.step = 0, None
 
     def begin(self, clean: Any, new_block: bool) -> Optional[int]:
         """Count a pass (the first of a new block, or the next of the current one) and set :attr:`step`, its step
