@@ -169,8 +169,9 @@ class CacheLayer:
                 a frame at or after the current block's end starts a new block.
             clean: whether this is the block's clean pass (``t = 0``); None: as the cache's
                 :meth:`~deepforcing_kernels.StreamingKVCache.mark_pass` said (the model marks every pass). Only
-                ``tethercache`` (its admission runs at the clean pass) and ``recency_forcing`` (which biases the
-                other passes) read it, and there it must be known.
+                ``tethercache`` (its admission runs at the clean pass; there it must be known) and
+                ``recency_forcing`` (which biases the other passes; told nothing, pass 4 of a block is the clean
+                one) read it.
 
         Returns:
             ``[B, block_tokens, num_heads, head_dim]`` in the cache's dtype (computed under ``torch.no_grad``:

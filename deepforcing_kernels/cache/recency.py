@@ -10,7 +10,9 @@ evaluated in float64 and rounded once to float32; where they run one attention c
 merge by log-sum-exp, the fused op takes the bias per key in one call (the same softmax).
 
 A layer learns the step index by counting the passes of its current block (the Self-Forcing order: the denoising
-steps, then the clean pass), and which pass is the clean one from ``cache.mark_pass(clean=)`` or ``attend(clean=)``.
+steps, then the clean pass), and which pass is the clean one from ``attend(clean=)`` or ``cache.mark_pass(clean=)``
+(the model marks every pass); told neither, it takes Self-Forcing's schedule: pass 4 of a block (the fifth) is the
+clean pass, passes 0..3 are denoising steps 0..3.
 The count is part of the layer's state, so a stream cut between two passes of a block resumes bit for bit.
 """
 from __future__ import annotations
@@ -21,10 +23,12 @@ import torch
 
 from ..policy import CachePolicy
 
-__all__ = ["frame_bias", "RecencyBias", "STATE_KEY"]
+__all__ = ["frame_bias", "RecencyBias", "STATE_KEY", "CLEAN_PASS"]
 
 #: the layer-state key of the pass count
 STATE_KEY = "recency_pass"
+#: the clean pass of a block when no one says which it is: Self-Forcing's 4 denoising steps come first
+CLEAN_PASS = 4
 
 
 def frame_bias(policy: CachePolicy, frames: int, chunk_frames: int, step: int, sink_frames: int) -> torch.Tensor:
@@ -57,12 +61,13 @@ class RecencyBias:
 
     def begin(self, clean: Any, new_block: bool) -> Optional[int]:
         """Count a pass (the first of a new block, or the next of the current one) and set :attr:`step`, its step
-        index, or None for the clean pass (also returned). ValueError, counting nothing, when ``clean`` is not a
-        bool."""
-        if not isinstance(clean, bool):
-            raise ValueError("a recency_forcing layer biases the denoising passes and not the block's clean pass: "
-                             "pass clean=True / False to attend(), or mark the pass with cache.mark_pass(clean=...)")
+        index, or None for the clean pass (also returned). ``clean`` None: pass :data:`CLEAN_PASS` of a block is
+        the clean one. ValueError, counting nothing, when ``clean`` is neither None nor a bool."""
+        if clean is not None and not isinstance(clean, bool):
+            raise ValueError(f"clean must be True / False (or None: pass {CLEAN_PASS} of a block is the clean "
+                             f"pass), got {clean!r}")
         step = 0 if new_block else self.passes
+        clean = step == CLEAN_PASS if clean is None else clean
         self.passes = step + 1
         self.step = None if clean else step
         return self.step

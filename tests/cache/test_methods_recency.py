@@ -237,14 +237,24 @@ def test_a_damaged_recency_state_is_refused():
     _cache().load_state_dict(st)
 
 
-def test_the_clean_pass_must_be_known():
-    cache = _cache()
+def test_unmarked_passes_follow_self_forcing_and_a_bad_mark_is_refused():
+    """Told nothing, pass 4 of a block is the clean pass (Self-Forcing's 4 steps, then the clean pass): the
+    trace's passes run unmarked give the marked outputs bit for bit. A mark that is not a bool is refused before
+    anything changes."""
+    marked, plain = _cache(), _cache()
+    layer, rope = plain.layers[0], rope_of(TRACE)
+    for i, out in _drive(marked, 0, 60):
+        f0 = (i // P) * F
+        q, k, v = _qkv(i)
+        q = apply_rope(q, rope, frame_offset=f0, grid=(F,) + GRID).float()
+        k = apply_rope(k, rope, frame_offset=f0, grid=(F,) + GRID).float()
+        assert torch.equal(layer.attend(q, k, v.float(), start_frame=f0), out), f"pass {i}"
     q = torch.zeros(1, F * N, CFG["heads"], CFG["head_dim"])
+    fresh = _cache()
     with pytest.raises(ValueError, match="clean"):
-        cache.layers[0].attend(q, q, q, start_frame=0)
-    assert cache.layers[0].recency.passes == 0 and len(cache.layers[0]) == 0  # refused before anything changed
-    cache.layers[0].attend(q, q, q, start_frame=0, clean=False)  # an explicit mark works without the cache's
-    assert cache.wants_pass_marks
+        fresh.layers[0].attend(q, q, q, start_frame=0, clean=1)
+    assert fresh.layers[0].recency.passes == 0 and len(fresh.layers[0]) == 0  # refused before anything changed
+    assert fresh.wants_pass_marks
 
 
 def test_memory_is_flat_over_a_1203_frame_stream():
