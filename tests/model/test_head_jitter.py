@@ -30,7 +30,8 @@ SMALL = {"full": {}, "sliding": dict(window_frames=6), "frame_sink": dict(window
          "deep_forcing": dict(window_frames=9, sink_frames=2, budget_frames=7, recent_frames=3),
          "deep_forcing_logits": dict(window_frames=9, sink_frames=2, budget_frames=7, recent_frames=3),
          "rolling_sink": dict(window_frames=9, frame_tokens=None), "memrope": dict(window_frames=8, sink_frames=1),
-         "infinity_rope": {}, "tethercache": dict(window_frames=9, sink_frames=1, recent_frames=3)}
+         "infinity_rope": {}, "tethercache": dict(window_frames=9, sink_frames=1, recent_frames=3),
+         "recency_forcing": dict(window_frames=12, sink_frames=3)}
 
 
 def tiny_model(heads=2, seed=0, head_dim=48):
