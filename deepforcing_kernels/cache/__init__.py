@@ -73,7 +73,8 @@ from ..policy import CachePolicy
 from ..presets import BACKEND_NAMES, dtype_name
 from ..rope import RopeSpec
 from .context import LayerContext
-from .executor import CacheLayer, attention_layout
+from .executor import CacheLayer
+from .layout import attention_layout
 from .scoring import compress_step, release_logit_score
 from .state import check_state
 from .storage import select_topc
