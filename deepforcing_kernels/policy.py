@@ -26,8 +26,9 @@ repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional, Sequence, Tuple
+import functools
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
@@ -81,6 +82,11 @@ class CachePolicy:
         grab_alpha, grab_temperature, tame_tau: ``tethercache`` only: GRAB's diversity weight (score = softmax of
             the candidates' mean logits at ``grab_temperature`` + ``grab_alpha`` x temporal diversity) and TAME's
             AdaIN strength (admitted K/V move ``tame_tau`` of the way to the sink + memory statistics).
+        commit_rule: the commit rule (``Dwell-Jing/commit-forcing``, docs/methods.md), an option of every policy
+            (every constructor takes ``commit_rule=``): the block's clean pass (``t = 0``) attends to the newest
+            real committed frames, the current block included, at their own positions, instead of the policy's
+            cache; the other passes and everything the policy keeps are unchanged. None / False: off; True: the
+            authors' window for the policy (:attr:`commit_frames`); an int N: the newest N frames.
     """
 
     kind: str
@@ -103,6 +109,7 @@ class CachePolicy:
     grab_alpha: Optional[float] = None
     grab_temperature: Optional[float] = None
     tame_tau: Optional[float] = None
+    commit_rule: Union[None, bool, int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -210,13 +217,15 @@ class CachePolicy:
                              f"{self.frame_tokens} tokens holds only {W} frames of {n} tokens; use frame_tokens=None")
         T = W - (self.window_frames - self.tape_frames)
         # where the authors' lap is not whole blocks their slices run past the tape's ends; cut it to whole blocks
-        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames)
+        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames,
+                                        commit_rule=self.commit_rule)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         F = self._store_checked_int("block_frames", 1)
+        self._check_commit_rule(F)
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool) or \
                 not isinstance(self.average_first_roll, bool):
             raise ArgumentTypeError("rephase_sink, unify_topc_rope and average_first_roll must be bools")
@@ -295,6 +304,21 @@ class CachePolicy:
                              "score='logits' for any length")
         if self.topc_max_reuse is not None:
             self._store_checked_int("topc_max_reuse", 1)
+
+    def _check_commit_rule(self, F: int) -> None:
+        """``commit_rule``: None / False (stored as None), True (not for ``full``: no window), or >= one block."""
+        r = self.commit_rule
+        if r is None or r is False:
+            object.__setattr__(self, "commit_rule", None)
+            return
+        if r is True:
+            if self.kind == "full":
+                raise ValueError("commit_rule=True reads the policy's window, and 'full' has none: give the number of "
+                                 "recent frames the clean pass reads (commit_rule=N)")
+            return
+        N = self._store_checked_int("commit_rule", 1)
+        if N < F:
+            raise ValueError(f"commit_rule={N} frames must hold the clean pass's own block ({F} frames)")
 
     def _check_memory(self) -> None:
         """``memrope``: a sink of >= 0 frames, >= 1 rates in (0, 1], a window holding sink + memories + a block,
@@ -403,13 +427,32 @@ class CachePolicy:
         return self.kind == "infinity_rope"
 
     @property
+    def commit_frames(self) -> Optional[int]:
+        """Frames the clean pass reads under the commit rule (None: off): an int ``commit_rule`` as given; for True
+        the authors' choice: ``recent_frames`` for ``tethercache``, else ``window_frames`` (docs/methods.md)."""
+        r = self.commit_rule
+        if r is True:
+            return self.recent_frames if self.kind == "tethercache" else self.window_frames
+        return r
+
+    @property
+    def commit_from_frames(self) -> int:
+        """Frames the stream must have produced (this block's included) before the commit rule applies: the window
+        for ``tethercache`` (the authors switch once its cache is full), else 0 (every clean pass)."""
+        return self.window_frames if self.kind == "tethercache" and self.commit_rule is not None else 0
+
+    @property
     def gap_frames(self) -> int:
         """The effective sink gap g (``block_frames`` when ``sink_gap`` is None, the release)."""
         return self.block_frames if self.sink_gap is None else self.sink_gap
 
     def to_dict(self) -> Dict[str, Any]:
-        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``)."""
-        return asdict(self)
+        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``). ``commit_rule`` is
+        left out when off, so the states and runs saved before the option existed still match their policy."""
+        d = asdict(self)
+        if d["commit_rule"] is None:
+            del d["commit_rule"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CachePolicy":
@@ -428,3 +471,23 @@ class CachePolicy:
             if isinstance(e, ArgumentTypeError):
                 raise
             raise ValueError(f"a policy dict cannot be built: {e}") from None
+
+
+def _taking_commit_rule(ctor: classmethod) -> classmethod:
+    """``ctor`` with a ``commit_rule=`` keyword: the rule is an option of every policy, so each constructor takes it
+    without spelling it out (``CachePolicy.rolling_sink(commit_rule=True)``)."""
+    fn = ctor.__func__
+
+    @functools.wraps(fn)
+    def build(cls, *args: Any, commit_rule: Union[None, bool, int] = None, **kwargs: Any) -> "CachePolicy":
+        policy = fn(cls, *args, **kwargs)
+        return policy if commit_rule is None or commit_rule is False else replace(policy, commit_rule=commit_rule)
+
+    return classmethod(build)
+
+
+# every public constructor (classmethod) takes the option; from_dict reads it from the dict itself
+for _name, _attr in list(vars(CachePolicy).items()):
+    if isinstance(_attr, classmethod) and not _name.startswith("_") and _name != "from_dict":
+        setattr(CachePolicy, _name, _taking_commit_rule(_attr))
+del _name, _attr

@@ -16,6 +16,7 @@ from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds, switch_state
 from .admission import TetherAdmission
 from .bank import FrameBank
+from .commit import CommitShadow
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
@@ -58,6 +59,9 @@ class CacheLayer:
         self.admission: Optional[TetherAdmission] = (
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)
+        #: the commit rule's real committed frames, read by the clean pass (None without the rule)
+        self.shadow: Optional[CommitShadow] = (CommitShadow(self.storage, p.commit_frames)
+                                               if p.commit_rule is not None else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -73,6 +77,8 @@ class CacheLayer:
             self.memory.reset()
         if self.admission is not None:
             self.admission.reset()
+        if self.shadow is not None:
+            self.shadow.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -192,11 +198,14 @@ class CacheLayer:
             if plan.action == "overwrite" and F == self.policy.block_frames:
                 self._overwrite_plan = plan
         c, p, st = self.ctx, self.policy, self.storage
-        if self.admission is not None:
+        if self.admission is not None or self.shadow is not None:
             clean = c.clean_pass if clean is None else clean
             if not isinstance(clean, bool):
-                raise ValueError("a tethercache layer admits frames at the block's clean pass: pass clean=True / "
+                what = "a tethercache layer admits frames" if self.admission is not None else \
+                    "the commit rule changes what a layer reads"
+                raise ValueError(f"{what} at the block's clean pass: pass clean=True / "
                                  "False to attend(), or mark the pass with cache.mark_pass(clean=...)")
+        if self.admission is not None:
             if plan.action == "roll" and plan.evict_frames != p.block_frames:
                 raise ValueError(f"a tethercache window rolls whole blocks, but this pass would evict "
                                  f"{plan.evict_frames} frames (a first block of other than {p.block_frames} frames)")
@@ -234,9 +243,21 @@ class CacheLayer:
         if self.admission is not None and clean and self.admission.pending:
             self.admission.admit(st, q, plan.start_frame)  # before the clean pass attends, as the authors' code
             self._args_cache = None  # the memory's frames, hence their shifts, changed
-        out = self._attend(q, plan, T)
+        out = self._commit(q, k, v, plan, T) if self.shadow is not None and clean else self._attend(q, plan, T)
         self._state = plan.state
         return out
+
+    def _commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
+        """A clean pass under the commit rule: its K/V join the shadow, and it attends there, not to the cache."""
+        self.shadow.commit(k, v, plan.start_frame)
+        produced = plan.start_frame + k.shape[1] // self.ctx.tokens_per_frame - plan.state.stream_start
+        if produced < self.policy.commit_from_frames:  # tethercache: the rule waits for a full cache
+            return self._attend(q, plan, T)
+        if plan.compress_after_attend or plan.carry_mass:
+            self._attend(q, plan, T)  # the policy still scores Top-C by where these queries look in its cache
+        elif plan.new_block:
+            self._args_cache = None  # no layout was made for this block's cache
+        return self.shadow.attend(q, self.ctx.backend_impl.run, self.ctx.run_kw)
 
     def switch(self, cut: bool = False) -> None:
         """A prompt switch before the next block (:func:`~deepforcing_kernels.schedule.switch_state`): an
@@ -279,6 +300,8 @@ class CacheLayer:
         if slot_start < 0 or end > self._len or Lb % n:
             raise ValueError(f"slots [{slot_start}, {end}) are not whole frames held by layer {self.index}")
         self.storage.write(slot_start, k, v)
+        if self.shadow is not None:  # the frames it also holds are committed again under the new text
+            self.shadow.refresh(k, v, int(self.storage.frames[0, slot_start]))
         args = dict(self.attention_args())
         if args["key_shift"] is not None:
             args["key_shift"] = args["key_shift"][:, :end].contiguous()
@@ -409,6 +432,8 @@ class CacheLayer:
             d.update(self.memory.state())
         if self.admission is not None:
             d.update(self.admission.state())
+        if self.shadow is not None:
+            d.update(self.shadow.state())
         return d
 
     def bank_frames(self) -> int:
@@ -429,6 +454,8 @@ class CacheLayer:
             self.memory.load(tensors)
         if self.admission is not None:
             self.admission.load(tensors)
+        if self.shadow is not None:
+            self.shadow.load(tensors)
         self._args_cache = None
 
 
