@@ -313,8 +313,8 @@ class CachePolicy:
             return
         if r is True:
             if self.kind == "full":
-                raise ValueError("commit_rule=True reads the policy's window, and 'full' has none: give the number of "
-                                 "recent frames the clean pass reads (commit_rule=N)")
+                raise ValueError("commit_rule=True reads the policy's window, and 'full' has none: give a number "
+                                 "of frames")
             return
         N = self._store_checked_int("commit_rule", 1)
         if N < F:

@@ -29,7 +29,7 @@ import torch
 
 from ..presets import POLICY_NAMES
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
-from .generate import policy_name
+from .generate import add_commit_rule, policy_name
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5, "memory": 6}
 KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad", "#17becf"]
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass)")
+    add_commit_rule(parser)
     parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
     parser.add_argument("--tokens-per-frame", type=int, default=2, help="tokens per frame, 1..64 (default 2)")
     parser.add_argument("--plot", default="out/trace.png",
@@ -280,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .generate.common import policy_from_args
 
-        policy = policy_from_args(args.policy, args.score)
+        policy = policy_from_args(args.policy, args.score, commit_rule=args.commit_rule)
     except ValueError as e:
         fail(str(e))
     if not args.no_plot:  # before the work, not after it

@@ -30,20 +30,28 @@ def sampling_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None) -> Any:
-    """The :class:`CachePolicy` of ``--policy`` / ``--score`` (:func:`deepforcing_kernels.presets.make_policy`),
-    with blocks of ``block_frames`` latent frames (the recipe's) when given; ValueError naming ``--score`` when
-    the policy cannot take it, ``--block-frames`` when the policy cannot run blocks of that size."""
+def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None,
+                     commit_rule: Any = None) -> Any:
+    """The :class:`CachePolicy` of ``--policy`` / ``--score`` / ``--commit-rule``
+    (:func:`deepforcing_kernels.presets.make_policy`), with blocks of ``block_frames`` latent frames (the recipe's)
+    when given; ValueError naming ``--score`` / ``--commit-rule`` when the policy cannot take it, ``--block-frames``
+    when the policy cannot run blocks of that size."""
+    kw = {} if commit_rule is None else {"commit_rule": commit_rule}
     try:
         if block_frames is not None and block_frames != 3:
             try:
-                return make_policy(name, score=score, block_frames=block_frames)
+                return make_policy(name, score=score, block_frames=block_frames, **kw)
             except ValueError as e:
+                if str(e).startswith("commit_rule"):
+                    raise
                 raise ValueError(f"--block-frames {block_frames} does not fit --policy {name}: {e}") from None
-        return make_policy(name, score=score)
+        return make_policy(name, score=score, **kw)
     except ValueError as e:
         msg = str(e)
-        raise ValueError("--" + msg if msg.startswith("score") else msg) from None
+        if msg.startswith("commit_rule=True"):
+            msg = "commit_rule" + msg[len("commit_rule=True"):]
+        raise ValueError("--" + msg.replace("commit_rule", "commit-rule", 1)
+                         if msg.startswith(("score", "commit_rule")) else msg) from None
 
 
 def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dtype = torch.float32,

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     if not math.isfinite(args.max_save_overhead) or not 0 <= args.max_save_overhead < 1:
         fail(f"--max-save-overhead must be a fraction in [0, 1), got {args.max_save_overhead}")
     try:
-        policy = policy_from_args(args.policy, args.score, sampling_from_args(args)["block_frames"])
+        policy = policy_from_args(args.policy, args.score, sampling_from_args(args)["block_frames"],
+                                  args.commit_rule)
     except ValueError as e:
         fail(str(e))
     video = wants_video(args)

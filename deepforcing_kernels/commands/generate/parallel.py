@@ -94,7 +94,8 @@ def _common(args: argparse.Namespace):
     check_positive(args.batch_size, "--batch-size")
     check_positive(args.threads, "--threads")
     try:
-        policy = g.policy_from_args(args.policy, args.score, g.sampling_from_args(args)["block_frames"])
+        policy = g.policy_from_args(args.policy, args.score, g.sampling_from_args(args)["block_frames"],
+                                    getattr(args, "commit_rule", None))
     except ValueError as e:
         raise ParallelError(str(e))
     check_frames(args.frames, block=policy.block_frames)
