@@ -112,6 +112,52 @@ def test_the_model_gives_the_same_first_nine_blocks_with_the_rule():
     assert not torch.equal(on[:, 27:30], off[:, 27:30])
 
 
+TETHER, TETHER_RULE = load_trace("tethercache"), load_trace("commit_rule_tethercache")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_the_commit_rule_matches_the_authors_tethercache_integration(backend, monkeypatch):
+    """Their TetherCache patch: once the 21-frame cache is full (block 6 on), the clean pass reads only the recent
+    region (the newest 4 frames, the block included); before, the whole cache. The trace holds their clean passes
+    on the inputs of data/tethercache.pt (whose denoising passes, and cache contents, the rule does not change)."""
+    use_backend(backend, monkeypatch)
+    c = TETHER["config"]
+    assert TETHER_RULE["config"]["inputs_sha256"] == {x: _sha(TETHER[x]) for x in ("q", "k", "v")}
+    assert TETHER_RULE["config"]["rule_reads"] == c["blocks"] - 6  # their counters: 30 layers x (B - 6) at 30 layers
+    assert TETHER_RULE["config"]["frames_read"] == 4 * (c["blocks"] - 6)
+    n, Pt, grid = c["tokens_per_frame"], len(c["timesteps"]), tuple(c["grid"])
+    pol = CachePolicy.tethercache(c["window_frames"], c["sink_frames"], c["recent_frames"], c["alpha"],
+                                  c["score_temperature"], c["tau"], commit_rule=True)
+    cache = StreamingKVCache(pol, num_layers=1, batch_size=1, num_heads=c["heads"], head_dim=c["head_dim"],
+                             tokens_per_frame=n, rope=rope_of(TETHER), dtype=torch.float32, backend=backend,
+                             frame_grid=grid)
+    window = TETHER["window"].clone()
+    window[Pt - 1::Pt] = TETHER_RULE["window"]
+    trace = dict(TETHER, window=window)
+    rope, layer, clean, worst = rope_of(TETHER), cache.layers[0], {}, 0.0
+    for i in range(TETHER["q"].shape[0]):
+        f0, is_clean = (i // Pt) * c["block_frames"], i % Pt == Pt - 1
+        q, k, v = (TETHER[x][i].double() for x in ("q", "k", "v"))
+        q = apply_rope(q, rope, frame_offset=f0, grid=(c["block_frames"],) + grid).float()
+        k = apply_rope(k, rope, frame_offset=f0, grid=(c["block_frames"],) + grid).float()
+        cache.mark_pass(clean=is_clean)
+        out = layer.attend(q, k, v.float(), start_frame=f0)
+        if not is_clean:
+            continue
+        b = i // Pt
+        if b >= 6:  # the rule's read: the shadow's frames are their window's, at their own positions
+            assert [(f, f) for f in layer.shadow.frames()[0, ::n].tolist()] == window_of(trace, i), f"block {b}"
+        ref = reference_output(trace, i, clean)
+        scale = ref.abs().max().item()
+        err = (out.double() - ref).abs().max().item()
+        assert err <= 1e-5 * scale, f"block {b}: max error {err:.3g} at output scale {scale:.3g}"
+        assert (TETHER_RULE["out_bf16"][b].double() - ref).abs().max().item() <= 2e-2 * scale
+        worst = max(worst, err / scale)
+        for j in range(c["block_frames"]):
+            clean[f0 + j] = (TETHER["k"][i][:, j * n:(j + 1) * n], TETHER["v"][i][:, j * n:(j + 1) * n])
+    print(f"commit rule on tethercache, {backend}: worst error / output scale {worst:.2e} over 45 clean passes")
+
+
 # ---------------------------------------------------------------------------------------------- every policy
 POLICIES = {
     "deep_forcing_mass": CachePolicy.deep_forcing(commit_rule=True),
