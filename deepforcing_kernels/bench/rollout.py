@@ -28,7 +28,7 @@ import torch
 # the benchmark rows are the preset policies; ``release`` is a baseline that is not a policy (:class:`ReleaseCache`),
 # accepted by :func:`run_cache_rollout` only
 from ..presets import BENCH_BASELINE_NAMES as BASELINE_NAMES  # noqa: F401
-from ..presets import POLICY_NAMES, make_policy
+from ..presets import POLICY_NAMES, make_policy, split_commit_rule
 from .timing import percentile, summarize
 
 
@@ -246,9 +246,11 @@ def bench_policy(name: str, window_frames: int) -> Any:
     authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21). The
     bench's window replaces the preset's Self-Forcing window of 21 frames; a method whose authors run another
     window (MemRoPE's 12) keeps its own."""
-    p = make_policy(name)
+    name, rule = split_commit_rule(name)  # a row "NAME+commit": the policy with the commit rule
+    kw = {"commit_rule": True} if rule else {}
+    p = make_policy(name, **kw)
     if p.window_frames == 21:
-        p = make_policy(name, window_frames=window_frames)
+        p = make_policy(name, window_frames=window_frames, **kw)
     return dataclasses.replace(p, frame_tokens=None) if getattr(p, "frame_tokens", None) is not None else p
 
 

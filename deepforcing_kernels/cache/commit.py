@@ -37,6 +37,8 @@ class CommitShadow:
         self.store = LayerStorage(batch=like.batch, kv_heads=like.kv_heads, head_dim=like.head_dim,
                                   tokens_per_frame=like.tokens_per_frame, capacity_frames=frames, dtype=like.dtype,
                                   device=like.device, slot_ops=like.slot_ops)
+        # the store's K / V, named here too (the store moves slots in place and never reallocates: N frames fit)
+        self.k, self.v = self.store.k, self.store.v
         self.n = like.tokens_per_frame
         self.used = 0  # slots holding committed tokens
 
