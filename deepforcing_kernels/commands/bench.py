@@ -24,10 +24,9 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from ..presets import BACKEND_NAMES
+from ..presets import BACKEND_NAMES, split_commit_rule
 from ..presets import BENCH_BASELINE_NAMES as BENCH_BASELINES
 from ..presets import POLICY_NAMES as BENCH_POLICIES
-from ..presets import split_commit_rule
 from ._common import check_frames, check_output_file, check_positive, fail, plot_format, require_matplotlib
 
 SECTIONS = ("ops", "compression", "rollout", "model", "profile")
