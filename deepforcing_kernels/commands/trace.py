@@ -67,6 +67,8 @@ class CacheTrace:
     frames: List[List[int]] = field(default_factory=list)
     positions: List[List[int]] = field(default_factory=list)
     kinds: List[List[str]] = field(default_factory=list)
+    #: under the commit rule, the frames each block's clean pass read (its committed frames), else empty
+    committed: List[List[int]] = field(default_factory=list)
 
     @property
     def max_slots(self) -> int:
@@ -125,6 +127,9 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
             if cache.wants_pass_marks:  # the last pass of a block is its clean pass (a given block's only one)
                 cache.mark_pass(clean=p == npass - 1)
             layer.attend(q, k, v, start_frame=f0)
+            if p == npass - 1 and getattr(layer, "shadow", None) is not None:  # (tethercache: once the window is full)
+                ruled = f0 + frames >= cache.policy.commit_from_frames
+                tr.committed.append(layer.shadow.frames()[0, ::tokens_per_frame].tolist() if ruled else [])
             if p == 0:
                 fr = layer.frames()[0].tolist()
                 tr.starts.append(f0)
@@ -191,8 +196,12 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
     for bi in show:
         if len(show) < len(idx) and bi == idx[-tail]:
             out.append("  ...")
-        out.append(f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
-                   f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi], tr.policy.kind == 'tethercache')}")
+        line = (f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
+                f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi], tr.policy.kind == 'tethercache')}")
+        if tr.committed:  # the commit rule: what the clean pass read instead (at the frames' own positions)
+            c = tr.committed[bi]
+            line += f"; clean pass reads {c[0]}..{c[-1]}" if c else ""
+        out.append(line)
     sizes = [len(f) / n for f in tr.frames]
     out.append(f"cache frames: max {max(sizes):g}, last {sizes[-1]:g}")
     counts = tr.topc_counts()

@@ -58,6 +58,12 @@ def test_bad_values_are_one_line_naming_the_flag(tmp_path, capsys, extra, want):
 
 def test_trace_takes_the_rule(capsys):
     assert main(["trace", "--policy", "rolling_sink", "--commit-rule", "--frames", "30", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "clean pass reads 9..29" in out and "clean pass reads 0..2" in out  # the newest 21 committed frames
+    assert main(["trace", "--policy", "tethercache", "--commit-rule", "--frames", "24", "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "clean pass reads 17..20" in out and "clean pass reads 20..23" in out  # from the full window on
+    assert out.count("clean pass reads") == 2
 
 
 def test_bench_rows_with_the_rule_are_checked(tmp_path, capsys):
