@@ -253,8 +253,10 @@ class CacheLayer:
         produced = plan.start_frame + k.shape[1] // self.ctx.tokens_per_frame - plan.state.stream_start
         if produced < self.policy.commit_from_frames:  # tethercache: the rule waits for a full cache
             return self._attend(q, plan, T)
-        if plan.compress_after_attend or plan.carry_mass:
-            self._attend(q, plan, T)  # the policy still scores Top-C by where these queries look in its cache
+        if plan.compress_after_attend:  # the policy still scores Top-C by where these queries look in its cache
+            self._attend(q, plan, T)
+        elif plan.carry_mass:  # ... and carries their mass: only the carried queries need to look
+            self._attend(q[:, max(0, q.shape[1] - self._carried_tokens()):], plan, T)
         elif plan.new_block:
             self._args_cache = None  # no layout was made for this block's cache
         return self.shadow.attend(q, self.ctx.backend_impl.run, self.ctx.run_kw)
@@ -384,8 +386,7 @@ class CacheLayer:
             return run(q, kk, vv, **kw)[0]
         # queries whose mass later compressions reuse: the last recent - block frames, or (frame-wise, when they
         # span several blocks) the whole pass, as part block % mass_parts
-        K = p.mass_parts
-        tail = (p.recent_frames - p.block_frames if K == 1 else p.block_frames) * n
+        K, tail = p.mass_parts, self._carried_tokens()
         part = (plan.start_frame // p.block_frames) % K
         scorer: Scorer = self.scorer
         S_tok, end = p.sink_frames * n, T - p.recent_frames * n
@@ -410,6 +411,11 @@ class CacheLayer:
             score = scorer.candidate_scores(self.storage, S_tok, end, mass)
         self._compress(score, T)
         return out
+
+    def _carried_tokens(self) -> int:
+        """Query tokens of a pass whose attention mass is carried to later compressions."""
+        p = self.policy
+        return (p.recent_frames - p.block_frames if p.mass_parts == 1 else p.block_frames) * self.ctx.tokens_per_frame
 
     def _compress(self, cand_score: torch.Tensor, T: int) -> None:
         p, n = self.policy, self.ctx.tokens_per_frame
