@@ -115,11 +115,18 @@ def _order(names: Sequence[str], rng: "random.Random") -> List[str]:
     return order
 
 
-def _attend_frames(layer: Any, start_frame: int) -> Optional[int]:
-    """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap)."""
+def _attend_frames(layer: Any, start_frame: int, clean: bool = False) -> Optional[int]:
+    """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap); a clean pass
+    under the commit rule reads the committed frames instead (its block joining them)."""
     from ..schedule import plan_pass
 
-    return int(plan_pass(layer.policy, layer.state, start_frame).attend_frames)
+    plan = plan_pass(layer.policy, layer.state, start_frame)
+    p, shadow = layer.policy, getattr(layer, "shadow", None)
+    F = plan.state.current_block_frames(p)
+    if clean and shadow is not None and start_frame + F - plan.state.stream_start >= p.commit_from_frames:
+        held = shadow.frames()[0, ::shadow.n].tolist()
+        return min(p.commit_frames, len([f for f in held if f < plan.state.block_start]) + F)
+    return int(plan.attend_frames)
 
 
 # ---------------------------------------------------------------------------------------------- the release, measured
@@ -365,7 +372,7 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
         for p in range(cfg.passes):
             q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
             for name in order:  # outside the timed region
-                af = _attend_frames(caches[name].layers[0], f0)
+                af = _attend_frames(caches[name].layers[0], f0, p == cfg.passes - 1)
                 attended[name].append(af if af is not None else float("nan"))
             acc = dict.fromkeys(names, 0.0)
             for name in names:  # the block's last pass is its clean pass (TetherCache admits there)
