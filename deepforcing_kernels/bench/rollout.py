@@ -120,12 +120,10 @@ def _attend_frames(layer: Any, start_frame: int, clean: bool = False) -> Optiona
     under the commit rule reads the committed frames instead (its block joining them)."""
     from ..schedule import plan_pass
 
-    plan = plan_pass(layer.policy, layer.state, start_frame)
-    p, shadow = layer.policy, getattr(layer, "shadow", None)
-    F = plan.state.current_block_frames(p)
-    if clean and shadow is not None and start_frame + F - plan.state.stream_start >= p.commit_from_frames:
-        held = shadow.frames()[0, ::shadow.n].tolist()
-        return min(p.commit_frames, len([f for f in held if f < plan.state.block_start]) + F)
+    plan, p, sh = plan_pass(layer.policy, layer.state, start_frame), layer.policy, getattr(layer, "shadow", None)
+    F, st = plan.state.current_block_frames(p), plan.state
+    if clean and sh is not None and start_frame + F - st.stream_start >= p.commit_from_frames:
+        return min(p.commit_frames, sum(f < st.block_start for f in sh.frames()[0, ::sh.n].tolist()) + F)
     return int(plan.attend_frames)
 
 

@@ -16,7 +16,7 @@ from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds, switch_state
 from .admission import TetherAdmission
 from .bank import FrameBank
-from .commit import CommitShadow
+from .commit import CommitShadow, reads_cache
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
@@ -60,7 +60,7 @@ class CacheLayer:
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)
         #: the commit rule's real committed frames, read by the clean pass (None without the rule)
-        self.shadow: Optional[CommitShadow] = (CommitShadow(self.storage, p.commit_frames)
+        self.shadow: Optional[CommitShadow] = (CommitShadow(self.storage, p.commit_frames, reads_cache(p))
                                                if p.commit_rule is not None else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
@@ -253,13 +253,16 @@ class CacheLayer:
         produced = plan.start_frame + k.shape[1] // self.ctx.tokens_per_frame - plan.state.stream_start
         if produced < self.policy.commit_from_frames:  # tethercache: the rule waits for a full cache
             return self._attend(q, plan, T)
+        # read first: a read in place (reads_cache) must see the cache before a compression moves it
+        c = self.ctx
+        out = self.shadow.attend(q, c.backend_impl.run, c.run_kw, plan.attend_frames * c.tokens_per_frame)
         if plan.compress_after_attend:  # the policy still scores Top-C by where these queries look in its cache
             self._attend(q, plan, T)
         elif plan.carry_mass:  # ... and carries their mass: only the carried queries need to look
             self._attend(q[:, max(0, q.shape[1] - self._carried_tokens()):], plan, T)
         elif plan.new_block:
             self._args_cache = None  # no layout was made for this block's cache
-        return self.shadow.attend(q, self.ctx.backend_impl.run, self.ctx.run_kw)
+        return out
 
     def switch(self, cut: bool = False) -> None:
         """A prompt switch before the next block (:func:`~deepforcing_kernels.schedule.switch_state`): an

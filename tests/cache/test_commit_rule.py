@@ -171,7 +171,14 @@ POLICIES = {
     "rolling_sink_12": CachePolicy.rolling_sink(frame_tokens=None, commit_rule=12),
     "full_5": CachePolicy.full(commit_rule=5),
     "framewise_deep_forcing": CachePolicy.deep_forcing(block_frames=1, commit_rule=True),
+    # the newest N committed frames are the cache's own last ones here: read in place, no copy
+    "deep_forcing_logits_4": CachePolicy.deep_forcing(score="logits", commit_rule=4),
+    "deep_forcing_mass_4": CachePolicy.deep_forcing(commit_rule=4),
+    "longlive_9": CachePolicy.frame_sink(12, 3, commit_rule=9),
+    "memrope_7": CachePolicy.memrope(commit_rule=7),
 }
+IN_CACHE = {"sliding", "tethercache", "full_5", "deep_forcing_logits_4", "deep_forcing_mass_4", "longlive_9",
+            "memrope_7"}
 
 
 def _attention64(q, k, v):
@@ -190,6 +197,7 @@ def test_the_clean_pass_reads_the_newest_committed_frames(name):
     off = _cache(CachePolicy.from_dict({k: v for k, v in pol.to_dict().items() if k != "commit_rule"}), n=n, heads=2,
                  dim=16)
     assert on.policy.commit_rule is not None and off.policy.commit_rule is None
+    assert on.layers[0].shadow.in_cache == (name in IN_CACHE)
     g, committed, ruled = torch.Generator().manual_seed(7), {}, 0
     for b in range(48 // Fb):
         f0 = b * Fb
@@ -217,6 +225,12 @@ def test_the_clean_pass_reads_the_newest_committed_frames(name):
             assert torch.equal(lon.positions(), loff.positions()) and torch.equal(lon.frames(), loff.frames())
     if name != "sliding" and name != "full_5":  # the rule is a no-op on sliding (its window is all real frames)
         assert ruled >= 5, f"{name}: the rule changed only {ruled} clean passes"
+    # what the rule adds to the state: the copy of the committed frames, or (read in place) nothing
+    extra = set(on.state_dict()["layers"][0]) - set(off.state_dict()["layers"][0])
+    assert extra == (set() if name in IN_CACHE else {"commit_k", "commit_v", "commit_frames"})
+    b = _cache(pol, n=n, heads=2, dim=16)
+    b.load_state_dict(on.state_dict())
+    assert state_equal(b.state_dict(), on.state_dict())
 
 
 def test_commit_frames_follow_the_authors_integrations():
@@ -302,6 +316,17 @@ def test_a_damaged_shadow_is_refused():
     with pytest.raises(ValueError, match="policy"):  # a state of the policy without the rule
         _cache(_rs(None)).load_state_dict(good)
     _cache(_rs()).load_state_dict(good)
+
+
+def test_the_rule_read_in_place_costs_no_memory():
+    from deepforcing_kernels.bench.rollout import kv_storage_bytes
+
+    for pol in (CachePolicy.tethercache(commit_rule=True), CachePolicy.sliding(commit_rule=True),
+                CachePolicy.deep_forcing(commit_rule=4)):
+        plain = CachePolicy.from_dict({k: v for k, v in pol.to_dict().items() if k != "commit_rule"})
+        assert kv_storage_bytes(_cache(pol)) == kv_storage_bytes(_cache(plain)), pol.kind
+    rs, plain = _cache(_rs()), _cache(_rs(None))  # a copy of 21 frames a layer: the authors' second window
+    assert kv_storage_bytes(rs) - kv_storage_bytes(plain) == 2 * 21 * N_TOK * CFG["heads"] * CFG["head_dim"] * 4
 
 
 def test_memory_is_flat_over_a_1203_frame_stream():
