@@ -152,6 +152,12 @@ def figures(args):
         srv.close_all()
 
 
+def _idle(srv) -> bool:
+    """No tab, no stream, and every stream thread finished (so it has handed its memory back)."""
+    h = srv.app.health()
+    return h["sessions"] == 0 and h["active"] == 0 and h["launchers"] == 0
+
+
 def soak(args):
     """Tabs open, start, steer, stop and close at random; the server must keep flat memory and no errors."""
     import tempfile
@@ -182,7 +188,7 @@ def soak(args):
                 stats["tabs_closed"] += len(tabs)
                 tabs = []
                 b.switch_to.window(first)
-                wait(lambda: srv.app.health()["sessions"] == 0 and srv.app.health()["active"] == 0, 60)
+                wait(lambda: _idle(srv), 60)
                 gc.collect()
                 idle.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
                 next_idle += args.idle_every
@@ -226,7 +232,7 @@ def soak(args):
         for tab in tabs:
             b.switch_to.window(tab)
             b.close()
-        wait(lambda: srv.app.health()["sessions"] == 0 and srv.app.health()["active"] == 0, 60)
+        wait(lambda: _idle(srv), 60)
         gc.collect()
         idle.append((round(time.monotonic() - t0, 1), round(rss_mib(), 1)))
     finally:

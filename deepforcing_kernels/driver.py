@@ -247,6 +247,7 @@ class Rollout:
         return {"seed": self.seed, "batch_size": self.batch_size, "latent_size": list(self.latent_size),
                 "block_frames": self.block_frames, "timesteps": list(self.timesteps),
                 "first_timesteps": None if self.first_timesteps is None else list(self.first_timesteps),
+                "head_jitter": self.policy.head_jitter_setting,  # before "policy": a refusal names it plainly
                 "policy": repr(self.policy),
                 "cache_dtype": str(self.cache_dtype).replace("torch.", ""), "prefix_frames": self.prefix_frames,
                 "switch_frames": list(self.switch_frames), "recache": self.recache,

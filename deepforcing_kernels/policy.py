@@ -26,10 +26,11 @@ repository and commit each one follows, in docs/methods.md.
 """
 from __future__ import annotations
 
-import functools
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+from . import commit_option
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 
 KINDS = ("full", "sliding", "frame_sink", "deep_sink", "deep_forcing", "rolling_sink", "memrope", "infinity_rope",
@@ -82,11 +83,15 @@ class CachePolicy:
         grab_alpha, grab_temperature, tame_tau: ``tethercache`` only: GRAB's diversity weight (score = softmax of
             the candidates' mean logits at ``grab_temperature`` + ``grab_alpha`` x temporal diversity) and TAME's
             AdaIN strength (admitted K/V move ``tame_tau`` of the way to the sink + memory statistics).
-        commit_rule: the commit rule (``Dwell-Jing/commit-forcing``, docs/methods.md), an option of every policy
-            (every constructor takes ``commit_rule=``): the block's clean pass (``t = 0``) attends to the newest
-            real committed frames, the current block included, at their own positions, instead of the policy's
-            cache; the other passes and everything the policy keeps are unchanged. None / False: off; True: the
-            authors' window for the policy (:attr:`commit_frames`); an int N: the newest N frames.
+        head_jitter, head_jitter_seed: any policy: LoL's multi-head RoPE jitter (docs/methods.md, "Head jitter"):
+            strength in ``[0, 2)`` of the per-head perturbation of the temporal band's frequencies, and the seed
+            that assigns the scales to heads (:func:`deepforcing_kernels.rope.head_jitter`). The cache built for
+            the policy carries the jittered :class:`~deepforcing_kernels.RopeSpec` (``cache.rope``) and the model
+            rotates its queries and keys with it. 0 (default): off, and the seed is stored as 0. Set them with
+            :meth:`with_head_jitter` or ``make_policy(..., head_jitter=)``.
+        commit_rule: any policy (every constructor takes ``commit_rule=``): the commit rule (docs/methods.md), the
+            block's clean pass reading the newest N really committed frames at their own positions instead of the
+            cache. None / False: off; True: the authors' N (:attr:`commit_frames`); an int: that N.
     """
 
     kind: str
@@ -109,6 +114,8 @@ class CachePolicy:
     grab_alpha: Optional[float] = None
     grab_temperature: Optional[float] = None
     tame_tau: Optional[float] = None
+    head_jitter: float = 0.0
+    head_jitter_seed: int = 0
     commit_rule: Union[None, bool, int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
@@ -218,14 +225,16 @@ class CachePolicy:
         T = W - (self.window_frames - self.tape_frames)
         # where the authors' lap is not whole blocks their slices run past the tape's ends; cut it to whole blocks
         return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames,
-                                        commit_rule=self.commit_rule)
+                                        commit_rule=self.commit_rule).with_head_jitter(self.head_jitter,
+                                                                                       self.head_jitter_seed)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
         if not isinstance(self.kind, str) or self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         F = self._store_checked_int("block_frames", 1)
-        self._check_commit_rule(F)
+        self._check_jitter()
+        commit_option.check_commit_rule(self)
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool) or \
                 not isinstance(self.average_first_roll, bool):
             raise ArgumentTypeError("rephase_sink, unify_topc_rope and average_first_roll must be bools")
@@ -305,21 +314,6 @@ class CachePolicy:
         if self.topc_max_reuse is not None:
             self._store_checked_int("topc_max_reuse", 1)
 
-    def _check_commit_rule(self, F: int) -> None:
-        """``commit_rule``: None / False (stored as None), True (not for ``full``: no window), or >= one block."""
-        r = self.commit_rule
-        if r is None or r is False:
-            object.__setattr__(self, "commit_rule", None)
-            return
-        if r is True:
-            if self.kind == "full":
-                raise ValueError("commit_rule=True reads the policy's window, and 'full' has none: give a number "
-                                 "of frames")
-            return
-        N = self._store_checked_int("commit_rule", 1)
-        if N < F:
-            raise ValueError(f"commit_rule={N} frames must hold the clean pass's own block ({F} frames)")
-
     def _check_memory(self) -> None:
         """``memrope``: a sink of >= 0 frames, >= 1 rates in (0, 1], a window holding sink + memories + a block,
         its sink re-phased contiguously (``sink_gap=0``)."""
@@ -357,6 +351,31 @@ class CachePolicy:
             raise ValueError("tethercache attends every slot at contiguous positions (rephase_sink=True, sink_gap=0)")
         self._only(budget_frames=None, score=None, topc_max_reuse=None, unify_topc_rope=False, tape_frames=None,
                    frame_tokens=None)
+
+    def _check_jitter(self) -> None:
+        """``head_jitter``: a finite number in ``[0, 2)`` (stored as a float), its seed an int >= 0 (stored as 0
+        when the jitter is off, so every policy without jitter has one spelling)."""
+        s = self.head_jitter
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not 0 <= s < 2:  # NaN fails the comparison
+            raise ValueError(f"head_jitter must be a number in [0, 2), got {s!r}")
+        object.__setattr__(self, "head_jitter", float(s))
+        seed = self._store_checked_int("head_jitter_seed", 0)
+        if seed >= 2 ** 63:
+            raise ValueError(f"head_jitter_seed must be < 2**63, got {seed}")
+        if not s:
+            object.__setattr__(self, "head_jitter_seed", 0)
+
+    def with_head_jitter(self, strength: float, seed: int = 0) -> "CachePolicy":
+        """This policy with LoL's multi-head RoPE jitter of ``strength`` (in ``[0, 2)``; 0 turns it off) drawn by
+        ``seed``; ValueError naming ``head_jitter`` / ``head_jitter_seed`` for a bad value."""
+        return replace(self, head_jitter=strength, head_jitter_seed=seed)
+
+    def __repr__(self) -> str:
+        # the dataclass repr, with the jitter fields only when the jitter is on: a policy without jitter reads as
+        # it always has (saved runs compare policies by their repr)
+        shown = [f for f in fields(self) if (self.head_jitter or not f.name.startswith("head_jitter"))
+                 and (f.name != "commit_rule" or self.commit_rule is not None)]
+        return f"{type(self).__qualname__}(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
 
     def _store_checked_int(self, name: str, minimum: int) -> int:
         """Check the int field ``name`` with :func:`check_int` and store it back (numpy / 0-d tensor ints are stored as Python ints)."""
@@ -427,30 +446,25 @@ class CachePolicy:
         return self.kind == "infinity_rope"
 
     @property
-    def commit_frames(self) -> Optional[int]:
-        """Frames the clean pass reads under the commit rule (None: off): an int ``commit_rule`` as given; for True
-        the authors' choice: ``recent_frames`` for ``tethercache``, else ``window_frames`` (docs/methods.md)."""
-        r = self.commit_rule
-        if r is True:
-            return self.recent_frames if self.kind == "tethercache" else self.window_frames
-        return r
-
-    @property
-    def commit_from_frames(self) -> int:
-        """Frames the stream must have produced (this block's included) before the commit rule applies: the window
-        for ``tethercache`` (the authors switch once its cache is full), else 0 (every clean pass)."""
-        return self.window_frames if self.kind == "tethercache" and self.commit_rule is not None else 0
-
-    @property
     def gap_frames(self) -> int:
         """The effective sink gap g (``block_frames`` when ``sink_gap`` is None, the release)."""
         return self.block_frames if self.sink_gap is None else self.sink_gap
 
+    commit_frames = property(commit_option.commit_frames)
+    commit_from_frames = property(commit_option.commit_from_frames)
+
+    @property
+    def head_jitter_setting(self) -> Optional[list]:
+        """``[head_jitter, head_jitter_seed]`` as a saved run's settings hold it (None: no jitter)."""
+        return [self.head_jitter, self.head_jitter_seed] if self.head_jitter else None
+
     def to_dict(self) -> Dict[str, Any]:
-        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``). ``commit_rule`` is
-        left out when off, so the states and runs saved before the option existed still match their policy."""
+        """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``); the head jitter's
+        fields only when it is on (a state saved without them reads back as jitter off), and the commit rule's."""
         d = asdict(self)
-        if d["commit_rule"] is None:
+        if not self.head_jitter:
+            del d["head_jitter"], d["head_jitter_seed"]
+        if self.commit_rule is None:  # likewise the commit rule's
             del d["commit_rule"]
         return d
 
@@ -473,21 +487,4 @@ class CachePolicy:
             raise ValueError(f"a policy dict cannot be built: {e}") from None
 
 
-def _taking_commit_rule(ctor: classmethod) -> classmethod:
-    """``ctor`` with a ``commit_rule=`` keyword: the rule is an option of every policy, so each constructor takes it
-    without spelling it out (``CachePolicy.rolling_sink(commit_rule=True)``)."""
-    fn = ctor.__func__
-
-    @functools.wraps(fn)
-    def build(cls, *args: Any, commit_rule: Union[None, bool, int] = None, **kwargs: Any) -> "CachePolicy":
-        policy = fn(cls, *args, **kwargs)
-        return policy if commit_rule is None or commit_rule is False else replace(policy, commit_rule=commit_rule)
-
-    return classmethod(build)
-
-
-# every public constructor (classmethod) takes the option; from_dict reads it from the dict itself
-for _name, _attr in list(vars(CachePolicy).items()):
-    if isinstance(_attr, classmethod) and not _name.startswith("_") and _name != "from_dict":
-        setattr(CachePolicy, _name, _taking_commit_rule(_attr))
-del _name, _attr
+commit_option.take_commit_rule_keyword(CachePolicy)

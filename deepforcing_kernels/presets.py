@@ -70,13 +70,17 @@ def split_commit_rule(name: str) -> Tuple[str, bool]:
     return name, False
 
 
-def make_policy(name: str, *, score: Optional[str] = None, **overrides: Any):
+def make_policy(name: str, *, score: Optional[str] = None, head_jitter: float = 0.0, head_jitter_seed: int = 0,
+                **overrides: Any):
     """The :class:`~deepforcing_kernels.CachePolicy` called ``name`` (defaults of docs/spec.md sections 2-4).
 
     ``score`` ("mass" / "logits") may be given for ``deep_forcing``; ``deep_forcing_logits`` takes only
-    "logits" (its own score); any other policy takes none. ``overrides`` go to the constructor
-    (``window_frames=...``, ``block_frames=...``; ``full`` has no window and ignores ``window_frames``).
-    ValueError starting with ``score`` for a score the policy cannot take (the CLI prefixes ``--``).
+    "logits" (its own score); any other policy takes none. ``head_jitter`` (strength in ``[0, 2)``, 0 = off) and
+    ``head_jitter_seed``: LoL's multi-head RoPE jitter, on any policy (the cache built for it carries the jittered
+    RoPE, which the model rotates its queries and keys with; docs/methods.md, "Head jitter"). ``overrides`` go to
+    the constructor (``window_frames=...``, ``block_frames=...``; ``full`` has no window and ignores
+    ``window_frames``). ValueError starting with ``score`` / ``head_jitter`` for a value the policy cannot take
+    (the CLI prefixes ``--``).
     """
     from .policy import CachePolicy
 
@@ -93,7 +97,8 @@ def make_policy(name: str, *, score: Optional[str] = None, **overrides: Any):
     if ctor == "full":
         overrides.pop("window_frames", None)
     kw.update(overrides)
-    return getattr(CachePolicy, ctor)(**kw)
+    policy = getattr(CachePolicy, ctor)(**kw)
+    return policy.with_head_jitter(head_jitter, head_jitter_seed) if head_jitter or head_jitter_seed else policy
 
 
 def policy_help() -> str:

@@ -159,7 +159,8 @@ class RopeSpec:
                              "of the scaled (KV) heads")
 
 
-def head_jitter(spec: RopeSpec, num_heads: int, strength: float, seed: int = 0) -> RopeSpec:
+def head_jitter(spec: RopeSpec, num_heads: int, strength: float, seed: int = 0, *,
+                shard: Optional[Tuple[int, int]] = None) -> RopeSpec:
     """Multi-head RoPE jitter against sink collapse (LoL, arXiv 2601.16914): each head gets its own perturbed
     temporal base frequency, so heads stop re-aligning their phases with the sink at the same frames.
 
@@ -167,17 +168,27 @@ def head_jitter(spec: RopeSpec, num_heads: int, strength: float, seed: int = 0) 
     ``s_h = 1 + strength * (u_h - 1/2)``, ``u_h`` evenly spaced over ``[0, 1]`` and shuffled across heads by
     ``seed`` (deterministic; the heads' spread is exactly ``strength``). ``strength`` in ``[0, 2)``; 0 returns the
     spec unchanged. The paper reports 0.8, applied to every head, as its best setting.
+
+    ``shard=(rank, world)``: the spec of rank ``rank``'s contiguous group of ``num_heads // world`` of the
+    ``num_heads`` heads (a head-sharded model, Ulysses): the same scales those heads have in one process.
     """
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength < 2:
         raise ValueError(f"head_jitter strength must be a number in [0, 2), got {strength!r}")
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    lo, hi = 0, num_heads
+    if shard is not None:
+        rank, world = shard
+        if not (isinstance(world, int) and isinstance(rank, int) and world >= 1 and 0 <= rank < world
+                and num_heads % world == 0):
+            raise ValueError(f"shard must be (rank, world) with world dividing num_heads ({num_heads}), got {shard!r}")
+        lo, hi = rank * num_heads // world, (rank + 1) * num_heads // world
     if strength == 0:
         return spec
     u = torch.linspace(0.0, 1.0, num_heads, dtype=torch.float64) if num_heads > 1 else \
         torch.full((1,), 0.5, dtype=torch.float64)
     u = u[torch.randperm(num_heads, generator=torch.Generator().manual_seed(int(seed)))]
-    return spec.with_head_scale((1.0 + float(strength) * (u - 0.5)).tolist())
+    return spec.with_head_scale((1.0 + float(strength) * (u[lo:hi] - 0.5)).tolist())
 
 
 def _check_head_dim(head_dim: int) -> None:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ..attention import available_backends, sink_attention
 from ..rope import RopeSpec
-from .timing import interleaved
+from .report import format_machine
+from .timing import interleaved, machine_info
 
 __all__ = ["bench_op_case", "op_case_fns", "make_case", "attention_flops", "recency_frame_bias", "group_and_merge"]
 
@@ -216,6 +217,7 @@ def _main() -> None:
                 print(f"{rep['dtype']:9} {str(mass):5} {name:11} {r['ms']:8.2f} {r['vs_sdpa']:7.3f} "
                       f"{r['vs_gemm']:7.3f} {rel} {r['gflops']:8.1f}")
     print(f"shape {rep['shape']}, threads {rep['threads']}, {repeats} interleaved repeats, medians")
+    print(format_machine(machine_info()))
 
 
 if __name__ == "__main__":

@@ -93,9 +93,12 @@ def steady_attended_ratio(results: Mapping[str, Mapping[str, Any]], policy: str,
 def format_machine(machine: Mapping[str, Any]) -> str:
     ext = machine.get("cpp_extension")
     isa = ", ".join(machine.get("cpu_isa") or []) or "ISA unknown"
+    gemm = (ext or {}).get("gemm") or {}
+    cpp = (f"C++ ext yes (GEMM: bf16 {gemm.get('bfloat16', '?')}, fp32 {gemm.get('float32', '?')})" if ext
+           else "C++ ext no")
     return (f"machine: {machine.get('cpu_model')} [{isa}] ({machine.get('cpu_count')} cpus, torch threads "
             f"{machine.get('torch_threads')}, OMP_WAIT_POLICY={machine.get('omp_wait_policy')}), torch "
-            f"{machine.get('torch')}, C++ ext {'yes' if ext else 'no'}, CUDA {machine.get('cuda') or 'none'}")
+            f"{machine.get('torch')}, {cpp}, CUDA {machine.get('cuda') or 'none'}")
 
 
 def format_ops(rows: List[Mapping[str, Any]]) -> str:

@@ -108,7 +108,13 @@ def machine_info() -> Dict[str, object]:
         from .. import _ext
 
         c = _ext.load()
-        info["cpp_extension"] = None if c is None else {"version": c.version(), "openmp": bool(c.has_openmp())}
+        info["cpp_extension"] = None if c is None else {
+            "version": c.version(), "openmp": bool(c.has_openmp()),
+            # the GEMM path the C++ kernel chose for this CPU at load (probed once on a tiny product)
+            "gemm": {"bfloat16": "brgemm (oneDNN micro-kernel)" if c.sink_attention_bf16_gemm_active()
+                     else "converted to float32",
+                     "float32": "brgemm (oneDNN micro-kernel)" if c.sink_attention_f32_microkernel_active()
+                     else "BLAS sgemm"}}
     except Exception:  # noqa: BLE001 - informational only
         info["cpp_extension"] = None
     return info

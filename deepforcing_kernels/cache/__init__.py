@@ -71,7 +71,7 @@ from ..backends import resolve
 from ..formats import CACHE_STATE_FORMAT
 from ..policy import CachePolicy
 from ..presets import BACKEND_NAMES, dtype_name
-from ..rope import RopeSpec
+from ..rope import RopeSpec, head_jitter
 from .context import LayerContext
 from .executor import CacheLayer
 from .layout import attention_layout
@@ -108,6 +108,13 @@ class StreamingKVCache:
         frame_grid: ``(rows, cols)`` of a frame's tokens (row-major, ``rows * cols == tokens_per_frame``) for a
             3-D ``rope``: required by ``memrope`` and ``tethercache``, which work on un-rotated keys; ignored by
             other policies.
+        head_shard: ``(rank, world)`` for a cache holding rank ``rank``'s contiguous group of the KV heads of a
+            head-sharded model (Ulysses; :func:`~deepforcing_kernels.models.build_cache` passes the model's): a
+            policy's ``head_jitter`` then gives these heads the scales they have in one process. Default None.
+
+    With a policy's ``head_jitter`` the cache's :attr:`rope` is ``rope`` with LoL's per-head temporal frequencies
+    (:func:`deepforcing_kernels.rope.head_jitter` over the KV heads): queries and keys must be rotated with
+    ``cache.rope`` (the Wan model does), so the model and the cache re-phase with the same per-head angles.
 
     Raises:
         ValueError (or :class:`~deepforcing_kernels.policy.ArgumentTypeError`, also a TypeError) naming the bad
@@ -119,7 +126,8 @@ class StreamingKVCache:
                  device: Union[str, torch.device] = "cpu", num_kv_heads: Optional[int] = None,
                  backend: str = "auto", reserve_frames: Optional[int] = None, check_finite: bool = True,
                  reduce_over_heads: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 frame_grid: Optional[Tuple[int, ...]] = None) -> None:
+                 frame_grid: Optional[Tuple[int, ...]] = None,
+                 head_shard: Optional[Tuple[int, int]] = None) -> None:
         if not isinstance(policy, CachePolicy):
             raise ArgumentTypeError(f"policy must be a CachePolicy, got {type(policy).__name__}")
         # the policy at this frame size (Rolling Sink's window in the authors' 1560-token frames); what runs
@@ -149,6 +157,8 @@ class StreamingKVCache:
                 check_rope("rope", rope, self.head_dim)
             except TypeError as e:
                 raise ArgumentTypeError(str(e)) from None
+        if policy.head_jitter:
+            rope = _jittered_rope(policy, rope, self.num_kv_heads, head_shard)
         self.rope = rope
         self.frame_grid = _check_frame_grid(policy, rope, frame_grid, self.tokens_per_frame)
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
@@ -244,6 +254,8 @@ class StreamingKVCache:
         if self.rope is not None:
             rope = {"head_dim": self.rope.head_dim, "theta": self.rope.theta, "layout": self.rope.layout,
                     "band_dims": list(self.rope.band_dims)}
+            if self.rope.head_scale is not None:  # only where set: states saved without per-head scales still match
+                rope["head_scale"] = list(self.rope.head_scale)
         g = {"num_layers": self.num_layers, "batch_size": self.batch_size, "num_heads": self.num_heads,
              "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
              "tokens_per_frame": self.tokens_per_frame, "dtype": dtype_name(self.dtype), "rope": rope}
@@ -287,3 +299,20 @@ def _check_frame_grid(policy: CachePolicy, rope: Optional[RopeSpec], grid: Any,
     if prod != tokens_per_frame:
         raise ValueError(f"frame_grid {g} has {prod} tokens, but a frame has tokens_per_frame={tokens_per_frame}")
     return g
+
+
+def _jittered_rope(policy: CachePolicy, rope: Optional[RopeSpec], kv_heads: int,
+                   shard: Optional[Tuple[int, int]]) -> RopeSpec:
+    """``rope`` with the policy's head jitter over ``kv_heads`` KV heads (this shard's of ``kv_heads * world``)."""
+    if rope is None:
+        raise ValueError("a policy with head_jitter rotates every head at its own temporal frequencies, so rope "
+                         "(a RopeSpec) is required")
+    if rope.head_scale is not None:
+        raise ValueError("rope already has head_scale and the policy sets head_jitter: give one of them")
+    if shard is None:
+        return head_jitter(rope, kv_heads, policy.head_jitter, policy.head_jitter_seed)
+    if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+        raise ValueError(f"head_shard must be (rank, world), got {shard!r}")
+    rank, world = (check_int("head_shard", x, minimum=0) for x in shard)
+    return head_jitter(rope, kv_heads * max(world, 1), policy.head_jitter, policy.head_jitter_seed,
+                       shard=(rank, world))

@@ -65,6 +65,17 @@ class SequenceParallelWan(nn.Module):
         return tuple(getattr(self.model, "default_latent_size", self._cfg.latent_size))
 
     @property
+    def rotates_with_cache_rope(self) -> bool:
+        """Whether a policy's head jitter can run: the wrapped model rotates with the cache's RoPE."""
+        return bool(getattr(self.model, "rotates_with_cache_rope", False))
+
+    @property
+    def head_shard(self) -> tuple:
+        """``(rank, world)``: this rank's cache holds the rank's contiguous group of heads (a policy's head jitter
+        gives them their one-process scales)."""
+        return (self.rank, self.world)
+
+    @property
     def local_heads(self) -> int:
         """Heads of this rank's cache and attention."""
         return self._cfg.num_heads // self.world

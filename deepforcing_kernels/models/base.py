@@ -65,12 +65,22 @@ def check_model(model: Any) -> None:
 
 def build_cache(model: Any, policy: Any, *, latent_size: Sequence[int], batch_size: int, dtype: torch.dtype,
                 device: torch.device, **cache_kw: Any):
-    """The :class:`~deepforcing_kernels.StreamingKVCache` ``model`` needs for ``policy`` at ``latent_size``."""
+    """The :class:`~deepforcing_kernels.StreamingKVCache` ``model`` needs for ``policy`` at ``latent_size``.
+
+    A policy with ``head_jitter`` needs a model that rotates its queries and keys with the cache's RoPE
+    (``model.rotates_with_cache_rope``, as :class:`~deepforcing_kernels.models.CausalWanModel` does): ValueError
+    naming ``head_jitter`` for any other, which would attend with angles its own rotation never gave."""
     from ..cache import StreamingKVCache
 
     spec = model.cache_spec(tuple(latent_size))
     if getattr(model, "reduce_over_heads", None) is not None:  # head-sharded (sequence parallel): one Top-C
         cache_kw.setdefault("reduce_over_heads", model.reduce_over_heads)
+    if getattr(policy, "head_jitter", 0):
+        if not getattr(model, "rotates_with_cache_rope", False):
+            raise ValueError(f"head_jitter: {type(model).__name__} rotates its queries and keys with its own RoPE, "
+                             "not the cache's per-head one, so it cannot take a policy with head jitter")
+        if getattr(model, "head_shard", None) is not None:  # this rank's heads get their one-process scales
+            cache_kw.setdefault("head_shard", model.head_shard)
     return StreamingKVCache(policy, num_layers=spec.num_layers, batch_size=batch_size, num_heads=spec.num_heads,
                             num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                             tokens_per_frame=spec.tokens_per_frame, rope=spec.rope, dtype=dtype, device=device,

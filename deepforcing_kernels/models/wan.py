@@ -76,6 +76,22 @@ class CausalWanModel(nn.Module):
         """The model's sizes (:class:`WanConfig`)."""
         return self.wan_config
 
+    #: self-attention rotates queries and keys with the cache's RoPE spec (:meth:`attention_rope`), so a policy's
+    #: head jitter reaches the model and the cache alike (:func:`~deepforcing_kernels.models.build_cache` checks it)
+    rotates_with_cache_rope = True
+
+    def attention_rope(self, cache: Any) -> Any:
+        """The RoPE spec self-attention rotates queries and keys with for ``cache``: the cache's when it carries
+        per-head scales (a policy's ``head_jitter``: the cache re-phases its keys with the same per-head angles),
+        else the model's own. ValueError when the cache's spec is not the model's layout."""
+        rope = getattr(cache, "rope", None)
+        if rope is None or getattr(rope, "head_scale", None) is None:
+            return self.rope
+        if rope.with_head_scale(None) != self.rope:
+            raise ValueError(f"the cache's RoPE {rope.with_head_scale(None)} is not the model's {self.rope}: build "
+                             "the cache from model.cache_spec() (deepforcing_kernels.models.build_cache)")
+        return rope
+
     # ------------------------------------------------------------ the CausalVideoModel protocol
     @property
     def latent_channels(self) -> int:
@@ -230,12 +246,13 @@ class CausalWanModel(nn.Module):
                 context = context.expand(b, -1, -1)
             texts = (context,) * len(self.blocks)
         attn_dtype = getattr(cache, "dtype", None) or dtype
+        rope = self.attention_rope(cache)
         if getattr(cache, "wants_pass_marks", False):  # TetherCache admits at the clean pass (t = 0)
             cache.mark_pass(clean=bool((timestep == 0).all()))
         if seq_parallel is not None:
             x = seq_parallel.shard(x, grid[0])  # this rank's slice of every frame
         for i, block in enumerate(self.blocks):
-            x = block(x, e0, texts[i], grid=grid, start_frame=start_frame, rope=self.rope,
+            x = block(x, e0, texts[i], grid=grid, start_frame=start_frame, rope=rope,
                       layer_cache=cache.layers[i], attn_dtype=attn_dtype, seq_parallel=seq_parallel)
         x = self.head(x, e)
         if seq_parallel is not None:

@@ -168,6 +168,7 @@ class ServeApp:
         self.lock = threading.RLock()
         self.errors = 0
         self.runs_started = 0
+        self.launchers = 0  # stream threads not yet finished (their memory is handed back as they end)
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.closing = False
 
@@ -334,7 +335,7 @@ class ServeApp:
 
     def health(self) -> Dict[str, Any]:
         return {"sessions": len(self.sessions), "active": len(self.active), "waiting": len(self.waiting),
-                "errors": self.errors, "runs_started": self.runs_started, "rss_mib": rss_mib()}
+                "errors": self.errors, "runs_started": self.runs_started, "launchers": self.launchers, "rss_mib": rss_mib()}
 
     # ------------------------------------------------------------ running
     def _announce_queue(self) -> None:
@@ -346,8 +347,16 @@ class ServeApp:
         self.active.append(s)
         s.state = "starting"
         self.runs_started += 1
-        threading.Thread(target=self._launch, args=(s, s.run_no, dict(s.request)), daemon=True,
+        self.launchers += 1
+        threading.Thread(target=self._counted_launch, args=(s, s.run_no, dict(s.request)), daemon=True,
                          name=f"deepforcing-serve-{s.id[:6]}").start()
+
+    def _counted_launch(self, s: Session, run: int, req: Dict[str, Any]) -> None:
+        try:
+            self._launch(s, run, req)
+        finally:
+            with self.lock:
+                self.launchers -= 1
 
     def _launch(self, s: Session, run: int, req: Dict[str, Any]) -> None:
         from ..steering import LiveStream

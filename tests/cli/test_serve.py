@@ -151,6 +151,7 @@ def test_a_closed_client_stops_its_stream_and_frees_its_session(server):
     assert live.state == "stopped" and live.frames_done < 900
     assert wait_for(lambda: not s.folder.exists(), 10)
     assert s.live is None and not s.events  # its rollout and frames are dropped
+    assert wait_for(lambda: srv.app.health()["launchers"] == 0, 20)  # and its thread is gone, memory handed back
     # the next tab gets the slot at once
     ev2 = Events(srv)
     assert ev2.post(srv, "start", prompt="b", frames=3)[1]["queued"] == 0

@@ -141,6 +141,8 @@ POLICIES = {
     # window 9 = sink 1 + memory 5 + recent 3: rolls at f0 = 9, 12, each clean pass admitting (GRAB over heads
     # of both ranks) and editing (TAME, per head)
     "tethercache": lambda CP: CP.tethercache(window_frames=9, sink_frames=1, recent_frames=3),
+    # LoL's head jitter: every rank's cache and rotation take its heads' one-process scales (the sink re-phases)
+    "deep_sink_jitter": lambda CP: CP.deep_sink(window_frames=9, sink_frames=3).with_head_jitter(0.8, 1),
     # the commit rule: each clean pass reads the newest committed frames (the shadow, per rank's heads)
     "rolling_sink_commit": lambda CP: CP.rolling_sink(window_frames=6, frame_tokens=None, commit_rule=True),
     "deep_forcing_commit": lambda CP: CP.deep_forcing(window_frames=9, sink_frames=3, budget_frames=7, recent_frames=3,

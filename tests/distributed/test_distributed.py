@@ -80,6 +80,12 @@ def test_sequence_parallel_matches_single_process(nprocs, heads):
     print(res[0].stdout)
 
 
+@pytest.mark.parametrize("nprocs, heads", [(2, 2), (3, 6)])
+def test_sequence_parallel_head_jitter_matches_single_process(nprocs, heads):
+    """LoL's head jitter under Ulysses: each rank rotates and re-phases its heads with their one-process scales."""
+    _ok(_run(nprocs, "rollout", str(heads), "deep_sink_jitter"), "OK rollout")
+
+
 def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path):
     from deepforcing_kernels.runio import load_run
 

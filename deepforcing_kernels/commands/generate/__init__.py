@@ -142,6 +142,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="load a training checkpoint's generator weights")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass; logits = the release)")
+    parser.add_argument("--head-jitter", type=_jitter, default=0.0, metavar="S",
+                        help="LoL's multi-head RoPE jitter against sink collapse, with any --policy: each head's "
+                             "temporal RoPE frequencies scaled by its own factor in [1 - S/2, 1 + S/2] (S in [0, 2); "
+                             "the paper's best is 0.8; default 0: off)")
+    parser.add_argument("--head-jitter-seed", type=_seed, default=0, metavar="N",
+                        help="which head gets which --head-jitter factor (default 0)")
     add_commit_rule(parser)
     parser.add_argument("--seed", type=_seed, default=0,
                         help="seeds the random weights, the random text and the rollout's noise (default 0)")
@@ -246,6 +252,17 @@ def _ranged(kind, lo, hi, what):
 _seed = _ranged(int, 0, 2 ** 63 - 1, "an int in [0, 2**63 - 1]")
 _fps = _ranged(float, 1e-3, 240.0, "a frame rate in [0.001, 240]")
 _seconds = _ranged(float, 1e-3, 7 * 86400.0, "a number of seconds in [0.001, 604800]")
+
+
+def _jitter(text: str) -> float:
+    """argparse type of ``--head-jitter``: a strength in [0, 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (a strength in [0, 2))") from None
+    if not 0 <= value < 2:  # NaN fails the comparison too
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a strength in [0, 2) (0: off)")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ from ...models import random_text_embeds  # noqa: F401  (re-exported for the run
 from ...presets import canonical_model_name, canonical_policy_name, make_policy, recipe, torch_dtype
 from .._common import StopRequest, fail
 
-__all__ = ["policy_from_args", "sampling_from_args", "build_model", "random_text_embeds", "read_tensors", "load_text", "check_device",
+__all__ = ["policy_from_args", "jitter_from_args", "check_head_jitter", "sampling_from_args", "build_model", "random_text_embeds", "read_tensors", "load_text", "check_device",
            "check_backend", "run_settings", "settings_diff", "save_interval", "stop_request", "wants_video",
            "read_prompt_file", "state_path", "threads_for", "model_dtype", "cache_dtype", "first_line"]
 
@@ -30,28 +30,49 @@ def sampling_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     return out
 
 
-def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None,
-                     commit_rule: Any = None) -> Any:
-    """The :class:`CachePolicy` of ``--policy`` / ``--score`` / ``--commit-rule``
-    (:func:`deepforcing_kernels.presets.make_policy`), with blocks of ``block_frames`` latent frames (the recipe's)
-    when given; ValueError naming ``--score`` / ``--commit-rule`` when the policy cannot take it, ``--block-frames``
-    when the policy cannot run blocks of that size."""
-    kw = {} if commit_rule is None else {"commit_rule": commit_rule}
+def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None, head_jitter: float = 0.0,
+                     head_jitter_seed: int = 0, commit_rule: Any = None) -> Any:
+    """The :class:`CachePolicy` of ``--policy`` / ``--score`` / ``--head-jitter`` / ``--head-jitter-seed`` /
+    ``--commit-rule`` (:func:`deepforcing_kernels.presets.make_policy`), with blocks of ``block_frames`` latent frames
+    (the recipe's) when given; ValueError naming ``--score`` / ``--head-jitter`` / ``--commit-rule`` when the policy
+    cannot take it, ``--block-frames`` when the policy cannot run blocks of that size."""
+    kw = {"head_jitter": head_jitter, "head_jitter_seed": head_jitter_seed}
+    if commit_rule is not None:
+        kw["commit_rule"] = commit_rule
     try:
         if block_frames is not None and block_frames != 3:
             try:
                 return make_policy(name, score=score, block_frames=block_frames, **kw)
             except ValueError as e:
-                if str(e).startswith("commit_rule"):
+                if str(e).startswith(("head_jitter", "commit_rule")):
                     raise
                 raise ValueError(f"--block-frames {block_frames} does not fit --policy {name}: {e}") from None
         return make_policy(name, score=score, **kw)
     except ValueError as e:
         msg = str(e)
-        if msg.startswith("commit_rule=True"):
-            msg = "commit_rule" + msg[len("commit_rule=True"):]
-        raise ValueError("--" + msg.replace("commit_rule", "commit-rule", 1)
-                         if msg.startswith(("score", "commit_rule")) else msg) from None
+        if msg.startswith("head_jitter"):
+            msg = msg.replace("head_jitter_seed", "head-jitter-seed").replace("head_jitter", "head-jitter", 1)
+        if msg.startswith("commit_rule"):
+            msg = msg.replace("commit_rule=True", "commit_rule", 1).replace("commit_rule", "commit-rule", 1)
+        raise ValueError("--" + msg if msg.startswith(("score", "head-jitter", "commit-rule")) else msg) from None
+
+
+def jitter_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--head-jitter`` / ``--head-jitter-seed`` as :func:`policy_from_args` keywords."""
+    return {"head_jitter": getattr(args, "head_jitter", 0.0) or 0.0,
+            "head_jitter_seed": getattr(args, "head_jitter_seed", 0) or 0}
+
+
+def check_head_jitter(policy: Any, backend: str, device: torch.device, head_dim: int, dtype: torch.dtype) -> None:
+    """Fail with one line naming ``--head-jitter`` when the attention backend cannot take per-head RoPE tables."""
+    if not policy.head_jitter:
+        return
+    from ...backends import resolve
+
+    try:
+        resolve(backend, device, head_dim, dtype, features=("head_rope",))
+    except ValueError as e:
+        fail(f"--head-jitter {policy.head_jitter:g} needs per-head RoPE tables: {first_line(e)}")
 
 
 def build_model(name: str, checkpoint: Optional[str], seed: int, dtype: torch.dtype = torch.float32,
@@ -203,6 +224,7 @@ def run_settings(args: argparse.Namespace, policy: Any, latent_size: Any, device
             "policy_config": policy.to_dict(), "seed": args.seed, "batch_size": args.batch_size,
             "latent_size": list(latent_size), "dtype": args.dtype, "cache_dtype": args.cache_dtype or args.dtype,
             "backend": args.backend, "device": device.type, "frames": args.frames, "threads": threads,
+            "head_jitter": policy.head_jitter_setting,
             **_sampling_settings(args)}
 
 
@@ -235,8 +257,17 @@ def settings_diff(saved: Dict[str, Any], now: Dict[str, Any], default_latent: An
         old.update(_policy_settings(old["policy"], old.get("score")))
     if old.get("latent_size") is None:
         old["latent_size"] = list(default_latent)
-    return {k: (old[k], v) for k, v in now.items()
-            if k not in _NOT_COMPARED and k in old and old[k] != v}
+    diff = {k: (old[k], v) for k, v in now.items() if k not in _NOT_COMPARED and k in old and old[k] != v}
+    if "head_jitter" in diff and "policy_config" in diff and _without_jitter(diff["policy_config"][0]) == \
+            _without_jitter(diff["policy_config"][1]):
+        del diff["policy_config"]  # the jitter is all that differs: name it alone
+    return diff
+
+
+def _without_jitter(config: Any) -> Any:
+    if not isinstance(config, dict):
+        return config
+    return {k: v for k, v in config.items() if not k.startswith("head_jitter")}
 
 
 def save_interval(every_s: float, max_overhead: float, blocked_s: float) -> float:

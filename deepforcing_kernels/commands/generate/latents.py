@@ -28,6 +28,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ...presets import torch_dtype
 from ...runio.claims import check_claims, latents_claims, release
 from .._common import check_frames, check_output_file, check_positive, fail, set_threads
 from .common import (
@@ -36,7 +37,9 @@ from .common import (
     check_backend,
     check_device,
     check_fits_in_memory,
+    check_head_jitter,
     first_line,
+    jitter_from_args,
     load_text,
     model_dtype,
     policy_from_args,
@@ -66,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--max-save-overhead must be a fraction in [0, 1), got {args.max_save_overhead}")
     try:
         policy = policy_from_args(args.policy, args.score, sampling_from_args(args)["block_frames"],
-                                  args.commit_rule)
+                                  **jitter_from_args(args), commit_rule=args.commit_rule)
     except ValueError as e:
         fail(str(e))
     video = wants_video(args)
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             fail(f"--cut needs --policy infinity_rope (rope_cut), not {policy.kind}")
     device = check_device(args.device)
     check_backend(args.backend, device)
+    check_head_jitter(policy, args.backend, device, cfg.head_dim, torch_dtype(args.cache_dtype or args.dtype))
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint}: " + ("is a directory, not a file" if os.path.isdir(args.checkpoint)
                                                       else "no such file"))
