@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
+from . import commit_option
 from ._scalars import ArgumentTypeError, check_int  # noqa: F401  (ArgumentTypeError: part of this module's API)
 from .policy_checks import check_memory, check_recency, check_tether
 
@@ -96,6 +97,9 @@ class CachePolicy:
             the policy carries the jittered :class:`~deepforcing_kernels.RopeSpec` (``cache.rope``) and the model
             rotates its queries and keys with it. 0 (default): off, and the seed is stored as 0. Set them with
             :meth:`with_head_jitter` or ``make_policy(..., head_jitter=)``.
+        commit_rule: any policy (every constructor takes ``commit_rule=``): the commit rule (docs/methods.md), the
+            block's clean pass reading the newest N really committed frames at their own positions instead of the
+            cache. None / False: off; True: the authors' N (:attr:`commit_frames`); an int: that N.
     """
 
     kind: str
@@ -124,6 +128,7 @@ class CachePolicy:
     tame_tau: Optional[float] = None
     head_jitter: float = 0.0
     head_jitter_seed: int = 0
+    commit_rule: Union[None, bool, int] = None
 
     # ------------------------------------------------------------------ constructors (API.md)
     @classmethod
@@ -245,8 +250,9 @@ class CachePolicy:
                              f"{self.frame_tokens} tokens holds only {W} frames of {n} tokens; use frame_tokens=None")
         T = W - (self.window_frames - self.tape_frames)
         # where the authors' lap is not whole blocks their slices run past the tape's ends; cut it to whole blocks
-        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames
-                                        ).with_head_jitter(self.head_jitter, self.head_jitter_seed)
+        return CachePolicy.rolling_sink(W, T - T % self.block_frames, None, block_frames=self.block_frames,
+                                        commit_rule=self.commit_rule).with_head_jitter(self.head_jitter,
+                                                                                       self.head_jitter_seed)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self) -> None:
@@ -254,6 +260,7 @@ class CachePolicy:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         F = self._store_checked_int("block_frames", 1)
         self._check_jitter()
+        commit_option.check_commit_rule(self)
         if not isinstance(self.rephase_sink, bool) or not isinstance(self.unify_topc_rope, bool) or \
                 not isinstance(self.average_first_roll, bool):
             raise ArgumentTypeError("rephase_sink, unify_topc_rope and average_first_roll must be bools")
@@ -357,10 +364,11 @@ class CachePolicy:
         return replace(self, head_jitter=strength, head_jitter_seed=seed)
 
     def __repr__(self) -> str:
-        # the dataclass repr, with the jitter fields only when the jitter is on and the recency bias's only for
-        # recency_forcing: every other policy reads as it always has (saved runs compare policies by their repr)
+        # the dataclass repr with the optional fields (jitter, recency bias, commit rule) only where they are set:
+        # every other policy reads as it always has (saved runs compare policies by their repr)
         shown = [f for f in fields(self) if (self.head_jitter or not f.name.startswith("head_jitter"))
-                 and (self.recency_bias or not f.name.startswith("recency_"))]
+                 and (self.recency_bias or not f.name.startswith("recency_"))
+                 and (f.name != "commit_rule" or self.commit_rule is not None)]
         return f"{type(self).__qualname__}(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
 
     def _store_checked_int(self, name: str, minimum: int) -> int:
@@ -447,6 +455,9 @@ class CachePolicy:
         """The effective sink gap g (``block_frames`` when ``sink_gap`` is None, the release)."""
         return self.block_frames if self.sink_gap is None else self.sink_gap
 
+    commit_frames = property(commit_option.commit_frames)
+    commit_from_frames = property(commit_option.commit_from_frames)
+
     @property
     def head_jitter_setting(self) -> Optional[list]:
         """``[head_jitter, head_jitter_seed]`` as a saved run's settings hold it (None: no jitter)."""
@@ -454,14 +465,16 @@ class CachePolicy:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain Python values only (safe for ``torch.save`` / ``torch.load(weights_only=True)``); the head jitter's
-        fields only when it is on (a state saved without them reads back as jitter off), the recency bias's only for
-        ``recency_forcing`` (every other policy's dict is what it was before they existed)."""
+        fields only when it is on (a state saved without them reads back as jitter off), the recency bias's and
+        the commit rule's only where set (every other policy's dict is what it was before they existed)."""
         d = asdict(self)
         if not self.head_jitter:
             del d["head_jitter"], d["head_jitter_seed"]
         if not self.recency_bias:
             for name in ("recency_beta", "recency_gamma0", "recency_recent_chunks", "recency_history_chunks"):
                 del d[name]
+        if self.commit_rule is None:
+            del d["commit_rule"]
         return d
 
     @classmethod
@@ -481,3 +494,6 @@ class CachePolicy:
             if isinstance(e, ArgumentTypeError):
                 raise
             raise ValueError(f"a policy dict cannot be built: {e}") from None
+
+
+commit_option.take_commit_rule_keyword(CachePolicy)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-__all__ = ["POLICY_NAMES", "BENCH_BASELINE_NAMES", "MODEL_NAMES", "RECIPE_NAMES", "canonical_recipe_name", "recipe",
+__all__ = ["POLICY_NAMES", "COMMIT_RULE_SUFFIX", "split_commit_rule", "BENCH_BASELINE_NAMES", "MODEL_NAMES", "RECIPE_NAMES", "canonical_recipe_name", "recipe",
            "recipe_help", "BACKEND_NAMES", "BACKEND_PRIORITY", "DTYPE_NAMES", "canonical_policy_name",
            "make_policy", "policy_help", "canonical_model_name", "model_constructor", "model_help",
            "canonical_dtype_name", "torch_dtype", "dtype_name"]
@@ -44,6 +44,8 @@ _POLICIES: Dict[str, Tuple[str, Dict[str, Any], str]] = {
                         "attention call (Recency Forcing, training-free)"),
 }
 POLICY_NAMES: Tuple[str, ...] = tuple(_POLICIES)
+#: a benchmark row ``NAME+commit`` is the policy NAME with the commit rule on (``commit_rule=True``, docs/methods.md)
+COMMIT_RULE_SUFFIX = "+commit"
 #: benchmark rows that are not cache policies: ``release`` is the authors' data movement on the
 #: ``deep_forcing_logits`` schedule (:class:`deepforcing_kernels.bench.rollout.ReleaseCache`), cache rollout only
 BENCH_BASELINE_NAMES: Tuple[str, ...] = ("release",)
@@ -61,6 +63,14 @@ def canonical_policy_name(name: str) -> str:
     if key not in _POLICIES:
         raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(POLICY_NAMES)}")
     return key
+
+
+def split_commit_rule(name: str) -> Tuple[str, bool]:
+    """``"rolling_sink+commit"`` -> ``("rolling_sink", True)``; a name without :data:`COMMIT_RULE_SUFFIX` -> ``(name,
+    False)`` (a benchmark row's name: the policy, and whether the commit rule is on)."""
+    if isinstance(name, str) and name.endswith(COMMIT_RULE_SUFFIX):
+        return name[:-len(COMMIT_RULE_SUFFIX)], True
+    return name, False
 
 
 def make_policy(name: str, *, score: Optional[str] = None, head_jitter: float = 0.0, head_jitter_seed: int = 0,

@@ -28,7 +28,7 @@ import torch
 # the benchmark rows are the preset policies; ``release`` is a baseline that is not a policy (:class:`ReleaseCache`),
 # accepted by :func:`run_cache_rollout` only
 from ..presets import BENCH_BASELINE_NAMES as BASELINE_NAMES  # noqa: F401
-from ..presets import POLICY_NAMES, make_policy
+from ..presets import POLICY_NAMES, make_policy, split_commit_rule
 from .timing import percentile, summarize
 
 
@@ -115,11 +115,16 @@ def _order(names: Sequence[str], rng: "random.Random") -> List[str]:
     return order
 
 
-def _attend_frames(layer: Any, start_frame: int) -> Optional[int]:
-    """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap)."""
+def _attend_frames(layer: Any, start_frame: int, clean: bool = False) -> Optional[int]:
+    """Frames the next pass of ``layer`` will attend to, from the schedule engine (pure, cheap); a clean pass
+    under the commit rule reads the committed frames instead (its block joining them)."""
     from ..schedule import plan_pass
 
-    return int(plan_pass(layer.policy, layer.state, start_frame).attend_frames)
+    plan, p, sh = plan_pass(layer.policy, layer.state, start_frame), layer.policy, getattr(layer, "shadow", None)
+    F, st = plan.state.current_block_frames(p), plan.state
+    if clean and sh is not None and start_frame + F - st.stream_start >= p.commit_from_frames:
+        return min(p.commit_frames, sum(f < st.block_start for f in sh.frames()[0, ::sh.n].tolist()) + F)
+    return int(plan.attend_frames)
 
 
 # ---------------------------------------------------------------------------------------------- the release, measured
@@ -246,9 +251,11 @@ def bench_policy(name: str, window_frames: int) -> Any:
     authors' 1560-token frames, Rolling Sink's ``frame_tokens``, is taken in frames, so every row keeps 21). The
     bench's window replaces the preset's Self-Forcing window of 21 frames; a method whose authors run another
     window (MemRoPE's 12) keeps its own."""
-    p = make_policy(name)
+    name, rule = split_commit_rule(name)  # a row "NAME+commit": the policy with the commit rule
+    kw = {"commit_rule": True} if rule else {}
+    p = make_policy(name, **kw)
     if p.window_frames == 21:
-        p = make_policy(name, window_frames=window_frames)
+        p = make_policy(name, window_frames=window_frames, **kw)
     return dataclasses.replace(p, frame_tokens=None) if getattr(p, "frame_tokens", None) is not None else p
 
 
@@ -363,7 +370,7 @@ def run_cache_rollout(cfg: RolloutConfig = RolloutConfig(), *, log: Optional[Cal
         for p in range(cfg.passes):
             q, k, v = qkv[(b * cfg.passes + p) % cfg.pool]
             for name in order:  # outside the timed region
-                af = _attend_frames(caches[name].layers[0], f0)
+                af = _attend_frames(caches[name].layers[0], f0, p == cfg.passes - 1)
                 attended[name].append(af if af is not None else float("nan"))
             acc = dict.fromkeys(names, 0.0)
             for name in names:  # the block's last pass is its clean pass (TetherCache admits there)

@@ -239,8 +239,9 @@ class StreamingKVCache:
     @property
     def wants_pass_marks(self) -> bool:
         """Whether the policy needs to know which pass is a block's clean pass (``tethercache``,
-        ``recency_forcing``): the model then calls :meth:`mark_pass` before each pass."""
-        return self.policy.marks_passes
+        ``recency_forcing``, and every policy with the commit rule): the model then calls :meth:`mark_pass` before
+        each pass."""
+        return self.policy.marks_passes or self.policy.commit_rule is not None
 
     def mark_pass(self, *, clean: bool) -> None:
         """Say whether the passes that follow (every layer's, until the next mark) are a block's clean pass

@@ -16,6 +16,7 @@ from ..rotation import key_shifts, rephase
 from ..schedule import PassPlan, ScheduleState, plan_pass, slot_kinds, switch_state
 from .admission import TetherAdmission
 from .bank import FrameBank
+from .commit import CommitShadow, reads_cache
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
@@ -62,6 +63,9 @@ class CacheLayer:
         self.admission: Optional[TetherAdmission] = (
             TetherAdmission(self.storage, p, c.rope, c.frame_grid, c.num_heads, c.reduce_over_heads)
             if p.tether_frames else None)
+        #: the commit rule's real committed frames, read by the clean pass (None without the rule)
+        self.shadow: Optional[CommitShadow] = (CommitShadow(self.storage, p.commit_frames, reads_cache(p))
+                                               if p.commit_rule is not None else None)
         self._state = ScheduleState()
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
@@ -79,6 +83,8 @@ class CacheLayer:
             self.recency.reset()
         if self.admission is not None:
             self.admission.reset()
+        if self.shadow is not None:
+            self.shadow.reset()
 
     # ------------------------------------------------------------------ read-only views
     @property
@@ -200,11 +206,14 @@ class CacheLayer:
             if plan.action == "overwrite" and F == self.policy.block_frames:
                 self._overwrite_plan = plan
         c, p, st = self.ctx, self.policy, self.storage
-        if self.admission is not None:
+        if self.admission is not None or self.shadow is not None:
             clean = c.clean_pass if clean is None else clean
             if not isinstance(clean, bool):
-                raise ValueError("a tethercache layer admits frames at the block's clean pass: pass clean=True / "
+                what = "a tethercache layer admits frames" if self.admission is not None else \
+                    "the commit rule changes what a layer reads"
+                raise ValueError(f"{what} at the block's clean pass: pass clean=True / "
                                  "False to attend(), or mark the pass with cache.mark_pass(clean=...)")
+        if self.admission is not None:
             if plan.action == "roll" and plan.evict_frames != p.block_frames:
                 raise ValueError(f"a tethercache window rolls whole blocks, but this pass would evict "
                                  f"{plan.evict_frames} frames (a first block of other than {p.block_frames} frames)")
@@ -244,8 +253,25 @@ class CacheLayer:
         if self.admission is not None and clean and self.admission.pending:
             self.admission.admit(st, q, plan.start_frame)  # before the clean pass attends, as the authors' code
             self._args_cache = None  # the memory's frames, hence their shifts, changed
-        out = self._attend(q, plan, T)
+        out = self._commit(q, k, v, plan, T) if self.shadow is not None and clean else self._attend(q, plan, T)
         self._state = plan.state
+        return out
+
+    def _commit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: PassPlan, T: int) -> torch.Tensor:
+        """A clean pass under the commit rule: its K/V join the shadow, and it attends there, not to the cache."""
+        self.shadow.commit(k, v, plan.start_frame)
+        produced = plan.start_frame + k.shape[1] // self.ctx.tokens_per_frame - plan.state.stream_start
+        if produced < self.policy.commit_from_frames:  # tethercache: the rule waits for a full cache
+            return self._attend(q, plan, T)
+        # read first: a read in place (reads_cache) must see the cache before a compression moves it
+        c = self.ctx
+        out = self.shadow.attend(q, c.backend_impl.run, c.run_kw, plan.attend_frames * c.tokens_per_frame)
+        if plan.compress_after_attend:  # the policy still scores Top-C by where these queries look in its cache
+            self._attend(q, plan, T)
+        elif plan.carry_mass:  # ... and carries their mass: only the carried queries need to look
+            self._attend(q[:, max(0, q.shape[1] - self._carried_tokens()):], plan, T)
+        elif plan.new_block:
+            self._args_cache = None  # no layout was made for this block's cache
         return out
 
     def switch(self, cut: bool = False) -> None:
@@ -289,6 +315,8 @@ class CacheLayer:
         if slot_start < 0 or end > self._len or Lb % n:
             raise ValueError(f"slots [{slot_start}, {end}) are not whole frames held by layer {self.index}")
         self.storage.write(slot_start, k, v)
+        if self.shadow is not None:  # the frames it also holds are committed again under the new text
+            self.shadow.refresh(k, v, int(self.storage.frames[0, slot_start]))
         args = dict(self.attention_args())
         if args["key_shift"] is not None:
             args["key_shift"] = args["key_shift"][:, :end].contiguous()
@@ -374,8 +402,7 @@ class CacheLayer:
             return run(q, kk, vv, **kw)[0]
         # queries whose mass later compressions reuse: the last recent - block frames, or (frame-wise, when they
         # span several blocks) the whole pass, as part block % mass_parts
-        K = p.mass_parts
-        tail = (p.recent_frames - p.block_frames if K == 1 else p.block_frames) * n
+        K, tail = p.mass_parts, self._carried_tokens()
         part = (plan.start_frame // p.block_frames) % K
         scorer: Scorer = self.scorer
         S_tok, end = p.sink_frames * n, T - p.recent_frames * n
@@ -401,6 +428,11 @@ class CacheLayer:
         self._compress(score, T)
         return out
 
+    def _carried_tokens(self) -> int:
+        """Query tokens of a pass whose attention mass is carried to later compressions."""
+        p = self.policy
+        return (p.recent_frames - p.block_frames if p.mass_parts == 1 else p.block_frames) * self.ctx.tokens_per_frame
+
     def _compress(self, cand_score: torch.Tensor, T: int) -> None:
         p, n = self.policy, self.ctx.tokens_per_frame
         compress_step(self.storage, cand_score, sink_tokens=p.sink_frames * n, topc_tokens=p.topc_frames * n,
@@ -424,6 +456,8 @@ class CacheLayer:
             d.update(self.recency.state())
         if self.admission is not None:
             d.update(self.admission.state())
+        if self.shadow is not None:
+            d.update(self.shadow.state())
         return d
 
     def bank_frames(self) -> int:
@@ -446,4 +480,6 @@ class CacheLayer:
             self.recency.load(tensors)
         if self.admission is not None:
             self.admission.load(tensors)
+        if self.shadow is not None:
+            self.shadow.load(tensors)
         self._args_cache = None

@@ -8,6 +8,7 @@ import torch
 
 from ..formats import CACHE_STATE_FORMAT
 from ..schedule import ScheduleState
+from .commit import SHADOW_KEYS, check_shadow_state, needs_shadow
 from .context import LayerContext
 from .executor import CacheLayer
 from .scoring import mass_part_keys
@@ -61,6 +62,8 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
         keys = keys | RECENCY_KEYS
     if ctx.policy.tether_frames:
         keys = keys | STASH_KEYS
+    if needs_shadow(ctx.policy):
+        keys = keys | SHADOW_KEYS
     if not isinstance(d, dict) or set(d) != keys:
         raise ValueError(f"layer {index}: malformed layer state")
     try:
@@ -112,6 +115,11 @@ def check_layer_state(ctx: LayerContext, layer: CacheLayer, index: int, d: Any) 
             raise ValueError(f"layer {index}: {name!r} must be a {w[1]} tensor of shape {list(w[0])}, "
                              f"got {got}")
     _check_layer_values(ctx, index, st, d)  # values inside the valid structure, before anything is copied
+    if needs_shadow(p):
+        stream = None if st.stream_start is None else (st.stream_start, st.block_start + st.current_block_frames(p))
+        why = check_shadow_state(ctx, p.commit_frames, d, stream)
+        if why:
+            raise ValueError(f"layer {index}: {why}")
     return st, d
 
 

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from ..presets import BACKEND_NAMES
+from ..presets import BACKEND_NAMES, split_commit_rule
 from ..presets import BENCH_BASELINE_NAMES as BENCH_BASELINES
 from ..presets import POLICY_NAMES as BENCH_POLICIES
 from ._common import check_frames, check_output_file, check_positive, fail, plot_format, require_matplotlib
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default=None,
                         help=f"comma-separated subset of the rollout policies ({', '.join(BENCH_POLICIES)}; default: "
                              "all), plus the baseline 'release' (the authors' data movement, cache rollout only); "
-                             "keep 'sliding', the baseline of every ratio")
+                             "NAME+commit: NAME with the commit rule; keep 'sliding', the baseline of every ratio")
     parser.add_argument("--no-check-finite", action="store_true",
                         help="build the rollout caches with check_finite=False (skip the per-pass NaN/inf check)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads, >= 1 (default: torch's)")
@@ -192,7 +192,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.policies is not None:
         names = args.policies.split(",")
         known = BENCH_POLICIES + BENCH_BASELINES
-        bad = [p for p in names if p not in known]
+        bad = [p for p in names if p not in known and split_commit_rule(p)[0] not in BENCH_POLICIES]
         if bad or not args.policies:
             fail(f"--policies: unknown {','.join(bad) or repr(args.policies)}; choose from {','.join(known)}")
     if args.backend != "auto":

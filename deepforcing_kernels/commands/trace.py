@@ -29,7 +29,7 @@ import torch
 
 from ..presets import POLICY_NAMES
 from ._common import check_frames, check_output_file, fail, plot_format, require_matplotlib
-from .generate import policy_name
+from .generate import add_commit_rule, policy_name
 
 KIND_CODES = {"empty": 0, "sink": 1, "topc": 2, "recent": 3, "block": 4, "prefix": 5, "memory": 6}
 KIND_COLORS = ["#ffffff", "#3b6fb6", "#f08a24", "#59a14f", "#d62728", "#8e44ad", "#17becf"]
@@ -40,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"cache policy: {', '.join(POLICY_NAMES)} (default deep_forcing; deep-forcing etc. accepted)")
     parser.add_argument("--score", default=None, choices=("mass", "logits"),
                         help="deep-forcing Top-C scoring (default mass)")
+    add_commit_rule(parser)
     parser.add_argument("--frames", type=int, default=90, help="latent frames to trace, a multiple of 3 (default 90)")
     parser.add_argument("--tokens-per-frame", type=int, default=2, help="tokens per frame, 1..64 (default 2)")
     parser.add_argument("--plot", default="out/trace.png",
@@ -66,6 +67,8 @@ class CacheTrace:
     frames: List[List[int]] = field(default_factory=list)
     positions: List[List[int]] = field(default_factory=list)
     kinds: List[List[str]] = field(default_factory=list)
+    #: under the commit rule, the frames each block's clean pass read (its committed frames), else empty
+    committed: List[List[int]] = field(default_factory=list)
 
     @property
     def max_slots(self) -> int:
@@ -124,6 +127,9 @@ def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: 
             if cache.wants_pass_marks:  # the last pass of a block is its clean pass (a given block's only one)
                 cache.mark_pass(clean=p == npass - 1)
             layer.attend(q, k, v, start_frame=f0)
+            if p == npass - 1 and getattr(layer, "shadow", None) is not None:  # (tethercache: once the window is full)
+                ruled = f0 + frames >= cache.policy.commit_from_frames
+                tr.committed.append(layer.shadow.frames()[0, ::tokens_per_frame].tolist() if ruled else [])
             if p == 0:
                 fr = layer.frames()[0].tolist()
                 tr.starts.append(f0)
@@ -190,8 +196,12 @@ def summary(tr: CacheTrace, lines: int = 10) -> List[str]:
     for bi in show:
         if len(show) < len(idx) and bi == idx[-tail]:
             out.append("  ...")
-        out.append(f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
-                   f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi], tr.policy.kind == 'tethercache')}")
+        line = (f"  f0={tr.starts[bi]:4d} {len(tr.frames[bi]) / n:5.1f} frames: "
+                f"{_runs(tr.frames[bi], tr.positions[bi], tr.kinds[bi], tr.policy.kind == 'tethercache')}")
+        if tr.committed:  # the commit rule: what the clean pass read instead (at the frames' own positions)
+            c = tr.committed[bi]
+            line += f"; clean pass reads {c[0]}..{c[-1]}" if c else ""
+        out.append(line)
     sizes = [len(f) / n for f in tr.frames]
     out.append(f"cache frames: max {max(sizes):g}, last {sizes[-1]:g}")
     counts = tr.topc_counts()
@@ -280,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from .generate.common import policy_from_args
 
-        policy = policy_from_args(args.policy, args.score)
+        policy = policy_from_args(args.policy, args.score, commit_rule=args.commit_rule)
     except ValueError as e:
         fail(str(e))
     if not args.no_plot:  # before the work, not after it

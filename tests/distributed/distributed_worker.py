@@ -143,6 +143,10 @@ POLICIES = {
     "tethercache": lambda CP: CP.tethercache(window_frames=9, sink_frames=1, recent_frames=3),
     # LoL's head jitter: every rank's cache and rotation take its heads' one-process scales (the sink re-phases)
     "deep_sink_jitter": lambda CP: CP.deep_sink(window_frames=9, sink_frames=3).with_head_jitter(0.8, 1),
+    # the commit rule: each clean pass reads the newest committed frames (the shadow, per rank's heads)
+    "rolling_sink_commit": lambda CP: CP.rolling_sink(window_frames=6, frame_tokens=None, commit_rule=True),
+    "deep_forcing_commit": lambda CP: CP.deep_forcing(window_frames=9, sink_frames=3, budget_frames=7, recent_frames=3,
+                                                       score="mass", commit_rule=6),
 }
 LATENT = (6, 8)  # 3 x 4 = 12 tokens per frame: divisible by 2 and 3
 FRAMES = 15      # 5 blocks: compressions (deep_forcing) / rolls (sliding, deep_sink) in the last two

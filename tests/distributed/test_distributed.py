@@ -28,7 +28,7 @@ WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GEN = ["-m", "deepforcing_kernels", "generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress"]
 ALL_POLICIES = ["deep_forcing_mass", "deep_forcing_logits", "deep_sink", "sliding", "rolling_sink", "memrope",
-                "tethercache"]
+                "tethercache", "rolling_sink_commit", "deep_forcing_commit"]
 
 
 def _env(extra=None):

@@ -54,6 +54,26 @@ def policy_name(value: str) -> str:
                                          "(hyphens or underscores)") from None
 
 
+def commit_rule_frames(value: str) -> int:
+    """argparse type of ``--commit-rule N``: the frames the clean pass reads (a whole number >= 1)."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of frames >= 1, got {value!r}")
+    return n
+
+
+def add_commit_rule(parser: argparse.ArgumentParser) -> None:
+    """``--commit-rule [N]``: the commit rule (docs/methods.md), an option of every ``--policy``."""
+    parser.add_argument("--commit-rule", nargs="?", const=True, default=None, type=commit_rule_frames, metavar="N",
+                        help="the commit rule (Dwell-Jing/commit-forcing): each block's clean pass reads only the newest "
+                             "real committed frames, the block included, instead of the policy's cache; alone: the "
+                             "authors' window for the policy (its window; tethercache: its recent frames), N: the "
+                             "newest N frames")
+
+
 def model_name(value: str) -> str:
     """argparse type of ``--model``: the canonical name (``wan-1.3b`` -> ``wan_1_3b``)."""
     try:
@@ -128,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the paper's best is 0.8; default 0: off)")
     parser.add_argument("--head-jitter-seed", type=_seed, default=0, metavar="N",
                         help="which head gets which --head-jitter factor (default 0)")
+    add_commit_rule(parser)
     parser.add_argument("--seed", type=_seed, default=0,
                         help="seeds the random weights, the random text and the rollout's noise (default 0)")
     parser.add_argument("--out", default=None,

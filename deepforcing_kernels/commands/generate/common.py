@@ -31,26 +31,30 @@ def sampling_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def policy_from_args(name: str, score: Optional[str], block_frames: Optional[int] = None, head_jitter: float = 0.0,
-                     head_jitter_seed: int = 0) -> Any:
-    """The :class:`CachePolicy` of ``--policy`` / ``--score`` / ``--head-jitter`` / ``--head-jitter-seed``
-    (:func:`deepforcing_kernels.presets.make_policy`), with blocks of ``block_frames`` latent frames (the recipe's)
-    when given; ValueError naming ``--score`` / ``--head-jitter`` when the policy cannot take it,
-    ``--block-frames`` when the policy cannot run blocks of that size."""
-    jitter = {"head_jitter": head_jitter, "head_jitter_seed": head_jitter_seed}
+                     head_jitter_seed: int = 0, commit_rule: Any = None) -> Any:
+    """The :class:`CachePolicy` of ``--policy`` / ``--score`` / ``--head-jitter`` / ``--head-jitter-seed`` /
+    ``--commit-rule`` (:func:`deepforcing_kernels.presets.make_policy`), with blocks of ``block_frames`` latent frames
+    (the recipe's) when given; ValueError naming ``--score`` / ``--head-jitter`` / ``--commit-rule`` when the policy
+    cannot take it, ``--block-frames`` when the policy cannot run blocks of that size."""
+    kw = {"head_jitter": head_jitter, "head_jitter_seed": head_jitter_seed}
+    if commit_rule is not None:
+        kw["commit_rule"] = commit_rule
     try:
         if block_frames is not None and block_frames != 3:
             try:
-                return make_policy(name, score=score, block_frames=block_frames, **jitter)
+                return make_policy(name, score=score, block_frames=block_frames, **kw)
             except ValueError as e:
-                if str(e).startswith("head_jitter"):
+                if str(e).startswith(("head_jitter", "commit_rule")):
                     raise
                 raise ValueError(f"--block-frames {block_frames} does not fit --policy {name}: {e}") from None
-        return make_policy(name, score=score, **jitter)
+        return make_policy(name, score=score, **kw)
     except ValueError as e:
         msg = str(e)
         if msg.startswith("head_jitter"):
             msg = msg.replace("head_jitter_seed", "head-jitter-seed").replace("head_jitter", "head-jitter", 1)
-        raise ValueError("--" + msg if msg.startswith(("score", "head-jitter")) else msg) from None
+        if msg.startswith("commit_rule"):
+            msg = msg.replace("commit_rule=True", "commit_rule", 1).replace("commit_rule", "commit-rule", 1)
+        raise ValueError("--" + msg if msg.startswith(("score", "head-jitter", "commit-rule")) else msg) from None
 
 
 def jitter_from_args(args: argparse.Namespace) -> Dict[str, Any]:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--max-save-overhead must be a fraction in [0, 1), got {args.max_save_overhead}")
     try:
         policy = policy_from_args(args.policy, args.score, sampling_from_args(args)["block_frames"],
-                                  **jitter_from_args(args))
+                                  **jitter_from_args(args), commit_rule=args.commit_rule)
     except ValueError as e:
         fail(str(e))
     video = wants_video(args)

@@ -95,7 +95,7 @@ def _common(args: argparse.Namespace):
     check_positive(args.threads, "--threads")
     try:
         policy = g.policy_from_args(args.policy, args.score, g.sampling_from_args(args)["block_frames"],
-                                    **g.jitter_from_args(args))
+                                    **g.jitter_from_args(args), commit_rule=getattr(args, "commit_rule", None))
     except ValueError as e:
         raise ParallelError(str(e))
     check_frames(args.frames, block=policy.block_frames)
