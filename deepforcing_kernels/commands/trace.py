@@ -93,6 +93,32 @@ def _kinds(layer: Any, policy: Any, frames: List[int]) -> List[str]:
     return ["sink" if f < sink else "recent" for f in frames]
 
 
+def _available_bytes() -> int:
+    """Memory this process may still take: MemAvailable on Linux, else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_fits(frames: int, prefix: int, tokens_per_frame: int) -> None:
+    """Refuse, before any work, a trace whose record cannot fit in memory. Measured with tracemalloc: about
+    300 + 300 x tokens-per-frame bytes per traced frame while the cache holds ~21 frames; given frames stay in the
+    cache (they are the sink), so each record grows with the prefix. Twice that is asked for."""
+    need = 2 * (frames + prefix) * (300 + 300 * tokens_per_frame) * max(1.0, (prefix + 21) / 21)
+    have = _available_bytes()
+    if need > have:
+        fail(f"--frames {frames} --prefix {prefix} --tokens-per-frame {tokens_per_frame}: the trace would need "
+             f"about {need / 2**30:.3g} GiB, more than the {have / 2**30:.3g} GiB available; trace fewer frames")
+
+
 def trace_policy(policy: Any, num_frames: int, tokens_per_frame: int = 2, seed: int = 0,
                  passes_per_block: int = 5, prefix_frames: int = 0) -> CacheTrace:
     """Run ``policy`` on a one-layer cache with random q, k, v and record the layout after each block's first
@@ -298,6 +324,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.plot, "--plot")
     if args.prefix < 0 or args.prefix % policy.block_frames not in (0, 1):
         fail(f"--prefix must be 0, whole blocks of {policy.block_frames} frames, or 1 + whole blocks; got {args.prefix}")
+    _check_fits(args.frames, args.prefix, args.tokens_per_frame)
     tr = trace_policy(policy, args.frames, args.tokens_per_frame, args.seed, prefix_frames=args.prefix)
     for line in summary(tr, args.lines):
         print(line)

@@ -50,6 +50,12 @@ class RunStore:
         if os.path.exists(self.dir) and not os.path.isdir(self.dir):
             raise RunError(f"{flag} {out}: {self.dir} (where the blocks go) exists and is not a directory")
         check_parent_writable(out, flag)
+        if os.path.isdir(self.dir):  # a run to resume (or replace): its blocks folder must take new files too
+            try:
+                check_parent_writable(os.path.join(self.dir, "state.pt"), flag)
+            except RunError as e:
+                why = str(e).rsplit(" (", 1)[-1] if " (" in str(e) else "not writable)"
+                raise RunError(f"{flag} {out}: cannot write in {self.dir}, where its blocks and state go ({why}")
 
     # ------------------------------------------------------------ lifecycle
     def lock(self) -> None:

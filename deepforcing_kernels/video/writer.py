@@ -6,6 +6,13 @@ is absent), ``yuv420p`` so every player opens it, constant frame rate.
 Sizes: yuv420p needs an even width and height; an odd size is padded by repeating the last row / column
 (``even="pad"``, the default: no picture is lost) or cropped by one (``even="crop"``).
 
+Determinism: the same frames give the same bytes. libx264's AVX-512 kernels do not: with identical input (the
+yuv420p planes checked bit for bit) their output depends on what the encoding thread computed before (a torch
+matmul on random data between frames changes the stream in 11 of 16 encodes of one 8-frame clip, never with
+``asm=AVX2``), so identical runs gave different segments (frame types, pixels off by up to ~29 of 255). On a CPU
+with AVX-512 the writer therefore runs libx264 with its AVX2 kernels (:func:`x264_params`); elsewhere libx264
+picks its kernels as usual.
+
 Files: frames go to a hidden temporary file in the target folder (``.NAME.PID.writing.mp4``), so a half-written
 file never carries the final name:
 
@@ -17,6 +24,7 @@ file never carries the final name:
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from fractions import Fraction
@@ -28,7 +36,36 @@ import torch
 
 from ._deps import require
 
-__all__ = ["VideoWriter", "pick_codec", "frames_to_uint8"]
+__all__ = ["VideoWriter", "pick_codec", "frames_to_uint8", "x264_params"]
+
+# libx264's x86 kernel sets, for ``asm=``: AVX2 is the widest whose output is a function of the input alone.
+# "AVX2" implies SSE2..SSE4.2, AVX, FMA3, LZCNT, BMI1/2: every CPU with AVX-512 has them all.
+_X264_DETERMINISTIC_ASM = "AVX2,Cache64"
+
+
+@functools.lru_cache(maxsize=1)
+def _has_avx512() -> bool:
+    """Whether libx264 would pick its AVX-512 kernels here (x86 with AVX-512 F/CD/BW/DQ/VL)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "x64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags
+    except OSError:
+        pass
+    # not Linux: torch's own CPU probe (ATEN_CPU_CAPABILITY can only lower it, so it may miss a capable CPU)
+    return str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AVX512")
+
+
+def x264_params() -> Dict[str, str]:
+    """The codec options that make libx264's output a function of its input alone on this CPU: ``{"x264-params":
+    "asm=AVX2,Cache64"}`` on a CPU with AVX-512 (see the module), else ``{}``."""
+    return {"x264-params": f"asm={_X264_DETERMINISTIC_ASM}"} if _has_avx512() else {}
 
 
 def pick_codec(preferred: Optional[str] = None) -> str:
@@ -142,8 +179,8 @@ class VideoWriter:
         st = self._container.add_stream(self.codec, rate=self.fps)
         st.width, st.height, st.pix_fmt = we, he, "yuv420p"
         st.time_base = 1 / self.fps
-        if self.codec == "libx264":
-            st.options = {"crf": str(self.crf), "preset": self.preset}
+        if st.codec_context.codec.name == "libx264":  # also when asked for "h264" and FFmpeg maps it to libx264
+            st.options = {"crf": str(self.crf), "preset": self.preset, **x264_params()}
         self._stream, self.size, self._in_size = st, (he, we), (h, w)
 
     def _to_uint8(self, frames: torch.Tensor) -> np.ndarray:

@@ -172,12 +172,18 @@ def test_cli_data_parallel_never_resumes_with_another_prompt(tmp_path):
         assert f"rank {r.rank}: prompt {i}: " in r.stderr and "holds other text embeddings" in r.stderr, _explain(res)
 
 
-@pytest.mark.parametrize("case", ["heads", "settings"])
+@pytest.mark.parametrize("case", ["heads", "settings", "timeout", "flag"])
 def test_cli_bad_input_one_line_on_rank_0_every_rank_exits_1(tmp_path, case):
     out = str(tmp_path / "x.pt")
     if case == "heads":  # the tiny model has 2 heads
         res = _cli(3, "--frames", "6", "--out", out, "--parallel", "sequence")
         needle = "needs the heads divisible by 3: the model has 2 heads"
+    elif case == "timeout":  # refused by the parser, before the ranks meet: every rank finds it, rank 0 says it
+        res = _cli(2, "--frames", "6", "--out", out, "--parallel", "sequence", "--dist-timeout", "-1")
+        needle = "argument --dist-timeout: -1 is out of range"
+    elif case == "flag":
+        res = _cli(2, "--frames", "6", "--out", out, "--parallel", "sequence", "--no-such-flag")
+        needle = "unrecognized arguments: --no-such-flag"
     else:
         res = _cli(2, "--frames", "6", "--out", out, "--parallel", "sequence",
                    per_rank_args=[["--seed", "0"], ["--seed", "7"]])

@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
         saved = set_threads(threads)
         try:
             return _generate(args, policy, settings, previous, store, text, device)
+        except OSError as e:  # the disk filled up or the folder became read-only during the run: one line
+            fail(f"--out {args.out}: {' '.join(str(e).split())}; what reached the disk is kept (--resume "
+                 "continues from the last saved state)")
         finally:
             torch.set_num_threads(saved)
     finally:

@@ -170,7 +170,7 @@ def run_video(args: argparse.Namespace, policy: Any, device: Any, indices: Optio
                     print(f"deepforcing generate: stopped; {'state saved to ' + st_path if saved else 'no state saved'}"
                           f"; continue with --resume", file=sys.stderr)
                     return 130 if stop.signum in (None, 2) else 128 + stop.signum
-                except (ValueError, FileNotFoundError, PermissionError, ImportError) as e:
+                except (ValueError, OSError, ImportError) as e:  # OSError: a full disk, a folder made read-only
                     fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
             if os.path.exists(st_path):
                 os.remove(st_path)  # complete: nothing to resume
