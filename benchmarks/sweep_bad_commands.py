@@ -93,15 +93,25 @@ def cases(p: Dict[str, str]) -> List[Tuple[str, List[str]]]:
     add("gen --recache without switch", GEN + ["--recache"])
     for sub in ("trace", "serve", "convert", "bench", "inspect"):
         add(f"{sub} unknown flag", [sub, "--bogus-flag"])
-    add("trace --out read-only", ["trace", "--model", "tiny", "--out", os.path.join(p["ro"], "t.json")])
     add("trace --policy unknown", ["trace", "--policy", "nope"])
     add("trace --frames nan", ["trace", "--frames", "nan"])
     add("serve --port -1", ["serve", "--port", "-1"])
     add("serve --port 2**64", ["serve", "--port", str(2 ** 64)])
     add("serve --port abc", ["serve", "--port", "abc"])
     add("serve --host bad + port huge", ["serve", "--port", "70000"])
-    add("convert missing folder", ["convert", "/nonexistent/folder", os.path.join(p["empty_dir"], "o.pt")])
-    add("convert empty folder", ["convert", p["empty_dir"], os.path.join(p["empty_dir"], "o.pt")])
+    add("convert missing folder", ["convert", "--weights", "/nonexistent/folder", "--out", "/tmp/df-none-out"])
+    add("convert empty folder", ["convert", "--weights", p["empty_dir"], "--out", os.path.join(p["empty_dir"], "o")])
+    add("convert missing checkpoint", ["convert", "--weights", p["empty_dir"], "--checkpoint", "/nonexistent/c.pt",
+                                       "--out", os.path.join(p["empty_dir"], "o")])
+    add("convert out exists", ["convert", "--weights", p["empty_dir"], "--out", p["empty_dir"]])
+    add("gen --force + bad flag keeps o.pt, o.pt.d", GEN + ["--out", p["o.pt"], "--frames", "nan", "--force"])
+    add("gen mp4 segments exist", GEN + ["--prompt", "a cat", "--out", p["seg.mp4"], "--segment-frames", "3"])
+    add("trace --tokens-per-frame 0", ["trace", "--tokens-per-frame", "0", "--no-plot"])
+    add("trace --lines 0", ["trace", "--lines", "0", "--no-plot"])
+    add("trace --prefix -1", ["trace", "--prefix", "-1", "--no-plot"])
+    add("trace --frames 4", ["trace", "--frames", "4", "--no-plot"])
+    add("trace --plot read-only", ["trace", "--frames", "6", "--plot", os.path.join(p["ro"], "t.png")])
+    add("trace --commit-rule 0", ["trace", "--commit-rule", "0", "--no-plot"])
     add("convert no args", ["convert"])
     return c
 
