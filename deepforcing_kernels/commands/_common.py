@@ -63,12 +63,17 @@ def check_frames(frames: Optional[int], flag: str = "--frames", block: int = 3) 
         fail(f"{flag} must be a positive multiple of {block} (the block size), got {frames}")
 
 
+MAX_THREADS = 4096
+
+
 def set_threads(threads: Optional[int]) -> int:
     """Set torch's intra-op threads when given; return the previous count (to restore)."""
     import torch
 
     saved = torch.get_num_threads()
     if threads is not None:
+        if threads > MAX_THREADS:  # torch would overflow a C long long (2**64) or spawn a silly pool
+            fail(f"--threads must be <= {MAX_THREADS}, got {threads}")
         torch.set_num_threads(threads)
     return saved
 

@@ -54,14 +54,17 @@ def policy_name(value: str) -> str:
                                          "(hyphens or underscores)") from None
 
 
+MAX_COMMIT_FRAMES = 100_000
+
+
 def commit_rule_frames(value: str) -> int:
     """argparse type of ``--commit-rule N``: the frames the clean pass reads (a whole number >= 1)."""
     try:
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of frames >= 1, got {value!r}")
+    if not 1 <= n <= MAX_COMMIT_FRAMES:  # above: a cache size torch cannot even allocate (2**64 overflows)
+        raise argparse.ArgumentTypeError(f"expected a number of frames in [1, {MAX_COMMIT_FRAMES}], got {value!r}")
     return n
 
 
