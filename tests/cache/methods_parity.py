@@ -32,26 +32,46 @@ def window_of(trace: Dict, i: int) -> List[Tuple[int, int]]:
     return [(int(f), int(p)) for f, p in trace["window"][i].tolist() if f >= 0]
 
 
-def reference_output(trace: Dict, i: int, clean: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def window_attention(trace: Dict, i: int, kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor = None,
+                     key_bias: torch.Tensor = None) -> torch.Tensor:
     """float64 attention of pass ``i``'s queries (rotated at their absolute frames) over the exact window the
-    authors' code attended: each slot's K (un-rotated, from its frame's clean pass, or this pass for the current
-    block) rotated at the slot's position, and its V."""
+    authors' code attended: each slot's un-rotated K from ``kv`` (frame -> (K, V)) rotated at the slot's position,
+    and its V; ``key_bias`` (one float64 per key of the window) is added to the logits. ``q``: pass ``i``'s
+    un-rotated queries (default: the trace's)."""
     c = trace["config"]
-    n, F, (h, w) = c["tokens_per_frame"], c["block_frames"], c["grid"]
-    rope = rope_of(trace)
-    P = len(c["timesteps"])
-    f0 = (i // P) * F
-    q, k, v = (trace[x][i].double() for x in ("q", "k", "v"))
-    cur = {f0 + j: (k[:, j * n:(j + 1) * n], v[:, j * n:(j + 1) * n]) for j in range(F)}
+    F, (h, w) = c["block_frames"], c["grid"]
+    rope, f0 = rope_of(trace), (i // len(c["timesteps"])) * F
+    q = trace["q"][i] if q is None else q
     ks, vs = [], []
     for f, p in window_of(trace, i):
-        kf, vf = cur[f] if f in cur else clean[f]
-        ks.append(apply_rope(kf.double(), rope, frame_offset=p, grid=(1, h, w)))
-        vs.append(vf.double())
-    qr = apply_rope(q, rope, frame_offset=f0, grid=(F, h, w))
+        ks.append(apply_rope(kv[f][0].double(), rope, frame_offset=p, grid=(1, h, w)))
+        vs.append(kv[f][1].double())
+    qr = apply_rope(q.double(), rope, frame_offset=f0, grid=(F, h, w))
     K, V = torch.cat(ks, 1), torch.cat(vs, 1)
     s = torch.einsum("bqhd,bkhd->bhqk", qr, K) / c["head_dim"] ** 0.5
+    if key_bias is not None:
+        s = s + key_bias
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), V)
+
+
+def block_kv(trace: Dict, i: int, k: torch.Tensor, v: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """frame -> (K, V) of pass ``i``'s own block, cut from its ``k`` / ``v`` (``[B, F * n, H, D]``)."""
+    c = trace["config"]
+    n, F = c["tokens_per_frame"], c["block_frames"]
+    f0 = (i // len(c["timesteps"])) * F
+    return {f0 + j: (k[:, j * n:(j + 1) * n], v[:, j * n:(j + 1) * n]) for j in range(F)}
+
+
+def reference_output(trace: Dict, i: int, clean: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """:func:`window_attention` of pass ``i`` with ``clean`` (each earlier frame's clean-pass K/V) and this pass's
+    own block."""
+    return window_attention(trace, i, {**clean, **block_kv(trace, i, trace["k"][i], trace["v"][i])})
+
+
+def layer_windows(layer, tokens_per_frame: int) -> List[Tuple[int, int]]:
+    """A cache layer's window as ``(frame, position)`` per frame slot (compare with :func:`window_of`)."""
+    n = tokens_per_frame
+    return [(int(f), int(p)) for f, p in zip(layer.frames()[0, ::n].tolist(), layer.positions()[0, ::n].tolist())]
 
 
 def drive(trace: Dict, cache: StreamingKVCache, start: int = 0, stop: int = None) -> Iterator[Tuple[int, torch.Tensor]]:

@@ -3,7 +3,7 @@
 (rope_cut), replayed through this cache pass by pass on every backend."""
 import pytest
 import torch
-from methods_parity import drive, load_trace, reference_output, rope_of, use_backend
+from methods_parity import drive, layer_windows, load_trace, reference_output, rope_of, use_backend
 from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
@@ -37,11 +37,6 @@ def _run(cache, start=0, stop=None):
         yield from drive(TRACE, cache, a, b)
 
 
-def _windows(layer):
-    w = [(int(f), int(p)) for f, p in zip(layer.frames()[0, ::n].tolist(), layer.positions()[0, ::n].tolist())]
-    return w
-
-
 def _want(i):
     return [(int(f), int(p)) for f, p in ABS["window"][i].tolist() if f >= 0]
 
@@ -64,7 +59,7 @@ def test_infinity_rope_matches_the_authors_code_pass_by_pass(backend, monkeypatc
     clean, worst, cut_passes = {}, 0.0, 0
     for i, out in _run(cache):
         want = _want(i)
-        assert _windows(cache.layers[0]) == want, f"pass {i}: the window differs from the authors'"
+        assert layer_windows(cache.layers[0], n) == want, f"pass {i}: the window differs from the authors'"
         cut_passes += cache.layers[0].state.cut
         ref = reference_output(ABS, i, clean)
         scale = ref.abs().max().item()

@@ -10,7 +10,7 @@ of the softmax (``lost`` in the trace). Everywhere else their grouped call and t
 softmax; on those passes the test checks that their output is the softmax without the lost frames."""
 import pytest
 import torch
-from methods_parity import load_trace, rope_of, use_backend, window_of
+from methods_parity import block_kv, layer_windows, load_trace, rope_of, use_backend, window_attention, window_of
 from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache, sink_attention
@@ -69,33 +69,18 @@ def _their_bias(i):
 def _reference(i, drop_lost=False):
     """float64 attention of pass ``i`` over the exact window their code read (each slot's key rotated at its
     position) with their bias; ``drop_lost``: without the frames their merge left out."""
-    rope, b = rope_of(TRACE), i // P
-    f0 = b * F
     kv = {}
-    for bb in range(b):  # earlier blocks: the K/V of their clean pass
-        q_, k_, v_ = _qkv(bb * P + P - 1)
-        for j in range(F):
-            kv[bb * F + j] = (k_[:, j * N:(j + 1) * N], v_[:, j * N:(j + 1) * N])
+    for bb in range(i // P):  # earlier blocks: the K/V of their clean pass
+        j = bb * P + P - 1
+        kv.update(block_kv(TRACE, j, *_qkv(j)[1:]))
     q, k, v = _qkv(i)
-    for j in range(F):
-        kv[f0 + j] = (k[:, j * N:(j + 1) * N], v[:, j * N:(j + 1) * N])
-    ks, vs = [], []
-    for f, p in window_of(TRACE, i):
-        ks.append(apply_rope(kv[f][0], rope, frame_offset=p, grid=(1,) + GRID))
-        vs.append(kv[f][1])
-    qr = apply_rope(q, rope, frame_offset=f0, grid=(F,) + GRID)
-    K, V = torch.cat(ks, 1), torch.cat(vs, 1)
-    s = torch.einsum("bqhd,bkhd->bhqk", qr, K) / CFG["head_dim"] ** 0.5
+    kv.update(block_kv(TRACE, i, k, v))
     bias, lost = _their_bias(i)
     if bias is not None:
         if drop_lost:
             bias = bias.masked_fill(lost, float("-inf"))
-        s = s + bias.repeat_interleave(N)
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), V)
-
-
-def _windows(layer):
-    return list(zip(layer.frames()[0, ::N].tolist(), layer.positions()[0, ::N].tolist()))
+        bias = bias.repeat_interleave(N)
+    return window_attention(TRACE, i, kv, q=q, key_bias=bias)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -108,7 +93,7 @@ def test_recency_forcing_matches_the_authors_code_pass_by_pass(backend, monkeypa
     worst = {"exact": 0.0, "theirs": 0.0, "theirs_exact": 0.0, "lost_theirs": 0.0, "lost_gap": float("inf")}
     biased = lost_passes = 0
     for i, out in _drive(cache):
-        assert _windows(layer) == window_of(TRACE, i), f"pass {i}: the window differs from the authors'"
+        assert layer_windows(layer, N) == window_of(TRACE, i), f"pass {i}: the window differs from the authors'"
         ref = _reference(i)
         scale = ref.abs().max().item()
         err = (out.double() - ref).abs().max().item() / scale

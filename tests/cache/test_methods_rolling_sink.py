@@ -2,7 +2,7 @@
 (3 passes each: two denoising, one clean), replayed through this cache pass by pass on every backend."""
 import pytest
 import torch
-from methods_parity import drive, load_trace, reference_output, rope_of, use_backend, window_of
+from methods_parity import drive, layer_windows, load_trace, reference_output, rope_of, use_backend, window_of
 from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
@@ -20,10 +20,6 @@ def _cache(backend="reference", dtype=torch.float32, policy=None):
                             backend=backend)
 
 
-def _windows(layer, n):
-    return list(zip(layer.frames()[0, ::n].tolist(), layer.positions()[0, ::n].tolist()))
-
-
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
 def test_rolling_sink_matches_the_authors_code_pass_by_pass(backend, monkeypatch):
     use_backend(backend, monkeypatch)
@@ -33,7 +29,7 @@ def test_rolling_sink_matches_the_authors_code_pass_by_pass(backend, monkeypatch
     clean, tapes, worst = {}, 0, 0.0
     for i, out in drive(TRACE, cache):
         want = window_of(TRACE, i)
-        assert _windows(cache.layers[0], n) == want, f"pass {i}: the window differs from the authors'"
+        assert layer_windows(cache.layers[0], n) == want, f"pass {i}: the window differs from the authors'"
         tapes += sum(f != p for f, p in want)
         ref = reference_output(TRACE, i, clean)
         scale = ref.abs().max().item()

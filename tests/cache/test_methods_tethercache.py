@@ -4,7 +4,7 @@ this cache pass by pass on every backend: the windows (which frame each slot hol
 K/V of every admitted frame, and the outputs against float64 attention over the window their code attended."""
 import pytest
 import torch
-from methods_parity import load_trace, rope_of, use_backend, window_of
+from methods_parity import block_kv, layer_windows, load_trace, rope_of, use_backend, window_attention, window_of
 from support import state_equal
 
 from deepforcing_kernels import CachePolicy, RopeSpec, StreamingKVCache
@@ -62,24 +62,9 @@ def _known_kv(upto_block, clean_pass):
 def _reference(i):
     """float64 attention of pass ``i`` over the exact window the authors' code attended (their K/V, each slot's
     key rotated at its position)."""
-    rope, b = rope_of(TRACE), i // P
-    f0 = b * F
-    q, k, v = (TRACE[x][i].double() for x in ("q", "k", "v"))
-    kv = _known_kv(b, i % P == P - 1)
-    for j in range(F):
-        kv[f0 + j] = (k[:, j * N:(j + 1) * N], v[:, j * N:(j + 1) * N])
-    ks, vs = [], []
-    for f, p in window_of(TRACE, i):
-        ks.append(apply_rope(kv[f][0].double(), rope, frame_offset=p, grid=(1,) + GRID))
-        vs.append(kv[f][1].double())
-    qr = apply_rope(q, rope, frame_offset=f0, grid=(F,) + GRID)
-    K, V = torch.cat(ks, 1), torch.cat(vs, 1)
-    s = torch.einsum("bqhd,bkhd->bhqk", qr, K) / CFG["head_dim"] ** 0.5
-    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), V)
-
-
-def _windows(layer):
-    return list(zip(layer.frames()[0, ::N].tolist(), layer.positions()[0, ::N].tolist()))
+    kv = _known_kv(i // P, i % P == P - 1)
+    kv.update(block_kv(TRACE, i, TRACE["k"][i], TRACE["v"][i]))
+    return window_attention(TRACE, i, kv)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -91,7 +76,7 @@ def test_tethercache_matches_the_authors_code_pass_by_pass(backend, monkeypatch)
     assert cache.backend == backend
     worst, worst_kv, admitted = 0.0, 0.0, 0
     for i, out in _drive(cache):
-        assert _windows(layer) == window_of(TRACE, i), f"pass {i}: the window differs from the authors'"
+        assert layer_windows(layer, N) == window_of(TRACE, i), f"pass {i}: the window differs from the authors'"
         ref = _reference(i)
         scale = ref.abs().max().item()
         err = (out.double() - ref).abs().max().item()
