@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from ..runio.host import cpu_facts
+
 
 def percentile(xs: Sequence[float], p: float) -> float:
     """Linear-interpolated percentile ``p`` in [0, 100] of ``xs`` (nan for an empty list)."""
@@ -78,19 +80,8 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int, warmup
 
 def machine_info() -> Dict[str, object]:
     """What a reader needs to judge the numbers: CPU model, cores, torch threads and build, GPU if any."""
-    model = platform.processor() or ""
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                low = line.lower()
-                if low.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                if low.startswith("flags"):
-                    flags = set(low.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    model, flags = cpu_facts()
+    model = model or platform.processor()
     # the matrix / vector units the kernels' GEMM paths care about, most capable first
     isa = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"),
                                    ("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags]

@@ -1,11 +1,32 @@
-"""Host memory for state snapshots: tensors copied to reusable CPU buffers, and the allocator told to keep freed pages."""
+"""The host: memory for state snapshots (tensors copied to reusable CPU buffers, the allocator told to keep freed
+pages) and what the CPU is (model name and feature flags, read once)."""
 from __future__ import annotations
 
-from typing import Any, List, Optional
+import functools
+from typing import Any, FrozenSet, List, Optional, Tuple
 
 import torch
 
-__all__ = ["to_cpu", "retain_freed_host_memory", "limit_malloc_arenas", "return_freed_host_memory"]
+__all__ = ["to_cpu", "retain_freed_host_memory", "limit_malloc_arenas", "return_freed_host_memory", "cpu_facts"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_facts() -> Tuple[str, FrozenSet[str]]:
+    """``(model name, feature flags)`` of the first processor in ``/proc/cpuinfo`` (lower-case flags such as
+    ``avx512f``, ``amx_bf16``); ``("", frozenset())`` where that file cannot be read (not Linux)."""
+    model, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                low = line.lower()
+                if low.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif low.startswith("flags"):
+                    flags = frozenset(low.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return model, flags
 
 
 def to_cpu(obj: Any, pool: Optional[List[torch.Tensor]] = None) -> Any:

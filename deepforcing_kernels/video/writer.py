@@ -34,6 +34,7 @@ from typing import Any, Dict, Optional, Union
 import numpy as np
 import torch
 
+from ..runio.host import cpu_facts
 from ._deps import require
 
 __all__ = ["VideoWriter", "pick_codec", "frames_to_uint8", "x264_params"]
@@ -50,14 +51,9 @@ def _has_avx512() -> bool:
 
     if platform.machine().lower() not in ("x86_64", "amd64", "x64"):
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags
-    except OSError:
-        pass
+    flags = cpu_facts()[1]
+    if flags:
+        return {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"} <= flags
     # not Linux: torch's own CPU probe (ATEN_CPU_CAPABILITY can only lower it, so it may miss a capable CPU)
     return str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AVX512")
 
