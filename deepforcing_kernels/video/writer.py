@@ -178,6 +178,11 @@ class VideoWriter:
         if st.codec_context.codec.name == "libx264":  # also when asked for "h264" and FFmpeg maps it to libx264
             st.options = {"crf": str(self.crf), "preset": self.preset, **x264_params()}
         self._stream, self.size, self._in_size = st, (he, we), (h, w)
+        # one colour converter for the whole video: ``VideoFrame.reformat`` builds a new swscale context a frame
+        # (at 32x32 that was 90 % of the conversion); the same context gives the same planes, bit for bit
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
 
     def _to_uint8(self, frames: torch.Tensor) -> np.ndarray:
         return frames_to_uint8(frames)
@@ -203,7 +208,7 @@ class VideoWriter:
         av = self._av
         for i in range(t):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr[i]), format="rgb24")
-            frame = frame.reformat(format="yuv420p")
+            frame = self._reformatter.reformat(frame, format="yuv420p")
             frame.pts = self.frames_written
             for packet in self._stream.encode(frame):
                 self._container.mux(packet)

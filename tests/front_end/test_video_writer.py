@@ -162,3 +162,35 @@ def test_tiny_front_end_end_to_end(tmp_path):
     frame = torch.from_numpy(got[7]).float() @ luma
     right, wrong = (frame - want[7] @ luma).abs().mean(), (frame - want[13] @ luma).abs().mean()
     assert right < 0.5 * wrong, (right, wrong)  # frame 7 of the file is frame 7 of the decode
+
+
+def test_same_bytes_as_plain_pyav(tmp_path):
+    """The writer's mp4 is byte for byte the one PyAV writes converting each frame with its own
+    ``VideoFrame.reformat`` (the writer keeps one colour converter for the whole video)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    from deepforcing_kernels.video.writer import frames_to_uint8, x264_params
+
+    g = torch.Generator().manual_seed(3)
+    frames = torch.rand(10, 3, 24, 40, generator=g) * 2 - 1  # noise: every pixel matters to the codec
+    out = tmp_path / "w.mp4"
+    with VideoWriter(out, fps=16) as wr:
+        wr.write(frames[:4])
+        wr.write(frames[4:])
+    ref = tmp_path / "ref.mp4"
+    arr = frames_to_uint8(frames)
+    with av.open(str(ref), mode="w", format="mp4") as c:
+        st = c.add_stream("libx264", rate=16)
+        st.width, st.height, st.pix_fmt = 40, 24, "yuv420p"
+        st.time_base = 1 / Fraction(16)
+        st.options = {"crf": "18", "preset": "fast", **x264_params()}
+        for i in range(arr.shape[0]):
+            f = av.VideoFrame.from_ndarray(np.ascontiguousarray(arr[i]), format="rgb24").reformat(format="yuv420p")
+            f.pts = i
+            for p in st.encode(f):
+                c.mux(p)
+        for p in st.encode(None):
+            c.mux(p)
+    assert out.read_bytes() == ref.read_bytes()
