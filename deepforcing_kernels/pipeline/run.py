@@ -86,7 +86,11 @@ class VideoRun:
         if write_ahead:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepforcing-mp4")
+            from ..runio.host import lower_thread_priority
+
+            # the writer yields the cores to the generation a viewer waits on (see lower_thread_priority)
+            self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepforcing-mp4",
+                                          initializer=lower_thread_priority)
         stream.before_decode = self._before_decode
         if resume is not None:
             self._resume(resume)

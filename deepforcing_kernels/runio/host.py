@@ -1,13 +1,16 @@
 """The host: memory for state snapshots (tensors copied to reusable CPU buffers, the allocator told to keep freed
-pages) and what the CPU is (model name and feature flags, read once)."""
+pages), what the CPU is (model name and feature flags, read once), and the priority of background threads."""
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Any, FrozenSet, List, Optional, Tuple
 
 import torch
 
-__all__ = ["to_cpu", "retain_freed_host_memory", "limit_malloc_arenas", "return_freed_host_memory", "cpu_facts"]
+__all__ = ["to_cpu", "retain_freed_host_memory", "limit_malloc_arenas", "return_freed_host_memory", "cpu_facts",
+           "lower_thread_priority", "WRITER_NICE"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -109,4 +112,29 @@ def return_freed_host_memory() -> bool:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         return True
     except (OSError, AttributeError):
+        return False
+
+
+# How far below the generating thread an mp4 writer thread runs (Linux nice steps; 10 = about a tenth of the
+# CPU share of a nice-0 thread when both want the same core). 0 leaves the thread as it is.
+WRITER_NICE = 10
+
+
+def lower_thread_priority(steps: Optional[int] = None) -> bool:
+    """Lower the calling thread's CPU priority by ``steps`` nice levels (default :data:`WRITER_NICE`); the threads
+    it starts later (libx264's) inherit it. Linux only (elsewhere, or when refused: False, nothing changes).
+
+    Why: a live stream's mp4 encoder competes for the cores with the generation and decoding whose frames a
+    viewer waits for; at a lower priority it takes only the cycles they leave, and the file catches up between
+    blocks (the frames it encodes, and so its bytes, do not change)."""
+    steps = WRITER_NICE if steps is None else steps
+    if steps <= 0 or not hasattr(os, "setpriority") or not sys.platform.startswith("linux"):
+        return False
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+        return True
+    except OSError:
         return False
