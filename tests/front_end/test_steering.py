@@ -1,5 +1,6 @@
 """Steering a running stream: Rollout.add_switch, VideoRun.switch / stop and LiveStream (switch at the next block
 boundary, pause / resume / stop between blocks, the cache picture)."""
+import sys
 import threading
 import time
 
@@ -196,3 +197,20 @@ def test_write_ahead_writes_the_same_files_and_stop_drains_it(pipe, tmp_path, se
         names[ahead] = {p.name: p.read_bytes() for p in d.iterdir()}
     assert names[True] == names[False] and len(names[True]) == (1 if segment_frames is None else 5)
     assert sum(_count(tmp_path / "True" / n) for n in names[True]) == 1 + 4 * 11
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_write_ahead_writer_thread_runs_below_the_caller(pipe, tmp_path):
+    """The writer thread is lowered by WRITER_NICE; the thread that generates keeps its priority."""
+    import os
+
+    from deepforcing_kernels.runio import host
+
+    me = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    run = pipe.open(tmp_path / "v.mp4", "a red fox", 6, seed=0, progress=False, resumable=False, write_ahead=True)
+    with run:
+        seen = run._bg.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+        for _ in run:
+            pass
+    assert seen == min(19, me + host.WRITER_NICE) and seen > me
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == me
