@@ -14,6 +14,7 @@ from .presets import DTYPE_NAMES
 
 FLOAT_DTYPES = tuple(getattr(torch, n) for n in DTYPE_NAMES)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # shifts and positions travel as int64 through every backend
+MAX_THREADS = 4096  # torch.set_num_threads beyond: a C long long overflow (2**64) or a silly pool
 
 
 

@@ -14,6 +14,7 @@ from typing import Any, Dict
 
 import torch
 
+from .args import add_geometry, add_threads, apply_threads
 from .timing import interleaved, median
 
 
@@ -53,13 +54,11 @@ def run_crossattn(*, dim: int = 1536, heads: int = 12, layers: int = 2, tokens_p
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tokens-per-frame", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=9)
+    add_geometry(ap)
+    add_threads(ap)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    apply_threads(ap, a.threads)
     try:
         res = run_crossattn(dim=a.dim, heads=a.heads, layers=a.layers, tokens_per_frame=a.tokens_per_frame,
                             repeats=a.repeats)

@@ -16,6 +16,7 @@ from typing import Any, Dict
 
 import torch
 
+from .args import add_geometry, add_threads, apply_threads
 from .timing import interleaved, median
 
 
@@ -72,20 +73,13 @@ def run_jitter(*, dim: int = 1536, heads: int = 12, layers: int = 2, tokens_per_
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dim", type=int, default=1536)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--tokens-per-frame", type=int, default=64)
+    add_geometry(ap)
     ap.add_argument("--strength", type=float, default=0.8)
-    ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    add_threads(ap)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    if a.threads is not None:
-        if a.threads < 1:
-            ap.exit(1, f"{ap.prog}: error: --threads must be >= 1, got {a.threads}\n")
-        torch.set_num_threads(a.threads)
+    apply_threads(ap, a.threads)
     try:
         res = run_jitter(dim=a.dim, heads=a.heads, layers=a.layers, tokens_per_frame=a.tokens_per_frame,
                          strength=a.strength, repeats=a.repeats, backend=a.backend)

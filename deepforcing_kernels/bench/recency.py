@@ -25,6 +25,7 @@ import torch
 from ..cache import StreamingKVCache
 from ..policy import CachePolicy
 from ..rope import RopeSpec
+from .args import add_threads, apply_threads
 from .ops import group_and_merge, recency_frame_bias
 from .timing import interleaved
 
@@ -97,9 +98,10 @@ def _main() -> None:
 
     ap = argparse.ArgumentParser(prog="python -m deepforcing_kernels.bench.recency", description=__doc__.split("\n")[0])
     ap.add_argument("repeats", nargs="?", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=None)
+    add_threads(ap)
     ap.add_argument("--tokens-per-frame", type=int, default=128)
     a = ap.parse_args()
+    apply_threads(ap, a.threads)
     mi = machine_info()
     print(f"{mi['cpu_model']} ({', '.join(mi['cpu_isa'])}), {mi['cpu_count']} cores, torch {mi['torch']}")
     print(f"{'dtype':9} {'step':4} {'recency ms':>10} {'unbiased ms':>11} {'deep_sink ms':>12} {'groups ms':>9} "

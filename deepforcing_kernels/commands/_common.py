@@ -8,6 +8,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
+from .._checks import MAX_THREADS  # noqa: F401  (the one bound, shared with the benches)
 from ..plotting import PLOT_FORMATS, plot_format  # noqa: F401  (re-exported for the subcommands)
 
 PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
@@ -63,7 +64,6 @@ def check_frames(frames: Optional[int], flag: str = "--frames", block: int = 3) 
         fail(f"{flag} must be a positive multiple of {block} (the block size), got {frames}")
 
 
-MAX_THREADS = 4096
 
 
 def set_threads(threads: Optional[int]) -> int:
