@@ -64,8 +64,6 @@ def check_frames(frames: Optional[int], flag: str = "--frames", block: int = 3) 
         fail(f"{flag} must be a positive multiple of {block} (the block size), got {frames}")
 
 
-
-
 def set_threads(threads: Optional[int]) -> int:
     """Set torch's intra-op threads when given; return the previous count (to restore)."""
     import torch
