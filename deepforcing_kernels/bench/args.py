@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import MAX_THREADS
+from .._checks import threads_problem
 
 __all__ = ["add_geometry", "add_threads", "apply_threads"]
 
@@ -31,6 +31,7 @@ def apply_threads(ap: argparse.ArgumentParser, threads: Optional[int]) -> None:
     """Set ``--threads`` when given; out of 1..MAX_THREADS is one line and exit code 1."""
     if threads is None:
         return
-    if not 1 <= threads <= MAX_THREADS:
-        ap.exit(1, f"{ap.prog}: error: --threads must be in 1..{MAX_THREADS}, got {threads}\n")
+    problem = threads_problem(threads)
+    if problem:
+        ap.exit(1, f"{ap.prog}: error: {problem}\n")
     torch.set_num_threads(threads)

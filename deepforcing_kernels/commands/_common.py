@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
-from .._checks import MAX_THREADS  # noqa: F401  (the one bound, shared with the benches)
+from .._checks import threads_problem
 from ..plotting import PLOT_FORMATS, plot_format  # noqa: F401  (re-exported for the subcommands)
 
 PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
@@ -70,8 +70,9 @@ def set_threads(threads: Optional[int]) -> int:
 
     saved = torch.get_num_threads()
     if threads is not None:
-        if threads > MAX_THREADS:  # torch would overflow a C long long (2**64) or spawn a silly pool
-            fail(f"--threads must be <= {MAX_THREADS}, got {threads}")
+        problem = threads_problem(threads)  # torch would overflow a C long long or spawn a silly pool
+        if problem:
+            fail(problem)
         torch.set_num_threads(threads)
     return saved
 

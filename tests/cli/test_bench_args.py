@@ -20,3 +20,13 @@ def test_geometry_flags_are_the_same(main, capsys):
     out = capsys.readouterr().out
     for flag in ("--dim", "--heads", "--layers", "--tokens-per-frame", "--repeats", "--threads"):
         assert flag in out
+
+
+def test_cli_and_benches_word_the_thread_bound_alike(capsys):
+    """`deepforcing generate --threads 5000` fails with the benches' own line (one bound, one wording)."""
+    from deepforcing_kernels import cli
+
+    rc = cli.main(["generate", "--model", "tiny", "--prompt", "x", "--frames", "5", "--threads", "5000",
+                   "--out", "unused.mp4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "--threads must be in 1..4096, got 5000" in err[0]
