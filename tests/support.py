@@ -83,3 +83,12 @@ def write_tiny_original_folder(folder) -> None:
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(str(folder / "google" / "umt5-xxl"))
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell without job control (CI runners, a
+    backgrounded ``make test``) starts its children with SIGINT ignored, and a Python child then never raises
+    KeyboardInterrupt; the default disposition is what a terminal's Ctrl-C meets."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

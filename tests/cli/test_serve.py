@@ -17,6 +17,7 @@ av = pytest.importorskip("av")
 pytest.importorskip("PIL")
 
 from serve_support import LAT, Events, decode_blocks, request, start_server, wait_for  # noqa: E402
+from support import sigint_default  # noqa: E402
 
 from deepforcing_kernels.cli import build_parser, main  # noqa: E402
 from deepforcing_kernels.pipeline import VideoPipeline  # noqa: E402
@@ -81,7 +82,7 @@ def test_binds_127_0_0_1_by_default_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert build_parser("serve").parse_args(["serve"]).host == "127.0.0.1"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
     p = subprocess.Popen([sys.executable, "-m", "deepforcing_kernels", "serve", "--port", "0", "--latent-size", "4",
-                          "4"], stderr=subprocess.PIPE, env=env, text=True)
+                          "4"], stderr=subprocess.PIPE, env=env, text=True, preexec_fn=sigint_default)
     try:
         line = p.stderr.readline()
         assert line.startswith("deepforcing serve: http://127.0.0.1:"), line

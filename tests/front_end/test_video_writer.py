@@ -12,6 +12,8 @@ import torch
 
 av = pytest.importorskip("av")
 
+from support import sigint_default  # noqa: E402
+
 from deepforcing_kernels.video import VideoWriter  # noqa: E402
 
 
@@ -121,7 +123,8 @@ def test_sigint_leaves_a_playable_file(tmp_path):
                 time.sleep(0.01)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=sigint_default)
     try:
         assert p.stdout.readline().strip() == b"ready", p.stderr.read().decode()
         time.sleep(0.2)
