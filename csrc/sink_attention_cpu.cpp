@@ -121,13 +121,14 @@ class F32Path {
       return 1.f;
     }
 
-    // Row r of S (srow) becomes its unnormalised probabilities 2^(a * s - am), in place; returns their sum.
-    float exp_row(int64_t /*r*/, float* srow, float a, float am, const float* bias) const {
+    // Row r of S (srow) becomes its unnormalised probabilities 2^(a * s - am), in place (they stay there in fp32
+    // whatever `keep`, which only the bf16 path reads); returns their sum.
+    float exp_row(int64_t /*r*/, float* srow, float a, float am, const float* bias, bool /*keep*/) const {
       return detail::exp2_sub_sum(srow, x_.p_.Lk, a, am, bias);
     }
 
     // The same over keys [j0, j1) only (a run of equal bias, folded into am by the caller).
-    float exp_run(int64_t /*r*/, float* srow, int64_t j0, int64_t j1, float a, float am) const {
+    float exp_run(int64_t /*r*/, float* srow, int64_t j0, int64_t j1, float a, float am, bool /*keep*/) const {
       return detail::exp2_sub_sum(srow + j0, j1 - j0, a, am);
     }
 
@@ -201,8 +202,7 @@ class Bf16Path {
   Bf16Path(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Rotation& rot,
            at::Tensor& out)
       : p_(p), k_(k), rot_(rot), q_(q.contiguous()), v_(v.contiguous()), Lkp_(p.Lk + (p.Lk & 1)),
-        kchunks_((p.Lk + kChunk - 1) / kChunk), vchunks_((Lkp_ / 2 + kChunk / 2 - 1) / (kChunk / 2)),
-        keep_f32_(p.mass != nullptr) {
+        kchunks_((p.Lk + kChunk - 1) / kChunk), vchunks_((Lkp_ / 2 + kChunk / 2 - 1) / (kChunk / 2)) {
     kv_ = detail::call_buffer<c10::BFloat16>(0, p.B * p.Hkv * p.D * p.Lk, kv_holder_);
     vv_ = detail::call_buffer<c10::BFloat16>(1, p.B * p.Hkv * Lkp_ * p.D, vv_holder_);
     out_ = out.data_ptr<c10::BFloat16>();
@@ -247,14 +247,15 @@ class Bf16Path {
       return alpha;
     }
 
-    // Row r's probabilities rounded to bf16 into P (kept in fp32 in srow only when the mass needs them).
-    float exp_row(int64_t r, float* srow, float a, float am, const float* bias) const {
-      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, x_.keep_f32_, bias);
+    // Row r's probabilities rounded to bf16 into P (kept in fp32 in srow only when `keep`: the row counts for
+    // the mass).
+    float exp_row(int64_t r, float* srow, float a, float am, const float* bias, bool keep) const {
+      return detail::exp2_scaled_bf16(srow, P_ + r * x_.Lkp_, x_.p_.Lk, a, am, keep, bias);
     }
 
     // The same over keys [j0, j1) only (a run of equal bias, folded into am by the caller).
-    float exp_run(int64_t r, float* srow, int64_t j0, int64_t j1, float a, float am) const {
-      return detail::exp2_scaled_bf16(srow + j0, P_ + r * x_.Lkp_ + j0, j1 - j0, a, am, x_.keep_f32_);
+    float exp_run(int64_t r, float* srow, int64_t j0, int64_t j1, float a, float am, bool keep) const {
+      return detail::exp2_scaled_bf16(srow + j0, P_ + r * x_.Lkp_ + j0, j1 - j0, a, am, keep);
     }
 
     // O = P V (fp32 accumulate), rows scaled by 1 / rowsum and rounded to bf16.
@@ -293,7 +294,6 @@ class Bf16Path {
   const at::Tensor q_, v_;
   const int64_t Lkp_;  // V's reduction length padded to even (VNNI pairs rows)
   const int64_t kchunks_, vchunks_;
-  const bool keep_f32_;
   at::Tensor kv_holder_, vv_holder_;
   c10::BFloat16* kv_ = nullptr;  // K^T VNNI [B, Hkv, D/2, Lk, 2]
   c10::BFloat16* vv_ = nullptr;  // V VNNI [B, Hkv, Lkp/2, D, 2]
@@ -391,6 +391,7 @@ void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
         // long runs of equal bias, applied once per run (max of each run's max, each run's exp at its offset).
         for (int64_t r = 0; r < m; ++r) {
           float* srow = wk.S + r * Lk;
+          const bool keep = mass.counts(i0 + r);
           float mx, sum = 0.f;
           if (runs.first < runs.second) {
             mx = -std::numeric_limits<float>::infinity();
@@ -399,15 +400,15 @@ void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
                 mx = std::max(mx, detail::row_max(srow + bias.run_lo[u], bias.run_hi[u] - bias.run_lo[u]) * a +
                                       bias.run_value[u]);
             for (int64_t u = runs.first; u < runs.second; ++u)
-              sum += wk.exp_run(r, srow, bias.run_lo[u], bias.run_hi[u], a, mx - bias.run_value[u]);
+              sum += wk.exp_run(r, srow, bias.run_lo[u], bias.run_hi[u], a, mx - bias.run_value[u], keep);
           } else {
             mx = brow != nullptr ? detail::biased_row_max(srow, Lk, a, brow) : detail::row_max(srow, Lk) * a;
-            sum = wk.exp_row(r, srow, a, mx, brow);
+            sum = wk.exp_row(r, srow, a, mx, brow, keep);
           }
           inv[r] = 1.f / sum;
           p.lse[(b * Hq + h) * Lq + i0 + r] = (mx + std::log2(sum)) * detail::kLn2;
+          mass.add_row(col, i0 + r, srow, inv[r]);  // while the row is still in L1
         }
-        mass.add(col, i0, m, wk.S, Lk, inv.data());
         wk.output(b, g, h, i0, m, inv.data());
       }
     }

@@ -32,12 +32,6 @@ MassPartials::MassPartials(const Problem& p, const Segments& seg) : p_(p), seg_(
   base_ = part_.data_ptr<float>();
 }
 
-void MassPartials::add(float* col, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) const {
-  if (col == nullptr) return;
-  const int64_t a = std::max(i0, p_.mass_start), e = std::min(i0 + m, p_.mass_end);
-  if (a < e) column_sums(col, P + (a - i0) * ld, ld, inv + (a - i0), e - a, p_.Lk);
-}
-
 void MassPartials::reduce() const {
   if (p_.mass == nullptr) return;
   const int64_t Lk = p_.Lk, per = seg_.per_group;

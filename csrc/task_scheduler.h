@@ -18,6 +18,8 @@
 #include <memory>
 #include <thread>
 
+#include "row_math.h"
+
 namespace deepforcing {
 namespace detail {
 
@@ -54,9 +56,13 @@ class MassPartials {
   MassPartials(const Problem& p, const Segments& seg);
   // Segment w's row, or nullptr when no mass is asked for.
   float* row(int64_t w) const { return base_ != nullptr ? base_ + w * p_.Lk : nullptr; }
-  // Rows [i0, i0 + m) of a task: P holds unnormalised probabilities (leading dimension ld), inv[r] = 1 / rowsum;
-  // the rows inside the mass range are summed into col.
-  void add(float* col, int64_t i0, int64_t m, const float* P, int64_t ld, const float* inv) const;
+  // Whether query row i counts (a mass is asked for and i is inside the mass range).
+  bool counts(int64_t i) const { return base_ != nullptr && p_.mass_start <= i && i < p_.mass_end; }
+  // Query row i's unnormalised probabilities prow [Lk], weighted by inv = 1 / rowsum, summed into col when the
+  // row counts.
+  void add_row(float* col, int64_t i, const float* prow, float inv) const {
+    if (counts(i)) add_scaled_row(col, prow, inv, p_.Lk);
+  }
   // mass[b, g] += the rows of group (b, g), in segment order.
   void reduce() const;
 
