@@ -113,6 +113,19 @@ inline __m512i rotate_words(__m512i x, __m512 cc, __m512 ss) {
   return _mm512_or_si512(r0, _mm512_slli_epi32(r1, 16));
 }
 
+// Channel rows (2t, 2t+1), t < T, of a transposed fp32 tile (rows ld floats apart, 16 keys each) rotated by pair
+// t's table: the same products as row_f32.
+inline void rotate_rows16(float* tile, int64_t ld, int64_t T, const float* c, const float* s) {
+  for (int64_t t = 0; t < T; ++t) {
+    float* r0 = tile + 2 * t * ld;
+    float* r1 = r0 + ld;
+    const __m512 re = _mm512_loadu_ps(r0), im = _mm512_loadu_ps(r1);
+    const __m512 cc = _mm512_set1_ps(c[t]), ss = _mm512_set1_ps(s[t]);
+    _mm512_storeu_ps(r0, _mm512_fmsub_ps(re, cc, _mm512_mul_ps(im, ss)));
+    _mm512_storeu_ps(r1, _mm512_fmadd_ps(re, ss, _mm512_mul_ps(im, cc)));
+  }
+}
+
 // Rows t < T of a transposed tile (row t = pair t of 16 keys, rows ld words apart) rotated by pair t's table.
 inline void rotate_words16(uint32_t* tile, int64_t ld, int64_t T, const float* c, const float* s) {
   for (int64_t t = 0; t < T; ++t) {
@@ -210,6 +223,16 @@ void pack_keys_t_f32(const scalar_t* k, float* kt, int64_t Lk, int64_t Hkv, int6
       transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
       continue;
     }
+#if defined(__AVX512F__)
+    if (std::is_same<scalar_t, float>::value && !rot.per_key && rot.interleaved && n == kTileRows &&
+        j0 + n <= rot.R) {
+      // one table for the whole tile (sink mode): transpose as stored, then rotate channel rows (2t, 2t+1) in
+      // place, 16 keys per vector with pair t's cos / sin broadcast (no per-key staging, as in pack_keys_vnni)
+      transpose32(reinterpret_cast<const uint32_t*>(first), Hkv * D, n, D, dst, Lk);
+      rotate_rows16(reinterpret_cast<float*>(dst), Lk, rot.T, rot.c(b, j0, g), rot.s(b, j0, g));
+      continue;
+    }
+#endif
     for (int64_t jj = 0; jj < n; ++jj) row_f32(rot, first + jj * Hkv * D, tile.data() + jj * D, D, b, j0 + jj, g);
     transpose32(reinterpret_cast<const uint32_t*>(tile.data()), D, n, D, dst, Lk);
   }
