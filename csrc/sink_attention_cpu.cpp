@@ -379,7 +379,7 @@ void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
       }
       const int64_t w = item - gate.count();
       gate.wait(seg.group(w));
-      float* col = mass.row(w);
+      float* col = mass.start(w);
       for (int64_t task = seg.begin(w); task < seg.end(w); ++task) {
         const int64_t qb = task % nqb, bh = task / nqb, h = bh % Hq, b = bh / Hq, g = h / p.G;
         const int64_t i0 = qb * rows, m = std::min(rows, Lq - i0);
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sink_attention_fwd(
 
   at::Tensor out = at::empty({B, Lq, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  at::Tensor mass = return_mass ? at::zeros({B, Hkv, Lk}, q.options().dtype(at::kFloat))
+  at::Tensor mass = return_mass ? at::empty({B, Hkv, Lk}, q.options().dtype(at::kFloat))  // reduce() fills it
                                 : at::empty({0}, q.options().dtype(at::kFloat));
   const Problem p{B, Lq, Hq, D, Lk, Hkv, Hq / Hkv, static_cast<float>(softmax_scale), lse.data_ptr<float>(),
                   return_mass ? mass.data_ptr<float>() : nullptr, mass_start, mass_end};

@@ -28,7 +28,7 @@ int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t
 
 MassPartials::MassPartials(const Problem& p, const Segments& seg) : p_(p), seg_(seg) {
   if (p.mass == nullptr) return;
-  part_ = at::zeros({seg.count, p.Lk}, at::TensorOptions().dtype(at::kFloat));
+  part_ = at::empty({seg.count, p.Lk}, at::TensorOptions().dtype(at::kFloat));
   base_ = part_.data_ptr<float>();
 }
 
@@ -38,7 +38,8 @@ void MassPartials::reduce() const {
   // serial on purpose: a few vector adds per key, less than the fork/join of a parallel region would cost
   for (int64_t bg = 0; bg < p_.B * p_.Hkv; ++bg) {
     float* dst = p_.mass + bg * Lk;
-    for (int64_t sgm = 0; sgm < per; ++sgm) {
+    std::copy(base_ + bg * per * Lk, base_ + (bg * per + 1) * Lk, dst);  // per >= 1: every group has a segment
+    for (int64_t sgm = 1; sgm < per; ++sgm) {
       const float* src = base_ + (bg * per + sgm) * Lk;
 #pragma omp simd
       for (int64_t j = 0; j < Lk; ++j) dst[j] += src[j];

@@ -54,8 +54,14 @@ struct Segments {
 class MassPartials {
  public:
   MassPartials(const Problem& p, const Segments& seg);
-  // Segment w's row, or nullptr when no mass is asked for.
-  float* row(int64_t w) const { return base_ != nullptr ? base_ + w * p_.Lk : nullptr; }
+  // Segment w's row, zeroed here by the worker that runs the segment (a fill of all rows up front was a parallel
+  // region of its own), or nullptr when no mass is asked for.
+  float* start(int64_t w) const {
+    if (base_ == nullptr) return nullptr;
+    float* r = base_ + w * p_.Lk;
+    std::fill(r, r + p_.Lk, 0.f);
+    return r;
+  }
   // Whether query row i counts (a mass is asked for and i is inside the mass range).
   bool counts(int64_t i) const { return base_ != nullptr && p_.mass_start <= i && i < p_.mass_end; }
   // Query row i's unnormalised probabilities prow [Lk], weighted by inv = 1 / rowsum, summed into col when the
@@ -63,7 +69,7 @@ class MassPartials {
   void add_row(float* col, int64_t i, const float* prow, float inv) const {
     if (counts(i)) add_scaled_row(col, prow, inv, p_.Lk);
   }
-  // mass[b, g] += the rows of group (b, g), in segment order.
+  // mass[b, g] = the sum of the rows of group (b, g), in segment order (mass need not be initialised).
   void reduce() const;
 
  private:
