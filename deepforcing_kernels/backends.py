@@ -28,7 +28,7 @@ from .triton import interpreting as triton_interpreting
 from .triton import triton_supports
 
 __all__ = ["Backend", "BACKEND_NAMES", "PRIORITY", "FEATURES", "get_backend", "resolve", "available_backends",
-           "triton_interpreting", "torch_all_finite", "torch_frame_sums"]
+           "triton_interpreting", "torch_all_finite", "torch_frame_sums", "cpp_pass_ops"]
 
 PRIORITY = BACKEND_PRIORITY
 #: the op's optional inputs a backend may or may not take: ``key_bias`` (an additive per-key logit bias) and
@@ -101,6 +101,7 @@ class CppSlotOps:
         self.copy = mod.copy_slots
         self.move = mod.move_slots
         self.compact = mod.compact_slots
+        self.write_block = getattr(mod, "write_block", None)  # a new block's slots in one call (PASS_API)
 
     @staticmethod
     def usable(*tensors: torch.Tensor) -> bool:
@@ -112,6 +113,13 @@ class CppSlotOps:
 def _cpp_slot_ops() -> Optional[CppSlotOps]:
     mod = _ext.load()
     return CppSlotOps(mod) if mod is not None and getattr(mod, "SLOT_API", False) else None
+
+
+def cpp_pass_ops():
+    """The extension's whole-pass helpers (``PreparedPass``, ``compress_pass``: csrc/pass_ops.h) when it has
+    them, else None: a cache then runs its passes in Python (the oracle of those helpers)."""
+    mod = _ext.load()
+    return mod if mod is not None and getattr(mod, "PASS_API", False) else None
 
 
 # ---------------------------------------------------------------------------------------------- entries
@@ -257,6 +265,8 @@ class Backend:
         all_finite, frame_sums: the host helpers the cache uses with this backend.
         takes: ``(feature) -> None | reason``: whether it takes an optional input of :data:`FEATURES`.
         slot_ops: ``() -> CppSlotOps | None``: the host's slot moves for the cache storage (None: torch's copies).
+        pass_ops: ``() -> module | None``: the host's whole-pass helpers (:func:`cpp_pass_ops`; None: the cache's
+            Python path).
     """
 
     name: str
@@ -268,6 +278,7 @@ class Backend:
     frame_sums: Callable[[torch.Tensor, int], torch.Tensor] = torch_frame_sums
     takes: Callable[[str], Optional[str]] = _all_features
     slot_ops: Callable[[], Optional[CppSlotOps]] = lambda: None
+    pass_ops: Callable[[], Optional[object]] = lambda: None
 
     def runs_on(self, device: torch.device) -> bool:
         if self.name == "triton" and device.type == "cpu":
@@ -293,7 +304,7 @@ class Backend:
 _REGISTRY: Dict[str, Backend] = {
     "triton": Backend("triton", ("cuda",), _triton_available, triton_supports, _triton_run),
     "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_supports, _cpp_run, _cpp_all_finite, _cpp_frame_sums,
-                   _cpp_features, _cpp_slot_ops),
+                   _cpp_features, _cpp_slot_ops, cpp_pass_ops),
     "reference": Backend("reference", ("any",), lambda: None, _any, _reference_run),
 }
 _warned_reference = False

@@ -4,6 +4,7 @@
 #include "../csrc/build_info.h"
 #include "../csrc/cache_ops.h"
 #include "../csrc/checks.h"
+#include "../csrc/pass_ops.h"
 #include "../csrc/sink_attention_cpu.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,6 +25,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("move_slots", &deepforcing::move_slots, "t[:, dst:dst+count] = t[:, src:src+count], a memmove (one thread)");
   m.def("compact_slots", &deepforcing::compact_slots, "the Top-C compaction of slot tensors in place (one thread)");
   m.def("all_finite", &deepforcing::all_finite, "whether contiguous CPU tensors hold no NaN / inf (one thread)");
+  // PreparedPass / head_sum / compress_pass: a cache layer's passes as single calls (csrc/pass_ops.h)
+  m.attr("PASS_API") = true;
+  py::class_<deepforcing::PreparedPass>(m, "PreparedPass")
+      .def(py::init<at::Tensor, at::Tensor, int64_t, int64_t, at::Tensor, at::Tensor, int64_t, bool, double,
+                    std::vector<int64_t>, bool, bool, int64_t, int64_t, std::optional<at::Tensor>>(),
+           py::arg("k_store"), py::arg("v_store"), py::arg("write_offset"), py::arg("length"), py::arg("cos"),
+           py::arg("sin"), py::arg("rot_len"), py::arg("interleaved"), py::arg("softmax_scale"), py::arg("q_shape"),
+           py::arg("check_finite"), py::arg("return_mass"), py::arg("mass_start"), py::arg("mass_end"),
+           py::arg("carry") = py::none())
+      .def("run", &deepforcing::PreparedPass::run,
+           "check, write k / v and attend (None, with nothing changed, when the inputs do not fit)")
+      .def("attend", &deepforcing::PreparedPass::attend, "the attention alone: (out, mass or empty)");
+  m.def("write_block", &deepforcing::write_block, "a new block's K/V, source frames and zeroed per-slot buffers",
+        py::arg("k_store"), py::arg("v_store"), py::arg("frames"), py::arg("extras"), py::arg("offset"), py::arg("k"),
+        py::arg("v"), py::arg("first_frame"), py::arg("block_frames"));
+  m.def("head_sum", &deepforcing::head_sum, "out[:, :n] (+)= mass[:, :, start:start+n].sum(1) in torch's order",
+        py::arg("mass"), py::arg("start"), py::arg("n"), py::arg("out"), py::arg("accumulate"));
+  m.def("compress_pass", &deepforcing::compress_pass, "Participative Compression of slots [0, end) in place",
+        py::arg("slot_tensors"), py::arg("reuse"), py::arg("mass"), py::arg("carried"), py::arg("sink_tokens"),
+        py::arg("topc_tokens"), py::arg("recent_tokens"), py::arg("end"), py::arg("max_reuse"));
   m.def("sink_attention_fwd", &deepforcing::sink_attention_fwd,
         "Fused sink attention forward on CPU with precomputed float32 rotation tables: (out, lse, mass-or-empty). "
         "See csrc/sink_attention_cpu.h.",

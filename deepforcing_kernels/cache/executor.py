@@ -20,6 +20,7 @@ from .commit import CommitShadow, reads_cache
 from .context import LayerContext
 from .layout import attention_layout
 from .memory import EmaMemory
+from .prepared import Prepared, compress_native, layer_pass_ops, prepare, run_prepared
 from .recache import RecacheView  # noqa: F401  (re-exported: the driver's re-cache view)
 from .recency import RecencyBias
 from .scoring import LogitScorer, MassScorer, Scorer, compress_step, mass_part_keys
@@ -70,11 +71,13 @@ class CacheLayer:
         self._args_cache: Optional[Dict[str, Any]] = None  # attention args of the current layout
         self._plain_kw: Optional[Dict[str, Any]] = None  # ... and of a plain (no mass) call over it
         self._overwrite_plan: Optional[PassPlan] = None  # the plan of an overwrite pass of the current block
+        self._ops, self._ops_backend = layer_pass_ops(c, self), c.backend_impl  # whole-pass helpers (.prepared)
+        self._prepared: Optional[Prepared] = None  # the current block's passes as one call each
 
     def reset(self) -> None:
         """Forget the stream (the storage stays allocated)."""
         self._state = ScheduleState()
-        self._args_cache = None
+        self._args_cache = self._prepared = None
         if self.scorer is not None:
             self.scorer.reset()
         if self.memory is not None:
@@ -195,6 +198,9 @@ class CacheLayer:
 
     def _pass(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_frame: int,
               clean: Optional[bool] = None) -> torch.Tensor:
+        out = run_prepared(self._prepared, self._state, self.ctx.backend_impl, start_frame, q, k, v)
+        if out is not None:  # passes 2..5 of a block: checked, written and attended in one call
+            return out
         F = self._check_inputs(q, k, v)
         memo = self._overwrite_plan
         if memo is not None and memo.state is self._state and start_frame == memo.start_frame and \
@@ -392,6 +398,13 @@ class CacheLayer:
         run = c.backend_impl.run
         kk, vv = self.storage.k[:, :L], self.storage.v[:, :L]
         Lq = q.shape[1]
+        ops = self._ops if c.backend_impl is self._ops_backend else None
+        if ops is not None and not plan.compress_after_attend:  # this pass and the block's later ones, in C++
+            tail = self._carried_tokens() if plan.carry_mass else 0  # carried as scorer.carry below, in C++
+            part = tail and self.storage.extra[self.scorer.names[(plan.start_frame // p.block_frames) % p.mass_parts]]
+            cpp = prepare(ops, self.storage, args, L, q, c.check_finite, tail, part if tail else None)
+            self._prepared = Prepared(plan.state, plan.state.block_start, c.backend_impl, cpp)
+            return cpp.attend(q)[0]
         if not (plan.compress_after_attend or plan.carry_mass):
             kw = self._plain_kw  # the whole call's arguments, built once per layout
             if kw is None or kw["mass_q_range"][1] != Lq:
@@ -424,6 +437,8 @@ class CacheLayer:
             scorer.carry(self.storage, L, t_mass, part)  # gathered with the tokens by the compaction below
         else:
             out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args)
+            if ops is not None and c.reduce_over_heads is None and compress_native(ops, self.storage, p, n, mass, T):
+                return out
             score = scorer.candidate_scores(self.storage, S_tok, end, mass)
         self._compress(score, T)
         return out
@@ -482,4 +497,4 @@ class CacheLayer:
             self.admission.load(tensors)
         if self.shadow is not None:
             self.shadow.load(tensors)
-        self._args_cache = None
+        self._args_cache = self._prepared = None

@@ -99,6 +99,11 @@ class LayerStorage:
 
     def write_new(self, off: int, k: torch.Tensor, v: torch.Tensor, first_frame: int, block_frames: int) -> None:
         """A new block's slots at ``off``: K/V, source frames, zeroed extras."""
+        ops = self.slot_ops
+        if ops is not None and ops.write_block is not None and ops.usable(k, v):  # the storage's own: contiguous
+            ops.write_block(self.k, self.v, self.frames, list(self.extra.values()), off, k, v, first_frame,
+                            block_frames)
+            return
         n, Lb = self.tokens_per_frame, k.shape[1]
         pat = self._frame_pattern.get(block_frames)
         if pat is None:  # the block's frame offsets, token by token, made once per block length
