@@ -130,5 +130,6 @@ def test_hotspot_rows_all_match_the_code():
         assert total["name"].startswith("CacheLayer.attend") and total["share"] == 1.0
     expected = {label for label, *_ in PIECES}
     if not cpp_available():
-        expected -= {label for label, func, _ in PIECES if "_C." in func or "_cpp_" in func}
+        expected -= {label for label, func, file in PIECES if "_C." in func or "_cpp_" in func or
+                     file == "cache/prepared.py"}  # the extension's pass helpers
     assert expected - seen == set()
