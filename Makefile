@@ -29,13 +29,19 @@ demo: setup
 	$(PY) -m deepforcing_kernels demo
 	$(PY) -m deepforcing_kernels generate --model tiny --prompt "a red fox" --frames 30 --out out/demo_fox.mp4 --force
 
+# The suite runs on TEST_PROCS pytest-xdist workers (one per core of the 2-core CI machine); `--dist loadgroup`
+# keeps the groups tests/conftest.py marks (a module's module-scoped fixtures, tests/distributed) on one worker.
+# TEST_PROCS=0 runs it in this one process.
+TEST_PROCS ?= 2
+XDIST := -n $(TEST_PROCS) --dist loadgroup
+
 # pytest exits 5 when it collects nothing: that is a broken suite, not a pass.
 test: setup
-	DEEPFORCING_REQUIRE_CPP=1 $(PY) -m pytest tests --durations=15; rc=$$?; \
+	DEEPFORCING_REQUIRE_CPP=1 $(PY) -m pytest tests $(XDIST) --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not slow" -x -q
+	$(PY) -m pytest tests $(XDIST) -m "not slow" -x -q
 
 bench: setup
 	$(PY) -m deepforcing_kernels bench

@@ -83,7 +83,7 @@ setup(
         # `deepforcing serve`: the standard library's HTTP server, nothing beyond the video extra
         "serve": VIDEO,
         "serve-test": VIDEO + ["selenium", "pytest"],   # with Debian's chromium + chromium-driver
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib"],
     },
     entry_points={"console_scripts": ["deepforcing=deepforcing_kernels.cli:main"]},
     ext_modules=ext_modules,

@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -40,3 +41,31 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+# ------------------------------------------------------------------------------------- pytest-xdist scheduling
+#: run together on one worker: the multi-process tests (each starts 2-3 ranks with their own process groups and
+#: ports; two such tests at once on a 2-core machine would only time each other out)
+ONE_WORKER_FOLDERS = ("distributed",)
+
+
+def _xdist_group(item) -> Optional[str]:
+    """The worker group of ``item`` under ``--dist loadgroup``: its folder's for ``ONE_WORKER_FOLDERS``, its module's
+    when it uses a module- or class-scoped fixture defined in its module (built once per worker: the module's tests
+    on one worker build it once), else None (scheduled test by test)."""
+    rel = item.path.relative_to(os.path.dirname(os.path.abspath(__file__)))
+    if rel.parts[0] in ONE_WORKER_FOLDERS:
+        return rel.parts[0]
+    module = item.nodeid.split("::", 1)[0]
+    for defs in item._fixtureinfo.name2fixturedefs.values():
+        if defs and defs[-1].scope in ("module", "class") and defs[-1].baseid.split("::", 1)[0] == module:
+            return module
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -95,7 +95,12 @@ def test_binds_127_0_0_1_by_default_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "--max-streams" in r.stderr
 
 
-def test_no_path_from_the_page_reaches_the_file_system(server, tmp_path):
+def test_no_path_from_the_page_reaches_the_file_system(server, tmp_path, monkeypatch):
+    # the working folder the run must leave as it was is this test's own (another test running beside it under
+    # pytest -n may write into the repository's), holding the repository's files the paths below aim at
+    for name in ("setup.py", "README.md"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    monkeypatch.chdir(tmp_path)
     srv = server()
     secret = (ROOT / "setup.py").read_bytes()[:40]
     for path in ["/setup.py", "/../setup.py", "/%2e%2e/setup.py", "/api/video?session=../../setup.py",

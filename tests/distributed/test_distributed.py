@@ -72,18 +72,37 @@ def _ok(res, marker):
 
 
 # ------------------------------------------------------------------------------------------ real processes
+@pytest.fixture(scope="module")
+def sequence_parallel_runs():
+    """``(nprocs, heads)`` -> the ranks of one launch of everything that passes at that geometry (the collectives,
+    the checks, the rollouts of ALL_POLICIES and of head jitter), made on first use: a launch starts a torch
+    process per rank, so the two tests below share it."""
+    runs = {}
+
+    def get(nprocs, heads):
+        if (nprocs, heads) not in runs:
+            runs[nprocs, heads] = _run(nprocs, "all", str(heads), *ALL_POLICIES, "deep_sink_jitter", timeout_s=300.0)
+        return runs[nprocs, heads]
+
+    return get
+
+
 @pytest.mark.parametrize("nprocs, heads", [(2, 2), (3, 6)])
-def test_sequence_parallel_matches_single_process(nprocs, heads):
-    res = _run(nprocs, "all", str(heads), *ALL_POLICIES)
+def test_sequence_parallel_matches_single_process(nprocs, heads, sequence_parallel_runs):
+    res = sequence_parallel_runs(nprocs, heads)
     _ok(res, "OK rollout")
     _ok(res, "OK comm")
+    for name in ALL_POLICIES:  # each policy's line comes after its checks passed
+        assert f"{name}: P={nprocs} heads={heads} " in res[0].stdout, _explain(res)
     print(res[0].stdout)
 
 
 @pytest.mark.parametrize("nprocs, heads", [(2, 2), (3, 6)])
-def test_sequence_parallel_head_jitter_matches_single_process(nprocs, heads):
+def test_sequence_parallel_head_jitter_matches_single_process(nprocs, heads, sequence_parallel_runs):
     """LoL's head jitter under Ulysses: each rank rotates and re-phases its heads with their one-process scales."""
-    _ok(_run(nprocs, "rollout", str(heads), "deep_sink_jitter"), "OK rollout")
+    res = sequence_parallel_runs(nprocs, heads)
+    _ok(res, "OK rollout")
+    assert f"deep_sink_jitter: P={nprocs} heads={heads} " in res[0].stdout, _explain(res)
 
 
 def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path):

@@ -178,11 +178,18 @@ def _env():
     return env
 
 
+def _resume_in_process(out, capsys):
+    """``--resume`` of the run at ``out``, in this process (the run to kill or signal needs its own; the one that
+    finishes it does not, and an interpreter start costs more than the rollout): (exit code, stderr)."""
+    capsys.readouterr()
+    code = cli_main(GEN[3:] + ["--frames", str(FRAMES), "--out", out, "--resume"])
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight") / "straight.pt")
-    subprocess.run(GEN + ["--frames", str(FRAMES), "--out", out], check=True, env=_env(),
-                   stdout=subprocess.DEVNULL, timeout=300)
+    assert cli_main(GEN[3:] + ["--frames", str(FRAMES), "--out", out]) == 0  # in process: the same rollout
     ref = load_run(out)
     assert ref["complete"] and ref["latents"].shape[0] == FRAMES
     return ref["latents"]
@@ -214,7 +221,7 @@ def _no_temporaries(out):
 
 
 @pytest.mark.slow
-def test_killed_generate_keeps_finished_blocks_and_resumes(straight_run, tmp_path):
+def test_killed_generate_keeps_finished_blocks_and_resumes(straight_run, tmp_path, capsys):
     killed = str(tmp_path / "killed.pt")
     proc, seen = _run_until(GEN + ["--frames", str(FRAMES), "--out", killed, "--save-every-s", "0.3"], killed, 9)
     os.kill(proc.pid, signal.SIGKILL)
@@ -227,10 +234,9 @@ def test_killed_generate_keeps_finished_blocks_and_resumes(straight_run, tmp_pat
     # a SIGKILL during a save leaves a temporary behind: the next start removes it
     stale = os.path.join(parts_dir(killed), ".tmp-state.pt-deadbeef")
     open(stale, "wb").close()
-    p = subprocess.run(GEN + ["--frames", str(FRAMES), "--out", killed, "--resume"], env=_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "removed" in p.stderr and ".tmp-state.pt-deadbeef" in p.stderr
+    code, err = _resume_in_process(killed, capsys)
+    assert code == 0, err
+    assert "removed" in err and ".tmp-state.pt-deadbeef" in err
     fin = load_run(killed)
     assert fin["complete"] and fin["frames_done"] == FRAMES
     assert torch.equal(fin["latents"], straight_run)
@@ -239,7 +245,7 @@ def test_killed_generate_keeps_finished_blocks_and_resumes(straight_run, tmp_pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_the_state_after_the_block_and_resume_is_bit_for_bit(sig, straight_run, tmp_path):
+def test_signal_saves_the_state_after_the_block_and_resume_is_bit_for_bit(sig, straight_run, tmp_path, capsys):
     """The default budget (60 s) saves no state during a short run; SIGINT / SIGTERM finish the block in progress,
     save the state and exit 128 + signal; --resume continues from exactly there."""
     out = str(tmp_path / "sig.pt")
@@ -258,10 +264,9 @@ def test_signal_saves_the_state_after_the_block_and_resume_is_bit_for_bit(sig, s
     for d, _, files in os.walk(tmp_path):  # the umask is honoured (0644), never mkstemp's 0600
         for f in files:
             assert stat.S_IMODE(os.stat(os.path.join(d, f)).st_mode) == 0o644, f
-    p = subprocess.run(GEN + ["--frames", str(FRAMES), "--out", out, "--resume"], env=_env(),
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert f"from the state saved at frame {part['frames_done']}" in p.stderr
+    code, err = _resume_in_process(out, capsys)
+    assert code == 0, err
+    assert f"from the state saved at frame {part['frames_done']}" in err
     fin = load_run(out)
     assert fin["complete"] and torch.equal(fin["latents"], straight_run)
 
