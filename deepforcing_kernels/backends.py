@@ -15,9 +15,10 @@ kernel): its host helpers (:meth:`Backend.all_finite`, :meth:`Backend.frame_sums
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar, Union
 
 import torch
 
@@ -72,14 +73,34 @@ def _cpp_all_finite(*tensors: torch.Tensor) -> bool:
     return bool(_ext.require().all_finite(tensors))
 
 
+_Fn = TypeVar("_Fn", bound=Callable)
+
+
+def eager_under_compile(fn: _Fn) -> _Fn:
+    """Run ``fn`` eagerly even inside ``torch.compile`` (a graph break around it). The disabled version is made
+    on first use under compilation: ``torch.compiler.disable`` imports torch's compiler stack (and triton), which
+    a plain ``import deepforcing_kernels`` must not pay for."""
+    disabled: List[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 # The extension's host helpers run eagerly under torch.compile (a clean graph break, same numbers as eager)
 # instead of dynamo trying to trace into a pybind function.
-@torch.compiler.disable
+@eager_under_compile
 def _ext_all_finite(tensors) -> bool:
     return _ext.require().all_finite(tensors)
 
 
-@torch.compiler.disable
+@eager_under_compile
 def _ext_frame_sums(q: torch.Tensor, frames: int) -> torch.Tensor:
     return _ext.require().frame_sums(q, frames)
 

@@ -12,29 +12,11 @@ so a compiled graph loses nothing by leaving them out.
 """
 from __future__ import annotations
 
-import functools
-from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-_Fn = TypeVar("_Fn", bound=Callable)
-
-
-def eager_under_compile(fn: _Fn) -> _Fn:
-    """Run ``fn`` eagerly even inside ``torch.compile`` (a graph break around it). The disabled version is made
-    on first use under compilation: ``torch.compiler.disable`` imports torch's compiler stack (and triton), which
-    a plain ``import deepforcing_kernels`` must not pay for."""
-    disabled: List[Callable] = []
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            return fn(*args, **kwargs)
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
+from ..backends import eager_under_compile
 
 __all__ = ["LayerStorage", "move_left", "compact", "select_topc", "eager_under_compile"]
 
