@@ -437,7 +437,7 @@ class CacheLayer:
             scorer.carry(self.storage, L, t_mass, part)  # gathered with the tokens by the compaction below
         else:
             out, _, mass = run(q, kk, vv, return_mass=True, mass_q_range=(0, Lq), **args)
-            if ops is not None and c.reduce_over_heads is None and compress_native(ops, self.storage, p, n, mass, T):
+            if c.reduce_over_heads is None and compress_native(ops, self.storage, p, n, mass, T, scorer):
                 return out
             score = scorer.candidate_scores(self.storage, S_tok, end, mass)
         self._compress(score, T)

@@ -22,7 +22,6 @@ import torch
 
 from ..rotation import rotation_tables
 from ..schedule import ScheduleState
-from .scoring import mass_part_keys
 from .storage import LayerStorage
 
 __all__ = ["Prepared", "layer_pass_ops", "prepare", "run_prepared", "compress_native"]
@@ -76,15 +75,20 @@ def run_prepared(prep: Optional[Prepared], state: ScheduleState, backend: Any, s
     return prep.cpp.run(q, k, v)
 
 
-def compress_native(ops: Any, storage: LayerStorage, policy: Any, n: int, mass: torch.Tensor, end: int) -> bool:
-    """:func:`~.scoring.compress_step` of ``policy``'s mass score (the carried parts plus ``mass [B, Hkv, >= end]``
-    summed over heads, :meth:`~.scoring.MassScorer.candidate_scores`) over slots ``[0, end)`` of ``n``-token frames,
-    as one call; False, with nothing changed, where the tensors do not qualify (the caller runs Python)."""
+def compress_native(ops: Optional[Any], storage: LayerStorage, policy: Any, n: int, mass: torch.Tensor, end: int,
+                    scorer: Any) -> bool:
+    """:func:`~.scoring.compress_step` of ``policy``'s mass score (``scorer``'s carried parts, in the order of its
+    :attr:`~.scoring.MassScorer.names`, plus ``mass [B, Hkv, >= end]`` summed over heads, as
+    :meth:`~.scoring.MassScorer.candidate_scores` adds them) over slots ``[0, end)`` of ``n``-token frames, as one
+    call; False, with nothing changed, without ``ops`` (the layer's passes run in Python: :func:`layer_pass_ops`)
+    or where the tensors do not qualify (the caller runs Python)."""
+    if ops is None:
+        return False
     ts = storage.per_slot()
     if torch.compiler.is_compiling() or not all(t.device.type == "cpu" and t.is_contiguous() for t in ts) or \
             not mass.is_contiguous():
         return False
-    parts = [storage.extra[name] for name in ("mass",) + mass_part_keys(policy)]  # MassScorer.names, in order
+    parts = [storage.extra[name] for name in scorer.names]
     ops.compress_pass(ts, storage.extra["reuse"], mass, parts, policy.sink_frames * n, policy.topc_frames * n,
                       policy.recent_frames * n, end, -1 if policy.topc_max_reuse is None else policy.topc_max_reuse)
     return True
