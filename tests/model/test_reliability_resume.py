@@ -166,8 +166,9 @@ def test_generate_resumed_after_every_block_from_disk(policy, batch, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-GEN = [sys.executable, "-m", "deepforcing_kernels", "generate", "--model", "tiny", "--latent-size", "4", "4",
-       "--no-progress", "--policy", "deep-forcing", "--seed", "3", "--threads", "1", "--device", "cpu"]
+GEN_ARGS = ["generate", "--model", "tiny", "--latent-size", "4", "4", "--no-progress", "--policy", "deep-forcing",
+            "--seed", "3", "--threads", "1", "--device", "cpu"]
+GEN = [sys.executable, "-m", "deepforcing_kernels", *GEN_ARGS]  # a run in its own process (to kill or signal)
 FRAMES = 60
 
 
@@ -182,14 +183,14 @@ def _resume_in_process(out, capsys):
     """``--resume`` of the run at ``out``, in this process (the run to kill or signal needs its own; the one that
     finishes it does not, and an interpreter start costs more than the rollout): (exit code, stderr)."""
     capsys.readouterr()
-    code = cli_main(GEN[3:] + ["--frames", str(FRAMES), "--out", out, "--resume"])
+    code = cli_main(GEN_ARGS + ["--frames", str(FRAMES), "--out", out, "--resume"])
     return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("straight") / "straight.pt")
-    assert cli_main(GEN[3:] + ["--frames", str(FRAMES), "--out", out]) == 0  # in process: the same rollout
+    assert cli_main(GEN_ARGS + ["--frames", str(FRAMES), "--out", out]) == 0  # in process: the same rollout
     ref = load_run(out)
     assert ref["complete"] and ref["latents"].shape[0] == FRAMES
     return ref["latents"]
