@@ -1,7 +1,8 @@
 #pragma once
 // Row maths of the CPU kernel's softmax, on one score row at a time: row max, exp2 sweeps (fp32 in place, or fp32
-// and a bf16 copy for P V) and the weighted column sums of the attention mass. AVX-512 where compiled for, with
-// scalar loops for the remainder and for other targets.
+// and a bf16 copy for P V) and the weighted column sums of the attention mass. AVX-512 where compiled for, else
+// AVX2 + FMA (8 lanes: the same polynomials, clamps and NaN handling), with scalar loops for the remainder and for
+// other targets.
 #include <c10/util/BFloat16.h>
 
 #include <algorithm>
@@ -11,6 +12,9 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DEEPFORCING_ROW_AVX2 1
 #endif
 
 namespace deepforcing {
@@ -60,6 +64,52 @@ inline __m512 exp2_ps5(__m512 x) {
 inline __mmask16 tail_mask(int64_t r) { return static_cast<__mmask16>((1u << r) - 1u); }
 #endif
 
+#if defined(DEEPFORCING_ROW_AVX2)
+// 2^x for x <= 0 on 8 lanes, as exp2_ps: the degree-7 Taylor polynomial of 2^f, f = x - round(x), times 2^n.
+// AVX2 has no vscalefps: 2^(n + 64) is built in the exponent field (a normal number for n >= -150, so the product
+// with p is exact) and the product then scaled by 2^-64, which rounds once, into the denormals where it must:
+// bit for bit what vscalefps gives.
+inline __m256 scale_pow2(__m256 p, __m256 n) {
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127 + 64)), 23);
+  return _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(5.421010862427522e-20f));  // 2^-64
+}
+
+inline __m256 exp2_ps8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-150.f), x);  // NaN passes (second operand), as in exp2_ps
+  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, n);
+  __m256 p = _mm256_set1_ps(1.5252733804059841e-05f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530393381609e-04f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-03f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-02f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-01f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+  return scale_pow2(p, n);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// alpha * x - am, plus the bias when there is one (the exponent of the exp sweep).
+inline __m256 exponent8(__m256 x, __m256 va, __m256 vm, const float* bias, int64_t j) {
+  if (bias == nullptr) return _mm256_fmsub_ps(x, va, vm);
+  return _mm256_sub_ps(_mm256_fmadd_ps(x, va, _mm256_loadu_ps(bias + j)), vm);
+}
+#endif
+
 // Row max of x[0, n).
 inline float row_max(const float* x, int64_t n) {
   int64_t j = 0;
@@ -70,6 +120,16 @@ inline float row_max(const float* x, int64_t n) {
   if (j < n) vm = _mm512_mask_max_ps(vm, tail_mask(n - j), vm, _mm512_maskz_loadu_ps(tail_mask(n - j), x + j));
   m = _mm512_reduce_max_ps(vm);
   j = n;
+#elif defined(DEEPFORCING_ROW_AVX2)
+  // (a NaN score need not survive the max, here as in the AVX-512 path: the exp sweep keeps it NaN and so poisons
+  // its row)
+  __m256 v0 = _mm256_set1_ps(m), v1 = v0;
+  for (; j + 16 <= n; j += 16) {
+    v0 = _mm256_max_ps(v0, _mm256_loadu_ps(x + j));
+    v1 = _mm256_max_ps(v1, _mm256_loadu_ps(x + j + 8));
+  }
+  for (; j + 8 <= n; j += 8) v0 = _mm256_max_ps(v0, _mm256_loadu_ps(x + j));
+  m = hmax8(_mm256_max_ps(v0, v1));
 #endif
   for (; j < n; ++j) m = std::max(m, x[j]);
   return m;
@@ -93,6 +153,12 @@ inline float biased_row_max(const float* x, int64_t n, float alpha, const float*
   }
   m = _mm512_reduce_max_ps(vm);
   j = n;
+#elif defined(DEEPFORCING_ROW_AVX2)
+  const __m256 va = _mm256_set1_ps(alpha);
+  __m256 vm = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8)
+    vm = _mm256_max_ps(vm, _mm256_fmadd_ps(_mm256_loadu_ps(x + j), va, _mm256_loadu_ps(bias + j)));
+  m = hmax8(vm);
 #endif
   for (; j < n; ++j) m = std::max(m, std::fma(x[j], alpha, bias[j]));
   return m;
@@ -133,6 +199,23 @@ inline float exp2_sub_sum(float* x, int64_t n, float alpha, float am, const floa
     acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(mk, e));
   }
   s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#elif defined(DEEPFORCING_ROW_AVX2)
+  const __m256 va = _mm256_set1_ps(alpha), vm = _mm256_set1_ps(am);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();  // two chains: the adds do not serialise
+  for (; j + 16 <= n; j += 16) {
+    const __m256 e0 = exp2_ps8(exponent8(_mm256_loadu_ps(x + j), va, vm, bias, j));
+    const __m256 e1 = exp2_ps8(exponent8(_mm256_loadu_ps(x + j + 8), va, vm, bias, j + 8));
+    _mm256_storeu_ps(x + j, e0);
+    _mm256_storeu_ps(x + j + 8, e1);
+    acc0 = _mm256_add_ps(acc0, e0);
+    acc1 = _mm256_add_ps(acc1, e1);
+  }
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp2_ps8(exponent8(_mm256_loadu_ps(x + j), va, vm, bias, j));
+    _mm256_storeu_ps(x + j, e);
+    acc0 = _mm256_add_ps(acc0, e);
+  }
+  s = hsum8(_mm256_add_ps(acc0, acc1));
 #endif
   for (; j < n; ++j) {
     x[j] = std::exp2(exponent(x[j], alpha, am, bias, j));
