@@ -402,7 +402,8 @@ def _op_args(dtype, key_shift: bool, mass: bool):
 @pytest.mark.parametrize("key_shift", [False, True], ids=["sink", "key_shift"])
 @pytest.mark.parametrize("mass", [False, True], ids=["no-mass", "mass"])
 def test_opcheck(dtype, key_shift, mass):
-    torch.library.opcheck(torch.ops.deepforcing.sink_attention.default, _op_args(dtype, key_shift, mass))
+    args = _op_args(dtype, key_shift, mass)  # first: it defines the op that the next line looks up
+    torch.library.opcheck(torch.ops.deepforcing.sink_attention.default, args)
 
 
 def test_torch_compile_fullgraph():

@@ -12,6 +12,7 @@ from support import cpp_available
 
 from deepforcing_kernels import RopeSpec, backends, sink_attention
 from deepforcing_kernels.attention import normalise_key_bias
+from deepforcing_kernels.ops import sink_attention_op  # noqa: F401  (defines torch.ops.deepforcing.sink_attention)
 from deepforcing_kernels.rotation import rotation_tables
 from deepforcing_kernels.testing import assert_within_budget
 
