@@ -87,16 +87,22 @@ def test_bad_input_is_one_line_and_exit_1(tmp_path, capsys, args, culprit):
     assert not os.path.exists(f"{d}/out.mp4")  # nothing written as if complete
 
 
+FRAMES = 60
+
+
 def test_sigint_leaves_a_playable_file_and_resume_completes(tmp_path):
+    # 60 frames: the run saves its state after every block (--save-every-s 0), so the signal lands half a second
+    # after the first block's state, with some 50 frames still to go (the tiny model makes ~10-20 frames a second
+    # here); the resume in this process then makes the rest
     out = tmp_path / "long.mp4"
-    cmd = [sys.executable, "-m", "deepforcing_kernels"] + GEN + ["--prompt", "a", "--frames", "150", "--out",
+    cmd = [sys.executable, "-m", "deepforcing_kernels"] + GEN + ["--prompt", "a", "--frames", str(FRAMES), "--out",
                                                                  str(out), "--save-every-s", "0"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = str(out) + ".state.pt"
     t0 = time.time()
     while not os.path.exists(state) and time.time() - t0 < 120 and p.poll() is None:
         time.sleep(0.2)
-    time.sleep(1.0)
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     if p.returncode == 0:
@@ -106,5 +112,5 @@ def test_sigint_leaves_a_playable_file_and_resume_completes(tmp_path):
     assert partial.exists() and not out.exists()  # what was written plays, and is not named as complete
     n, w, h = _frames(partial)
     assert n > 0 and (w, h) == (64, 64)
-    assert main(GEN + ["--prompt", "a", "--frames", "150", "--out", str(out), "--resume"]) == 0
-    assert _frames(out) == (1 + 4 * 149, 64, 64) and not os.path.exists(state)
+    assert main(GEN + ["--prompt", "a", "--frames", str(FRAMES), "--out", str(out), "--resume"]) == 0
+    assert _frames(out) == (1 + 4 * (FRAMES - 1), 64, 64) and not os.path.exists(state)
