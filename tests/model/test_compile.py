@@ -48,24 +48,33 @@ def _rollout(model, score, blocks, passes=3, seed=0):
     return outs
 
 
-def _model():
+@pytest.fixture(scope="module")
+def models():
+    """The tiny model and one ``torch.compile`` of it, shared by both scorings.
+
+    Compiling is the whole cost of this module (about 30 graphs, each a C++ build of inductor's kernels: about
+    50 s cold on a 2-core CPU); the second scoring runs the same blocks, so it reuses the graphs of the first and
+    compiles only what its own cache path adds (what a second ``torch.compile`` of a fresh model also did, as
+    dynamo keys its graphs on the code, not on the model). Module-scoped, so tests/conftest.py puts both tests
+    on one worker: spread over two, each compiled everything cold. Both rollouts still start from a fresh cache,
+    and the compiled one is still checked against eager pass by pass."""
     model = CausalWanModel(WanConfig.tiny()).eval()
     model.init_weights(generator=torch.Generator().manual_seed(0), zero_head=False)
-    return model
+    return model, torch.compile(model, backend="inductor")
 
 
-def _compare(score, blocks):
-    model = _model()
+def _compare(models, score, blocks):
+    model, compiled_model = models
     eager = _rollout(model, score, blocks)
-    compiled = _rollout(torch.compile(model, backend="inductor"), score, blocks)
+    compiled = _rollout(compiled_model, score, blocks)
     assert len(eager) == len(compiled) == 3 * blocks
     for i, (a, b) in enumerate(zip(eager, compiled)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"pass {i}: {m}")
 
 
-def test_compiled_model_matches_eager_logits_scoring():
-    _compare("logits", blocks=4)
+def test_compiled_model_matches_eager_logits_scoring(models):
+    _compare(models, "logits", blocks=4)
 
 
-def test_compiled_model_matches_eager_mass_scoring():
-    _compare("mass", blocks=3)
+def test_compiled_model_matches_eager_mass_scoring(models):
+    _compare(models, "mass", blocks=3)
