@@ -8,9 +8,11 @@ sink re-phasing, per-key shift; forward kernel and mass kernel) this compiles th
 (:func:`~.attention.fwd_config`, :func:`~.mass.mass_config`) pick on that arch, and reports:
 
 * ``registers`` — ``REG`` of ``cuobjdump --dump-resource-usage`` on the cubin (Triton's bundled cuobjdump);
-* ``spills`` — spill store + spill load bytes from ``ptxas -v`` on the PTX (Triton's bundled ptxas, the same
-  binary and register-allocation flag Triton uses for that arch). ``STACK`` is not used: libdevice's sin / cos
-  keep a small local array, so STACK is non-zero with no spill at all;
+* ``spills`` — spill store + spill load bytes from ``ptxas -v``: the log of the ptxas run inside Triton's own
+  compile of the cubin, or, when Triton's cache held the kernel, of ``ptxas -v`` on its PTX (Triton's bundled
+  ptxas, the same binary and register-allocation flag Triton uses for that arch; the count is kept in Triton's
+  cache under a hash of ptxas, its flags and the PTX). ``STACK`` is not used: libdevice's sin / cos keep a small
+  local array, so STACK is non-zero with no spill at all;
 * ``shared_bytes`` — Triton's dynamic shared memory (``compiled.metadata.shared``) plus the static ``SHARED`` of
   cuobjdump;
 * the PTX check: ``tensor_core_op`` (the instruction the arch must use: ``mma`` = ``mma.sync`` on sm_80,
@@ -34,6 +36,10 @@ if __name__ == "__main__":  # (only when run as the command: importing this modu
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 default, stated to silence its warning
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -131,7 +137,8 @@ def ptx_check(ptx: str, arch: int) -> Tuple[str, int, int]:
     """``(tensor_core_op, its instruction count, local-memory lines)`` of one kernel's PTX."""
     op = tensor_core_op(arch)
     count = len(_TC_PATTERN[op].findall(ptx))
-    local = sum(1 for line in ptx.splitlines() if _LOCAL_PATTERN.search(line.split("//")[0]))
+    # (the substring test first: every match contains "local", and most of a kernel's ~10k lines do not)
+    local = sum(1 for line in ptx.splitlines() if "local" in line and _LOCAL_PATTERN.search(line.split("//")[0]))
     return op, count, local
 
 
@@ -145,18 +152,61 @@ def _tool(name: str, arch: int) -> str:
     return get_ptxas(arch).path  # the ptxas Triton itself uses for this arch
 
 
+_SPILL_LINE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _spills_in(log: str) -> Optional[int]:
+    """Spill store + load bytes of a ``ptxas -v`` log; None when it has no spill line."""
+    found = _SPILL_LINE.findall(log)
+    return sum(int(a) + int(b) for a, b in found) if found else None
+
+
 def _ptxas_spills(ptx: str, arch: int) -> int:
+    """Spill bytes of ``ptxas -v`` on ``ptx``, kept in Triton's cache under a hash of (ptxas, version, flags, PTX).
+
+    Needed when Triton's own cache held the kernel (then no ptxas ran in :func:`compile_variant`). The count is a
+    pure function of those inputs, as Triton's cached cubin is of its key; without the memo every run re-ran
+    ptxas on all 32 variants (about 0.5 s each: 15 s of a run with Triton's cache warm, 2-core CPU)."""
+    from triton.runtime.cache import get_cache_manager
+
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    tool = _tool("ptxas", arch)
+    flags = ["-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}"]
+    key = hashlib.sha256(json.dumps([tool, _tool_version(tool), flags, ptx]).encode()).hexdigest()
+    cache = get_cache_manager(key)
+    hit = cache.get_file("ptxas_spills.json")
+    if hit is not None:
+        with open(hit) as f:
+            return int(json.load(f)["spills"])
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        proc = subprocess.run([_tool("ptxas", arch), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
-                               "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
-    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
-    if not found:
+        proc = subprocess.run([tool, *flags, src, "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True,
+                              check=True)
+    spills = _spills_in(proc.stdout + proc.stderr)
+    if spills is None:
         raise RuntimeError(f"no spill line in ptxas -v output:\n{proc.stderr}")
-    return sum(int(a) + int(b) for a, b in found)
+    cache.put(json.dumps({"spills": spills}), "ptxas_spills.json", binary=False)
+    return spills
+
+
+@functools.lru_cache(maxsize=None)
+def _tool_version(path: str) -> str:
+    return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+
+
+@contextlib.contextmanager
+def _triton_ptxas_log():
+    """Collect the ``ptxas -v`` log of the compiles inside (Triton prints it with ``dump_ptxas_log``): the spill
+    count of the very ptxas run that made the cubin, instead of running ptxas a second time on the same PTX. The
+    log is empty when Triton's cache held the kernel."""
+    from triton import knobs
+
+    buf = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(buf):  # scope(): the knob and its variable restored
+        knobs.nvidia.dump_ptxas_log = True
+        yield buf
 
 
 def _cuobjdump_usage(cubin: bytes) -> Tuple[int, int]:
@@ -185,10 +235,13 @@ def compile_variant(variant: Variant, arch: int) -> Result:
 
         fn = attention._fwd_kernel if variant.op == "fwd" else mass._mass_kernel
         sig, const, attrs, options = _signature(fn, variant, arch)
-        compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
-                                  options=options)
+        with _triton_ptxas_log() as log:
+            compiled = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                      options=options)
         regs, static_shared = _cuobjdump_usage(compiled.asm["cubin"])
-        spills = _ptxas_spills(compiled.asm["ptx"], arch)
+        spills = _spills_in(log.getvalue())
+        if spills is None:  # Triton's cache had the kernel: no ptxas ran
+            spills = _ptxas_spills(compiled.asm["ptx"], arch)
         op, count, local = ptx_check(compiled.asm["ptx"], arch)
         return Result(variant.kernel, arch, regs, spills, int(compiled.metadata.shared) + static_shared, op, count,
                       local)
