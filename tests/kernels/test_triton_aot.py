@@ -7,6 +7,7 @@ check: the arch's tensor-core instruction present in every variant (``mma.sync``
 sm_90) and no local memory. The configs compiled are the ones the launchers read (``configs.fwd_config`` /
 ``configs.mass_config``), not a copy.
 """
+import functools
 import json
 import os
 import subprocess
@@ -26,11 +27,19 @@ EXPECTED = {f"{op}_{dt}_{mode}" for op in ("fwd", "mass") for dt in ("fp16", "bf
             for mode in ("none", "sink", "perkey", "sink_bias")}  # sink_bias: key_bias with a re-phased sink
 
 
-@pytest.fixture(scope="module")
-def aot_report():
+@functools.lru_cache(maxsize=None)
+def _aot_command() -> subprocess.CompletedProcess:
+    """The one run of the command in this session. Cached here, not only in the module fixture: pytest tears a
+    module fixture down whenever the next test on the worker is from another module, and under xdist the
+    module's tests have come interleaved with others, so the fixture was built twice (56 s + 39 s)."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "deepforcing_kernels.triton.aot", "--arch", *map(str, ARCHS),
+    return subprocess.run([sys.executable, "-m", "deepforcing_kernels.triton.aot", "--arch", *map(str, ARCHS),
                            "--json", "--strict"], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")  # module-scoped: tests/conftest.py then keeps the module's tests on one worker
+def aot_report():
+    proc = _aot_command()
     try:
         rows = json.loads(proc.stdout)  # the whole of stdout is exactly one JSON list
     except json.JSONDecodeError:
