@@ -63,9 +63,35 @@ def _xdist_group(item) -> Optional[str]:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the marks into the node ids
+@pytest.hookimpl(wrapper=True)  # around xdist's own hook, which reads the marks into the node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = _xdist_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
+    result = yield
+    _group_suffix(config, items)
+    return result
+
+
+def _group_suffix(config, items) -> None:
+    """Give ``--dist loadgroup`` its ``@group`` node-id suffix where xdist's own write did nothing.
+
+    xdist (3.8) groups by suffixing each grouped item's node id (``item._nodeid = nodeid + "@group"``), and its
+    scheduler reads the group back from that suffix. Since pytest 9 a node's id is ``item._id`` (a structured
+    ``NodeId``) and ``_nodeid`` is ignored: no test was grouped, so a module fixture was built once per worker
+    that drew one of its tests (test_compile compiled twice, gpu-check's dry run ran twice, the Triton AOT build
+    ran twice) and the ``distributed`` tests could run two at a time. Skipped when the id already has the suffix
+    (a pytest or xdist that handles it)."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # pytest < 9: xdist's _nodeid write works
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix) and isinstance(getattr(item, "_id", None), NodeId):
+            item._id = NodeId.parse(item.nodeid + suffix)  # the string is kept verbatim (NodeId._str_cache)
