@@ -280,8 +280,102 @@ def scenario_compile() -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ fork server
+# A rank started as a fresh interpreter spends seconds before its scenario begins: `import torch`, then
+# torch._dynamo, which the first functional collective imports (about 4 s of CPU a rank on a 2-core machine,
+# more than most scenarios take). `serve` pays that once: it imports everything the scenarios import and forks
+# the ranks of each launch from there (tests/distributed/rank_forks.py is the client). Nothing has run yet at
+# the fork (no process group, no thread: fork-safe), and each child runs its scenario exactly as `__main__`
+# below does, with its own environment, stdout and stderr files, and exit code.
+def _warm_imports() -> None:
+    import torch._dynamo  # noqa: F401  (what the first functional collective imports)
+
+    from deepforcing_kernels.cache import CachePolicy  # noqa: F401
+    from deepforcing_kernels.distributed.ulysses import SequenceParallelWan, check_same_weights  # noqa: F401
+    from deepforcing_kernels.driver import generate  # noqa: F401
+    from deepforcing_kernels.models import CausalWanModel, WanConfig  # noqa: F401
+
+
+def _child(req: dict, rank: int, proto_fd: int) -> None:
+    """In the forked child: become rank ``rank`` of the request and run its scenario; never returns."""
+    code = 1
+    try:
+        os.close(proto_fd)
+        for fd, name in ((1, "out"), (2, "err")):
+            f = os.open(os.path.join(req["dir"], f"{rank}.{name}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(f, fd)
+            os.close(f)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.environ.update(req["env"])
+        os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
+        name, args = req["argv"][0], req["argv"][1:]
+        sys.argv = [__file__, *req["argv"]]
+        code = globals()[f"scenario_{name}"](*args) or 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # what the interpreter does with an uncaught exception: the traceback, exit code 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _launch(req: dict) -> list:
+    """Fork ``req["nprocs"]`` ranks and reap them; ranks alive after ``req["timeout_s"]`` are killed and reported
+    with returncode None (as :func:`deepforcing_kernels.distributed.testing.launch_local` does)."""
+    import signal
+
+    t0 = time.perf_counter()
+    pids = []
+    for r in range(req["nprocs"]):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(req, r, req["proto_fd"])
+        pids.append(pid)
+    ends: dict = {}
+    while len(ends) < len(pids) and time.perf_counter() - t0 < req["timeout_s"]:
+        for r, pid in enumerate(pids):
+            if r not in ends:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    ends[r] = (os.waitstatus_to_exitcode(status), time.perf_counter() - t0, time.time())
+        time.sleep(0.01)
+    for r, pid in enumerate(pids):
+        if r not in ends:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            ends[r] = (None, time.perf_counter() - t0, time.time())
+    return [{"rank": r, "returncode": ends[r][0], "seconds": ends[r][1], "ended_at": ends[r][2]}
+            for r in range(len(pids))]
+
+
+def serve() -> None:
+    """Read one JSON launch request a line on stdin, answer one JSON line of the ranks' exits; stop at EOF."""
+    import json
+
+    _warm_imports()
+    proto = os.dup(1)
+    os.dup2(2, 1)  # a stray print of the server cannot garble the answers
+    with os.fdopen(proto, "w") as answers:
+        for line in sys.stdin:
+            req = dict(json.loads(line), proto_fd=proto)
+            answers.write(json.dumps(_launch(req)) + "\n")
+            answers.flush()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
+    if sys.argv[1] == "serve":
+        serve()
+        sys.exit(0)
     name, args = sys.argv[1], sys.argv[2:]
     code = globals()[f"scenario_{name}"](*args)
     # as the package's own ranks do (distributed.launch): flush and leave without interpreter teardown, where a

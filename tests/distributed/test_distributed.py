@@ -20,6 +20,7 @@ import sys
 
 import pytest
 import torch
+from rank_forks import RankForks
 
 from deepforcing_kernels.distributed.launch import ParallelError, check_divisible, split_prompts
 from deepforcing_kernels.distributed.testing import launch_local
@@ -37,8 +38,17 @@ def _env(extra=None):
     return env
 
 
-def _run(nprocs, *args, timeout_s=150.0, env=None, per_rank_args=None):
-    return launch_local(nprocs, [WORKER, *args], timeout_s=timeout_s, env=_env(env), per_rank_args=per_rank_args)
+@pytest.fixture(scope="module")
+def forks():
+    """The worker's scenarios run on ranks forked from one warm interpreter (rank_forks.py: the import of torch and
+    torch._dynamo, seconds a rank, paid once for the module instead of once per rank)."""
+    server = RankForks(WORKER, _env())
+    yield server
+    server.close()
+
+
+def _run(forks, nprocs, *args, timeout_s=150.0, env=None):
+    return forks.launch(nprocs, args, timeout_s=timeout_s, env=env)
 
 
 def _cli(nprocs, *args, timeout_s=150.0, per_rank_args=None):
@@ -73,7 +83,7 @@ def _ok(res, marker):
 
 # ------------------------------------------------------------------------------------------ real processes
 @pytest.fixture(scope="module")
-def sequence_parallel_runs():
+def sequence_parallel_runs(forks):
     """``(nprocs, heads)`` -> the ranks of one launch of everything that passes at that geometry (the collectives,
     the checks, the rollouts of ALL_POLICIES and of head jitter), made on first use: a launch starts a torch
     process per rank, so the two tests below share it."""
@@ -81,7 +91,8 @@ def sequence_parallel_runs():
 
     def get(nprocs, heads):
         if (nprocs, heads) not in runs:
-            runs[nprocs, heads] = _run(nprocs, "all", str(heads), *ALL_POLICIES, "deep_sink_jitter", timeout_s=300.0)
+            runs[nprocs, heads] = _run(forks, nprocs, "all", str(heads), *ALL_POLICIES, "deep_sink_jitter",
+                                       timeout_s=300.0)
         return runs[nprocs, heads]
 
     return get
@@ -214,8 +225,8 @@ def test_cli_bad_input_one_line_on_rank_0_every_rank_exits_1(tmp_path, case):
     assert all(r.stderr.strip() == "" for r in res[1:]) and not os.path.exists(out), _explain(res)
 
 
-def test_killed_rank_makes_the_others_exit_with_a_clear_error():
-    res = _run(3, "kill", env={"DF_TEST_TIMEOUT": "20"}, timeout_s=100.0)
+def test_killed_rank_makes_the_others_exit_with_a_clear_error(forks):
+    res = _run(forks, 3, "kill", env={"DF_TEST_TIMEOUT": "20"}, timeout_s=100.0)
     assert res[1].returncode == -9, _explain(res)
     for r in (res[0], res[2]):
         assert r.returncode == 1, _explain(res)
@@ -226,16 +237,16 @@ def test_killed_rank_makes_the_others_exit_with_a_clear_error():
 
 
 @pytest.mark.slow
-def test_stuck_rank_times_out_instead_of_hanging():
-    res = _run(2, "stuck", env={"DF_TEST_TIMEOUT": "3"}, timeout_s=60.0)  # a live rank that stops answering
+def test_stuck_rank_times_out_instead_of_hanging(forks):
+    res = _run(forks, 2, "stuck", env={"DF_TEST_TIMEOUT": "3"}, timeout_s=60.0)  # a live rank that stops answering
     assert res[0].returncode == 1 and "rank 0: lost contact with another rank" in res[0].stderr, _explain(res)
     # the 3 s timeout ends rank 0 while rank 1 is still asleep (9 s)
     assert res[0].ended_at - _wait_from(res[0]) < 8 and res[0].ended_at < res[1].ended_at, _explain(res)
 
 
 @pytest.mark.slow
-def test_all_to_alls_trace_into_one_compiled_graph():
-    _ok(_run(2, "compile"), "OK compile")
+def test_all_to_alls_trace_into_one_compiled_graph(forks):
+    _ok(_run(forks, 2, "compile"), "OK compile")
 
 
 @pytest.mark.slow
