@@ -108,14 +108,35 @@ def scenario_kill() -> int:
     return 2
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: a zombie counts as alive until its parent (the launcher, polling) reaps it
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
 def scenario_stuck() -> int:
-    """Rank 1 stops answering (sleeps) while alive; the others must time out, not hang."""
+    """Rank 1 stops answering (sleeps) while alive; the others must time out, not hang.
+
+    Rank 1 sleeps until every other rank has ended (9 s at most): from their side it is stuck for as long as they
+    live, and the launch ends as soon as it can instead of always 9 s on."""
     def body() -> int:
         init_from_env(timeout_s=float(os.environ.get("DF_TEST_TIMEOUT", "5")), device="cpu")
         comm = SequenceComm()
-        comm.all_gather(torch.ones(3))
+        pids = comm.all_gather(torch.tensor([os.getpid()], dtype=torch.int64)).flatten().tolist()
         if comm.rank == 1:
-            time.sleep(9)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 9 and any(_alive(p) for r, p in enumerate(pids) if r != 1):
+                time.sleep(0.05)
+            time.sleep(0.5)  # ends well after them, whoever polls the exits
             return 0
         print(f"WAIT_FROM {time.time():.3f}", flush=True)
         comm.all_gather(torch.ones(3))
@@ -373,11 +394,8 @@ def serve() -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] == "serve":
-        serve()
-        sys.exit(0)
     name, args = sys.argv[1], sys.argv[2:]
-    code = globals()[f"scenario_{name}"](*args)
+    code = serve() if name == "serve" else globals()[f"scenario_{name}"](*args)
     # as the package's own ranks do (distributed.launch): flush and leave without interpreter teardown, where a
     # live Gloo process group's threads can abort the process ("terminate called without an active exception")
     sys.stdout.flush()
