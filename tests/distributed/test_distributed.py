@@ -15,6 +15,7 @@ of over all heads at once), so the scores may differ in the last float32 bit, an
 another token. The latents are compared at 1e-5 (absolute and relative); the selections across ranks are exact.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,36 +117,63 @@ def test_sequence_parallel_head_jitter_matches_single_process(nprocs, heads, seq
     assert f"deep_sink_jitter: P={nprocs} heads={heads} " in res[0].stdout, _explain(res)
 
 
-def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path):
+SP_ARGS = ["--policy", "deep-forcing", "--seed", "4", "--save-every-s", "0"]
+
+
+def _copy_run(src, dst):
+    """A test's own copy of a shared first run (its files and parts folders): it may resume or damage it."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="module")
+def sp_first_run(tmp_path_factory):
+    """The 6-frame sequence-parallel run (deep_forcing, a state saved at every block) that the two resume tests
+    below continue, each from its own copy: one launch of two rank interpreters for both."""
+    folder = tmp_path_factory.mktemp("sp_first")
+    return folder, _cli(2, *SP_ARGS, "--frames", "6", "--out", str(folder / "sp.pt"), "--parallel", "sequence")
+
+
+@pytest.fixture(scope="module")
+def dp_first_run(tmp_path_factory):
+    """The data-parallel run of 3 prompts (the rows of a seeded text tensor) over 2 ranks, 6 frames each, that the
+    split test checks and the refused resume continues from its own copy: one launch for both."""
+    folder = tmp_path_factory.mktemp("dp_first")
+    text = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+    torch.save({"text_embeds": text}, folder / "text.pt")
+    res = _cli(2, "--policy", "sliding", "--frames", "6", "--text-embeds", str(folder / "text.pt"),
+               "--out", str(folder / "dp.pt"), "--parallel", "data")
+    return folder, text, res
+
+
+def test_cli_sequence_parallel_run_and_resume_equal_the_single_run(tmp_path, sp_first_run):
     from deepforcing_kernels.runio import load_run
 
+    first, res = sp_first_run
+    _copy_run(first, tmp_path)
     out, ref = str(tmp_path / "sp.pt"), str(tmp_path / "ref.pt")
-    args = ["--policy", "deep-forcing", "--seed", "4", "--save-every-s", "0"]
-    res = _cli(2, *args, "--frames", "6", "--out", out, "--parallel", "sequence")
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     assert "on 2 ranks (sequence parallel)" in res[0].stdout and res[1].stdout.strip() == "", _explain(res)
     assert {f for f in os.listdir(out + ".d") if f.startswith("state.rank")} == \
         {"state.rank0-of-2.pt", "state.rank0-of-2.prev.pt", "state.rank1-of-2.pt", "state.rank1-of-2.prev.pt"}
-    res = _cli(2, *args, "--frames", "12", "--out", out, "--parallel", "sequence", "--resume")
+    res = _cli(2, *SP_ARGS, "--frames", "12", "--out", out, "--parallel", "sequence", "--resume")
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     assert "resuming" in res[0].stderr and "from frame 6 on 2 ranks" in res[0].stderr, _explain(res)
-    _single_process_run(GEN[2:] + args + ["--frames", "12", "--out", ref, "--threads", "1"])
+    _single_process_run(GEN[2:] + SP_ARGS + ["--frames", "12", "--out", ref, "--threads", "1"])
     a, b = load_run(out)["latents"], load_run(ref)["latents"]
     assert a.shape == b.shape == (12, 4, 4, 4)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # (compressions with resume: the rollout tests)
 
 
 @pytest.mark.slow
-def test_cli_resume_refuses_a_damaged_shard(tmp_path):
+def test_cli_resume_refuses_a_damaged_shard(tmp_path, sp_first_run):
+    first, res = sp_first_run  # (which policy ran does not matter: the shards are checked before any frame)
+    _copy_run(first, tmp_path)
     out = str(tmp_path / "sp.pt")
-    res = _cli(2, "--policy", "sliding", "--frames", "6", "--save-every-s", "0", "--out", out, "--parallel",
-               "sequence")
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     for p in ("state.rank1-of-2.pt", "state.rank1-of-2.prev.pt"):  # both generations of rank 1's state
         with open(os.path.join(out + ".d", p), "wb") as f:
             f.write(b"not a torch file")
-    res = _cli(2, "--policy", "sliding", "--frames", "9", "--save-every-s", "0", "--out", out, "--parallel",
-               "sequence", "--resume")
+    res = _cli(2, *SP_ARGS, "--frames", "9", "--out", out, "--parallel", "sequence", "--resume")
     assert [r.returncode for r in res] == [1, 1], _explain(res)
     lines = res[0].stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot resume" in lines[0] and "state.rank1-of-2.pt: unreadable" in lines[0], \
@@ -153,15 +181,12 @@ def test_cli_resume_refuses_a_damaged_shard(tmp_path):
     assert res[1].stderr.strip() == "", _explain(res)
 
 
-def test_cli_data_parallel_splits_prompts(tmp_path):
+def test_cli_data_parallel_splits_prompts(tmp_path, dp_first_run):
     from deepforcing_kernels.cli import main
     from deepforcing_kernels.runio import load_run
 
-    text = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
-    tpath = str(tmp_path / "text.pt")
-    torch.save({"text_embeds": text}, tpath)
-    out = str(tmp_path / "dp.pt")
-    res = _cli(2, "--policy", "sliding", "--frames", "6", "--text-embeds", tpath, "--out", out, "--parallel", "data")
+    first, text, res = dp_first_run
+    _copy_run(first, tmp_path)
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     assert "prompts [0, 1]" in res[0].stdout and "prompts [2]" in res[1].stdout, _explain(res)
     for i in range(3):
@@ -188,15 +213,14 @@ def test_cli_data_parallel_prompt_file_one_mp4_each(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_data_parallel_never_resumes_with_another_prompt(tmp_path):
-    text = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
+def test_cli_data_parallel_never_resumes_with_another_prompt(tmp_path, dp_first_run):
+    first, text, res = dp_first_run  # 6 frames of each prompt done, from text.pt
+    _copy_run(first, tmp_path)
     tpath, out = str(tmp_path / "text.pt"), str(tmp_path / "dp.pt")
-    torch.save({"text_embeds": text}, tpath)
     args = ["--policy", "sliding", "--text-embeds", tpath, "--out", out, "--parallel", "data"]
-    res = _cli(2, *args, "--frames", "3")
     assert [r.returncode for r in res] == [0, 0], _explain(res)
     torch.save({"text_embeds": text.flip(0)}, tpath)  # another prompt list: each rank names its changed prompt
-    res = _cli(2, *args, "--frames", "6", "--resume")
+    res = _cli(2, *args, "--frames", "9", "--resume")
     assert [r.returncode for r in res] == [1, 1], _explain(res)
     for r, i in ((res[0], 0), (res[1], 2)):
         assert f"rank {r.rank}: prompt {i}: " in r.stderr and "holds other text embeddings" in r.stderr, _explain(res)
