@@ -347,39 +347,42 @@ def _child(req: dict, rank: int, proto_fd: int) -> None:
         os._exit(code)
 
 
-def _launch(req: dict) -> list:
-    """Fork ``req["nprocs"]`` ranks and reap them; ranks alive after ``req["timeout_s"]`` are killed and reported
-    with returncode None (as :func:`deepforcing_kernels.distributed.testing.launch_local` does)."""
+def _launch(reqs: list) -> list:
+    """Fork the ``nprocs`` ranks of every launch in ``reqs`` (all at once: see serve) and reap them; ranks alive
+    after their launch's ``timeout_s`` are killed and reported with returncode None (as
+    :func:`deepforcing_kernels.distributed.testing.launch_local` does)."""
     import signal
 
     t0 = time.perf_counter()
-    pids = []
-    for r in range(req["nprocs"]):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            _child(req, r, req["proto_fd"])
-        pids.append(pid)
+    procs = []  # (launch, rank, pid)
+    for i, req in enumerate(reqs):
+        for r in range(req["nprocs"]):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(req, r, req["proto_fd"])
+            procs.append((i, r, pid))
     ends: dict = {}
-    while len(ends) < len(pids) and time.perf_counter() - t0 < req["timeout_s"]:
-        for r, pid in enumerate(pids):
-            if r not in ends:
+    while len(ends) < len(procs):
+        for k, (i, r, pid) in enumerate(procs):
+            if k not in ends:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    ends[r] = (os.waitstatus_to_exitcode(status), time.perf_counter() - t0, time.time())
+                    ends[k] = (os.waitstatus_to_exitcode(status), time.perf_counter() - t0, time.time())
+                elif time.perf_counter() - t0 >= reqs[i]["timeout_s"]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    ends[k] = (None, time.perf_counter() - t0, time.time())
         time.sleep(0.01)
-    for r, pid in enumerate(pids):
-        if r not in ends:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            ends[r] = (None, time.perf_counter() - t0, time.time())
-    return [{"rank": r, "returncode": ends[r][0], "seconds": ends[r][1], "ended_at": ends[r][2]}
-            for r in range(len(pids))]
+    return [[{"rank": r, "returncode": ends[k][0], "seconds": ends[k][1], "ended_at": ends[k][2]}
+             for k, (j, r, _) in enumerate(procs) if j == i] for i in range(len(reqs))]
 
 
 def serve() -> None:
-    """Read one JSON launch request a line on stdin, answer one JSON line of the ranks' exits; stop at EOF."""
+    """Read one JSON line a request on stdin (a list of launches to run side by side: the sequence-parallel
+    rollouts wait on each other's collectives about half the time, so two geometries at once fill both cores),
+    answer one JSON line of every launch's rank exits; stop at EOF."""
     import json
 
     _warm_imports()
@@ -387,8 +390,8 @@ def serve() -> None:
     os.dup2(2, 1)  # a stray print of the server cannot garble the answers
     with os.fdopen(proto, "w") as answers:
         for line in sys.stdin:
-            req = dict(json.loads(line), proto_fd=proto)
-            answers.write(json.dumps(_launch(req)) + "\n")
+            reqs = [dict(req, proto_fd=proto) for req in json.loads(line)]
+            answers.write(json.dumps(_launch(reqs)) + "\n")
             answers.flush()
 
 

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from deepforcing_kernels.distributed.testing import RankResult, free_port
 
@@ -41,26 +41,34 @@ class RankForks:
     def launch(self, nprocs: int, argv: Sequence[str], *, timeout_s: float = 120.0,
                env: Optional[Dict[str, str]] = None) -> List[RankResult]:
         """Run the scenario ``argv`` (name, then its arguments) on ``nprocs`` forked ranks; wait for all."""
+        return self.launch_many([(nprocs, argv, timeout_s, env)])[0]
+
+    def launch_many(self, launches: Sequence[Tuple[int, Sequence[str], float, Optional[Dict[str, str]]]]) \
+            -> List[List[RankResult]]:
+        """Several ``(nprocs, argv, timeout_s, env)`` launches side by side (each its own process group and port);
+        wait for every rank of all of them."""
         proc = self._start()
-        folder = tempfile.mkdtemp(prefix="rank_forks")
+        folders = [tempfile.mkdtemp(prefix="rank_forks") for _ in launches]
         try:
-            rank_env = {"WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_port()), **(env or {})}
-            proc.stdin.write(json.dumps({"nprocs": nprocs, "argv": list(argv), "env": rank_env,
-                                         "timeout_s": timeout_s, "dir": folder}) + "\n")
+            reqs = [{"nprocs": n, "argv": list(argv), "timeout_s": t, "dir": d,
+                     "env": {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "MASTER_ADDR": "127.0.0.1",
+                             "MASTER_PORT": str(free_port()), **(env or {})}}
+                    for (n, argv, t, env), d in zip(launches, folders)]
+            proc.stdin.write(json.dumps(reqs) + "\n")
             proc.stdin.flush()
-            # the server kills ranks at timeout_s and then answers; the margin covers only its own failure
-            ready, _, _ = select.select([proc.stdout], [], [], timeout_s + 60.0)
+            # the server kills ranks at their timeout and then answers; the margin covers only its own failure
+            ready, _, _ = select.select([proc.stdout], [], [], max(r["timeout_s"] for r in reqs) + 60.0)
             line = proc.stdout.readline() if ready else ""
             if not line:
                 self.close()
                 self.log.seek(0)
                 raise RuntimeError(f"the fork server did not answer:\n{self.log.read()[-4000:]}")
-            return [RankResult(e["rank"], e["returncode"], _read(folder, e["rank"], "out"),
-                               _read(folder, e["rank"], "err"), e["seconds"], e["ended_at"])
-                    for e in json.loads(line)]
+            return [[RankResult(e["rank"], e["returncode"], _read(d, e["rank"], "out"), _read(d, e["rank"], "err"),
+                                e["seconds"], e["ended_at"]) for e in exits]
+                    for exits, d in zip(json.loads(line), folders)]
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            for d in folders:
+                shutil.rmtree(d, ignore_errors=True)
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -83,23 +83,28 @@ def _ok(res, marker):
 
 
 # ------------------------------------------------------------------------------------------ real processes
+GEOMETRIES = [(2, 2), (3, 6)]  # (ranks, heads of the tiny model)
+
+
 @pytest.fixture(scope="module")
 def sequence_parallel_runs(forks):
     """``(nprocs, heads)`` -> the ranks of one launch of everything that passes at that geometry (the collectives,
-    the checks, the rollouts of ALL_POLICIES and of head jitter), made on first use: a launch starts a torch
-    process per rank, so the two tests below share it."""
+    the checks, the rollouts of ALL_POLICIES and of head jitter), made on first use for every geometry at once:
+    the four tests below share them, and the two launches run side by side (their ranks wait on each other's
+    collectives about half the time, so together they fill the two cores)."""
     runs = {}
 
     def get(nprocs, heads):
-        if (nprocs, heads) not in runs:
-            runs[nprocs, heads] = _run(forks, nprocs, "all", str(heads), *ALL_POLICIES, "deep_sink_jitter",
-                                       timeout_s=300.0)
+        if not runs:
+            args = [*ALL_POLICIES, "deep_sink_jitter"]
+            res = forks.launch_many([(n, ["all", str(h), *args], 300.0, None) for n, h in GEOMETRIES])
+            runs.update(zip(GEOMETRIES, res))
         return runs[nprocs, heads]
 
     return get
 
 
-@pytest.mark.parametrize("nprocs, heads", [(2, 2), (3, 6)])
+@pytest.mark.parametrize("nprocs, heads", GEOMETRIES)
 def test_sequence_parallel_matches_single_process(nprocs, heads, sequence_parallel_runs):
     res = sequence_parallel_runs(nprocs, heads)
     _ok(res, "OK rollout")
@@ -109,7 +114,7 @@ def test_sequence_parallel_matches_single_process(nprocs, heads, sequence_parall
     print(res[0].stdout)
 
 
-@pytest.mark.parametrize("nprocs, heads", [(2, 2), (3, 6)])
+@pytest.mark.parametrize("nprocs, heads", GEOMETRIES)
 def test_sequence_parallel_head_jitter_matches_single_process(nprocs, heads, sequence_parallel_runs):
     """LoL's head jitter under Ulysses: each rank rotates and re-phases its heads with their one-process scales."""
     res = sequence_parallel_runs(nprocs, heads)
