@@ -15,6 +15,9 @@ void gemm_f32(bool trans_b, int64_t M, int64_t N, int64_t K, float alpha, const 
 // Whether brgemm computes fp32 x fp32 -> fp32 here (probed once on a tiny product).
 bool f32_brgemm_available();
 
+// Whether this CPU runs fp32 attention faster on the micro-kernel than on BLAS sgemm (AVX-512: yes; AVX2: no).
+bool f32_brgemm_preferred();
+
 // Whether brgemm computes bf16 x bf16 -> fp32 here (avx512_bf16 / AMX; probed once on a tiny product).
 bool bf16_brgemm_available();
 

@@ -73,6 +73,7 @@ class F32Path {
   }
 
   int64_t pack_items_per_group() const { return micro_ ? kchunks_ : 0; }
+  bool repacks_keys() const { return !micro_; }  // sgemm packs the keys itself, on every call
 
   // Pack item `part` of KV group bg: K^T of one 512-key chunk.
   void pack(int64_t bg, int64_t part) const {
@@ -209,6 +210,7 @@ class Bf16Path {
   }
 
   int64_t pack_items_per_group() const { return kchunks_ + vchunks_; }
+  bool repacks_keys() const { return false; }
 
   // Pack item `part` of KV group bg: K^T (VNNI) of one 512-key chunk, or V (VNNI) of one 512-key chunk.
   void pack(int64_t bg, int64_t part) const {
@@ -361,7 +363,7 @@ KeyBias make_key_bias(const std::optional<at::Tensor>& key_bias, int64_t B, int6
 template <class Path>
 void run_tasks(const Problem& p, const Path& path, const KeyBias& bias) {
   const int64_t Lq = p.Lq, Lk = p.Lk, Hq = p.Hq;
-  const int64_t rows = detail::choose_block_rows(p.B, Hq, Lq, Lk, Path::kBytesPerScore);
+  const int64_t rows = detail::choose_block_rows(p.B, Hq, Lq, Lk, Path::kBytesPerScore, path.repacks_keys());
   const int64_t nqb = (Lq + rows - 1) / rows;
   const float alpha = p.scale * detail::kLog2e;  // scores in log2 units: exp2 in the softmax
   const detail::PackGate gate(p.B * p.Hkv, path.pack_items_per_group());

@@ -50,9 +50,10 @@ int64_t get_block_rows();
 void set_bf16_gemm(bool enabled);
 bool bf16_gemm_active();
 
-// fp32 products use oneDNN's fp32 micro-kernel on K^T packed once per call when available and enabled (the
-// default), else BLAS sgemm. For tests and benchmarks.
-void set_f32_microkernel(bool enabled);
+// fp32 products use oneDNN's fp32 micro-kernel on K^T packed once per call, or BLAS sgemm reading the keys in
+// place. Automatic (nullopt, the default): the micro-kernel on AVX-512 CPUs, sgemm on AVX2-only ones (faster
+// there); true / false force a path (true only where the micro-kernel works). For tests and benchmarks.
+void set_f32_microkernel(std::optional<bool> enabled);
 bool f32_microkernel_active();
 
 }  // namespace deepforcing

@@ -33,8 +33,10 @@ struct Problem {
 };
 
 // Query rows per task. `bytes_per_score` is what one score costs in the task's buffers (4: fp32 S; 6: fp32 S and
-// bf16 P). A forced value (set_block_rows) wins.
-int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t bytes_per_score);
+// bf16 P). `repacks_keys`: the score product packs the keys anew for every task (BLAS sgemm), so tasks are made as
+// tall as memory allows. A forced value (set_block_rows) wins.
+int64_t choose_block_rows(int64_t B, int64_t Hq, int64_t Lq, int64_t Lk, int64_t bytes_per_score,
+                          bool repacks_keys = false);
 
 // The segment layout of `groups` KV groups of `tasks_per_group` tasks each.
 struct Segments {

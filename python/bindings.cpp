@@ -62,8 +62,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sink_attention_bf16_gemm_active", &deepforcing::bf16_gemm_active,
         "Whether bf16 inputs currently run on the bf16 micro-kernel (else: converted to fp32).");
   m.def("sink_attention_set_f32_microkernel", &deepforcing::set_f32_microkernel,
-        "Allow (default) or forbid oneDNN's fp32 micro-kernel (else BLAS sgemm); for tests and benchmarks.",
-        py::arg("enabled"));
+        "Force oneDNN's fp32 micro-kernel (True) or BLAS sgemm (False), or None: the CPU's faster one (default; "
+        "micro-kernel on AVX-512, sgemm on AVX2); for tests and benchmarks.",
+        py::arg("enabled") = py::none());
   m.def("sink_attention_f32_microkernel_active", &deepforcing::f32_microkernel_active,
         "Whether fp32 products currently run on oneDNN's fp32 micro-kernel.");
   m.def("sink_attention_get_block_rows", &deepforcing::get_block_rows, "Current forced block rows (0 = automatic).");

@@ -63,7 +63,27 @@ def f32_path(request):
     if request.param == "micro-kernel" and not c.sink_attention_f32_microkernel_active():
         pytest.skip("no fp32 micro-kernel here")
     yield request.param
-    c.sink_attention_set_f32_microkernel(True)
+    c.sink_attention_set_f32_microkernel(None)  # back to the CPU's own choice
+
+
+def test_automatic_f32_path_follows_the_cpu():
+    """By default fp32 takes oneDNN's micro-kernel on AVX-512 CPUs and BLAS sgemm on AVX2-only ones (measured the
+    faster of the two on each); True / False force a path and None restores the CPU's choice."""
+    import platform
+
+    c = _C()
+    if platform.machine() != "x86_64":
+        pytest.skip("the choice is measured on x86-64 only")
+    with open("/proc/cpuinfo") as f:
+        avx512 = " avx512f" in f.read()
+    try:
+        c.sink_attention_set_f32_microkernel(True)
+        works = c.sink_attention_f32_microkernel_active()
+        c.sink_attention_set_f32_microkernel(False)
+        assert not c.sink_attention_f32_microkernel_active()
+    finally:
+        c.sink_attention_set_f32_microkernel(None)
+    assert c.sink_attention_f32_microkernel_active() == (works and avx512)
 
 
 def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, scale=1.0):
