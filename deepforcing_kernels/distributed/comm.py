@@ -12,8 +12,9 @@ All-to-alls
     order, so the cache sees exactly the slots a single process would); :meth:`SequenceComm.heads_to_tokens` is
     its inverse. Both are pure data movement: bit-exact with slicing a single-process tensor (tested).
 
-Collectives are the functional ones (``torch.distributed._functional_collectives``), which ``torch.compile``
-traces, with the eager ``torch.distributed`` calls as fallback. Every call can be timed (:attr:`stats`) for the
+Under ``torch.compile`` the collectives are the functional ones (``torch.distributed._functional_collectives``),
+which it traces; in eager mode they are the plain ``torch.distributed`` calls: the first eager functional call
+imports ``torch._dynamo`` (about 2-4 s per rank on a CPU) for nothing. Every call can be timed (:attr:`stats`) for the
 benchmark's communication share.
 """
 from __future__ import annotations
@@ -94,7 +95,8 @@ class SequenceComm:
 
     Args:
         group: a ``torch.distributed`` process group (default: the whole world; it must be initialised).
-        functional: use the traceable functional collectives (default when available).
+        functional: ``True``: always the traceable functional collectives; ``False``: always the eager
+            ``torch.distributed`` calls; ``None`` (default): functional only while ``torch.compile`` traces.
     """
 
     def __init__(self, group: Optional[Any] = None, *, functional: Optional[bool] = None) -> None:
@@ -104,7 +106,7 @@ class SequenceComm:
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
-        self.functional = (_fc is not None) if functional is None else bool(functional)
+        self.functional = None if functional is None else bool(functional)
         if self.functional and _fc is None:  # pragma: no cover
             raise RuntimeError("functional collectives are not available in this torch")
         self.stats = CommStats()
@@ -113,6 +115,11 @@ class SequenceComm:
         return f"SequenceComm(rank={self.rank}, world={self.world}, functional={self.functional})"
 
     # ---------------------------------------------------------------- raw collectives
+    def _use_functional(self) -> bool:
+        if self.functional is None:
+            return _fc is not None and _compiling()
+        return self.functional
+
     def _clock(self) -> Optional[float]:
         """A start time when the stats are on (never while torch.compile traces: the graph has no clock)."""
         if self.stats.enabled and not _compiling():
@@ -128,7 +135,7 @@ class SequenceComm:
         from rank ``i``."""
         x = x.contiguous()
         t0 = self._clock()
-        if self.functional:
+        if self._use_functional():
             y = _fc.wait_tensor(_fc.all_to_all_single(x, None, None, self.group))
         else:
             y = torch.empty_like(x)
@@ -140,12 +147,15 @@ class SequenceComm:
         """``[P, *x.shape]``: every rank's ``x``, in rank order."""
         x = x.contiguous()
         t0 = self._clock()
-        if self.functional:
+        if self._use_functional():
             gather = getattr(_fc, "all_gather_single", None) or _fc.all_gather_tensor
             y = _fc.wait_tensor(gather(x, 0, self.group)).view(self.world, *x.shape)
         else:
-            y = torch.empty((self.world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-            dist.all_gather_into_tensor(y, x, group=self.group)
+            # flat: Gloo wants the output as the inputs concatenated along dim 0, not stacked
+            flat = torch.empty(self.world * x.numel(), dtype=x.dtype, device=x.device)
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+            gather(flat, x.reshape(-1), group=self.group)
+            y = flat.view(self.world, *x.shape)
         self._record(kind, t0, x)
         return y
 

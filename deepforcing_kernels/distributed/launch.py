@@ -81,6 +81,11 @@ def init_from_env(*, timeout_s: float = DEFAULT_TIMEOUT_S, device: Optional[str]
         if backend == "nccl":
             kw["device_id"] = torch.device(dev)
         dist.init_process_group(**kw)
+        # Every rank has joined before any can leave: with Gloo, rank 0 can finish its side of the mesh while
+        # others still read the rendezvous store it hosts; a start-up check that fails on every rank (heads not
+        # divisible, say) then let rank 0 exit and tear the store down under them ("lost contact" and a C++
+        # stack trace on ranks that should have printed nothing).
+        dist.barrier()
     return {"rank": rank, "world_size": world, "local_rank": local, "device": dev, "backend": backend}
 
 

@@ -303,13 +303,13 @@ def scenario_compile() -> int:
 
 # ------------------------------------------------------------------------------------------ fork server
 # A rank started as a fresh interpreter spends seconds before its scenario begins: `import torch`, then
-# torch._dynamo, which the first functional collective imports (about 4 s of CPU a rank on a 2-core machine,
+# torch._dynamo, which torch.compile and the model's imports pull in (seconds of CPU a rank on a 2-core machine,
 # more than most scenarios take). `serve` pays that once: it imports everything the scenarios import and forks
 # the ranks of each launch from there (tests/distributed/rank_forks.py is the client). Nothing has run yet at
 # the fork (no process group, no thread: fork-safe), and each child runs its scenario exactly as `__main__`
 # below does, with its own environment, stdout and stderr files, and exit code.
 def _warm_imports() -> None:
-    import torch._dynamo  # noqa: F401  (what the first functional collective imports)
+    import torch._dynamo  # noqa: F401  (what the compile scenario's torch.compile imports)
 
     from deepforcing_kernels.cache import CachePolicy  # noqa: F401
     from deepforcing_kernels.distributed.ulysses import SequenceParallelWan, check_same_weights  # noqa: F401
