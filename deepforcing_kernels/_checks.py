@@ -9,20 +9,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ._scalars import ArgumentTypeError, check_bool, check_int  # noqa: F401  (the scalar checks, re-exported)
+from ._scalars import MAX_THREADS, ArgumentTypeError, check_bool, check_int, threads_problem  # noqa: F401  (the scalar
+
+#   checks, re-exported)
 from .presets import DTYPE_NAMES
 
 FLOAT_DTYPES = tuple(getattr(torch, n) for n in DTYPE_NAMES)
 INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1  # shifts and positions travel as int64 through every backend
-MAX_THREADS = 4096  # torch.set_num_threads beyond: a C long long overflow (2**64) or a silly pool
-
-
-def threads_problem(threads: int, flag: str = "--threads") -> Optional[str]:
-    """The one-line complaint about a thread count out of ``1..MAX_THREADS`` (None when it is fine); the CLI and
-    the stand-alone benches both word it from here."""
-    if not 1 <= threads <= MAX_THREADS:
-        return f"{flag} must be in 1..{MAX_THREADS}, got {threads}"
-    return None
 
 
 def check_tensor(name: str, t: Any, *, ndim: Optional[int] = None,

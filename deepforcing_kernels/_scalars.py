@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["ArgumentTypeError", "check_int", "check_bool"]
+__all__ = ["ArgumentTypeError", "check_int", "check_bool", "threads_problem", "MAX_THREADS"]
+
+MAX_THREADS = 4096  # torch.set_num_threads beyond: a C long long overflow (2**64) or a silly pool
+
+
+def threads_problem(threads: int, flag: str = "--threads") -> Optional[str]:
+    """The one-line complaint about a thread count out of ``1..MAX_THREADS`` (None when it is fine); the CLI and
+    the stand-alone benches both word it from here."""
+    if not 1 <= threads <= MAX_THREADS:
+        return f"{flag} must be in 1..{MAX_THREADS}, got {threads}"
+    return None
+
 
 
 class ArgumentTypeError(TypeError, ValueError):

@@ -8,7 +8,7 @@ import sys
 import threading
 from typing import Any, Dict, Optional
 
-from .._checks import threads_problem
+from .._scalars import threads_problem  # torch-free: a command that fails early never imports torch
 from ..plotting import PLOT_FORMATS, plot_format  # noqa: F401  (re-exported for the subcommands)
 
 PLOT_INSTALL = 'pip install "deepforcing_kernels[plot]"'
