@@ -50,9 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve import PipelineSource, ServeApp, ServeOptions, make_server
-    from .generate.common import check_backend, check_device, threads_for
-
     check_positive(args.max_streams, "--max-streams")
     check_positive(args.max_frames, "--max-frames")
     check_positive(args.threads, "--threads")
@@ -64,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
         fail(f"--fps must be positive, got {args.fps}")
     if args.latent_size and (min(args.latent_size) <= 0 or any(v % 2 for v in args.latent_size)):
         fail(f"--latent-size {args.latent_size[0]} {args.latent_size[1]}: both must be positive multiples of 2")
+    # the checks above need no torch: a bad number is one line at once; the imports below take seconds
+    from ..serve import PipelineSource, ServeApp, ServeOptions, make_server
+    from .generate.common import check_backend, check_device, threads_for
+
     device = check_device(args.device)
     check_backend(args.backend, device)
     if args.weights is None:
