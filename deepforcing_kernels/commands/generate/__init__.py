@@ -281,6 +281,12 @@ def run(args: argparse.Namespace) -> int:
         from .parallel import run as run_parallel
 
         return run_parallel(args)
+    from .._common import check_positive
+
+    # the count checks first (latents.run repeats them for the parallel ranks): its module imports torch, seconds
+    # before a bad count could be named
+    check_positive(args.batch_size, "--batch-size")
+    check_positive(args.threads, "--threads")
     from .latents import run as run_here
 
     return run_here(args)
