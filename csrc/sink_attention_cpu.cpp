@@ -61,7 +61,7 @@ class F32Path {
   F32Path(const Problem& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Rotation& rot,
           at::Tensor& out)
       : p_(p), k_(k), rot_(rot), dt_(q.scalar_type()), f32_(dt_ == at::kFloat),
-        micro_(f32_microkernel_active()), kchunks_((p.Lk + kChunk - 1) / kChunk) {
+        micro_(f32_microkernel_for(p.Lq)), kchunks_((p.Lk + kChunk - 1) / kChunk) {
     qf_ = f32_ ? q.contiguous() : q.to(at::kFloat).contiguous();
     vf_ = f32_ ? v.contiguous() : v.to(at::kFloat).contiguous();
     if (micro_) {

@@ -54,6 +54,10 @@ bool bf16_gemm_active();
 // place. Automatic (nullopt, the default): the micro-kernel on AVX-512 CPUs, sgemm on AVX2-only ones (faster
 // there); true / false force a path (true only where the micro-kernel works). For tests and benchmarks.
 void set_f32_microkernel(std::optional<bool> enabled);
+// Whether a call takes the micro-kernel: forced, or automatic for a call of `query_rows` query rows (AVX2 CPUs take
+// the micro-kernel for short query blocks, where sgemm's per-task packing of the keys is shared by too few rows);
+// f32_microkernel_active() is the choice for a long block (query_rows 0).
 bool f32_microkernel_active();
+bool f32_microkernel_for(int64_t query_rows);
 
 }  // namespace deepforcing

@@ -67,5 +67,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("enabled") = py::none());
   m.def("sink_attention_f32_microkernel_active", &deepforcing::f32_microkernel_active,
         "Whether fp32 products currently run on oneDNN's fp32 micro-kernel.");
+  m.def("sink_attention_f32_microkernel_for", &deepforcing::f32_microkernel_for,
+        "Whether an fp32 call of `query_rows` query rows takes oneDNN's fp32 micro-kernel (the automatic choice "
+        "depends on the block's height on AVX2 CPUs).", py::arg("query_rows"));
   m.def("sink_attention_get_block_rows", &deepforcing::get_block_rows, "Current forced block rows (0 = automatic).");
 }

@@ -105,7 +105,7 @@ def machine_info() -> Dict[str, object]:
             "gemm": {"bfloat16": "brgemm (oneDNN micro-kernel)" if c.sink_attention_bf16_gemm_active()
                      else "converted to float32",
                      "float32": "brgemm (oneDNN micro-kernel)" if c.sink_attention_f32_microkernel_active()
-                     else "BLAS sgemm"}}
+                     else "BLAS sgemm (oneDNN micro-kernel below 128 query rows)"}}
     except Exception:  # noqa: BLE001 - informational only
         info["cpp_extension"] = None
     return info

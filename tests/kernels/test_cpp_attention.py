@@ -84,6 +84,9 @@ def test_automatic_f32_path_follows_the_cpu():
     finally:
         c.sink_attention_set_f32_microkernel(None)
     assert c.sink_attention_f32_microkernel_active() == (works and avx512)
+    # short query blocks (fewer than 128 rows) keep the micro-kernel on AVX2 too; tall ones follow the CPU
+    assert c.sink_attention_f32_microkernel_for(48) == works
+    assert c.sink_attention_f32_microkernel_for(384) == (works and avx512)
 
 
 def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, scale=1.0):
